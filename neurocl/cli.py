@@ -1,0 +1,218 @@
+"""The ``neurocl`` command line.
+
+Every command is a thin shell over a library function: it parses options, calls
+the function and turns :class:`neurocl.errors.NeuroclError` into one clear
+message and a non-zero exit (``--debug`` shows the traceback). Heavy imports
+(torch, MONAI) happen inside commands so that ``neurocl --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="neurocl",
+    help="Contrastive analysis of brain MRI cohorts: what is specific to patients, apart from what all subjects share.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks and validation experiments that print measured numbers.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    """neurocl: contrastive analysis of brain MRI cohorts."""
+    _state["debug"] = debug
+
+
+def user_errors(func: Callable) -> Callable:
+    """Report user-fixable errors as one line and exit 1 (tracebacks only with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from neurocl.errors import NeuroclError
+
+        try:
+            return func(*args, **kwargs)
+        except NeuroclError as error:
+            if _state["debug"]:
+                raise
+            console.print(f"[bold red]error:[/] {error}", highlight=False)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def synth(
+    out_dir: Path = typer.Argument(..., help="Output folder (created; must be empty or absent)."),
+    n_subjects: int = typer.Option(200, help="Number of subjects."),
+    patient_fraction: float = typer.Option(0.5, help="Fraction of patients (target group)."),
+    subtypes: int = typer.Option(2, help="Number of patient subtypes, each with its own region of GM loss."),
+    sites: int = typer.Option(3, help="Number of acquisition sites."),
+    resolution: float = typer.Option(4.0, help="Voxel size in mm (4 default; 2 and 3 for fuller studies)."),
+    confound: float = typer.Option(0.0, help="Site-diagnosis correlation, 0 (none) to 1 (site predicts diagnosis)."),
+    age_effect: float = typer.Option(1.0, help="Strength of age-related GM loss (1 = default)."),
+    sex_effect: float = typer.Option(1.0, help="Strength of the sex (head size) effect."),
+    site_effect: float = typer.Option(1.0, help="Strength of site effects (scale, smoothness, noise)."),
+    subtype_effect: float = typer.Option(1.0, help="Strength of the subtype-specific GM loss in patients."),
+    seed: int = typer.Option(0, help="Random seed: same seed, same cohort."),
+) -> None:
+    """Generate a synthetic cohort with known ground truth, offline.
+
+    Example: neurocl synth synthetic --n-subjects 200 --subtypes 2 --seed 0
+    """
+    from neurocl.synth import SynthConfig, make_synthetic_cohort
+
+    config = SynthConfig(
+        n_subjects=n_subjects,
+        patient_fraction=patient_fraction,
+        subtypes=subtypes,
+        sites=sites,
+        resolution=resolution,
+        confound=confound,
+        age_effect=age_effect,
+        sex_effect=sex_effect,
+        site_effect=site_effect,
+        subtype_effect=subtype_effect,
+        seed=seed,
+    )
+    spec_path = make_synthetic_cohort(out_dir, config, progress=True)
+    console.print(f"wrote synthetic cohort: [bold]{spec_path}[/]")
+
+
+@app.command()
+@user_errors
+def validate(
+    cohort: Path = typer.Argument(..., help="Cohort spec YAML."),
+    images: bool = typer.Option(True, help="Also open and check every image (slower)."),
+) -> None:
+    """Check a cohort and report every problem at once (row, participant_id, problem).
+
+    Example: neurocl validate cohorts/demo.yaml
+    """
+    from neurocl.cohort import Cohort, print_problems
+
+    loaded = Cohort.from_yaml(cohort)
+    problems = loaded.validate(check_images=images, progress=True)
+    print_problems(problems, console=Console())
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def run(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML (see pipelines/ and docs/pipelines.md)."),
+    out: Path = typer.Option(..., "--out", help="Run directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last complete checkpoint."),
+) -> None:
+    """Validate, preprocess, train, embed, probe and report, as the pipeline says.
+
+    Example: neurocl run pipelines/demo.yaml --out runs/demo
+    """
+    from neurocl.pipeline import run_pipeline
+
+    run_pipeline(pipeline, out, resume=resume)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Path = typer.Option(Path("neurocl-demo"), "--out", help="Folder for the synthetic cohort and the run."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed demo run."),
+) -> None:
+    """Synthetic cohort at 4 mm + small CNN + SepCLR, end to end (about 10 minutes on 2 CPU cores).
+
+    Example: neurocl demo --out neurocl-demo
+    """
+    from neurocl.pipeline import run_demo
+
+    run_demo(out, resume=resume)
+
+
+@app.command()
+@user_errors
+def embed(
+    checkpoint: Path = typer.Argument(..., help="Trained model checkpoint (RUN/checkpoints/*.ckpt)."),
+    cohort: Path = typer.Argument(..., help="Cohort spec YAML of the subjects to embed."),
+    out: Path = typer.Option(..., "--out", help="Output embeddings.tsv."),
+) -> None:
+    """Embed new subjects with a trained model.
+
+    Example: neurocl embed runs/demo/checkpoints/last.ckpt cohorts/new.yaml --out new_embeddings.tsv
+    """
+    from neurocl.pipeline import embed_cohort
+
+    embed_cohort(checkpoint, cohort, out)
+
+
+@app.command()
+@user_errors
+def probe(
+    embeddings: Path = typer.Argument(..., help="embeddings.tsv (participant_id, [session_id], columns per space)."),
+    cohort: Path = typer.Option(..., "--cohort", help="Cohort spec YAML with the clinical attributes."),
+    out: Path = typer.Option(..., "--out", help="Output folder for probes.tsv and separation.json."),
+    attributes: Optional[str] = typer.Option(None, help="Comma-separated attributes to probe (default: all in the spec)."),
+    ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="ground_truth.tsv of a synthetic cohort."),
+    leave_site_out: Optional[str] = typer.Option(None, help="Column to hold out in outer CV (e.g. site)."),
+    n_permutations: int = typer.Option(200, help="Permutations for p-values."),
+    n_bootstrap: int = typer.Option(1000, help="Bootstrap resamples for 95% CIs."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Linear probes of clinical attributes from each embedding space, with CV, CIs and p-values.
+
+    Example: neurocl probe runs/demo/embeddings.tsv --cohort synthetic/cohort.yaml --out probes/
+    """
+    from neurocl.probe import probe_command
+
+    probe_command(
+        embeddings,
+        cohort,
+        out,
+        attributes=attributes.split(",") if attributes else None,
+        ground_truth=ground_truth,
+        leave_site_out=leave_site_out,
+        n_permutations=n_permutations,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+    )
+
+
+@app.command()
+@user_errors
+def maps(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    atlas: Optional[Path] = typer.Option(None, help="Atlas labels NIfTI (with a names TSV beside it: index, name)."),
+    atlas_names: Optional[Path] = typer.Option(None, help="Atlas names TSV (index, name)."),
+) -> None:
+    """Salient-space brain maps, ranked regions and patient subtypes.
+
+    Example: neurocl maps runs/demo
+    """
+    from neurocl.maps import run_maps
+
+    run_maps(run_dir, atlas=atlas, atlas_names=atlas_names)
+
+
+def _run() -> None:  # pragma: no cover - entry point for ``python -m neurocl``
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
