@@ -110,7 +110,7 @@ def validate(
 
     loaded = Cohort.from_yaml(cohort)
     problems = loaded.validate(check_images=images, progress=True)
-    print_problems(problems, console=Console())
+    print_problems(problems, console=Console(), cohort=loaded)
     if problems:
         raise typer.Exit(1)
 

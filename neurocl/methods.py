@@ -1,0 +1,560 @@
+r"""Contrastive methods as Lightning modules over one small base (solo-learn style).
+
+:class:`BaseMethod` owns what every method shares: the network, the optimiser and
+its schedule, drawing augmented views of a batch of store indices on the store's
+device, the non-finite guard and the logging of each loss term. A method adds only
+its network and its loss call:
+
+- :class:`SimCLR`: NT-Xent / InfoNCE over V views (:func:`neurocl.losses.info_nce`).
+- :class:`YAware`: y-Aware InfoNCE with a kernel prior over chosen attributes
+  (:func:`neurocl.losses.yaware_info_nce`).
+- :class:`DecoupledUniformity`: uniformity of view centroids, optionally conditioned
+  on an attribute kernel (:func:`neurocl.losses.decoupled_uniformity`).
+- :class:`SepCLR`: a common and a salient space for a background / target contrast
+  (:func:`neurocl.losses.sepclr_loss`).
+
+The losses are pure functions of embedding tensors (tested without a Trainer); with
+more than one process they gather the embeddings of every rank, so the loss that each
+rank computes is that of the global batch.
+
+Batches are :class:`EpochBatches`: store indices whose order is a function of
+``(seed, epoch)`` only and whose views use generators seeded from
+``(seed, epoch, position, rank)``, so a run resumed from a mid-epoch checkpoint draws
+the very batches and views the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from neurocl import losses
+from neurocl.errors import ConfigError, TrainingError
+from neurocl.kernels import attribute_kernel
+
+__all__ = [
+    "METHODS",
+    "BaseMethod",
+    "DecoupledUniformity",
+    "EpochBatches",
+    "MethodConfig",
+    "OptimConfig",
+    "SepCLR",
+    "SimCLR",
+    "TrainingData",
+    "YAware",
+    "build_method",
+    "method_from_checkpoint",
+    "step_seed",
+]
+
+MethodName = Literal["sepclr", "simclr", "yaware", "decoupled_uniformity"]
+
+
+class MethodConfig(BaseModel):
+    """The contrastive objective, its dimensions and its loss weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: MethodName = Field("sepclr", description="Objective: sepclr, simclr, yaware or decoupled_uniformity.")
+    n_views: int = Field(2, ge=2, le=8, description="Augmented views per subject and step.")
+    rep_dim: int | None = Field(
+        None, gt=0, description="Single-space methods: representation size (None: the encoder's feature size)."
+    )
+    proj_dim: int = Field(128, gt=0, description="Single-space methods: projection head output size.")
+    common_dim: int = Field(32, gt=0, description="SepCLR: size of the common space.")
+    salient_dim: int = Field(32, gt=0, description="SepCLR: size of the salient space.")
+    shared_trunk: bool = Field(False, description="SepCLR: one encoder for both spaces (True) or two encoders.")
+    temperature: float = Field(0.1, gt=0, description="InfoNCE / y-Aware temperature.")
+    attributes: list[str] = Field(
+        default_factory=list, description="y-Aware / decoupled uniformity: attributes of the kernel prior."
+    )
+    sigma: float | list[float] = Field(
+        1.0, description="Kernel bandwidth per continuous attribute, in the attribute's units (or SDs, see standardise)."
+    )
+    kernel_combine: Literal["product", "sum"] = Field("product", description="How per-attribute kernels combine.")
+    standardise: bool = Field(
+        False, description="Divide continuous attributes by their SD over the training subjects (sigma in SDs)."
+    )
+    lam: float = Field(0.01, gt=0, description="Decoupled uniformity: ridge λ of the kernel conditioning.")
+    t: float = Field(2.0, gt=0, description="Decoupled uniformity: the uniformity scale t.")
+    tau: float = Field(0.5, gt=0, description="SepCLR: kernel bandwidth τ.")
+    beta_salient: float = Field(1.0, ge=0, description="SepCLR: weight of the salient term.")
+    beta_null: float = Field(10.0, ge=0, description="SepCLR: weight of the null (background salient = 0) term.")
+    lam_mi: float = Field(10.0, ge=0, description="SepCLR: weight of the common/salient independence term.")
+    target_fraction: float = Field(
+        0.5, gt=0, lt=1, description="SepCLR: fraction of target subjects in every batch (both groups always present)."
+    )
+
+    @model_validator(mode="after")
+    def _kernel_is_usable(self) -> "MethodConfig":
+        if self.name == "yaware" and not self.attributes:
+            raise ValueError("method 'yaware' needs at least one attribute in method.attributes (e.g. [age])")
+        sigmas = self.sigma if isinstance(self.sigma, list) else [self.sigma]
+        if any(value <= 0 for value in sigmas):
+            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        if isinstance(self.sigma, list) and len(self.sigma) != len(self.attributes):
+            raise ValueError(f"sigma lists {len(self.sigma)} values for {len(self.attributes)} attributes")
+        return self
+
+    @property
+    def two_spaces(self) -> bool:
+        return self.name == "sepclr"
+
+
+class OptimConfig(BaseModel):
+    """Optimiser and learning-rate schedule (stepped every optimiser step)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimiser.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(5e-5, ge=0, description="Weight decay (decoupled for adamw).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Decay after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from lr/100 (or less when training is short).")
+
+
+@dataclass
+class TrainingData:
+    """What a method needs to train, all indexed by store index.
+
+    Attributes
+    ----------
+    store : VolumeStore
+        The preprocessed cohort (moved to the module's device when training starts).
+    sampler : ViewSampler
+        Batched augmentations on the store's device.
+    train_indices, val_indices : np.ndarray
+        Store indices of the training and validation subjects.
+    is_target : Tensor, (N,) bool
+        Group of every store index.
+    attributes : Tensor, (N, A) float
+        The kernel attributes of every store index (NaN missing; categorical as codes).
+    attribute_kinds : list of str
+        "continuous" or "categorical" for each attribute column.
+    batch_size : int
+        Subjects per batch and process.
+    """
+
+    store: Any
+    sampler: Any
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+    is_target: Tensor
+    attributes: Tensor
+    attribute_kinds: list[str]
+    batch_size: int
+
+
+def step_seed(seed: int, epoch: int, position: int, rank: int = 0) -> int:
+    """A 63-bit seed for one training step, a pure function of where the step is in the run."""
+    state = np.random.SeedSequence([seed, epoch + 1, position, rank]).generate_state(1, dtype=np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+class EpochBatches:
+    """Batches of store indices, one epoch per ``iter()``, in an order fixed by ``(seed, epoch)``.
+
+    Each global batch of ``batch_size * world_size`` subjects is cut into one local
+    batch per rank, so ranks see distinct subjects. With ``is_target`` given, every
+    local batch holds ``round(target_fraction * batch_size)`` target subjects (at
+    least one) and background subjects for the rest: each epoch covers the larger
+    group once and cycles the smaller one. Otherwise the subjects are shuffled and
+    the last incomplete batch is dropped (contrastive losses and BatchNorm want full
+    batches).
+
+    The loader is resumable (Lightning's ``state_dict`` / ``load_state_dict``
+    interface): :meth:`mark_done` records the last batch a step finished, and a loaded
+    state makes the next ``iter()`` continue from the batch after it.
+
+    Parameters
+    ----------
+    indices : array of int
+        Store indices to draw from.
+    batch_size : int
+        Subjects per local batch.
+    seed : int
+        Base seed of the batch order.
+    is_target : array of bool, optional
+        Group of every store index (indexable by ``indices``); turns on group-balanced batches.
+    target_fraction : float
+        Fraction of target subjects per batch when balanced.
+    shuffle : bool
+        Reshuffle every epoch (training) or keep the epoch-0 order forever (validation).
+    rank, world_size : int
+        This process and the number of processes.
+    """
+
+    def __init__(
+        self,
+        indices: np.ndarray,
+        batch_size: int,
+        seed: int = 0,
+        is_target: np.ndarray | None = None,
+        target_fraction: float = 0.5,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.batch_size = int(batch_size)
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank, self.world_size = rank, world_size
+        self.balanced = is_target is not None
+        if self.balanced:
+            groups = np.asarray(is_target, dtype=bool)[self.indices]
+            self.target, self.background = self.indices[groups], self.indices[~groups]
+            self.n_target = min(max(round(target_fraction * self.batch_size), 1), self.batch_size - 1)
+            if self.batch_size < 2 or not len(self.target) or not len(self.background):
+                raise ConfigError(
+                    f"a group-balanced batch needs batch_size >= 2 and both groups; got batch_size {self.batch_size}, "
+                    f"{len(self.target)} target and {len(self.background)} background subjects"
+                )
+        self._next_epoch = 0
+        self._done = (0, 0)
+        self._resume_from: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        global_batch = self.batch_size * self.world_size
+        if not self.balanced:
+            return len(self.indices) // global_batch
+        n_background = self.batch_size - self.n_target
+        return max(
+            len(self.target) // (self.n_target * self.world_size),
+            len(self.background) // (n_background * self.world_size),
+            1,
+        )
+
+    def epoch(self, epoch: int) -> list[np.ndarray]:
+        """The local batches of ``epoch`` for this rank (a pure function of seed and epoch)."""
+        rng = np.random.default_rng([self.seed, epoch if self.shuffle else 0])
+        n_batches = len(self)
+        if not self.balanced:
+            order = rng.permutation(self.indices).reshape(-1)[: n_batches * self.batch_size * self.world_size]
+            return [chunk[self.rank] for chunk in order.reshape(n_batches, self.world_size, self.batch_size)]
+        n_background = self.batch_size - self.n_target
+        targets = _cycled(rng, self.target, n_batches * self.n_target * self.world_size)
+        backgrounds = _cycled(rng, self.background, n_batches * n_background * self.world_size)
+        targets = targets.reshape(n_batches, self.world_size, self.n_target)
+        backgrounds = backgrounds.reshape(n_batches, self.world_size, n_background)
+        return [np.concatenate([targets[b, self.rank], backgrounds[b, self.rank]]) for b in range(n_batches)]
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, start = self._next_epoch, 0
+        if self._resume_from is not None:
+            epoch, start = self._resume_from
+            if start >= len(self):
+                epoch, start = epoch + 1, 0
+            self._resume_from = None
+        self._next_epoch = epoch + 1
+        for position, batch in enumerate(self.epoch(epoch)[start:], start=start):
+            yield {"epoch": epoch, "position": position, "indices": batch}
+
+    def mark_done(self, epoch: int, position: int) -> None:
+        """Record that the step on batch ``position`` of ``epoch`` has finished."""
+        self._done = (epoch, position + 1)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._done[0], "batches_done": self._done[1]}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._done = (state["epoch"], state["batches_done"])
+        self._resume_from = self._done
+
+
+def _cycled(rng: np.random.Generator, values: np.ndarray, length: int) -> np.ndarray:
+    """``length`` draws from ``values``: fresh permutations back to back (each value once per pass)."""
+    passes = math.ceil(length / len(values))
+    return np.concatenate([rng.permutation(values) for _ in range(passes)])[:length]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class BaseMethod(L.LightningModule):
+    """What every contrastive method shares; subclasses give ``build_net``, ``compute_loss`` and ``embed``.
+
+    Parameters
+    ----------
+    method : MethodConfig or dict
+        Objective, dimensions, loss weights.
+    encoder : EncoderConfig or dict
+        The MONAI encoder (:mod:`neurocl.nets`).
+    optim : OptimConfig or dict
+        Optimiser and schedule.
+    seed : int
+        Base seed of every view and batch order.
+    data : TrainingData, optional
+        Needed to train, not to embed.
+
+    Notes
+    -----
+    The hyper-parameters are stored as plain JSON types so that checkpoints load
+    with ``torch.load(weights_only=True)`` and the network can be rebuilt from them.
+    """
+
+    def __init__(self, method, encoder, optim=None, seed: int = 0, data: TrainingData | None = None) -> None:
+        super().__init__()
+        from neurocl.nets import EncoderConfig
+
+        self.method_config = MethodConfig.model_validate(method)
+        self.encoder_config = EncoderConfig.model_validate(encoder)
+        self.optim_config = OptimConfig.model_validate(optim or {})
+        self.seed = seed
+        self.save_hyperparameters(
+            {
+                "method": self.method_config.model_dump(mode="json"),
+                "encoder": self.encoder_config.model_dump(mode="json"),
+                "optim": self.optim_config.model_dump(mode="json"),
+                "seed": seed,
+            }
+        )
+        self.net = self.build_net()
+        self.data = data
+        self._train_batches: EpochBatches | None = None
+
+    # -- what a method defines -------------------------------------------------------
+    def build_net(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def compute_loss(self, views: Tensor, indices: np.ndarray) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of one batch of views (V, B, C, *S) of the subjects at store ``indices``."""
+        raise NotImplementedError
+
+    def embed(self, x: Tensor) -> dict[str, Tensor]:
+        """Representations (before the projection heads) of volumes (B, C, *S), per space name."""
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------
+    def encode_views(self, views: Tensor) -> dict[str, Tensor]:
+        """Run every view through the network in one batch; outputs come back as (V, B, ...)."""
+        n_views, batch = views.shape[:2]
+        outputs = self.net(views.flatten(0, 1))
+        return {name: value.unflatten(0, (n_views, batch)) for name, value in outputs.items()}
+
+    def batch_attributes(self, indices: np.ndarray) -> Tensor:
+        """Kernel attributes of the batch, gathered over ranks (the losses need the global batch's kernel)."""
+        local = self.data.attributes[torch.as_tensor(indices)].to(self.device)
+        return losses.gather(local) if _distributed() else local
+
+    def attribute_prior(self, indices: np.ndarray) -> Tensor | None:
+        """The (B_global, B_global) kernel prior of the batch, or None without attributes."""
+        if not self.method_config.attributes:
+            return None
+        sigma = self.method_config.sigma
+        return attribute_kernel(
+            self.batch_attributes(indices),
+            self.data.attribute_kinds,
+            sigma=sigma,
+            combine=self.method_config.kernel_combine,
+        )
+
+    def on_fit_start(self) -> None:
+        self.data.store.to(self.device)
+
+    def train_dataloader(self) -> EpochBatches:
+        self._train_batches = self._batches(self.data.train_indices, self.data.batch_size, shuffle=True)
+        return self._train_batches
+
+    def val_dataloader(self) -> EpochBatches | list:
+        world = self.trainer.world_size
+        batch_size = min(self.data.batch_size, len(self.data.val_indices) // world)
+        try:
+            batches = self._batches(self.data.val_indices, batch_size, shuffle=False)
+        except ConfigError:
+            return []  # a validation split too small (or one-group) for a batch: no validation loss
+        return batches if len(batches) and batch_size >= 2 else []
+
+    def _batches(self, indices: np.ndarray, batch_size: int, shuffle: bool) -> EpochBatches:
+        is_target = self.data.is_target.cpu().numpy() if self.method_config.two_spaces else None
+        return EpochBatches(
+            indices,
+            batch_size,
+            seed=self.seed,
+            is_target=is_target,
+            target_fraction=self.method_config.target_fraction,
+            shuffle=shuffle,
+            rank=self.global_rank,
+            world_size=self.trainer.world_size,
+        )
+
+    def _views(self, batch: dict, stage_offset: int) -> Tensor:
+        seed = step_seed(self.seed + stage_offset, batch["epoch"], batch["position"], self.global_rank)
+        # Dropout and any other global-RNG use follows the step too, so resuming reproduces it.
+        torch.manual_seed(seed)
+        generator = torch.Generator(device=self.data.store.device).manual_seed(seed)
+        volumes = self.data.store.batch(batch["indices"])
+        return self.data.sampler(volumes, n_views=self.method_config.n_views, generator=generator)
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        if batch["epoch"] != self.current_epoch:
+            raise RuntimeError(f"batch of epoch {batch['epoch']} served in epoch {self.current_epoch}")
+        total, terms = self.compute_loss(self._views(batch, 0), batch["indices"])
+        self._check_finite(total, terms)
+        self._log_terms("train", total, terms, len(batch["indices"]), on_step=True)
+        self._train_batches.mark_done(batch["epoch"], batch["position"])
+        return {"loss": total, "terms": {name: value.detach() for name, value in terms.items()}}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        total, terms = self.compute_loss(self._views(batch, 1), batch["indices"])
+        self._log_terms("val", total, terms, len(batch["indices"]), on_step=False)
+
+    def _log_terms(self, stage: str, total: Tensor, terms: dict[str, Tensor], batch_size: int, on_step: bool) -> None:
+        # Every rank computes the loss of the global batch, so no cross-rank reduction is needed.
+        values = {f"{stage}/loss": total.detach(), **{f"{stage}/{k}": v.detach() for k, v in terms.items()}}
+        self.log_dict(values, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, prog_bar=False)
+        self.log(f"{stage}_loss", total.detach(), on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
+                 prog_bar=True, logger=False)
+
+    def _check_finite(self, total: Tensor, terms: dict[str, Tensor]) -> None:
+        for name, value in {**terms, "loss": total}.items():
+            if not torch.isfinite(value).all():
+                raise TrainingError(
+                    f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}): "
+                    f"term {name!r} = {value.item()}; lower training.lr, check the inputs for NaN, or use fp32"
+                )
+
+    def configure_optimizers(self):
+        config = self.optim_config
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        if config.optimizer == "sgd":
+            optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
+                                        weight_decay=config.weight_decay)
+        else:
+            optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+            optimizer = optimizer_class(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_factor(total_steps, min(config.warmup_steps, total_steps // 2), config.schedule)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    @torch.no_grad()
+    def embed_store(self, store, indices: np.ndarray, batch_size: int = 16) -> dict[str, np.ndarray]:
+        """Representations of the store's volumes at ``indices``, per space: {name: (n, d)} in float64."""
+        self.eval()
+        store.to(self.device)
+        chunks: dict[str, list[np.ndarray]] = {}
+        for _, volumes in store.batches(np.asarray(indices), batch_size):
+            for name, value in self.embed(volumes.to(self.device)).items():
+                chunks.setdefault(name, []).append(value.float().cpu().numpy().astype(np.float64))
+        return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+
+def _lr_factor(total_steps: int, warmup_steps: int, schedule: str):
+    """Multiplier of the peak rate at each optimiser step: linear warm-up from 1%, then cosine or flat."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.01 + 0.99 * step / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+class SimCLR(BaseMethod):
+    """SimCLR (Chen et al., ICML 2020): InfoNCE between views, ℓ(a, p) = −sim(a, p) + log Σ_{b≠a} exp sim(a, b)."""
+
+    def build_net(self) -> torch.nn.Module:
+        from neurocl.nets import ContrastiveNet
+
+        config = self.method_config
+        return ContrastiveNet(self.encoder_config, rep_dim=config.rep_dim, proj_dim=config.proj_dim)
+
+    def compute_loss(self, views: Tensor, indices: np.ndarray) -> tuple[Tensor, dict[str, Tensor]]:
+        z = self.encode_views(views)["proj"]
+        loss = losses.info_nce(z, temperature=self.method_config.temperature, distributed=_distributed())
+        return loss, {"info_nce": loss}
+
+    def embed(self, x: Tensor) -> dict[str, Tensor]:
+        return {"emb": self.net(x)["rep"]}
+
+
+class YAware(SimCLR):
+    """y-Aware InfoNCE (Dufumier et al., MICCAI 2021): positives weighted by the attribute kernel w_ij.
+
+    ℓ(a) = −Σ_{b≠a} W(a,b)[sim(a,b) − log Σ_{b'≠a} exp sim(a,b')], W(a,b) = w_ij / Σ_{b'≠a} w_ij'.
+    """
+
+    def compute_loss(self, views: Tensor, indices: np.ndarray) -> tuple[Tensor, dict[str, Tensor]]:
+        z = self.encode_views(views)["proj"]
+        loss = losses.yaware_info_nce(
+            z, kernel=self.attribute_prior(indices), temperature=self.method_config.temperature,
+            distributed=_distributed(),
+        )
+        return loss, {"yaware": loss}
+
+
+class DecoupledUniformity(SimCLR):
+    """Decoupled uniformity (Dufumier et al., ICML 2023): log mean_{i≠j} exp(−t‖μ_i − μ_j‖²) of view centroids μ.
+
+    With attributes, μ ← αμ with α = (K + λI)⁻¹K, K the attribute kernel of the batch.
+    """
+
+    def compute_loss(self, views: Tensor, indices: np.ndarray) -> tuple[Tensor, dict[str, Tensor]]:
+        config = self.method_config
+        z = self.encode_views(views)["proj"]
+        loss = losses.decoupled_uniformity(
+            z, kernel=self.attribute_prior(indices), lam=config.lam, t=config.t, distributed=_distributed()
+        )
+        return loss, {"uniformity": loss}
+
+
+class SepCLR(BaseMethod):
+    """SepCLR (Louiset et al., ICLR 2024): common + β_s·salient + β_n·null + λ·mi over a two-space network."""
+
+    def build_net(self) -> torch.nn.Module:
+        from neurocl.nets import SepCLRNet
+
+        config = self.method_config
+        return SepCLRNet(self.encoder_config, common_dim=config.common_dim, salient_dim=config.salient_dim,
+                         shared_trunk=config.shared_trunk)
+
+    def compute_loss(self, views: Tensor, indices: np.ndarray) -> tuple[Tensor, dict[str, Tensor]]:
+        config = self.method_config
+        outputs = self.encode_views(views)
+        is_target = self.data.is_target[torch.as_tensor(indices)].to(self.device)
+        return losses.sepclr_loss(
+            outputs["common"], outputs["salient"], is_target, tau=config.tau, beta_salient=config.beta_salient,
+            beta_null=config.beta_null, lam_mi=config.lam_mi, distributed=_distributed(),
+        )
+
+    def embed(self, x: Tensor) -> dict[str, Tensor]:
+        outputs = self.net(x)
+        return {"common": outputs["common_rep"], "salient": outputs["salient_rep"]}
+
+
+METHODS: dict[str, type[BaseMethod]] = {
+    "sepclr": SepCLR,
+    "simclr": SimCLR,
+    "yaware": YAware,
+    "decoupled_uniformity": DecoupledUniformity,
+}
+
+
+def build_method(method, encoder, optim=None, seed: int = 0, data: TrainingData | None = None) -> BaseMethod:
+    """The Lightning module of ``method.name`` (configs as pydantic models or plain dicts)."""
+    method = MethodConfig.model_validate(method)
+    return METHODS[method.name](method, encoder, optim, seed=seed, data=data)
+
+
+def method_from_checkpoint(checkpoint: dict) -> BaseMethod:
+    """Rebuild a trained method (CPU, eval mode) from a loaded Lightning checkpoint dict."""
+    hparams = checkpoint["hyper_parameters"]
+    module = build_method(hparams["method"], hparams["encoder"], hparams["optim"], seed=hparams["seed"])
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()

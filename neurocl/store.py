@@ -1,0 +1,669 @@
+"""Preprocess a cohort once into one memory-mappable array: the :class:`VolumeStore`.
+
+Every image goes through the same MONAI transforms (load with nibabel, reorient to
+RAS, resample onto one target grid), then the cohort is masked, cropped to the mask
+and intensity-normalised. The result is one contiguous ``(N, 1, *spatial)`` array on
+disk (``float16`` by default) that training reads with no per-sample CPU work: it is
+moved to the GPU once when it fits (:meth:`VolumeStore.to`), otherwise batches are
+staged through pinned memory with the next batch prefetched.
+
+Cache layout (``cache_dir``, chosen by the caller; never inside a cohort's folders)::
+
+    store.json                 the commit record: names the files below, config, grids
+    resampled-<token>.npy      (N, *grid) float32 images on the target grid (stage 1)
+    volumes-<token>.npy        (N, 1, *spatial) masked, cropped, normalised (stage 2)
+    mask-<token>.npy           (*spatial) bool brain mask on the stored grid
+    manifest-<token>.tsv       index, participant_id, [session_id], source, size, mtime,
+                               sha256, params (one row per image)
+
+Stage 1 (load + resample, the expensive part) is cached per image and recomputed only
+for images whose content (sha256 of the file bytes) or resampling parameters changed.
+Stage 2 depends on the whole cohort (the automatic mask is the cohort mean) and is
+recomputed from stage 1 whenever anything changed. A build writes new token-named
+files and commits them by replacing ``store.json`` atomically, so an interrupted build
+leaves the previous cache intact.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import os
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from neurocl.errors import CohortError, ConfigError
+from neurocl.io import atomic_path, read_tsv, write_json, write_tsv
+
+if TYPE_CHECKING:
+    import nibabel as nib
+    import torch
+
+    from neurocl.cohort import Cohort
+
+STORE_FORMAT = 1
+_KEY_COLUMNS = ("participant_id", "session_id")
+
+
+class PreprocessConfig(BaseModel):
+    """How images become the stored array.
+
+    Parameters
+    ----------
+    voxel_size : float or None
+        Isotropic voxel size in mm of the stored grid. ``None`` keeps the reference grid's voxels.
+    reference : Path or None
+        Image whose grid (shape, affine) is the target. ``None``: the cohort's first readable image.
+    mask : "auto", "none" or Path
+        Brain mask. ``auto``: voxels whose cohort mean is > 0 (after resampling); a path: a mask
+        image (resampled with nearest neighbour, > 0.5 is brain); ``none``: every voxel.
+    normalise : "zscore", "minmax" or "none"
+        Per-image intensity normalisation computed inside the mask; voxels outside the mask are 0.
+    dtype : "float16" or "float32"
+        Storage type of the final array (float16 halves disk and GPU memory).
+    crop_to_mask : bool
+        Crop the grid to the mask's bounding box plus ``margin`` voxels (the affine follows).
+    margin : int
+        Voxels kept around the mask's bounding box when cropping.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    voxel_size: float | None = Field(default=None, gt=0, le=20)
+    reference: Path | None = None
+    mask: Literal["auto", "none"] | Path = "auto"
+    normalise: Literal["zscore", "minmax", "none"] = "zscore"
+    dtype: Literal["float16", "float32"] = "float16"
+    crop_to_mask: bool = True
+    margin: int = Field(default=2, ge=0)
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"reference image {value} does not exist")
+        return value
+
+    @field_validator("mask")
+    @classmethod
+    def _mask_exists(cls, value):
+        if isinstance(value, Path) and not value.is_file():
+            raise ValueError(f"mask image {value} does not exist")
+        return value
+
+
+# ---------------------------------------------------------------- grids
+
+
+def ras_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine of the same grid with its axes reordered/flipped to RAS+.
+
+    This is the grid MONAI's ``Orientation(axcodes="RAS")`` produces, so a voxel keeps its
+    world coordinate: only array axes are permuted and flipped.
+    """
+    import nibabel.orientations as nio
+
+    shape = tuple(int(s) for s in shape[:3])
+    transform = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt("RAS"))
+    new_affine = np.asarray(affine, float) @ nio.inv_ornt_aff(transform, shape)
+    new_shape = tuple(shape[int(axis)] for axis in np.argsort(transform[:, 0]))
+    return new_shape, new_affine
+
+
+def resampled_grid(
+    shape: Sequence[int], affine: np.ndarray, voxel_size: float
+) -> tuple[tuple[int, ...], np.ndarray]:
+    """A grid of isotropic ``voxel_size`` mm covering the same field of view as ``(shape, affine)``.
+
+    The axis directions are kept; the outer corner of voxel 0 stays at the same world position,
+    and the new grid extends far enough to cover the old field of view.
+    """
+    affine = np.asarray(affine, float)
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    directions = affine[:3, :3] / zooms
+    new_shape = tuple(int(np.ceil(n * z / voxel_size - 1e-6)) for n, z in zip(shape, zooms))
+    corner = affine @ np.array([-0.5, -0.5, -0.5, 1.0])
+    new_affine = np.eye(4)
+    new_affine[:3, :3] = directions * voxel_size
+    new_affine[:3, 3] = corner[:3] + new_affine[:3, :3] @ np.full(3, 0.5)
+    return new_shape, new_affine
+
+
+def _grid_params(shape: Sequence[int], affine: np.ndarray) -> str:
+    """Stage-1 parameters of an entry, as the canonical JSON string kept in the manifest."""
+    return json.dumps(
+        {
+            "orientation": "RAS",
+            "interpolation": "bilinear",
+            "shape": [int(s) for s in shape],
+            "affine": np.round(np.asarray(affine, float), 6).tolist(),
+        },
+        separators=(",", ":"),
+    )
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- stage 1: MONAI load + resample
+
+
+def _resample_image(path: str, shape: Sequence[int], affine: np.ndarray, mode: str = "bilinear") -> np.ndarray:
+    """Load one image with MONAI (nibabel reader), reorient to RAS and resample onto ``(shape, affine)``.
+
+    Returns a float32 array of ``shape``; multi-volume (4D) images are refused since a store
+    holds one channel per image.
+    """
+    import torch
+    from monai.transforms import EnsureChannelFirst, LoadImage, Orientation, SpatialResample
+
+    image = LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)(path)
+    image = EnsureChannelFirst()(image)
+    if image.shape[0] != 1 or image.ndim != 4:
+        raise ValueError(f"expected a 3D image, got shape {tuple(image.shape[1:]) or tuple(image.shape)}")
+    image = Orientation(axcodes="RAS")(image)
+    resampler = SpatialResample(mode=mode, padding_mode="zeros", dtype=np.float32)
+    out = resampler(image, dst_affine=torch.as_tensor(affine, dtype=torch.float64), spatial_size=tuple(shape))
+    return np.asarray(out.detach().cpu().numpy()[0], dtype=np.float32)
+
+
+def _preprocess_entry(task: tuple[int, str, str, tuple[int, ...], np.ndarray]) -> tuple[int, np.ndarray]:
+    """Worker-process body: resample one image; errors come back as a message naming the image."""
+    index, label, path, shape, affine = task
+    try:
+        return index, _resample_image(path, shape, affine)
+    except Exception as error:  # any reader/transform failure is reported with the image it concerns
+        raise CohortError(f"{label}: cannot preprocess image {path}: {error}") from None
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+# ---------------------------------------------------------------- the store
+
+
+class VolumeStore:
+    """The preprocessed cohort: one ``(N, 1, *spatial)`` array, its grid and its manifest.
+
+    Build with :meth:`build` (reuses an existing cache) or open a built one with :meth:`open`.
+
+    Attributes
+    ----------
+    volumes : np.memmap
+        ``(N, 1, *spatial)`` images in the configured dtype, row ``i`` = manifest index ``i``.
+    affine : np.ndarray
+        ``(4, 4)`` voxel-to-world (RAS mm) affine of the stored (resampled, cropped) grid.
+    mask : np.ndarray
+        ``(*spatial)`` bool brain mask on the stored grid.
+    manifest : pandas.DataFrame
+        ``index, participant_id, [session_id], source, size, mtime, sha256, params``.
+    config : PreprocessConfig
+    rebuilt : list[int]
+        Store indices whose stage 1 was recomputed by the last :meth:`build` (empty after
+        :meth:`open` or a build that reused everything).
+    device : torch.device
+        Where :meth:`batch` returns tensors (``cpu`` until :meth:`to`).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike):
+        import torch
+
+        self.cache_dir = Path(cache_dir)
+        record_path = self.cache_dir / "store.json"
+        if not record_path.is_file():
+            raise ConfigError(f"{self.cache_dir}: no preprocessed store here (store.json missing); build one first")
+        record = json.loads(record_path.read_text())
+        if record.get("format") != STORE_FORMAT:
+            raise ConfigError(f"{record_path}: store format {record.get('format')!r}, expected {STORE_FORMAT}")
+        self.record = record
+        self.config = PreprocessConfig.model_validate(record["config"])
+        self.volumes = np.load(self.cache_dir / record["volumes"], mmap_mode="r")
+        self.mask = np.load(self.cache_dir / record["mask"])
+        self.affine = np.asarray(record["affine"], float)
+        self.manifest = read_tsv(self.cache_dir / record["manifest"])
+        self.rebuilt: list[int] = []
+        self.device = torch.device("cpu")
+        self._resident: torch.Tensor | None = None
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def open(cls, cache_dir: str | os.PathLike) -> "VolumeStore":
+        """Open a store built earlier in ``cache_dir``."""
+        return cls(cache_dir)
+
+    @classmethod
+    def build(
+        cls,
+        cohort: "Cohort",
+        cache_dir: str | os.PathLike,
+        config: PreprocessConfig | None = None,
+        workers: int | None = None,
+        progress: bool = True,
+    ) -> "VolumeStore":
+        """Preprocess ``cohort`` into ``cache_dir``, reusing whatever an earlier build there still holds.
+
+        Parameters
+        ----------
+        cohort : Cohort
+            The images, one store entry per cohort row (same order).
+        cache_dir : path
+            Where the cache lives (a run directory's ``store/`` or a shared cache). Refused when it
+            lies inside the cohort's folders, which are input only.
+        config : PreprocessConfig
+        workers : int or None
+            Worker processes for stage 1; ``None`` uses every core, ``1`` works in this process.
+        progress : bool
+            Show a progress bar.
+        """
+        config = config or PreprocessConfig()
+        cache_dir = Path(cache_dir).resolve()
+        _refuse_input_folder(cache_dir, cohort)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        shape, affine = _target_grid(cohort, config)
+        entries = _entries(cohort, _grid_params(shape, affine))
+        previous = _previous_build(cache_dir)
+        reuse = _reusable(entries, previous)
+        same_final = previous is not None and previous["record"]["config"] == config.model_dump(mode="json")
+        if previous is not None and same_final and len(reuse) == len(entries) and _same_order(previous, entries):
+            store = cls(cache_dir)
+            store.manifest = _with_index(entries)  # sources may have moved; content is identical
+            return store
+
+        token = uuid.uuid4().hex[:12]
+        names = {kind: f"{kind}-{token}.{ext}" for kind, ext in
+                 (("resampled", "npy"), ("volumes", "npy"), ("mask", "npy"), ("manifest", "tsv"))}
+        rebuilt = [i for i in range(len(entries)) if i not in reuse]
+        with _progress(progress) as bar:
+            with atomic_path(cache_dir / names["resampled"]) as tmp:
+                resampled = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(entries), *shape))
+                for new_index, old_index in reuse.items():
+                    resampled[new_index] = previous["resampled"][old_index]
+                _resample_all(entries, rebuilt, shape, affine, resampled, workers, bar)
+                resampled.flush()
+                mask, crop = _final_mask(resampled, config, shape, affine)
+                crop_affine = affine.copy()
+                crop_affine[:3, 3] = affine[:3, :3] @ np.array([s.start for s in crop]) + affine[:3, 3]
+                cropped_mask = mask[crop]
+                with atomic_path(cache_dir / names["volumes"]) as tmp_volumes:
+                    volumes = np.lib.format.open_memmap(
+                        tmp_volumes, mode="w+", dtype=np.dtype(config.dtype), shape=(len(entries), 1, *cropped_mask.shape)
+                    )
+                    task = bar.add_task("normalising", total=len(entries))
+                    for index in range(len(entries)):
+                        volumes[index, 0] = _normalise(resampled[index][crop], cropped_mask, config, entries.iloc[index])
+                        bar.advance(task)
+                    volumes.flush()
+                    del volumes
+                del resampled
+            with atomic_path(cache_dir / names["mask"]) as tmp:
+                np.save(tmp, cropped_mask)
+            write_tsv(cache_dir / names["manifest"], _with_index(entries))
+            record = {
+                "format": STORE_FORMAT,
+                **names,
+                "config": config.model_dump(mode="json"),
+                "grid": {"shape": list(shape), "affine": affine.tolist()},
+                "crop": [[s.start, s.stop] for s in crop],
+                "affine": crop_affine.tolist(),
+                "spatial_shape": list(cropped_mask.shape),
+            }
+            write_json(cache_dir / "store.json", record)
+        _remove_stale(cache_dir, keep=set(names.values()))
+        store = cls(cache_dir)
+        store.rebuilt = rebuilt
+        return store
+
+    # ------------------------------------------------------------ description
+
+    def __len__(self) -> int:
+        return int(self.volumes.shape[0])
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.volumes.shape[2:])
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.spatial_shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole store once on a device in float16."""
+        return int(np.prod(self.volumes.shape)) * 2
+
+    def __repr__(self) -> str:
+        return (f"VolumeStore({str(self.cache_dir)!r}, n={len(self)}, spatial_shape={self.spatial_shape}, "
+                f"dtype={self.volumes.dtype}, device={self.device}, resident={self.resident})")
+
+    @property
+    def resident(self) -> bool:
+        """Whether the whole store sits on :attr:`device` (otherwise batches are read and staged)."""
+        return self._resident is not None
+
+    # ------------------------------------------------------------ residency and batches
+
+    def to(self, device: "str | torch.device", memory_budget_gb: float | None = None) -> "VolumeStore":
+        """Serve batches on ``device``.
+
+        On a GPU the whole store is copied once, in float16, when it fits in ``memory_budget_gb``
+        (default: half of the device's free memory); otherwise each batch is read from the memory
+        map into pinned memory and copied asynchronously. On the CPU batches are read from the
+        memory map (the operating system's page cache keeps hot data in RAM).
+        """
+        import torch
+
+        device = torch.device(device)
+        self.device = device
+        self._resident = None
+        if device.type == "cpu":
+            return self
+        if memory_budget_gb is None:
+            free, _ = torch.cuda.mem_get_info(device) if device.type == "cuda" else (self.nbytes, None)
+            budget = free // 2
+        else:
+            budget = memory_budget_gb * 2**30
+        if fits_in_budget(self.nbytes, budget):
+            resident = torch.empty(self.volumes.shape, dtype=torch.float16, device=device)
+            chunk = max(1, (256 << 20) // max(1, self.nbytes // len(self)))  # ~256 MiB per host->device copy
+            for start in range(0, len(self), chunk):
+                part = np.asarray(self.volumes[start:start + chunk], dtype=np.float16)
+                resident[start:start + chunk].copy_(torch.from_numpy(part))
+            self._resident = resident
+        return self
+
+    def batch(self, indices: "Sequence[int] | np.ndarray | torch.Tensor") -> "torch.Tensor":
+        """Volumes ``indices`` as a float32 ``(B, 1, *spatial)`` tensor on :attr:`device`."""
+        import torch
+
+        index_array = self._check_indices(indices)
+        if self._resident is not None:
+            return self._resident[torch.as_tensor(index_array, device=self.device)].float()
+        host = torch.from_numpy(self._read(index_array))
+        if self.device.type == "cpu":
+            return host.float()
+        return host.pin_memory().to(self.device, non_blocking=True).float()
+
+    def batches(
+        self, indices: "Sequence[int] | np.ndarray", batch_size: int
+    ) -> Iterator[tuple[np.ndarray, "torch.Tensor"]]:
+        """Yield ``(batch_indices, volumes)`` over ``indices`` in order; the next batch is loaded
+        in a background thread while the caller works on the current one."""
+        index_array = self._check_indices(indices)
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        chunks = [index_array[start:start + batch_size] for start in range(0, len(index_array), batch_size)]
+        if not chunks:
+            return
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.batch, chunks[0])
+            for number, chunk in enumerate(chunks):
+                current = pending.result()
+                if number + 1 < len(chunks):
+                    pending = pool.submit(self.batch, chunks[number + 1])
+                yield chunk, current
+
+    def _read(self, index_array: np.ndarray) -> np.ndarray:
+        # Reading rows in ascending order keeps memory-map access sequential on disk.
+        order = np.argsort(index_array, kind="stable")
+        rows = np.empty((len(index_array), *self.volumes.shape[1:]), dtype=self.volumes.dtype)
+        rows[order] = self.volumes[index_array[order]]
+        return rows
+
+    def _check_indices(self, indices) -> np.ndarray:
+        import torch
+
+        if isinstance(indices, torch.Tensor):
+            indices = indices.detach().cpu().numpy()
+        index_array = np.asarray(indices, dtype=np.int64).reshape(-1)
+        bad = index_array[(index_array < 0) | (index_array >= len(self))]
+        if bad.size:
+            raise ConfigError(f"store index {int(bad[0])} out of range: the store holds {len(self)} volumes")
+        return index_array
+
+    # ------------------------------------------------------------ mapping back
+
+    def rows_for(self, cohort: "Cohort") -> np.ndarray:
+        """Store index of each row of ``cohort`` (matched on participant_id and session_id)."""
+        keys = [column for column in _KEY_COLUMNS if column in self.manifest.columns]
+        cohort_keys = [column for column in _KEY_COLUMNS if column in cohort.table.columns]
+        if keys != cohort_keys:
+            raise CohortError(f"cohort keys {cohort_keys} differ from the store's {keys} ({self.cache_dir})")
+        lookup = {tuple(row): int(index) for index, *row in self.manifest[["index", *keys]].itertuples(index=False)}
+        rows = []
+        missing = []
+        for row in cohort.table[keys].itertuples(index=False):
+            key = tuple(row)
+            if key in lookup:
+                rows.append(lookup[key])
+            else:
+                missing.append("/".join(str(part) for part in key))
+        if missing:
+            raise CohortError(
+                f"{len(missing)} cohort image(s) are not in the store {self.cache_dir}: {', '.join(missing[:5])}"
+                + (" ..." if len(missing) > 5 else "")
+            )
+        return np.asarray(rows, dtype=np.int64)
+
+    def to_nifti(self, volume) -> "nib.Nifti1Image":
+        """A ``(*spatial)`` array (or tensor) on the stored grid as a NIfTI image with the store's affine."""
+        import nibabel as nib
+
+        if hasattr(volume, "detach"):
+            volume = volume.detach().float().cpu().numpy()
+        volume = np.asarray(volume)
+        if volume.shape != self.spatial_shape:
+            raise ConfigError(f"to_nifti: volume shape {volume.shape} differs from the store's {self.spatial_shape}")
+        if volume.dtype == np.float16 or volume.dtype == np.float64:
+            volume = volume.astype(np.float32)
+        if volume.dtype == bool:
+            volume = volume.astype(np.uint8)
+        image = nib.Nifti1Image(volume, self.affine)
+        image.set_qform(self.affine, code=1)
+        image.set_sform(self.affine, code=1)
+        return image
+
+
+def fits_in_budget(nbytes: int, budget_bytes: float) -> bool:
+    """Whether a store of ``nbytes`` (float16) goes to the device whole under ``budget_bytes``."""
+    return nbytes <= budget_bytes
+
+
+# ---------------------------------------------------------------- build helpers
+
+
+def _refuse_input_folder(cache_dir: Path, cohort: "Cohort") -> None:
+    """Refuse a cache inside the folder that holds the cohort's images (inputs are never written)."""
+    folders = [str(Path(image).resolve().parent) for image in cohort.table["image"]]
+    if not folders:
+        return
+    root = Path(os.path.commonpath(folders))
+    if len(root.parts) < 3:  # images scattered across the filesystem: no single input folder to protect
+        return
+    if cache_dir == root or root in cache_dir.parents:
+        raise ConfigError(f"cache_dir {cache_dir} lies inside the cohort's input folder {root}; choose another")
+
+
+def _target_grid(cohort: "Cohort", config: PreprocessConfig) -> tuple[tuple[int, ...], np.ndarray]:
+    import nibabel as nib
+
+    if config.reference is not None:
+        reference = nib.load(str(config.reference))
+        shape, affine = reference.shape[:3], reference.affine
+    else:
+        shape, affine, _ = cohort.reference_grid()
+    shape, affine = ras_grid(shape, affine)
+    if config.voxel_size is not None:
+        shape, affine = resampled_grid(shape, affine, config.voxel_size)
+    return tuple(int(s) for s in shape), np.asarray(affine, float)
+
+
+def _entries(cohort: "Cohort", params: str) -> pd.DataFrame:
+    """One manifest row per cohort row: keys, source, size, mtime, sha256, params."""
+    table = cohort.table
+    keys = [column for column in _KEY_COLUMNS if column in table.columns]
+    rows = []
+    for position, (_, row) in enumerate(table.iterrows()):
+        source = Path(row["image"])
+        label = f"row {row['row']} ({row['participant_id']})" if "row" in table.columns else str(row["participant_id"])
+        if not source.is_file():
+            raise CohortError(f"{label}: image {source} does not exist")
+        status = source.stat()
+        rows.append({
+            **{key: row[key] for key in keys},
+            "source": str(source),
+            "size": int(status.st_size),
+            "mtime": float(status.st_mtime),
+            "sha256": sha256_file(source),
+            "params": params,
+            "_label": label,
+        })
+    return pd.DataFrame(rows)
+
+
+def _with_index(entries: pd.DataFrame) -> pd.DataFrame:
+    table = entries.drop(columns=["_label"], errors="ignore").copy()
+    table.insert(0, "index", np.arange(len(table)))
+    return table
+
+
+def _previous_build(cache_dir: Path) -> dict | None:
+    """The committed build in ``cache_dir`` (record, manifest, stage-1 memmap), or None."""
+    record_path = cache_dir / "store.json"
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+        if record.get("format") != STORE_FORMAT:
+            return None
+        return {
+            "record": record,
+            "manifest": read_tsv(cache_dir / record["manifest"]),
+            "resampled": np.load(cache_dir / record["resampled"], mmap_mode="r"),
+        }
+    except (OSError, ValueError, KeyError):
+        return None  # an unreadable cache is rebuilt from scratch, never trusted
+
+
+def _reusable(entries: pd.DataFrame, previous: dict | None) -> dict[int, int]:
+    """New index -> old index of entries whose content hash and stage-1 parameters are unchanged."""
+    if previous is None:
+        return {}
+    keys = [column for column in _KEY_COLUMNS if column in entries.columns]
+    old = previous["manifest"]
+    if any(key not in old.columns for key in keys):
+        return {}
+    old_lookup = {
+        (tuple(str(v) for v in row[keys]), row["sha256"], row["params"]): int(row["index"]) for _, row in old.iterrows()
+    }
+    reuse = {}
+    for new_index, row in entries.iterrows():
+        key = (tuple(str(v) for v in row[keys]), row["sha256"], row["params"])
+        if key in old_lookup:
+            reuse[int(new_index)] = old_lookup[key]
+    return reuse
+
+
+def _same_order(previous: dict, entries: pd.DataFrame) -> bool:
+    keys = [column for column in _KEY_COLUMNS if column in entries.columns]
+    old = previous["manifest"]
+    return len(old) == len(entries) and all(
+        old[key].astype(str).tolist() == entries[key].astype(str).tolist() for key in keys
+    )
+
+
+def _resample_all(entries, todo, shape, affine, out, workers, bar) -> None:
+    """Stage 1 for entries ``todo``: worker processes when more than one is useful."""
+    if not todo:
+        return
+    task = bar.add_task("preprocessing", total=len(todo))
+    jobs = [(i, entries["_label"].iloc[i], entries["source"].iloc[i], shape, affine) for i in todo]
+    workers = min(workers or os.cpu_count() or 1, len(todo))
+    if workers <= 1:
+        for job in jobs:
+            index, array = _preprocess_entry(job)
+            out[index] = array
+            bar.advance(task)
+        return
+    # spawn: a forked child would inherit torch's thread pools in an undefined state.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        for index, array in pool.map(_preprocess_entry, jobs):
+            out[index] = array
+            bar.advance(task)
+
+
+def _final_mask(resampled: np.ndarray, config: PreprocessConfig, shape, affine) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Brain mask on the full grid and the crop (slices) that the stored grid keeps."""
+    if config.mask == "none":
+        mask = np.ones(shape, dtype=bool)
+    elif config.mask == "auto":
+        total = np.zeros(shape, dtype=np.float64)
+        for start in range(0, len(resampled), 16):
+            total += resampled[start:start + 16].sum(axis=0, dtype=np.float64)
+        mask = total / max(1, len(resampled)) > 0
+    else:
+        mask = _resample_image(str(config.mask), shape, affine, mode="nearest") > 0.5
+    if not mask.any():
+        raise CohortError(f"the brain mask ({config.mask}) is empty on the target grid {tuple(shape)}")
+    if not config.crop_to_mask or config.mask == "none":
+        return mask, tuple(slice(0, n) for n in shape)
+    nonzero = np.nonzero(mask)
+    crop = tuple(
+        slice(max(0, int(axis.min()) - config.margin), min(n, int(axis.max()) + 1 + config.margin))
+        for axis, n in zip(nonzero, shape)
+    )
+    return mask, crop
+
+
+def _normalise(volume: np.ndarray, mask: np.ndarray, config: PreprocessConfig, entry: pd.Series) -> np.ndarray:
+    """Intensity normalisation with statistics taken inside ``mask``; 0 outside it."""
+    volume = volume.astype(np.float32, copy=True)
+    inside = volume[mask].astype(np.float64)
+    if config.normalise == "zscore":
+        std = inside.std()
+        if not np.isfinite(std) or std == 0:
+            raise CohortError(f"{entry['_label']}: image {entry['source']} is constant inside the brain mask")
+        volume = (volume - inside.mean()) / std
+    elif config.normalise == "minmax":
+        low, high = inside.min(), inside.max()
+        if high == low:
+            raise CohortError(f"{entry['_label']}: image {entry['source']} is constant inside the brain mask")
+        volume = (volume - low) / (high - low)
+    volume[~mask] = 0
+    return volume.astype(config.dtype)
+
+
+def _remove_stale(cache_dir: Path, keep: set[str]) -> None:
+    """Delete files of earlier builds (and temporaries of interrupted ones) that the record no longer names."""
+    prefixes = ("resampled-", "volumes-", "mask-", "manifest-", ".resampled-", ".volumes-", ".mask-", ".manifest-")
+    for path in cache_dir.iterdir():
+        if path.name.startswith(prefixes) and path.name not in keep:
+            try:
+                path.unlink()
+            except OSError:
+                pass  # a file another process still maps is removed by the next build

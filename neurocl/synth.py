@@ -1,0 +1,460 @@
+"""Synthetic grey-matter cohorts with known ground truth, built offline.
+
+Every subject's grey-matter (GM) map is nilearn's packaged MNI152 GM template
+(ICBM 2009a, 1 mm), resampled to the requested voxel size and transformed by
+latent factors whose values are written to ``ground_truth.tsv``:
+
+Common to all subjects (what a contrastive "common" space should capture)
+    * age ``a ~ U(20, 80)`` years: global GM loss
+      ``l_age = age_effect * 0.025 * (a - 20) / 10`` (2.5 % per decade) and a
+      ventricle-like enlargement, a radial warp about the ventricles
+      ``y = c_v + (x - c_v) * (1 - e * exp(-||(x - c_v) / rho||^2 / 2))`` with
+      ``e = age_effect * 0.005 * (a - 20)`` (0.3 at 80 years);
+    * sex: head size, an isotropic scaling ``s = exp(±0.025 * sex_effect + 0.015 * N(0, 1))``
+      (+ for M, - for F; about 5 % between sexes);
+    * site ``k``: intensity scale, extra Gaussian smoothing and noise level;
+    * an individual smooth deformation: displacements ``N(0, d^2)`` mm per axis on a
+      20 mm control grid, cubic-spline interpolated, ``d = deformation * U(1, 3)`` mm.
+
+Specific to patients (what a "salient" space should capture)
+    * subtype ``k in 1..K``: a distinct anatomical region of GM loss per subtype;
+    * severity ``v = 2 + 8 * Beta(2, 2)`` on a 0-10 clinical scale: the local loss is
+      ``l_sub(x) = subtype_effect * 0.4 * v / 10 * w_k(x)`` (8 % to 40 % at the region's core),
+      ``w_k`` a flat-topped raised-cosine blob around the region's centre.
+
+The image of a subject is, with ``phi`` the composed warp (deformation, head scale,
+ventricles) and ``T`` the template::
+
+    G(x) = clip(scale_k * (S_k * [T * (1 - l_age) * (1 - l_sub)])(phi(x)) + n(x), 0, 1)
+
+where ``S_k`` is the site's Gaussian smoothing and ``n ~ N(0, sigma_k^2)`` noise inside the
+brain. See ``docs/synthetic.md`` for the full description.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from neurocl import io
+from neurocl.errors import ConfigError
+
+# Anatomically placed subtype regions (MNI152 mm), in different lobes and hemispheres,
+# each centred in GM-rich tissue (>= 75 % of the voxels within 12 mm have GM >= 0.25 in
+# the template, except the cerebellum and precentral, >= 64 %).
+REGIONS: tuple[tuple[str, tuple[float, float, float]], ...] = (
+    ("left medial temporal lobe", (-26.0, -18.0, -16.0)),
+    ("right dorsolateral prefrontal cortex", (40.0, 36.0, 26.0)),
+    ("left superior parietal lobule", (-30.0, -60.0, 50.0)),
+    ("right lateral temporal cortex", (58.0, -24.0, -4.0)),
+    ("right thalamus", (12.0, -18.0, 8.0)),
+    ("left anterior cingulate cortex", (-6.0, 36.0, 20.0)),
+    ("right cerebellum", (26.0, -66.0, -36.0)),
+    ("left precentral gyrus", (-38.0, -18.0, 56.0)),
+)
+REGION_CORE_MM = 8.0  # full effect within this distance of the centre
+REGION_RADIUS_MM = 16.0  # effect tapers to zero here; regions never overlap (centres >= 32 mm apart)
+REGION_MASK_WEIGHT = 0.5  # the mask holds GM voxels where the planted loss is >= half its peak
+MASK_GM_THRESHOLD = 0.25  # "GM voxel" in the template at the output resolution
+MAX_SUBTYPE_LOSS = 0.4
+AGE_LOSS_PER_DECADE = 0.025
+VENTRICLE_EXPANSION_PER_YEAR = 0.005
+VENTRICLE_CENTRE_MM = np.array([0.0, -10.0, 16.0])
+VENTRICLE_WIDTH_MM = np.array([16.0, 32.0, 18.0])
+HEAD_CENTRE_MM = np.array([0.0, -18.0, 5.0])
+SEX_HEAD_LOG_SCALE = 0.025
+HEAD_LOG_SCALE_SD = 0.015
+CONTROL_SPACING_MM = 20.0
+CONTROL_ORIGIN_MM = np.array([-100.0, -140.0, -90.0])
+CONTROL_SHAPE = (11, 13, 11)  # fixed in world space: a seed deforms a subject alike at every resolution
+GRID_MARGIN_MM = 8.0
+FWHM_TO_SIGMA = 1.0 / np.sqrt(8.0 * np.log(2.0))
+
+
+class SynthConfig(BaseModel):
+    """Options of a synthetic cohort; every effect size is a multiplier of the documented default (1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_subjects: int = Field(200, ge=4, le=99999, description="number of subjects")
+    patient_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of patients (target group)")
+    subtypes: int = Field(2, ge=1, le=len(REGIONS), description="patient subtypes, one region of GM loss each")
+    sites: int = Field(3, ge=1, le=50, description="acquisition sites")
+    resolution: float = Field(4.0, ge=1.0, le=16.0, description="isotropic voxel size in mm")
+    confound: float = Field(0.0, ge=0.0, le=1.0, description="site-diagnosis dependence, 0 (none) to 1 (total)")
+    age_effect: float = Field(1.0, ge=0.0, le=3.0, description="multiplier of the age effects")
+    sex_effect: float = Field(1.0, ge=0.0, le=5.0, description="multiplier of the sex head-size difference")
+    site_effect: float = Field(1.0, ge=0.0, le=5.0, description="multiplier of site scale, smoothing and noise")
+    subtype_effect: float = Field(1.0, ge=0.0, le=2.5, description="multiplier of the subtype GM loss")
+    deformation: float = Field(1.0, ge=0.0, le=5.0, description="multiplier of the individual deformation")
+    seed: int = Field(0, ge=0, description="random seed: same seed, same cohort")
+
+    @model_validator(mode="after")
+    def _groups_and_sites_possible(self) -> "SynthConfig":
+        n_patients = round(self.patient_fraction * self.n_subjects)
+        if not 1 <= n_patients <= self.n_subjects - 1:
+            raise ValueError(
+                f"patient_fraction={self.patient_fraction} with n_subjects={self.n_subjects} gives "
+                f"{n_patients} patients; both groups need at least one subject"
+            )
+        if n_patients < self.subtypes:
+            raise ValueError(f"subtypes={self.subtypes} but only {n_patients} patients; each subtype needs one")
+        if self.confound > 0 and self.sites < 2:
+            raise ValueError(f"confound={self.confound} needs at least 2 sites (sites={self.sites})")
+        return self
+
+
+class Grid(NamedTuple):
+    """The output voxel grid and the template resampled onto it."""
+
+    affine: np.ndarray  # (4, 4) voxel -> MNI mm
+    shape: tuple[int, int, int]
+    gm: np.ndarray  # GM template on the grid, float32 in [0, 1]
+    brain: np.ndarray  # brain probability on the grid, float32 in [0, 1]
+    world: np.ndarray  # (3, *shape) MNI mm of each voxel centre, float32
+
+
+NILEARN_GM_FILE = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
+NILEARN_T1_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+NILEARN_BRAIN_THRESHOLD = 0.2
+
+
+@functools.lru_cache(maxsize=1)
+def _templates_1mm() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GM template, brain mask (both float32, 1 mm) and their affine, from nilearn's packaged files.
+
+    Identical to ``nilearn.datasets.load_mni152_gm_template(resolution=1)`` and
+    ``load_mni152_brain_mask(resolution=1)`` (GM scaled to a maximum of 1; brain = T1 scaled
+    to a maximum of 1, above 0.2), read directly because importing ``nilearn.datasets``
+    (which pulls in scikit-learn) costs several seconds, more than generating a small cohort.
+    """
+    import importlib.util
+
+    import nibabel as nib
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("neurocl synth needs nilearn's packaged MNI152 templates: pip install nilearn")
+    data_dir = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    gm_img = nib.load(data_dir / NILEARN_GM_FILE)
+    t1_img = nib.load(data_dir / NILEARN_T1_FILE)
+    gm = np.asarray(gm_img.dataobj, dtype=np.float32)
+    gm /= gm.max()
+    t1 = np.asarray(t1_img.dataobj, dtype=np.float32)
+    brain = (t1 > NILEARN_BRAIN_THRESHOLD * t1.max()).astype(np.float32)
+    for array in (gm, brain):
+        array.flags.writeable = False
+    return gm, brain, gm_img.affine.copy()
+
+
+def _grid_world(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """World (mm) coordinates of every voxel centre, shape (3, *shape)."""
+    index = np.indices(shape, dtype=np.float32).reshape(3, -1)
+    world = affine[:3, :3].astype(np.float32) @ index + affine[:3, 3:4].astype(np.float32)
+    return world.reshape(3, *shape)
+
+
+def _sample(volume: np.ndarray, inverse_affine: np.ndarray, world: np.ndarray, order: int = 1) -> np.ndarray:
+    """Values of ``volume`` at world points ``world`` (3, ...), zero outside the volume."""
+    from scipy import ndimage
+
+    flat = world.reshape(3, -1)
+    index = inverse_affine[:3, :3] @ flat + inverse_affine[:3, 3:4]
+    values = ndimage.map_coordinates(volume, index, order=order, mode="constant", cval=0.0, prefilter=False)
+    return values.reshape(world.shape[1:]).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def template_grid(resolution: float) -> Grid:
+    """The MNI152 GM template and brain mask on an isotropic ``resolution`` mm grid.
+
+    The grid covers the brain's bounding box plus an 8 mm margin, centred on it. The 1 mm
+    template is first smoothed with a Gaussian of variance ``(r^2 - 1) / 12`` mm^2 (that of
+    an ``r`` mm box minus the 1 mm source box), so each voxel holds a partial-volume GM
+    fraction rather than an aliased sample.
+    """
+    from scipy import ndimage
+
+    gm_1mm, brain_1mm, affine_1mm = _templates_1mm()
+    inside = np.argwhere(brain_1mm > 0.5)
+    low = affine_1mm[:3, :3] @ inside.min(0) + affine_1mm[:3, 3]
+    high = affine_1mm[:3, :3] @ inside.max(0) + affine_1mm[:3, 3]
+    shape = tuple(int(n) for n in np.floor((high - low + 2 * GRID_MARGIN_MM) / resolution) + 1)
+    centre = (low + high) / 2
+    affine = np.diag([resolution, resolution, resolution, 1.0])
+    affine[:3, 3] = centre - (np.array(shape) - 1) * resolution / 2
+    sigma = np.sqrt(max(resolution**2 - 1.0, 0.0) / 12.0)
+    world = _grid_world(affine, shape)
+    # Smoothing only the part of the 1 mm volume that the grid (plus the filter's reach) covers halves the cost.
+    pad = int(np.ceil(GRID_MARGIN_MM + resolution + 4 * sigma))
+    start = np.maximum(inside.min(0) - pad, 0)
+    stop = inside.max(0) + pad + 1
+    crop = tuple(slice(a, b) for a, b in zip(start, stop))
+    crop_affine = affine_1mm.copy()
+    crop_affine[:3, 3] = affine_1mm[:3, :3] @ start + affine_1mm[:3, 3]
+    inverse_crop = np.linalg.inv(crop_affine)
+    resampled = []
+    for volume in (gm_1mm[crop], brain_1mm[crop]):
+        smooth = ndimage.gaussian_filter(volume, sigma) if sigma > 0 else volume
+        resampled.append(np.clip(_sample(smooth, inverse_crop, world), 0.0, 1.0))
+    grid = Grid(affine, shape, resampled[0], resampled[1], world)
+    for array in (grid.gm, grid.brain, grid.world):
+        array.flags.writeable = False
+    return grid
+
+
+def region_weight(world: np.ndarray, centre: tuple[float, float, float]) -> np.ndarray:
+    """Flat-topped blob: 1 within 8 mm of ``centre``, raised-cosine taper to 0 at 16 mm.
+
+    ``w(d) = 1`` for ``d <= 8``, ``(1 + cos(pi (d - 8) / 8)) / 2`` for ``8 < d < 16``, 0 beyond.
+    """
+    distance = np.sqrt(((world - np.asarray(centre, dtype=np.float32).reshape(3, 1, 1, 1)) ** 2).sum(0))
+    taper = (distance - REGION_CORE_MM) / (REGION_RADIUS_MM - REGION_CORE_MM)
+    weight = 0.5 * (1.0 + np.cos(np.pi * np.clip(taper, 0.0, 1.0)))
+    return weight.astype(np.float32)
+
+
+def subtype_masks(grid: Grid, subtypes: int) -> list[np.ndarray]:
+    """Binary masks (bool, grid shape) of where each subtype's loss is planted: GM with ``w_k >= 0.5``."""
+    return [
+        (region_weight(grid.world, centre) >= REGION_MASK_WEIGHT) & (grid.gm >= MASK_GM_THRESHOLD)
+        for _, centre in REGIONS[:subtypes]
+    ]
+
+
+def _site_parameters(config: SynthConfig, rng: np.random.Generator) -> pd.DataFrame:
+    """Per-site intensity scale, smoothing FWHM (mm) and noise SD, spread evenly then shuffled.
+
+    Evenly spread values (rather than independent draws) guarantee that sites really differ
+    whatever the seed; the shuffle decouples the three properties.
+    """
+    spread = np.linspace(0.0, 1.0, config.sites)
+    return pd.DataFrame(
+        {
+            "site": [f"site-{k + 1}" for k in range(config.sites)],
+            "site_scale": 1.0 + config.site_effect * 0.1 * (2.0 * rng.permutation(spread) - 1.0 if config.sites > 1 else 0.0),
+            "site_smoothing": config.site_effect * 6.0 * rng.permutation(spread),
+            "site_noise": 0.01 + config.site_effect * 0.03 * rng.permutation(spread),
+        }
+    )
+
+
+def _assign_sites(diagnosis: np.ndarray, config: SynthConfig, rng: np.random.Generator) -> np.ndarray:
+    """Site index of each subject; with probability ``confound`` drawn from its group's own sites.
+
+    Sites ``1..floor(S/2)`` are the control sites and the rest the patient sites. With
+    ``confound = 0`` every site is equally likely for everyone (site independent of
+    diagnosis); with ``confound = 1`` controls and patients never share a site.
+    """
+    n_control_sites = config.sites // 2
+    own_low = np.where(diagnosis == "patient", n_control_sites, 0)
+    own_high = np.where(diagnosis == "patient", config.sites, max(n_control_sites, 1))
+    own_site = rng.integers(own_low, own_high)
+    any_site = rng.integers(0, config.sites, size=len(diagnosis))
+    return np.where(rng.random(len(diagnosis)) < config.confound, own_site, any_site)
+
+
+def draw_latents(config: SynthConfig) -> pd.DataFrame:
+    """Every latent factor of every subject (the ground truth), from ``config.seed``."""
+    rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(1)[0])
+    n = config.n_subjects
+    n_patients = round(config.patient_fraction * n)
+    diagnosis = rng.permutation(np.array(["patient"] * n_patients + ["control"] * (n - n_patients)))
+    is_patient = diagnosis == "patient"
+    sites = _site_parameters(config, rng)
+    site_index = _assign_sites(diagnosis, config, rng)
+    age = rng.uniform(20.0, 80.0, n)
+    sex = np.where(rng.random(n) < 0.5, "F", "M")
+    head_scale = np.exp(np.where(sex == "M", 1.0, -1.0) * SEX_HEAD_LOG_SCALE * config.sex_effect + HEAD_LOG_SCALE_SD * rng.standard_normal(n))
+    # Balanced subtypes (as equal as the count allows) keep every subtype recoverable.
+    subtype = np.zeros(n, dtype=int)
+    subtype[is_patient] = rng.permutation(np.arange(n_patients) % config.subtypes + 1)
+    severity = np.where(is_patient, 2.0 + 8.0 * rng.beta(2.0, 2.0, n), 0.0)
+    deformation = config.deformation * rng.uniform(1.0, 3.0, n)
+    width = max(4, len(str(n)))
+    latents = pd.DataFrame(
+        {
+            "participant_id": [f"sub-{i + 1:0{width}d}" for i in range(n)],
+            "group": np.where(is_patient, "target", "background"),
+            "diagnosis": diagnosis,
+            "age": age,
+            "sex": sex,
+            "site": sites["site"].to_numpy()[site_index],
+            "subtype": subtype,
+            "severity": severity,
+            "head_scale": head_scale,
+            "site_scale": sites["site_scale"].to_numpy()[site_index],
+            "site_smoothing": sites["site_smoothing"].to_numpy()[site_index],
+            "site_noise": sites["site_noise"].to_numpy()[site_index],
+            "deformation_amplitude": deformation,
+            "age_gm_loss": config.age_effect * AGE_LOSS_PER_DECADE * (age - 20.0) / 10.0,
+            "ventricle_expansion": config.age_effect * VENTRICLE_EXPANSION_PER_YEAR * (age - 20.0),
+            "subtype_gm_loss": config.subtype_effect * MAX_SUBTYPE_LOSS * severity / 10.0,
+        }
+    )
+    return latents
+
+
+def _warp(world: np.ndarray, subject: pd.Series, rng: np.random.Generator) -> np.ndarray:
+    """Template point (3, *shape) that each subject voxel shows: deformation, head size, ventricles."""
+    from scipy import ndimage
+
+    control = rng.normal(0.0, subject.deformation_amplitude, size=(3, *CONTROL_SHAPE))
+    control_index = (world.reshape(3, -1) - CONTROL_ORIGIN_MM[:, None]) / CONTROL_SPACING_MM
+    displacement = np.stack(
+        [ndimage.map_coordinates(component, control_index, order=3, mode="nearest") for component in control]
+    ).reshape(world.shape)
+    point = world + displacement
+    point = HEAD_CENTRE_MM.reshape(3, 1, 1, 1) + (point - HEAD_CENTRE_MM.reshape(3, 1, 1, 1)) / subject.head_scale
+    # Radial expansion about the ventricles: a point at distance r shows the template at
+    # r (1 - e g(r)); monotone (no folding) because e < 1.
+    offset = point - VENTRICLE_CENTRE_MM.reshape(3, 1, 1, 1)
+    falloff = np.exp(-0.5 * ((offset / VENTRICLE_WIDTH_MM.reshape(3, 1, 1, 1)) ** 2).sum(0))
+    return VENTRICLE_CENTRE_MM.reshape(3, 1, 1, 1) + offset * (1.0 - subject.ventricle_expansion * falloff)
+
+
+def subject_volume(grid: Grid, subject: pd.Series, region_weights: list[np.ndarray], seed: np.random.SeedSequence) -> np.ndarray:
+    """One subject's GM map (float32, grid shape, values in [0, 1]) from its latent factors."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    tissue = grid.gm * np.float32(1.0 - subject.age_gm_loss)
+    if subject.subtype > 0:
+        tissue = tissue * (1.0 - np.float32(subject.subtype_gm_loss) * region_weights[subject.subtype - 1])
+    point = _warp(grid.world, subject, rng)
+    inverse = np.linalg.inv(grid.affine)
+    volume = _sample(tissue, inverse, point)
+    brain = _sample(grid.brain, inverse, point) >= 0.5
+    sigma_voxels = subject.site_smoothing * FWHM_TO_SIGMA / (grid.affine[0, 0])
+    if sigma_voxels > 0:
+        volume = ndimage.gaussian_filter(volume, sigma_voxels)
+    noise = rng.normal(0.0, subject.site_noise, size=volume.shape).astype(np.float32)
+    volume = subject.site_scale * volume + noise * brain
+    return np.clip(volume, 0.0, 1.0).astype(np.float32)
+
+
+def _nifti(array: np.ndarray, affine: np.ndarray):
+    import nibabel as nib
+
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=4)  # 4 = MNI152 space
+    image.set_sform(affine, code=4)
+    return image
+
+
+def _participants(latents: pd.DataFrame) -> pd.DataFrame:
+    """What a user would have: the clinical table, age and severity recorded to 0.1."""
+    return pd.DataFrame(
+        {
+            "participant_id": latents.participant_id,
+            "diagnosis": latents.diagnosis,
+            "age": latents.age.round(1),
+            "sex": latents.sex,
+            "site": latents.site,
+            "severity": latents.severity.round(1).where(latents.diagnosis == "patient"),
+        }
+    )
+
+
+def _cohort_yaml(name: str) -> str:
+    import yaml
+
+    spec = {
+        "name": name,
+        "participants": "participants.tsv",
+        "root": ".",
+        "images": "{participant_id}/anat/{participant_id}_desc-gm.nii.gz",
+        "group": {"column": "diagnosis", "background": ["control"], "target": ["patient"]},
+        "attributes": {"age": "continuous", "sex": "categorical", "site": "categorical", "severity": "continuous"},
+    }
+    return yaml.safe_dump(spec, sort_keys=False)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        kind = "a folder that is not empty" if out_dir.is_dir() else "a file"
+        raise ConfigError(f"output folder {out_dir} is {kind}; give a new or empty folder")
+
+
+def make_synthetic_cohort(out_dir: str | Path, config: SynthConfig | None = None, progress: bool = False) -> Path:
+    """Write a synthetic cohort with known ground truth to ``out_dir``; return its ``cohort.yaml``.
+
+    Parameters
+    ----------
+    out_dir : path
+        New or empty folder.
+    config : SynthConfig, optional
+        Options (defaults: 200 subjects, 2 subtypes, 3 sites, 4 mm).
+    progress : bool
+        Show a progress bar over subjects.
+
+    Returns
+    -------
+    Path
+        ``out_dir/cohort.yaml``, written last so that a folder without it is incomplete.
+
+    Raises
+    ------
+    ConfigError
+        If ``out_dir`` is a file or a non-empty folder.
+    """
+    config = config or SynthConfig()
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    grid = template_grid(config.resolution)
+    latents = draw_latents(config)
+    region_weights = [region_weight(grid.world, centre) for _, centre in REGIONS[: config.subtypes]]
+    subject_seeds = np.random.SeedSequence(config.seed).spawn(config.n_subjects + 1)[1:]
+
+    from rich.progress import Progress
+
+    with Progress(disable=not progress, transient=False) as bar:
+        task = bar.add_task("synthesising subjects", total=len(latents))
+        for subject, seed in zip(latents.itertuples(index=False), subject_seeds):
+            volume = subject_volume(grid, subject, region_weights, seed)
+            path = out_dir / subject.participant_id / "anat" / f"{subject.participant_id}_desc-gm.nii.gz"
+            io.save_nifti(_nifti(volume, grid.affine), path)
+            bar.advance(task)
+
+    io.save_nifti(_nifti((grid.brain >= 0.5).astype(np.uint8), grid.affine), out_dir / "brain_mask.nii.gz")
+    masks = subtype_masks(grid, config.subtypes)
+    for k, mask in enumerate(masks, start=1):
+        io.save_nifti(_nifti(mask.astype(np.uint8), grid.affine), out_dir / "masks" / f"subtype-{k}_mask.nii.gz")
+    regions = pd.DataFrame(
+        {
+            "subtype": np.arange(1, config.subtypes + 1),
+            "region": [name for name, _ in REGIONS[: config.subtypes]],
+            "x_mm": [centre[0] for _, centre in REGIONS[: config.subtypes]],
+            "y_mm": [centre[1] for _, centre in REGIONS[: config.subtypes]],
+            "z_mm": [centre[2] for _, centre in REGIONS[: config.subtypes]],
+            "n_voxels": [int(mask.sum()) for mask in masks],
+        }
+    )
+    io.write_tsv(out_dir / "masks" / "regions.tsv", regions)
+    io.write_tsv(out_dir / "ground_truth.tsv", latents)
+    io.write_tsv(out_dir / "participants.tsv", _participants(latents))
+    io.write_json(
+        out_dir / "dataset_description.json",
+        {
+            "Name": f"neurocl synthetic cohort (seed {config.seed})",
+            "BIDSVersion": "1.9.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "neurocl synth", "Version": _neurocl_version()}],
+            "SynthConfig": config.model_dump(),
+        },
+    )
+    return io.write_text(out_dir / "cohort.yaml", _cohort_yaml(f"synthetic-seed{config.seed}"))
+
+
+def _neurocl_version() -> str:
+    try:
+        return version("neurocl")
+    except PackageNotFoundError:
+        return "unknown"

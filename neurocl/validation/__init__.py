@@ -1,0 +1,1 @@
+"""Validation suites: neurocl's objectives reproduce the results they rest on (issue #8)."""

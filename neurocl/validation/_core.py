@@ -1,0 +1,116 @@
+"""What the validation experiments share: random mixing networks, MLP encoders, the training loop."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from neurocl.errors import TrainingError
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global generator inside the block (network initialisation uses it), then restore it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def random_mlp(
+    sizes: Sequence[int],
+    rng: np.random.Generator,
+    negative_slope: float = 0.2,
+    pool_size: int = 1000,
+    condition_quantile: float = 0.25,
+) -> nn.Sequential:
+    """A frozen random MLP with leaky-ReLU activations and well-conditioned weight matrices.
+
+    Follows the mixing of Hyvärinen & Morioka (2016) as used by Zimmermann et al. (2021): each
+    weight matrix is uniform in [−1, 1] with unit-norm columns, redrawn until its condition
+    number is below the ``condition_quantile`` of ``pool_size`` such draws. With square layers
+    (and leaky ReLU, which is bijective) the network is invertible; with widening layers it is
+    injective. No bias, no activation after the last layer.
+
+    Parameters
+    ----------
+    sizes : widths ``[in, hidden..., out]`` (at least two).
+    rng : the generator every weight is drawn from.
+    """
+    layers: list[nn.Module] = []
+    for index, (width_in, width_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        weight = _well_conditioned_matrix(width_out, width_in, rng, pool_size, condition_quantile)
+        linear = nn.Linear(width_in, width_out, bias=False)
+        linear.weight.data = torch.as_tensor(weight, dtype=torch.float32)
+        layers.append(linear)
+        if index < len(sizes) - 2:
+            layers.append(nn.LeakyReLU(negative_slope))
+    network = nn.Sequential(*layers)
+    network.requires_grad_(False)
+    return network
+
+
+def _well_conditioned_matrix(rows: int, cols: int, rng: np.random.Generator, pool_size: int, quantile: float) -> np.ndarray:
+    def draw() -> np.ndarray:
+        matrix = rng.uniform(-1.0, 1.0, size=(rows, cols))
+        return matrix / np.linalg.norm(matrix, axis=0, keepdims=True)
+
+    threshold = np.quantile([np.linalg.cond(draw()) for _ in range(pool_size)], quantile)
+    while True:
+        matrix = draw()
+        if np.linalg.cond(matrix) <= threshold:
+            return matrix
+
+
+def mlp_encoder(in_dim: int, hidden: Sequence[int], out_dim: int, negative_slope: float = 0.2) -> nn.Sequential:
+    """Trainable MLP ``in_dim -> hidden... -> out_dim`` with leaky-ReLU between layers (none at the output)."""
+    widths = [in_dim, *hidden, out_dim]
+    layers: list[nn.Module] = []
+    for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(width_in, width_out))
+        if index < len(widths) - 2:
+            layers.append(nn.LeakyReLU(negative_slope))
+    return nn.Sequential(*layers)
+
+
+def train(
+    parameters: Sequence[nn.Parameter],
+    loss_at_step: Callable[[int], torch.Tensor],
+    steps: int,
+    lr: float,
+    description: str,
+    progress: bool = True,
+) -> list[float]:
+    """Adam with a cosine learning-rate decay (to 1 % of ``lr``) over ``steps`` calls of ``loss_at_step``.
+
+    The decay lets the last steps settle into the optimum, which is what the recovery metrics
+    measure. Returns the loss of every step; a non-finite loss stops training with a
+    :class:`TrainingError` naming the step.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    optimiser = torch.optim.Adam(parameters, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    )
+    history: list[float] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"))
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(description, total=steps, loss=float("nan"))
+        for step in range(steps):
+            loss = loss_at_step(step)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingError(f"{description}: loss is {value} at step {step}")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            history.append(value)
+            bar.update(task, advance=1, loss=value)
+    return history

@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny synthetic cohort generated once per test session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from neurocl.synth import SynthConfig, make_synthetic_cohort
+
+TINY_COHORT_CONFIG = SynthConfig(n_subjects=32, subtypes=2, sites=2, resolution=8.0, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path to the cohort.yaml of a 32-subject synthetic cohort at 8 mm (2 subtypes, 2 sites, seed 0).
+
+    Shared by the whole session: treat it as read-only (use ``tiny_cohort_copy`` to break files).
+    """
+    return make_synthetic_cohort(tmp_path_factory.mktemp("tiny_cohort") / "cohort", TINY_COHORT_CONFIG)
+
+
+@pytest.fixture
+def tiny_cohort_copy(tiny_cohort: Path, tmp_path: Path) -> Path:
+    """Path to the cohort.yaml of a fresh, writable copy of ``tiny_cohort`` under ``tmp_path``."""
+    copy = shutil.copytree(tiny_cohort.parent, tmp_path / "tiny_cohort")
+    return Path(copy) / tiny_cohort.name

@@ -1,0 +1,443 @@
+"""Tests for neurocl.losses: each loss against a plain loop over its formula (DESIGN.md "Losses")."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neurocl import losses
+from neurocl.errors import ConfigError, TrainingError
+
+SHAPES = [(2, 4, 3), (3, 5, 8), (4, 3, 2)]  # (V, B, D)
+
+
+def random_views(shape, seed, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).float()
+
+
+# ---------------------------------------------------------------- plain references (python loops, float64)
+
+
+def unit(vector):
+    norm = math.sqrt(sum(value * value for value in vector))
+    return [value / norm for value in vector]
+
+
+def dot(u, w):
+    return sum(a * b for a, b in zip(u, w))
+
+
+def sq_dist(u, w):
+    return sum((a - b) ** 2 for a, b in zip(u, w))
+
+
+def flat_anchors(z):
+    """[(sample index, vector as list)] for a = (v, i) in row-major order, plus the normalised vectors."""
+    n_views, batch, _ = z.shape
+    anchors = [(i, z[v, i].double().tolist()) for v in range(n_views) for i in range(batch)]
+    return anchors, [unit(vector) for _, vector in anchors]
+
+
+def loop_log_prob(normalised, a, b, temperature):
+    """sim(a, b) − log Σ_{b' ≠ a} exp sim(a, b')."""
+    others = [dot(normalised[a], normalised[c]) / temperature for c in range(len(normalised)) if c != a]
+    return dot(normalised[a], normalised[b]) / temperature - math.log(sum(math.exp(value) for value in others))
+
+
+def loop_info_nce(z, temperature):
+    anchors, normalised = flat_anchors(z)
+    terms = [
+        -loop_log_prob(normalised, a, p, temperature)
+        for a in range(len(anchors))
+        for p in range(len(anchors))
+        if p != a and anchors[p][0] == anchors[a][0]
+    ]
+    return sum(terms) / len(terms)
+
+
+def loop_yaware(z, weights, temperature):
+    """weights: B x B nested list w_ij."""
+    anchors, normalised = flat_anchors(z)
+    per_anchor = []
+    for a, (i, _) in enumerate(anchors):
+        others = [b for b in range(len(anchors)) if b != a]
+        total = sum(weights[i][anchors[b][0]] for b in others)
+        per_anchor.append(
+            -sum(weights[i][anchors[b][0]] / total * loop_log_prob(normalised, a, b, temperature) for b in others)
+        )
+    return sum(per_anchor) / len(per_anchor)
+
+
+def loop_rbf(y, sigma):
+    y = np.asarray(y, dtype=float).reshape(len(y), -1)
+    return [
+        [math.exp(-sum((y[i, k] - y[j, k]) ** 2 for k in range(y.shape[1])) / (2 * sigma**2)) for j in range(len(y))]
+        for i in range(len(y))
+    ]
+
+
+def loop_uniform(points, t):
+    pairs = [math.exp(-t * sq_dist(points[i], points[j])) for i in range(len(points)) for j in range(i + 1, len(points))]
+    return math.log(sum(pairs) / len(pairs))
+
+
+def loop_decoupled(z, t, prior=None, lam=0.0):
+    n_views, batch, _ = z.shape
+    normalised = [[unit(z[v, i].double().tolist()) for i in range(batch)] for v in range(n_views)]
+    centroids = [[sum(normalised[v][i][k] for v in range(n_views)) / n_views for k in range(z.shape[2])] for i in range(batch)]
+    if prior is not None:
+        kernel = np.asarray(prior, dtype=float)
+        alpha = np.linalg.inv(kernel + lam * np.eye(batch)) @ kernel
+        centroids = (alpha @ np.asarray(centroids)).tolist()
+    pairs = [math.exp(-t * sq_dist(centroids[i], centroids[j])) for i in range(batch) for j in range(batch) if i != j]
+    return math.log(sum(pairs) / len(pairs))
+
+
+def loop_lp_info_nce(h1, h2, p, temperature):
+    h1, h2 = h1.double().tolist(), h2.double().tolist()
+    total = 0.0
+    for i in range(len(h1)):
+        dists = [sum(abs(a - b) ** p for a, b in zip(h1[i], h2[j])) for j in range(len(h2))]
+        total += dists[i] / temperature + math.log(sum(math.exp(-d / temperature) for d in dists))
+    return total / len(h1)
+
+
+def loop_sepclr(c, s, is_target, tau):
+    n_views, batch, _ = c.shape
+    target = [bool(flag) for flag in is_target]
+    c_hat = [[unit(c[v, i].double().tolist()) for i in range(batch)] for v in range(n_views)]
+    s_raw = [[s[v, i].double().tolist() for i in range(batch)] for v in range(n_views)]
+    s_tilde = [[s_raw[v][i] if target[i] else [0.0] * s.shape[2] for i in range(batch)] for v in range(n_views)]
+
+    def kernel(u, w):
+        return math.exp(-sq_dist(u, w) / (2 * tau))
+
+    def align(x, y):
+        return sum(sq_dist(a, b) for a, b in zip(x, y)) / len(x) / (2 * tau)
+
+    def unif(x):
+        pairs = [kernel(x[i], x[j]) for i in range(len(x)) for j in range(i + 1, len(x))]
+        return math.log(sum(pairs) / len(pairs))
+
+    def jem(cs, ss):
+        rows = [math.log(sum(kernel(cs[i], cs[j]) * kernel(ss[i], ss[j]) for j in range(len(cs))) / len(cs)) for i in range(len(cs))]
+        return sum(rows) / len(rows)
+
+    def targets_of(rows):
+        return [row for row, flag in zip(rows, target) if flag]
+
+    view_pairs = [(v, w) for v in range(n_views) for w in range(v + 1, n_views)]
+    common = sum(align(c_hat[v], c_hat[w]) for v, w in view_pairs) / len(view_pairs) + sum(unif(c_hat[v]) for v in range(n_views))
+    salient = sum(align(targets_of(s_raw[v]), targets_of(s_raw[w])) for v, w in view_pairs) / len(view_pairs) + sum(
+        unif(s_tilde[v]) for v in range(n_views)
+    )
+    background = [i for i in range(batch) if not target[i]]
+    null = sum(sum(sum(value**2 for value in s_raw[v][i]) for i in background) / len(background) for v in range(n_views)) / n_views
+    mi = sum(jem(c_hat[v], s_tilde[v]) for v in range(n_views)) / n_views
+    return {"common": common, "salient": salient, "null": null, "mi": mi}
+
+
+# ---------------------------------------------------------------- agreement with the loops
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_info_nce_equals_loop_over_anchor_positive_pairs(shape, temperature):
+    z = random_views(shape, seed=sum(shape))
+    assert losses.info_nce(z, temperature).item() == pytest.approx(loop_info_nce(z, temperature), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_yaware_info_nce_equals_loop_with_row_normalised_weights(shape):
+    z = random_views(shape, seed=10 + sum(shape))
+    y = random_views((shape[1], 2), seed=20 + sum(shape))
+    expected = loop_yaware(z, loop_rbf(y, sigma=0.8), temperature=0.2)
+    assert losses.yaware_info_nce(z, y, sigma=0.8, temperature=0.2).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_yaware_info_nce_accepts_a_precomputed_kernel():
+    z = random_views((2, 6, 4), seed=3)
+    generator = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 2, (6,), generator=generator)
+    kernel = (codes[:, None] == codes[None, :]).float()
+    expected = loop_yaware(z, kernel.tolist(), temperature=0.1)
+    assert losses.yaware_info_nce(z, kernel=kernel).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_align_and_uniform_losses_equal_loops():
+    x, y = random_views((7, 3), seed=1), random_views((7, 3), seed=2)
+    expected_align = sum(math.sqrt(sq_dist(a, b)) ** 3 for a, b in zip(x.tolist(), y.tolist())) / 7
+    assert losses.align_loss(x, y, alpha=3).item() == pytest.approx(expected_align, rel=1e-5)
+    assert losses.uniform_loss(x, t=1.5).item() == pytest.approx(loop_uniform(x.double().tolist(), 1.5), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decoupled_uniformity_equals_loop_on_view_centroids(shape):
+    z = random_views(shape, seed=30 + sum(shape))
+    assert losses.decoupled_uniformity(z, t=2.0).item() == pytest.approx(loop_decoupled(z, t=2.0), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decoupled_uniformity_with_prior_equals_loop_on_smoothed_centroids(shape):
+    z = random_views(shape, seed=40 + sum(shape))
+    y = random_views((shape[1],), seed=50 + sum(shape))
+    expected = loop_decoupled(z, t=2.0, prior=loop_rbf(y, sigma=1.0), lam=0.1)
+    assert losses.decoupled_uniformity(z, y=y, sigma=1.0, lam=0.1).item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("batch", [3, 6])
+def test_lp_info_nce_equals_loop(p, batch):
+    h1, h2 = random_views((batch, 4), seed=p + batch), random_views((batch, 4), seed=9 + p + batch)
+    expected = loop_lp_info_nce(h1, h2, p, temperature=0.7)
+    assert losses.lp_info_nce(h1, h2, p=p, temperature=0.7).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 3), (3, 5, 4)])
+def test_sepclr_terms_and_total_equal_loops(shape):
+    c = random_views(shape, seed=60 + sum(shape))
+    s = random_views(shape, seed=70 + sum(shape), scale=0.7)
+    is_target = torch.tensor([True, False, True, False, True, False][: shape[1]])
+    total, terms = losses.sepclr_loss(c, s, is_target, tau=0.5, beta_salient=2.0, beta_null=3.0, lam_mi=4.0)
+    expected = loop_sepclr(c, s, is_target, tau=0.5)
+    for name, value in expected.items():
+        assert terms[name].item() == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    expected_total = expected["common"] + 2.0 * expected["salient"] + 3.0 * expected["null"] + 4.0 * expected["mi"]
+    assert total.item() == pytest.approx(expected_total, rel=1e-5)
+
+
+# ---------------------------------------------------------------- hand-computed cases
+
+
+def test_info_nce_hand_computed_two_orthogonal_samples():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    z = torch.stack([torch.stack([e1, e2]), torch.stack([3 * e1, e2])])  # norms must not matter
+    # Each anchor: its positive at similarity 1, two orthogonal negatives at 0.
+    expected = -1.0 + math.log(math.e + 2.0)
+    assert losses.info_nce(z, temperature=1.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_uniform_loss_hand_computed_two_points():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    assert losses.uniform_loss(x, t=2).item() == pytest.approx(-50.0)
+
+
+def test_lp_info_nce_hand_computed_one_dimension():
+    h = torch.tensor([[0.0], [1.0]])
+    assert losses.lp_info_nce(h, h, p=1, temperature=1.0).item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+
+
+def test_align_loss_is_zero_for_identical_views_with_finite_gradient():
+    x = torch.randn(4, 3, requires_grad=True)
+    loss = losses.align_loss(x, x.detach().clone(), alpha=2)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------- properties
+
+
+def _all_losses(z, y, is_target):
+    c, s = z, z.flip(-1) * 0.5
+    return {
+        "info_nce": losses.info_nce(z),
+        "yaware": losses.yaware_info_nce(z, y, sigma=1.0),
+        "decoupled": losses.decoupled_uniformity(z),
+        "decoupled_prior": losses.decoupled_uniformity(z, y=y, sigma=1.0),
+        "sepclr": losses.sepclr_loss(c, s, is_target)[0],
+    }
+
+
+def test_losses_are_invariant_to_permuting_the_batch():
+    z = random_views((3, 8, 5), seed=5)
+    y = random_views((8,), seed=6)
+    is_target = torch.tensor([True, False] * 4)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(7))
+    before = _all_losses(z, y, is_target)
+    after = _all_losses(z[:, order], y[order], is_target[order])
+    for name in before:
+        assert after[name].item() == pytest.approx(before[name].item(), rel=1e-5), name
+    h1, h2 = random_views((8, 3), seed=8), random_views((8, 3), seed=9)
+    assert losses.lp_info_nce(h1[order], h2[order]).item() == pytest.approx(losses.lp_info_nce(h1, h2).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_losses_and_gradients_are_finite_at_temperature_001(autocast):
+    # Near-duplicate embeddings make the largest logits ~1/τ = 100 apart from the rest.
+    base = random_views((1, 16, 8), seed=11)
+    z = (base + 1e-3 * random_views((2, 16, 8), seed=12)).requires_grad_(True)
+    y = random_views((16,), seed=13)
+    is_target = torch.arange(16) % 2 == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        projected = z.bfloat16() if autocast else z
+        values = [
+            losses.info_nce(projected, temperature=0.01),
+            losses.yaware_info_nce(projected, y, sigma=0.5, temperature=0.01),
+            losses.decoupled_uniformity(projected, y=y, t=100.0),
+            losses.sepclr_loss(projected, projected, is_target, tau=0.01)[0],
+        ]
+    for value in values:
+        assert value.dtype == torch.float32 and torch.isfinite(value)
+        (grad,) = torch.autograd.grad(value, z)
+        assert torch.isfinite(grad).all()
+
+
+def test_yaware_with_tiny_sigma_and_distinct_attributes_equals_info_nce():
+    z = random_views((3, 6, 4), seed=14)
+    y = torch.arange(6, dtype=torch.float32) * 10.0
+    assert losses.yaware_info_nce(z, y, sigma=0.01, temperature=0.2).item() == pytest.approx(
+        losses.info_nce(z, temperature=0.2).item(), rel=1e-6
+    )
+
+
+def test_yaware_with_huge_sigma_weights_every_other_embedding_equally():
+    z = random_views((2, 5, 4), seed=15)
+    y = random_views((5,), seed=16)
+    anchors, normalised = flat_anchors(z)
+    n = len(anchors)
+    expected = sum(-loop_log_prob(normalised, a, b, 0.3) for a in range(n) for b in range(n) if b != a) / (n * (n - 1))
+    assert losses.yaware_info_nce(z, y, sigma=1e6, temperature=0.3).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_yaware_ignores_a_missing_attribute_instead_of_reading_zero():
+    z = random_views((2, 4, 3), seed=17)
+    y = torch.tensor([[1.0, 0.0], [2.0, float("nan")], [0.5, 1.0], [3.0, 0.2]])
+    expected = loop_yaware(z, [[w for w in row] for row in _nan_aware_weights(y, sigma=1.0)], temperature=0.1)
+    assert losses.yaware_info_nce(z, y, sigma=1.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _nan_aware_weights(y, sigma):
+    rows = y.tolist()
+    return [
+        [
+            math.exp(-sum((a - b) ** 2 for a, b in zip(u, w) if not (math.isnan(a) or math.isnan(b))) / (2 * sigma**2))
+            for w in rows
+        ]
+        for u in rows
+    ]
+
+
+def test_decoupled_uniformity_without_prior_equals_identity_kernel_with_zero_ridge():
+    z = random_views((3, 7, 4), seed=18)
+    assert losses.decoupled_uniformity(z, kernel=torch.eye(7), lam=0.0).item() == pytest.approx(
+        losses.decoupled_uniformity(z).item(), rel=1e-6
+    )
+
+
+def test_decoupled_uniformity_passes_no_gradient_to_the_prior():
+    z = random_views((2, 5, 3), seed=19).requires_grad_(True)
+    kernel = torch.eye(5).add(0.3).requires_grad_(True)
+    losses.decoupled_uniformity(z, kernel=kernel).backward()
+    assert kernel.grad is None and torch.isfinite(z.grad).all()
+
+
+def test_sepclr_null_term_is_zero_when_background_salient_is_zero():
+    c = random_views((2, 6, 4), seed=20)
+    s = random_views((2, 6, 4), seed=21)
+    is_target = torch.tensor([True, True, True, False, False, False])
+    s[:, ~is_target] = 0.0
+    _, terms = losses.sepclr_loss(c, s, is_target)
+    assert terms["null"].item() == 0.0
+    s[:, 4] = 1.0
+    assert losses.sepclr_loss(c, s, is_target)[1]["null"].item() == pytest.approx(4.0 / 3.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sepclr_mi_term_rises_when_salient_copies_common(seed):
+    c = random_views((2, 12, 4), seed=100 + seed)
+    is_target = torch.arange(12) < 8
+    c_hat = F.normalize(c, dim=-1)
+    copy = c_hat.clone()
+    # Same target embeddings handed to other targets: same marginal, no dependence on c.
+    shuffled = c_hat.clone()
+    shuffled[:, :8] = c_hat[:, torch.roll(torch.arange(8), 3)]
+    mi_copy = losses.sepclr_loss(c, copy, is_target)[1]["mi"]
+    mi_shuffled = losses.sepclr_loss(c, shuffled, is_target)[1]["mi"]
+    assert mi_copy > mi_shuffled
+
+
+def test_sepclr_rejects_a_batch_without_both_groups():
+    c = random_views((2, 4, 3), seed=22)
+    with pytest.raises(TrainingError, match="0 target and 4 background"):
+        losses.sepclr_loss(c, c, torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(TrainingError, match="4 target and 0 background"):
+        losses.sepclr_loss(c, c, torch.ones(4, dtype=torch.bool))
+
+
+def test_invalid_parameters_raise_config_error_naming_the_value():
+    z = random_views((2, 4, 3), seed=23)
+    with pytest.raises(ConfigError, match="temperature must be > 0, got -0.1"):
+        losses.info_nce(z, temperature=-0.1)
+    with pytest.raises(ConfigError, match="lam must be >= 0, got -1"):
+        losses.decoupled_uniformity(z, y=torch.zeros(4), lam=-1)
+    with pytest.raises(ValueError, match="at least 2 views"):
+        losses.info_nce(z[:1])
+
+
+def test_gather_without_process_group_returns_input():
+    x = torch.randn(3, 2)
+    assert losses.gather(x) is x
+
+
+# ---------------------------------------------------------------- distributed (2 gloo processes)
+
+
+def _ddp_worker(rank, world_size, init_file, inputs, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        x, y, is_target, weight = inputs
+        batch = x.shape[1]
+        local = slice(rank * batch // world_size, (rank + 1) * batch // world_size)
+        model = torch.nn.Linear(x.shape[-1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            model.weight.copy_(weight)
+        for name, loss_fn in _distributed_losses().items():
+            model.zero_grad()
+            loss = loss_fn(model(x[:, local]), y[local], is_target[local], True)
+            loss.backward()
+            grad = model.weight.grad.clone()
+            dist.all_reduce(grad)  # what DDP does: average parameter gradients over ranks
+            results[(name, rank)] = (loss.item(), (grad / world_size).tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+def _distributed_losses():
+    return {
+        "info_nce": lambda z, y, t, d: losses.info_nce(z, distributed=d),
+        "yaware": lambda z, y, t, d: losses.yaware_info_nce(z, y, sigma=1.0, distributed=d),
+        "decoupled": lambda z, y, t, d: losses.decoupled_uniformity(z, y=y, distributed=d),
+        "sepclr": lambda z, y, t, d: losses.sepclr_loss(z[..., :3], z[..., 3:], t, distributed=d)[0],
+    }
+
+
+def test_distributed_losses_and_gradients_equal_one_process_on_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    generator = torch.Generator().manual_seed(24)
+    x = torch.randn(2, 8, 5, generator=generator)
+    y = torch.randn(8, generator=generator)
+    is_target = torch.tensor([True, False, False, True, True, False, True, False])
+    weight = torch.randn(6, 5, generator=generator)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_worker, args=(2, tmp_path / "rendezvous", (x, y, is_target, weight), results), nprocs=2)
+        results = dict(results)
+    model = torch.nn.Linear(5, 6, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(weight)
+    for name, loss_fn in _distributed_losses().items():
+        model.zero_grad()
+        loss = loss_fn(model(x), y, is_target, False)
+        loss.backward()
+        for rank in range(2):
+            value, grad = results[(name, rank)]
+            assert value == pytest.approx(loss.item(), rel=1e-5), name
+            np.testing.assert_allclose(grad, model.weight.grad.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)

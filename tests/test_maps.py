@@ -1,0 +1,404 @@
+"""Tests for neurocl.maps: attribution maps, regions, subtypes, associations and ground-truth scores."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pydantic import ValidationError
+from scipy import stats
+from sklearn.metrics import adjusted_rand_score, roc_auc_score
+
+from neurocl.errors import ConfigError
+from neurocl.maps import (
+    MapsConfig,
+    SubtypeClustering,
+    cluster_associations,
+    coarse_parcellation,
+    fdr_bh,
+    gradient_x_input,
+    map_auc,
+    match_clusters,
+    occlusion,
+    rank_regions,
+)
+
+SHAPE = (12, 12, 12)
+
+
+class RegionModel(torch.nn.Module):
+    """Test fixture: a network whose salient representation reads only the voxels of ``region``.
+
+    salient_rep = W · x[region] (linear, so gradients and occlusion effects have closed forms);
+    common_rep reads every voxel, to show that the salient map ignores it.
+    """
+
+    def __init__(self, region: np.ndarray, dim: int = 3, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("region", torch.as_tensor(region, dtype=torch.bool))
+        self.register_buffer("weights", torch.randn(dim, int(region.sum()), generator=generator))
+
+    def forward(self, x: torch.Tensor) -> dict:
+        inside = x[:, 0][:, self.region]
+        return {"salient_rep": inside @ self.weights.T, "common_rep": x.flatten(1).mean(1, keepdim=True)}
+
+
+def octant_atlas(shape=SHAPE) -> np.ndarray:
+    """Labels 1..8: the eight octants of the grid."""
+    labels = np.zeros(shape, dtype=np.int32)
+    half = [s // 2 for s in shape]
+    for i, j, k in np.ndindex(2, 2, 2):
+        labels[i * half[0] : (i + 1) * half[0], j * half[1] : (j + 1) * half[1], k * half[2] : (k + 1) * half[2]] = (
+            1 + i * 4 + j * 2 + k
+        )
+    return labels
+
+
+def planted_region() -> np.ndarray:
+    """A 3x3x3 cube inside octant 7 (i=1, j=1, k=0)."""
+    region = np.zeros(SHAPE, dtype=bool)
+    region[7:10, 7:10, 2:5] = True
+    return region
+
+
+def random_volumes(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 1, *SHAPE, generator=torch.Generator().manual_seed(seed)) + 1.0
+
+
+# ---------------------------------------------------------------------------------------------- attribution
+
+
+def test_gradient_x_input_matches_the_analytic_gradient_of_a_linear_model():
+    region = planted_region()
+    model = RegionModel(region)
+    volumes = random_volumes(3)
+    center = torch.tensor([0.5, -1.0, 2.0])
+    baseline = torch.full((1, *SHAPE), 0.25)
+    attribution = gradient_x_input(model, volumes, center=center, baseline=baseline).numpy()
+
+    weights = model.weights.numpy().astype(np.float64)
+    for n in range(3):
+        x = volumes[n, 0].numpy().astype(np.float64)
+        offset = weights @ x[region] - center.numpy()
+        # d‖Wx_R − c‖/dx_R = Wᵀ(Wx_R − c)/‖Wx_R − c‖, and 0 off the region.
+        expected = np.zeros(SHAPE)
+        expected[region] = weights.T @ offset / np.linalg.norm(offset)
+        expected *= x - 0.25
+        np.testing.assert_allclose(attribution[n, 0], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_x_input_restores_the_model_training_mode():
+    model = RegionModel(planted_region()).train()
+    gradient_x_input(model, random_volumes(1))
+    assert model.training
+
+
+def test_gradient_x_input_of_a_region_model_ranks_that_region_first():
+    model = RegionModel(planted_region())
+    attribution = gradient_x_input(model, random_volumes(4)).mean(0)[0].numpy()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    table = rank_regions(nib.Nifti1Image(attribution, affine), nib.Nifti1Image(octant_atlas(), affine))
+    assert table["index"].iloc[0] == 7
+    assert table["mean_relevance"].iloc[1] == 0
+
+
+def test_occlusion_equals_the_representation_shift_of_each_patch():
+    region = planted_region()
+    model = RegionModel(region)
+    volumes = random_volumes(2, seed=1)
+    effect = occlusion(model, volumes, patch=4, stride=4, batch_size=5).numpy()
+
+    weights = model.weights.numpy().astype(np.float64)
+    assert effect.shape == (2, 1, *SHAPE)
+    for n in range(2):
+        x = volumes[n, 0].numpy().astype(np.float64)
+        for corner in np.ndindex(3, 3, 3):
+            cube = tuple(slice(4 * c, 4 * c + 4) for c in corner)
+            occluded = x.copy()
+            occluded[cube] = 0.0
+            expected = np.linalg.norm(weights @ (occluded[region] - x[region]))
+            np.testing.assert_allclose(effect[n, 0][cube], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_occlusion_with_overlapping_patches_ranks_the_planted_region_first_like_gradients():
+    model = RegionModel(planted_region())
+    volumes = random_volumes(2, seed=2)
+    baseline = volumes.mean(0)
+    effect = occlusion(model, volumes, patch=3, stride=1, baseline=baseline, batch_size=64).mean(0)[0].numpy()
+    affine = np.eye(4)
+    atlas = nib.Nifti1Image(octant_atlas(), affine)
+    by_occlusion = rank_regions(nib.Nifti1Image(effect, affine), atlas)
+    by_gradient = rank_regions(
+        nib.Nifti1Image(gradient_x_input(model, volumes, baseline=baseline).mean(0)[0].numpy(), affine), atlas
+    )
+    assert by_occlusion["index"].iloc[0] == by_gradient["index"].iloc[0] == 7
+    assert effect[planted_region()].min() > 0
+
+
+# ---------------------------------------------------------------------------------------------- regions
+
+
+def test_rank_regions_orders_by_mean_relevance_with_names_and_shares():
+    values = np.zeros(SHAPE)
+    atlas = octant_atlas()
+    values[atlas == 3] = 2.0
+    values[atlas == 5] = -5.0  # a negative map value is relevant too (|map|)
+    values[(atlas == 1)] = 0.5
+    names = pd.DataFrame({"index": np.arange(1, 9), "name": [f"region {k}" for k in range(1, 9)]})
+    table = rank_regions(nib.Nifti1Image(values, np.eye(4)), nib.Nifti1Image(atlas, np.eye(4)), names)
+    assert table["name"].tolist()[:3] == ["region 5", "region 3", "region 1"]
+    assert table["rank"].tolist() == list(range(1, 9))
+    np.testing.assert_allclose(table["share"].iloc[:3], [5 / 7.5, 2 / 7.5, 0.5 / 7.5])
+    assert (table["n_voxels"] == 216).all()
+
+
+def test_rank_regions_resamples_an_atlas_on_another_grid():
+    values = np.zeros(SHAPE)
+    values[planted_region()] = 1.0
+    fine_atlas = np.repeat(np.repeat(np.repeat(octant_atlas(), 2, 0), 2, 1), 2, 2)
+    fine_affine = np.diag([0.5, 0.5, 0.5, 1.0])
+    fine_affine[:3, 3] = -0.25  # voxel centres of the 2x finer grid covering the same field of view
+    table = rank_regions(nib.Nifti1Image(values, np.eye(4)), nib.Nifti1Image(fine_atlas, fine_affine))
+    assert table["index"].iloc[0] == 7
+    assert table["n_voxels"].sum() == np.prod(SHAPE)
+
+
+def test_rank_regions_names_the_atlas_labels_without_a_name():
+    names = pd.DataFrame({"index": [1, 2, 3], "name": ["a", "b", "c"]})
+    with pytest.raises(ConfigError, match=r"\[4, 5, 6, 7, 8\]"):
+        rank_regions(nib.Nifti1Image(np.ones(SHAPE), np.eye(4)), nib.Nifti1Image(octant_atlas(), np.eye(4)), names)
+
+
+def test_coarse_parcellation_tiles_the_mask_with_compact_numbered_parcels():
+    mask = np.zeros((16, 16, 16), dtype=bool)
+    mask[2:14, 3:13, 4:12] = True
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -16.0
+    labels, names = coarse_parcellation(mask, affine, n_regions=6, seed=0)
+    assert set(np.unique(labels[mask])) == set(range(1, 7))
+    assert (labels[~mask] == 0).all()
+    assert names["index"].tolist() == list(range(1, 7))
+    # Each named centroid is the mean world coordinate of its parcel's voxels; names carry the hemisphere.
+    for _, parcel in names.iterrows():
+        world = np.argwhere(labels == parcel["index"]) * 2.0 - 16.0
+        np.testing.assert_allclose(world.mean(0), parcel[["x", "y", "z"]].to_numpy(float), atol=0.06)
+        assert ("left" in parcel["name"]) == (parcel["x"] < 0)
+    again, _ = coarse_parcellation(mask, affine, n_regions=6, seed=0)
+    np.testing.assert_array_equal(labels, again)
+
+
+# ---------------------------------------------------------------------------------------------- subtypes
+
+
+def planted_clusters(k: int = 3, per_cluster: int = 30, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=6.0, size=(k, 5))
+    truth = np.repeat(np.arange(k), per_cluster)
+    return centres[truth] + rng.normal(size=(len(truth), 5)), truth
+
+
+@pytest.mark.parametrize("method,criterion", [("kmeans", "silhouette"), ("gmm", "bic")])
+def test_subtype_clustering_recovers_planted_clusters_and_their_number(method, criterion):
+    X, truth = planted_clusters()
+    clustering = SubtypeClustering(k_range=(2, 6), method=method, criterion=criterion, n_bootstrap=10).fit(X)
+    assert clustering.n_clusters_ == 3
+    assert adjusted_rand_score(truth, clustering.labels_) > 0.9
+    assert clustering.scores_["k"].tolist() == [2, 3, 4, 5, 6]
+    assert clustering.stability_ > 0.9
+    np.testing.assert_array_equal(clustering.predict(X), clustering.labels_)
+
+
+def test_subtype_clustering_numbers_clusters_by_size_and_is_reproducible():
+    X, _ = planted_clusters(k=2, per_cluster=20)
+    X = np.vstack([X, X[:20] + np.random.default_rng(1).normal(scale=0.1, size=(20, 5))])
+    first = SubtypeClustering(k_range=(2, 3), n_bootstrap=5, random_state=3).fit(X)
+    second = SubtypeClustering(k_range=(2, 3), n_bootstrap=5, random_state=3).fit(X)
+    sizes = np.bincount(first.labels_)
+    assert (np.diff(sizes) <= 0).all()
+    np.testing.assert_array_equal(first.labels_, second.labels_)
+    assert first.stability_ == second.stability_
+
+
+def test_subtype_clustering_bootstrap_stability_is_lower_without_structure():
+    noise = np.random.default_rng(0).normal(size=(90, 5))
+    planted, _ = planted_clusters()
+    unstable = SubtypeClustering(k_range=(3, 3), n_bootstrap=20).fit(noise)
+    stable = SubtypeClustering(k_range=(3, 3), n_bootstrap=20).fit(planted)
+    assert unstable.stability_ < 0.8 < stable.stability_
+
+
+def test_subtype_clustering_rejects_a_k_range_it_cannot_fit():
+    X, _ = planted_clusters(per_cluster=2)
+    with pytest.raises(ConfigError, match=r"k_range = \(2, 6\).*\(6\)"):
+        SubtypeClustering(k_range=(2, 6)).fit(X)
+    with pytest.raises(ConfigError, match="k_min"):
+        SubtypeClustering(k_range=(1, 3), criterion="silhouette").fit(X)
+
+
+def test_match_clusters_pairs_each_subtype_with_its_majority_cluster():
+    truth = np.array([1, 1, 1, 2, 2, 2, 3, 3])
+    clusters = np.array([2, 2, 1, 3, 3, 3, 1, 1])
+    assert match_clusters(clusters, truth) == {1: 2, 2: 3, 3: 1}
+
+
+def test_maps_config_checks_the_k_range():
+    with pytest.raises(ValidationError, match="k_min"):
+        MapsConfig(k_min=5, k_max=3)
+    with pytest.raises(ValidationError, match="silhouette"):
+        MapsConfig(k_min=1)
+    assert MapsConfig(k_min=1, criterion="bic").k_min == 1
+
+
+# ---------------------------------------------------------------------------------------------- associations
+
+
+def test_cluster_associations_detect_planted_associations_with_reference_statistics():
+    rng = np.random.default_rng(0)
+    clusters = np.repeat([1, 2, 3], 40)
+    attributes = pd.DataFrame(
+        {
+            "sex": np.where(rng.random(120) < np.where(clusters == 1, 0.9, 0.2), "F", "M"),
+            "site": rng.choice(["a", "b"], size=120),
+            "severity": clusters * 1.0 + rng.normal(scale=0.5, size=120),
+            "age": rng.normal(50, 10, size=120),
+        }
+    )
+    attributes.loc[[0, 5], "age"] = np.nan
+    kinds = {"sex": "categorical", "site": "categorical", "severity": "continuous", "age": "continuous"}
+    table = cluster_associations(clusters, attributes, kinds, continuous_test="anova").set_index("attribute")
+
+    observed = pd.crosstab(clusters, attributes["sex"]).to_numpy().astype(float)
+    expected = observed.sum(1, keepdims=True) * observed.sum(0, keepdims=True) / observed.sum()
+    chi2 = ((observed - expected) ** 2 / expected).sum()
+    assert table.loc["sex", "statistic"] == pytest.approx(chi2)
+    assert table.loc["sex", "effect_size"] == pytest.approx(np.sqrt(chi2 / (120 * 1)))
+
+    severity = attributes["severity"].to_numpy()
+    between = sum(40 * (severity[clusters == c].mean() - severity.mean()) ** 2 for c in (1, 2, 3))
+    assert table.loc["severity", "effect_size"] == pytest.approx(between / ((severity - severity.mean()) ** 2).sum())
+    assert table.loc["age", "n"] == 118
+
+    assert table.loc["sex", "p_fdr"] < 1e-6 and table.loc["severity", "p_fdr"] < 1e-6
+    assert table.loc["site", "p_fdr"] > 0.05 and table.loc["age", "p_fdr"] > 0.05
+    assert (table["p_fdr"] >= table["p_value"]).all()
+
+
+def test_cluster_associations_kruskal_effect_size_is_eta_squared_h():
+    rng = np.random.default_rng(1)
+    clusters = np.repeat([1, 2], 25)
+    values = pd.DataFrame({"score": clusters + rng.normal(size=50)})
+    row = cluster_associations(clusters, values, {"score": "continuous"}).iloc[0]
+    h = stats.kruskal(values["score"][clusters == 1], values["score"][clusters == 2]).statistic
+    assert row["test"] == "kruskal_wallis"
+    assert row["effect_size"] == pytest.approx((h - 2 + 1) / (50 - 2))
+
+
+def test_fdr_bh_matches_a_plain_step_up_procedure_and_skips_missing():
+    p = np.array([0.01, 0.04, np.nan, 0.03, 0.2, 0.001])
+    finite = p[~np.isnan(p)]
+    m = len(finite)
+    order = np.argsort(finite)
+    reference = np.empty(m)
+    running = 1.0
+    for rank in range(m, 0, -1):  # step-up: q_(i) = min_{j >= i} p_(j) m / j
+        running = min(running, finite[order[rank - 1]] * m / rank)
+        reference[order[rank - 1]] = running
+    adjusted = fdr_bh(p)
+    assert np.isnan(adjusted[2])
+    np.testing.assert_allclose(adjusted[~np.isnan(p)], reference)
+
+
+# ---------------------------------------------------------------------------------------------- ground truth
+
+
+def test_map_auc_matches_sklearn_with_ties_inside_the_brain_mask():
+    rng = np.random.default_rng(0)
+    values = np.round(rng.normal(size=SHAPE), 1)  # rounding creates ties
+    true_mask = rng.random(SHAPE) < 0.2
+    values[true_mask] += 0.8
+    brain = np.zeros(SHAPE, dtype=bool)
+    brain[1:11, 2:10, 1:11] = True
+    expected = roc_auc_score(true_mask[brain], values[brain])
+    assert map_auc(values, true_mask, brain) == pytest.approx(expected)
+    assert map_auc(values, true_mask) == pytest.approx(roc_auc_score(true_mask.ravel(), values.ravel()))
+
+
+def test_map_auc_refuses_a_mask_without_positives():
+    with pytest.raises(ConfigError, match="0 voxels"):
+        map_auc(np.ones(SHAPE), np.zeros(SHAPE, dtype=bool))
+
+
+# ---------------------------------------------------------------------------------------------- the maps stage
+
+
+class SubtypeRegionModel(torch.nn.Module):
+    """Test fixture: salient_rep[k] = mean intensity inside true subtype k's region (the ideal salient encoder)."""
+
+    def __init__(self, masks: dict[int, np.ndarray]):
+        super().__init__()
+        stacked = np.stack([masks[k] / masks[k].sum() for k in sorted(masks)]).astype(np.float32)
+        self.register_buffer("readout", torch.as_tensor(stacked))
+
+    def forward(self, x: torch.Tensor) -> dict:
+        salient = torch.einsum("bxyz,kxyz->bk", x[:, 0], self.readout)
+        return {"salient_rep": salient, "common_rep": x.flatten(1).mean(1, keepdim=True)}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_cohort, tmp_path_factory):
+    """The tiny cohort's store, an ideal salient model, and embeddings that plant the true subtypes."""
+    from neurocl.cohort import Cohort
+    from neurocl.maps import load_ground_truth
+    from neurocl.store import PreprocessConfig, VolumeStore
+
+    cohort = Cohort.from_yaml(tiny_cohort)
+    store = VolumeStore.build(cohort, tmp_path_factory.mktemp("store"), PreprocessConfig(), workers=1, progress=False)
+    truth, masks = load_ground_truth(tiny_cohort.parent, store)
+    subtype = cohort.table[["participant_id"]].merge(truth, on="participant_id")["subtype"].to_numpy()
+    rng = np.random.default_rng(0)
+    salient = 4.0 * np.eye(3)[subtype] + rng.normal(scale=0.3, size=(len(subtype), 3))
+    embeddings = pd.DataFrame(
+        {
+            "participant_id": cohort.table["participant_id"],
+            "split": "train",
+            "group": np.where(cohort.is_target, "target", "background"),
+            **{f"salient_{d}": salient[:, d] for d in range(3)},
+        }
+    )
+    return cohort, store, SubtypeRegionModel(masks), embeddings, masks
+
+
+def test_analyse_salient_writes_maps_on_the_store_grid_and_recovers_planted_subtypes(tiny_run, tiny_cohort, tmp_path):
+    from neurocl.maps import analyse_salient
+
+    cohort, store, model, embeddings, masks = tiny_run
+    config = MapsConfig(k_min=2, k_max=3, n_bootstrap=5, n_regions=12, occlusion_stride_mm=16.0,
+                        occlusion_max_subjects=3, plots=False)
+    result = analyse_salient(model, store, cohort, embeddings, tmp_path, config, ground_truth=tiny_cohort.parent)
+
+    index = pd.read_csv(tmp_path / "index.tsv", sep="\t")
+    assert sorted(index["map"]) == sorted(
+        f"{method}_{group}" for method in ("gradient_x_input", "occlusion") for group in ("all", "cluster-1", "cluster-2")
+    )
+    for name in index["map"]:
+        image = nib.load(tmp_path / f"{name}.nii.gz")
+        assert image.shape == store.spatial_shape
+        np.testing.assert_allclose(image.affine, store.affine)
+        assert (np.asarray(image.dataobj)[~store.mask] == 0).all()
+        assert (tmp_path / f"regions_{name}.tsv").is_file()
+
+    clusters = pd.read_csv(tmp_path / "clusters.tsv", sep="\t")
+    assert len(clusters) == int(cohort.is_target.sum()) and set(clusters["cluster"]) == {1, 2}
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert result["n_clusters"] == 2 and evaluation["ari"] == 1.0
+    for row in evaluation["map_auc"]:
+        assert row["auc_cluster_map"] > 0.9, row
+    subtypes = json.loads((tmp_path / "subtypes.json").read_text())
+    assert [row["k"] for row in subtypes["scores"]] == [2, 3]
+    associations = pd.read_csv(tmp_path / "associations.tsv", sep="\t")
+    assert set(associations["attribute"]) == set(cohort.attribute_kinds)
