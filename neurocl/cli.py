@@ -71,6 +71,7 @@ def synth(
     sex_effect: float = typer.Option(1.0, help="Strength of the sex (head size) effect."),
     site_effect: float = typer.Option(1.0, help="Strength of site effects (scale, smoothness, noise)."),
     subtype_effect: float = typer.Option(1.0, help="Strength of the subtype-specific GM loss in patients."),
+    deformation: float = typer.Option(1.0, help="Strength of the individual smooth deformation (1 = 1-3 mm)."),
     seed: int = typer.Option(0, help="Random seed: same seed, same cohort."),
 ) -> None:
     """Generate a synthetic cohort with known ground truth, offline.
@@ -79,7 +80,7 @@ def synth(
     """
     from neurocl.synth import SynthConfig, make_synthetic_cohort
 
-    config = SynthConfig(
+    config = SynthConfig.from_options(
         n_subjects=n_subjects,
         patient_fraction=patient_fraction,
         subtypes=subtypes,
@@ -90,6 +91,7 @@ def synth(
         sex_effect=sex_effect,
         site_effect=site_effect,
         subtype_effect=subtype_effect,
+        deformation=deformation,
         seed=seed,
     )
     spec_path = make_synthetic_cohort(out_dir, config, progress=True)
@@ -200,14 +202,21 @@ def maps(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     atlas: Optional[Path] = typer.Option(None, help="Atlas labels NIfTI (with a names TSV beside it: index, name)."),
     atlas_names: Optional[Path] = typer.Option(None, help="Atlas names TSV (index, name)."),
+    ground_truth: Optional[Path] = typer.Option(
+        None,
+        "--ground-truth",
+        help="Synthetic cohort folder (ground_truth.tsv, masks/) to score maps and subtypes against "
+        "(default: the cohort YAML's folder when it holds ground_truth.tsv).",
+    ),
 ) -> None:
-    """Salient-space brain maps, ranked regions and patient subtypes.
+    """Salient-space brain maps, ranked regions and patient subtypes, written to RUN_DIR/maps/.
 
-    Example: neurocl maps runs/demo
+    Example: neurocl maps runs/demo --atlas atlas.nii.gz --atlas-names atlas.tsv
     """
     from neurocl.maps import run_maps
 
-    run_maps(run_dir, atlas=atlas, atlas_names=atlas_names)
+    out = run_maps(run_dir, atlas=atlas, atlas_names=atlas_names, ground_truth=ground_truth)
+    console.print(f"wrote maps, regions and subtypes: [bold]{out}[/]")
 
 
 def _run() -> None:  # pragma: no cover - entry point for ``python -m neurocl``

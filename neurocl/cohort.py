@@ -173,7 +173,13 @@ def _read_participants(path: Path) -> pd.DataFrame:
     """
     try:
         table = pd.read_csv(
-            path, sep="\t", dtype=str, na_values=MISSING_VALUES, keep_default_na=False, skip_blank_lines=False
+            path,
+            sep="\t",
+            dtype=str,
+            na_values=MISSING_VALUES,
+            keep_default_na=False,
+            skip_blank_lines=False,
+            encoding="utf-8-sig",  # spreadsheet exports often start with a byte-order mark
         )
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
         raise CohortError(f"{path}: cannot read participants table ({error})") from None
@@ -181,6 +187,20 @@ def _read_participants(path: Path) -> pd.DataFrame:
     table = table.apply(lambda column: column.str.strip())
     table["row"] = np.arange(len(table)) + 2
     return table.dropna(how="all", subset=[c for c in table.columns if c != "row"]).reset_index(drop=True)
+
+
+def _cell_text(value: Any) -> str | float:
+    """A DataFrame cell as participants.tsv would hold it: text, NaN when missing.
+
+    Integral floats lose their ".0" (a site column [1, 2, NaN] is float in pandas, but its
+    categories are "1" and "2", as in a TSV).
+    """
+    if pd.isna(value):
+        return np.nan
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return np.nan if text in MISSING_VALUES else text
 
 
 def _load_yaml(path: Path) -> dict:
@@ -226,7 +246,9 @@ class Cohort:
         ("background" | "target" | NaN), each attribute (float for continuous, str for
         categorical, NaN when missing), ``image`` (absolute path) and ``row`` (TSV line).
     source : str
-        Where the cohort came from (the YAML or participants path), used in messages.
+        Where the cohort came from, used in messages: the YAML path, or ``cohort 'NAME'``.
+    categories : dict
+        Sorted categories of each categorical attribute (kept by :meth:`select`).
     """
 
     def __init__(
@@ -284,8 +306,7 @@ class Cohort:
             raw = _read_participants(participants_path)
             table_name = str(participants_path)
         else:
-            raw = frame.astype(object).where(frame.notna(), np.nan).map(lambda v: v if pd.isna(v) else str(v).strip())
-            raw = raw.replace({value: np.nan for value in MISSING_VALUES})
+            raw = frame.astype(object).map(_cell_text).reset_index(drop=True)
             raw["row"] = np.arange(len(raw)) + 2
             table_name = "the participants DataFrame"
         self._root = (base_dir / spec.root).resolve()
@@ -323,7 +344,10 @@ class Cohort:
         table["group"] = raw[spec.group.column].map(groups).astype(object)
         for attribute, kind in spec.attributes.items():
             values = raw[attribute]
-            table[attribute] = pd.to_numeric(values, errors="coerce").astype(float) if kind == "continuous" else values.astype(object)
+            if kind == "continuous":
+                table[attribute] = pd.to_numeric(values, errors="coerce").astype(float)
+            else:
+                table[attribute] = values.astype(object)
         table["image"] = [self._image_path(record) for record in table.to_dict("records")]
         table["row"] = raw["row"].astype(int).to_numpy()
         return table.reset_index(drop=True)
@@ -455,34 +479,40 @@ class Cohort:
             raise CohortError("\n".join(lines))
 
     def _table_problems(self) -> list[Problem]:
-        spec, table = self.spec, self.table
+        spec = self.spec
         problems: list[Problem] = []
         first_line: dict[tuple, int] = {}
-        for position, record in enumerate(table.to_dict("records")):
+        for position, record in enumerate(self.table.to_dict("records")):
             pid = None if pd.isna(record["participant_id"]) else record["participant_id"]
-            add = lambda text: problems.append(Problem(record["row"], pid, text))  # noqa: E731
-            if pid is None:
-                add("participant_id is missing")
-            if spec.uses_sessions and pd.isna(record.get("session_id")):
-                add("session_id is missing (the images template needs it)")
             key = tuple("n/a" if pd.isna(record.get(c)) else record.get(c) for c in self._key_columns())
             if pid is not None and key in first_line:
-                add(f"duplicate of line {first_line[key]} ({', '.join(key)})")
+                problems.append(Problem(record["row"], pid, f"duplicate of line {first_line[key]} ({', '.join(key)})"))
             first_line.setdefault(key, record["row"])
-            if pd.isna(record["group"]):
-                problems.append(Problem(record["row"], pid, self._group_problem(position)))
-            for attribute in spec.required or []:
-                if pd.isna(self._written.at[position, attribute]):
-                    add(f"required attribute '{attribute}' is missing")
-            for attribute, kind in spec.attributes.items():
-                written = self._written.at[position, attribute]
-                if kind == "continuous" and not pd.isna(written) and not np.isfinite(record[attribute]):
-                    add(f"{attribute} {written!r} is not a finite number (continuous attribute)")
-        counts = table["group"].value_counts()
+            problems += [Problem(record["row"], pid, text) for text in self._row_problems(position, record)]
+        counts = self.table["group"].value_counts()
         for group, values in (("background", spec.group.background), ("target", spec.group.target)):
             if counts.get(group, 0) == 0:
                 problems.append(Problem(None, None, f"{group} group is empty (no row has {spec.group.column} in {values})"))
         return problems
+
+    def _row_problems(self, position: int, record: dict) -> list[str]:
+        """Problems of one row that need no other row: ids, group, attributes."""
+        spec = self.spec
+        found = []
+        if pd.isna(record["participant_id"]):
+            found.append("participant_id is missing")
+        if spec.uses_sessions and pd.isna(record.get("session_id")):
+            found.append("session_id is missing (the images template needs it)")
+        if pd.isna(record["group"]):
+            found.append(self._group_problem(position))
+        for attribute in spec.required or []:
+            if pd.isna(self._written.at[position, attribute]):
+                found.append(f"required attribute '{attribute}' is missing")
+        for attribute, kind in spec.attributes.items():
+            written = self._written.at[position, attribute]
+            if kind == "continuous" and not pd.isna(written) and not np.isfinite(record[attribute]):
+                found.append(f"{attribute} {written!r} is not a finite number (continuous attribute)")
+        return found
 
     def _group_problem(self, position: int) -> str:
         group = self.spec.group
@@ -687,21 +717,26 @@ class Splits:
             if bad.any():
                 first = bad.idxmax()
                 raise CohortError(
-                    f"{source}: line {lines[first]}: unknown split {table.at[first, 'split']!r} (allowed: {', '.join(SPLIT_NAMES)})"
+                    f"{source}: line {lines[first]}: unknown split {table.at[first, 'split']!r} "
+                    f"(allowed: {', '.join(SPLIT_NAMES)})"
                 )
         else:
             folds = pd.to_numeric(table["fold"], errors="coerce")
             bad = folds.isna() | (folds < 0) | (folds != folds.round())
             if bad.any():
                 first = bad.idxmax()
-                raise CohortError(f"{source}: line {lines[first]}: fold {table.at[first, 'fold']!r} is not a non-negative integer")
+                raise CohortError(
+                    f"{source}: line {lines[first]}: fold {table.at[first, 'fold']!r} is not a non-negative integer"
+                )
             table["fold"] = folds.astype(int)
         per_subject = table.groupby("participant_id", sort=False)[column].nunique()
         split_subjects = per_subject[per_subject > 1]
         if len(split_subjects):
             pid = split_subjects.index[0]
             values = sorted(map(str, table.loc[table["participant_id"] == pid, column].unique()))
-            raise CohortError(f"{source}: participant {pid} appears in several {column}s ({', '.join(values)}); a subject belongs to one")
+            raise CohortError(
+                f"{source}: participant {pid} appears in several {column}s ({', '.join(values)}); a subject belongs to one"
+            )
         return table
 
     def _labels(self, cohort: Cohort) -> pd.Series:
@@ -709,7 +744,10 @@ class Splits:
         labels = cohort.table["participant_id"].map(by_subject)
         if labels.isna().any():
             absent = sorted(cohort.table.loc[labels.isna(), "participant_id"].astype(str).unique())
-            raise CohortError(f"{self.source}: {len(absent)} participant(s) of cohort {cohort.name!r} are not in the split manifest: {_preview(absent)}")
+            raise CohortError(
+                f"{self.source}: {len(absent)} participant(s) of cohort {cohort.name!r} are not in the split manifest: "
+                f"{_preview(absent)}"
+            )
         return labels
 
     def rows(self, cohort: Cohort, split: str | int) -> np.ndarray:
@@ -857,10 +895,14 @@ def _site_folds(cohort: Cohort, subjects: pd.DataFrame, site_column: str) -> np.
     sites_per_subject = cohort.table.groupby("participant_id", sort=False)[site_column].nunique(dropna=False)
     multi = sites_per_subject[sites_per_subject > 1]
     if len(multi):
-        raise CohortError(f"{cohort.source}: participant(s) {_preview(list(multi.index))} have sessions at several sites; leave-site-out needs one site per subject")
+        raise CohortError(
+            f"{cohort.source}: participant(s) {_preview(list(multi.index))} have sessions at several sites; "
+            "leave-site-out needs one site per subject"
+        )
     missing = subjects[site_column].isna()
     if missing.any():
-        raise CohortError(f"{cohort.source}: {site_column} is missing for {_preview(subjects.loc[missing, 'participant_id'].tolist())}; leave-site-out needs every subject's site")
+        absent = _preview(subjects.loc[missing, "participant_id"].tolist())
+        raise CohortError(f"{cohort.source}: {site_column} is missing for {absent}; leave-site-out needs every subject's site")
     sites = sorted(subjects[site_column].unique())
     if len(sites) < 2:
         raise ConfigError(f"leave-site-out needs at least 2 values of {site_column!r}, cohort {cohort.name!r} has {sites}")

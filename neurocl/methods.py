@@ -322,6 +322,9 @@ class BaseMethod(L.LightningModule):
         )
         self.net = self.build_net()
         self.data = data
+        # The training store's grid, mask and preprocessing; saved with every checkpoint so that
+        # new subjects can be embedded on the same grid (see pipeline.embed_cohort).
+        self.grid: dict | None = None
         self._train_batches: EpochBatches | None = None
 
     # -- what a method defines -------------------------------------------------------
@@ -359,6 +362,10 @@ class BaseMethod(L.LightningModule):
             sigma=sigma,
             combine=self.method_config.kernel_combine,
         )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.grid is not None:
+            checkpoint["neurocl_grid"] = self.grid
 
     def on_fit_start(self) -> None:
         self.data.store.to(self.device)
@@ -434,7 +441,10 @@ class BaseMethod(L.LightningModule):
         else:
             optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
             optimizer = optimizer_class(parameters, lr=config.lr, weight_decay=config.weight_decay)
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        # Not trainer.estimated_stepping_batches: it builds the train loader before a resumed run
+        # restores the loader's state, so the resumed epoch would restart from its first batch.
+        steps_per_epoch = len(self._batches(self.data.train_indices, self.data.batch_size, shuffle=True))
+        total_steps = max(self.trainer.max_epochs * steps_per_epoch, 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _lr_factor(total_steps, min(config.warmup_steps, total_steps // 2), config.schedule)
         )

@@ -111,6 +111,7 @@ def test_occlusion_equals_the_representation_shift_of_each_patch():
     region = planted_region()
     model = RegionModel(region)
     volumes = random_volumes(2, seed=1)
+    volumes[1, :, :, :6] = 0.0  # patches equal to the (zero) reference are skipped: their effect must still be exact
     effect = occlusion(model, volumes, patch=4, stride=4, batch_size=5).numpy()
 
     weights = model.weights.numpy().astype(np.float64)
@@ -402,3 +403,58 @@ def test_analyse_salient_writes_maps_on_the_store_grid_and_recovers_planted_subt
     assert [row["k"] for row in subtypes["scores"]] == [2, 3]
     associations = pd.read_csv(tmp_path / "associations.tsv", sep="\t")
     assert set(associations["attribute"]) == set(cohort.attribute_kinds)
+
+
+def test_analyse_salient_ranks_each_subtype_region_first_in_a_user_atlas(tiny_run, tiny_cohort, tmp_path):
+    from neurocl.maps import analyse_salient
+
+    cohort, store, model, embeddings, _ = tiny_run
+    # An atlas on the source (uncropped) grid: label k = subtype k's true region; the store grid is cropped.
+    source_masks = [nib.load(tiny_cohort.parent / "masks" / f"subtype-{k}_mask.nii.gz") for k in (1, 2)]
+    labels = np.zeros(source_masks[0].shape, dtype=np.int16)
+    for k, mask in enumerate(source_masks, start=1):
+        labels[np.asarray(mask.dataobj) > 0] = k
+    nib.save(nib.Nifti1Image(labels, source_masks[0].affine), tmp_path / "atlas.nii.gz")
+    pd.DataFrame({"index": [1, 2], "name": ["region one", "region two"]}).to_csv(
+        tmp_path / "atlas.tsv", sep="\t", index=False
+    )
+    config = MapsConfig(k_min=2, k_max=2, n_bootstrap=0, methods=["gradient_x_input"], plots=False,
+                        atlas=tmp_path / "atlas.nii.gz")
+    result = analyse_salient(model, store, cohort, embeddings, tmp_path / "maps", config, ground_truth=tiny_cohort.parent)
+    for subtype, name in ((1, "region one"), (2, "region two")):
+        cluster = result["evaluation"]["matching"][str(subtype)]
+        regions = pd.read_csv(tmp_path / "maps" / f"regions_gradient_x_input_cluster-{cluster}.tsv", sep="\t")
+        assert regions["name"].iloc[0] == name
+
+
+def test_analyse_salient_names_a_missing_atlas_names_table(tiny_run, tmp_path):
+    from neurocl.maps import analyse_salient
+
+    cohort, store, model, embeddings, _ = tiny_run
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), dtype=np.int16), np.eye(4)), tmp_path / "atlas.nii.gz")
+    config = MapsConfig(k_min=2, k_max=2, n_bootstrap=0, methods=["gradient_x_input"], plots=False,
+                        atlas=tmp_path / "atlas.nii.gz")
+    with pytest.raises(ConfigError, match="atlas.tsv"):
+        analyse_salient(model, store, cohort, embeddings, tmp_path / "maps", config)
+    assert not (tmp_path / "maps").exists()
+
+
+def test_analyse_salient_refuses_embeddings_without_a_salient_space(tiny_run, tmp_path):
+    from neurocl.maps import analyse_salient
+
+    cohort, store, model, embeddings, _ = tiny_run
+    single_space = embeddings.rename(columns=lambda c: c.replace("salient_", "emb_"))
+    with pytest.raises(ConfigError, match="no salient_\\* columns"):
+        analyse_salient(model, store, cohort, single_space, tmp_path, MapsConfig(plots=False))
+
+
+def test_read_atlas_names_reports_the_file_line_and_bad_index(tmp_path):
+    from neurocl.maps import read_atlas_names
+
+    path = tmp_path / "names.tsv"
+    path.write_text("index\tname\n1\thippocampus\ntwo\tamygdala\n")
+    with pytest.raises(ConfigError, match=r"names.tsv, line 3: index 'two'"):
+        read_atlas_names(path)
+    path.write_text("index\tname\n1\thippocampus\n1\tamygdala\n")
+    with pytest.raises(ConfigError, match="index 1 appears more than once"):
+        read_atlas_names(path)

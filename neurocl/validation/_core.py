@@ -66,12 +66,17 @@ def _well_conditioned_matrix(rows: int, cols: int, rng: np.random.Generator, poo
             return matrix
 
 
-def mlp_encoder(in_dim: int, hidden: Sequence[int], out_dim: int, negative_slope: float = 0.2) -> nn.Sequential:
-    """Trainable MLP ``in_dim -> hidden... -> out_dim`` with leaky-ReLU between layers (none at the output)."""
+def mlp_encoder(
+    in_dim: int, hidden: Sequence[int], out_dim: int, negative_slope: float = 0.2, bias: bool = True
+) -> nn.Sequential:
+    """Trainable MLP ``in_dim -> hidden... -> out_dim`` with leaky-ReLU between layers (none at the output).
+
+    Without ``bias`` the MLP is positively homogeneous, f(λx) = λ f(x) for λ > 0.
+    """
     widths = [in_dim, *hidden, out_dim]
     layers: list[nn.Module] = []
     for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(width_in, width_out))
+        layers.append(nn.Linear(width_in, width_out, bias=bias))
         if index < len(widths) - 2:
             layers.append(nn.LeakyReLU(negative_slope))
     return nn.Sequential(*layers)

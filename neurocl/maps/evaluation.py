@@ -1,0 +1,158 @@
+"""Scores against ground truth (synthetic cohorts): map AUC against true masks, clusters against
+true subtypes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from neurocl.errors import ConfigError
+from neurocl.io import read_tsv
+from neurocl.maps.regions import _as_image
+
+
+def map_auc(map_values, true_mask, brain_mask=None) -> float:
+    """ROC-AUC of a map's voxel values as a detector of a true region.
+
+    AUC = P(v_in > v_out) + ½ P(v_in = v_out) over voxels in and out of the true mask (inside the
+    brain mask), computed from ranks as the Mann-Whitney U statistic, U / (n_in · n_out).
+
+    Parameters
+    ----------
+    map_values : array-like
+        (*S) scores (e.g. relevance |map|).
+    true_mask : array-like
+        (*S) boolean true region.
+    brain_mask : array-like, optional
+        (*S) boolean; voxels outside are ignored. None: all voxels.
+
+    Returns
+    -------
+    float
+        AUC in [0, 1]; 0.5 is chance.
+    """
+    from scipy.stats import rankdata
+
+    map_values = np.asarray(map_values, dtype=np.float64)
+    true_mask = np.asarray(true_mask, dtype=bool)
+    if map_values.shape != true_mask.shape:
+        raise ConfigError(f"map shape {map_values.shape} differs from the true mask's {true_mask.shape}")
+    inside = np.ones(map_values.shape, dtype=bool) if brain_mask is None else np.asarray(brain_mask, dtype=bool)
+    scores, positive = map_values[inside], true_mask[inside]
+    n_in, n_out = int(positive.sum()), int((~positive).sum())
+    if n_in == 0 or n_out == 0:
+        raise ConfigError(f"map_auc: the true mask has {n_in} voxels inside the brain mask and {n_out} outside")
+    ranks = rankdata(scores)
+    u_statistic = ranks[positive].sum() - n_in * (n_in + 1) / 2
+    return float(u_statistic / (n_in * n_out))
+
+
+def match_clusters(clusters, subtypes) -> dict[int, int]:
+    """Map each true subtype to the found cluster that overlaps it most, one-to-one (Hungarian algorithm)."""
+    from scipy.optimize import linear_sum_assignment
+
+    clusters, subtypes = np.asarray(clusters), np.asarray(subtypes)
+    found, true = np.unique(clusters), np.unique(subtypes)
+    overlap = np.array([[np.sum((subtypes == t) & (clusters == c)) for c in found] for t in true])
+    rows, cols = linear_sum_assignment(-overlap)
+    return {int(true[r]): int(found[c]) for r, c in zip(rows, cols)}
+
+
+def load_ground_truth(folder: str | Path, store) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
+    """A synthetic cohort's ``ground_truth.tsv`` and its subtype masks resampled onto the store grid.
+
+    Masks (``masks/subtype-K_mask.nii.gz`` on the source grid) are resampled with
+    nearest-neighbour interpolation; a voxel is in subtype K's region when the mask is > 0.
+    """
+    from nilearn.image import resample_to_img
+
+    folder = Path(folder)
+    table = read_tsv(folder / "ground_truth.tsv")
+    if "subtype" not in table.columns:
+        raise ConfigError(f"{folder / 'ground_truth.tsv'}: no subtype column (has {list(table.columns)})")
+    grid = store.to_nifti(np.zeros(store.spatial_shape, dtype=np.float32))
+    masks = {}
+    for subtype in sorted(int(k) for k in table["subtype"].dropna().unique() if k > 0):
+        path = folder / "masks" / f"subtype-{subtype}_mask.nii.gz"
+        if not path.is_file():
+            raise ConfigError(f"{folder / 'ground_truth.tsv'} has subtype {subtype} but {path} does not exist")
+        resampled = resample_to_img(
+            _as_image(path), grid, interpolation="nearest", force_resample=True, copy_header=True
+        )
+        masks[subtype] = np.asarray(resampled.dataobj) > 0
+    return table, masks
+
+
+def find_ground_truth(cohort) -> Path | None:
+    """The synthetic cohort folder (``ground_truth.tsv`` beside the cohort YAML), if there is one."""
+    source = Path(str(getattr(cohort, "source", "")))
+    if source.suffix in (".yaml", ".yml") and (source.parent / "ground_truth.tsv").is_file():
+        return source.parent
+    return None
+
+
+def evaluate_subtypes(clusters, truth, true_masks: dict[int, np.ndarray], group_maps: dict, brain_mask) -> dict:
+    """Adjusted Rand index of clusters vs true subtypes, and AUC of each subtype's maps against its true mask.
+
+    Clusters are matched one-to-one to true subtypes (:func:`match_clusters`). For each method
+    and subtype, ``auc_cluster_map`` scores the relevance |map| of the matched cluster's map
+    (what a user without ground truth sees) and ``auc_subtype_map`` that of the map averaged
+    over the subjects truly in the subtype (the attribution method alone, clustering errors
+    aside). ARI counts patients only (controls are not clustered).
+
+    Parameters
+    ----------
+    clusters, truth : array-like
+        (n,) found cluster and true subtype (0 for controls) of each analysed target subject.
+    true_masks : dict
+        Subtype -> (*S) boolean true region.
+    group_maps : dict
+        Method -> {group -> (*S) mean map}, groups named ``cluster-<c>`` and ``true-subtype-<k>``.
+    brain_mask : array-like
+        (*S) boolean; AUCs count voxels inside it.
+
+    Returns
+    -------
+    dict
+        ari, n_true_subtypes, n_clusters, matching {subtype: cluster}, map_auc (one row per method
+        and subtype), summary {method: mean_auc_cluster_map, mean_auc_subtype_map}.
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    clusters, truth = np.asarray(clusters), np.asarray(truth)
+    patients = truth > 0
+    matching = match_clusters(clusters[patients], truth[patients])
+
+    def auc(maps: dict, group: str, true_mask: np.ndarray) -> float | None:
+        return map_auc(np.abs(maps[group]), true_mask, brain_mask) if group in maps else None
+
+    rows = [
+        {
+            "method": method,
+            "subtype": subtype,
+            "cluster": matching.get(subtype),
+            "n_mask_voxels": int((true_mask & np.asarray(brain_mask, dtype=bool)).sum()),
+            "auc_cluster_map": auc(maps, f"cluster-{matching.get(subtype)}", true_mask),
+            "auc_subtype_map": auc(maps, f"true-subtype-{subtype}", true_mask),
+        }
+        for method, maps in group_maps.items()
+        for subtype, true_mask in true_masks.items()
+    ]
+    table = pd.DataFrame(rows, columns=["method", "subtype", "cluster", "n_mask_voxels", "auc_cluster_map", "auc_subtype_map"])
+    summary = {
+        method: {
+            "mean_auc_cluster_map": float(part["auc_cluster_map"].astype(float).mean()),
+            "mean_auc_subtype_map": float(part["auc_subtype_map"].astype(float).mean()),
+        }
+        for method, part in table.groupby("method", sort=False)
+    }
+    return {
+        "ari": float(adjusted_rand_score(truth[patients], clusters[patients])),
+        "n_true_subtypes": len(true_masks),
+        "n_clusters": int(len(np.unique(clusters))),
+        "matching": {str(subtype): cluster for subtype, cluster in matching.items()},
+        "map_auc": table.to_dict(orient="records"),
+        "summary": summary,
+    }

@@ -1,0 +1,408 @@
+"""The maps stage of a run: maps, regions, subtypes and their evaluation, written to ``RUN/maps/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+
+from neurocl.errors import ConfigError
+from neurocl.io import save_nifti, write_json, write_tsv
+from neurocl.maps.attribution import _eval_mode, _representation, gradient_x_input, occlusion
+from neurocl.maps.evaluation import evaluate_subtypes, find_ground_truth, load_ground_truth
+from neurocl.maps.regions import _as_image, coarse_parcellation, plot_map, rank_regions, read_atlas_names
+from neurocl.maps.subtypes import SubtypeClustering, cluster_associations
+
+
+ATTRIBUTION_METHODS = ("gradient_x_input", "occlusion")
+
+
+class MapsConfig(BaseModel):
+    """The ``maps`` section of a pipeline: attribution maps, regions and subtypes.
+
+    The pipeline runs :func:`run_maps` as a stage when ``enabled`` is true; ``neurocl maps RUN``
+    runs it on any finished run with the run's section (or these defaults).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Run the maps stage at the end of `neurocl run`.")
+    methods: list[Literal["gradient_x_input", "occlusion"]] = Field(
+        default_factory=lambda: list(ATTRIBUTION_METHODS), min_length=1, description="Attribution methods to compute."
+    )
+    baseline: Literal["background_mean", "zero"] = Field(
+        "background_mean",
+        description="Reference volume x0: the mean background (control) volume, or zeros. Gradient x input uses "
+        "(x - x0); occlusion fills the occluded patch with x0.",
+    )
+    split: Literal["all", "train", "val", "test"] = Field(
+        "all", description="Which rows of embeddings.tsv to analyse (their `split` column)."
+    )
+    batch_size: PositiveInt = Field(16, description="Volumes (or occluded copies) per forward pass.")
+    occlusion_patch_mm: PositiveFloat = Field(16.0, description="Side of the occluded cube, in mm.")
+    occlusion_stride_mm: PositiveFloat = Field(8.0, description="Step between occluded cubes, in mm.")
+    occlusion_max_subjects: PositiveInt | None = Field(
+        16, description="Occlusion uses at most this many target subjects per cluster (seeded draw); None: all."
+    )
+    k_min: PositiveInt = Field(2, description="Smallest number of subtypes tried.")
+    k_max: PositiveInt = Field(6, description="Largest number of subtypes tried.")
+    cluster_method: Literal["kmeans", "gmm"] = "kmeans"
+    criterion: Literal["silhouette", "bic"] = Field("silhouette", description="How k is chosen over k_min..k_max.")
+    n_bootstrap: NonNegativeInt = Field(100, description="Bootstrap resamples for cluster stability (0: skip).")
+    continuous_test: Literal["kruskal", "anova"] = "kruskal"
+    n_regions: int = Field(48, ge=2, description="Parcels of the coarse parcellation used when no atlas is given.")
+    atlas: Path | None = Field(None, description="Atlas labels NIfTI (integer labels, 0 = background).")
+    atlas_names: Path | None = Field(None, description="Atlas names TSV (columns index, name).")
+    plots: bool = Field(True, description="Write PNG views over the MNI152 template.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_k_range(self) -> "MapsConfig":
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) must not exceed k_max ({self.k_max})")
+        if self.criterion == "silhouette" and self.k_min < 2:
+            raise ValueError(f"k_min = {self.k_min}: the silhouette needs at least 2 clusters (use criterion: bic)")
+        return self
+
+
+class _GroupMeans:
+    """Running sums of per-subject maps for overlapping groups (all targets, each cluster, each true subtype)."""
+
+    def __init__(self, spatial_shape: tuple[int, ...]):
+        self.spatial_shape = spatial_shape
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, maps: torch.Tensor, memberships: Sequence[Sequence[str]]) -> None:
+        values = maps[:, 0].detach().double().cpu().numpy()
+        for value, groups in zip(values, memberships):
+            for group in groups:
+                self.sums.setdefault(group, np.zeros(self.spatial_shape))
+                self.sums[group] += value
+                self.counts[group] = self.counts.get(group, 0) + 1
+
+    def means(self) -> dict[str, np.ndarray]:
+        return {group: total / self.counts[group] for group, total in self.sums.items()}
+
+
+def _salient_columns(embeddings: pd.DataFrame) -> list[str]:
+    columns = [column for column in embeddings.columns if column.startswith("salient_")]
+    if not columns:
+        raise ConfigError(
+            "embeddings.tsv has no salient_* columns: maps and subtypes need a two-space method (e.g. SepCLR); "
+            f"columns are {list(embeddings.columns)[:8]}"
+        )
+    return columns
+
+
+def _key_columns(cohort) -> list[str]:
+    return [column for column in ("participant_id", "session_id") if column in cohort.table.columns]
+
+
+def _embedding_rows(embeddings: pd.DataFrame, cohort, config: MapsConfig) -> pd.DataFrame:
+    """The analysed rows of embeddings.tsv with their cohort row and store-independent group."""
+    keys = _key_columns(cohort)
+    missing = [column for column in [*keys, "group"] if column not in embeddings.columns]
+    if missing:
+        raise ConfigError(f"embeddings.tsv: missing column(s) {missing}")
+    rows = embeddings.copy()
+    if config.split != "all":
+        if "split" not in rows.columns:
+            raise ConfigError(f"maps.split = {config.split!r} but embeddings.tsv has no split column")
+        rows = rows[rows["split"].astype(str) == config.split]
+    lookup = cohort.table[keys].astype(str).assign(cohort_row=np.arange(len(cohort.table)))
+    rows = rows.astype({key: str for key in keys}).merge(lookup, on=keys, how="left", validate="one_to_one")
+    unknown = rows["cohort_row"].isna()
+    if unknown.any():
+        first = rows.loc[unknown, keys].iloc[0].tolist()
+        raise ConfigError(f"embeddings.tsv: {int(unknown.sum())} row(s) not in the cohort, first {first}")
+    rows["cohort_row"] = rows["cohort_row"].astype(int)
+    return rows.reset_index(drop=True)
+
+
+def _group_volume_mean(store, indices: np.ndarray, batch_size: int) -> torch.Tensor:
+    total = None
+    for _, volumes in store.batches(indices, batch_size):
+        part = volumes.double().sum(0)
+        total = part if total is None else total + part
+    return (total / len(indices)).float()
+
+
+def _group_representation_mean(model, store, indices: np.ndarray, batch_size: int, space: str) -> torch.Tensor:
+    reps = []
+    with _eval_mode(model), torch.no_grad():
+        for _, volumes in store.batches(indices, batch_size):
+            reps.append(_representation(model, volumes, space).double())
+    return torch.cat(reps).mean(0).float()
+
+
+def _occlusion_subset(clusters: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """Positions of the subjects occluded: at most ``limit`` per cluster, drawn with ``seed``."""
+    if limit is None:
+        return np.arange(len(clusters))
+    rng = np.random.default_rng(seed)
+    chosen = [
+        np.sort(rng.choice(members, size=min(limit, len(members)), replace=False))
+        for members in (np.flatnonzero(clusters == c) for c in np.unique(clusters))
+    ]
+    return np.sort(np.concatenate(chosen))
+
+
+def _subtypes(targets: pd.DataFrame, salient: list[str], keys: list[str], cohort, config: MapsConfig, out_dir: Path):
+    """Cluster the targets in salient space; write clusters.tsv and associations.tsv; return clusters (1..k) and summary."""
+    clustering = SubtypeClustering(
+        k_range=(config.k_min, config.k_max),
+        method=config.cluster_method,
+        criterion=config.criterion,
+        n_bootstrap=config.n_bootstrap,
+        random_state=config.seed,
+    ).fit(targets[salient].to_numpy())
+    clusters = clustering.labels_ + 1
+    write_tsv(out_dir / "clusters.tsv", targets[keys].assign(cluster=clusters))
+    kinds = cohort.attribute_kinds
+    attributes = cohort.table.loc[targets["cohort_row"].to_numpy(), list(kinds)].reset_index(drop=True)
+    write_tsv(
+        out_dir / "associations.tsv",
+        cluster_associations(clusters, attributes, kinds, continuous_test=config.continuous_test),
+    )
+    summary = {
+        "space": "salient",
+        "method": config.cluster_method,
+        "criterion": config.criterion,
+        "n_subjects": len(targets),
+        "n_clusters": clustering.n_clusters_,
+        "cluster_sizes": {str(c): int((clusters == c).sum()) for c in range(1, clustering.n_clusters_ + 1)},
+        "scores": clustering.scores_.to_dict(orient="records"),
+        "stability": clustering.stability_,
+        "stability_ci": list(clustering.stability_ci_),
+        "n_bootstrap": config.n_bootstrap,
+    }
+    return clusters, summary
+
+
+def _true_subtypes(targets: pd.DataFrame, truth_table: pd.DataFrame, source: Path) -> np.ndarray:
+    subtype = targets[["participant_id"]].merge(
+        truth_table[["participant_id", "subtype"]].drop_duplicates("participant_id"), on="participant_id", how="left"
+    )["subtype"]
+    if subtype.isna().any():
+        missing = targets["participant_id"][subtype.isna().to_numpy()].iloc[0]
+        raise ConfigError(f"{source}: no subtype for {int(subtype.isna().sum())} target(s), first {missing}")
+    return subtype.astype(int).to_numpy()
+
+
+def _attribution_maps(model, store, subjects: np.ndarray, memberships: list[list[str]], clusters: np.ndarray,
+                      baseline, center, config: MapsConfig, progress: bool) -> tuple[dict, dict]:
+    """Per-subject attribution maps averaged over each group: {method: {group: (*S) mean map}}, and the
+    number of subjects behind each mean: {method: {group: n}}."""
+    from rich.progress import track
+
+    group_maps, counts = {}, {}
+    if "gradient_x_input" in config.methods:
+        means = _GroupMeans(store.spatial_shape)
+        starts = range(0, len(subjects), config.batch_size)
+        batches = store.batches(subjects, config.batch_size)
+        for first, (_, volumes) in track(zip(starts, batches), "gradient x input", total=len(starts), disable=not progress):
+            attribution = gradient_x_input(model, volumes, center=center, baseline=baseline)
+            means.add(attribution, memberships[first : first + len(volumes)])
+        group_maps["gradient_x_input"], counts["gradient_x_input"] = means.means(), means.counts
+    if "occlusion" in config.methods:
+        means = _GroupMeans(store.spatial_shape)
+        voxel = np.linalg.norm(np.asarray(store.affine)[:3, :3], axis=0)
+        patch = [max(1, round(config.occlusion_patch_mm / size)) for size in voxel]
+        stride = [max(1, round(config.occlusion_stride_mm / size)) for size in voxel]
+        chosen = _occlusion_subset(clusters, config.occlusion_max_subjects, config.seed)
+        for position in track(chosen, "occlusion", disable=not progress):
+            volume = store.batch(subjects[position : position + 1])
+            effect = occlusion(model, volume, patch, stride, baseline=baseline, batch_size=config.batch_size)
+            means.add(effect, memberships[position : position + 1])
+        group_maps["occlusion"], counts["occlusion"] = means.means(), means.counts
+    return group_maps, counts
+
+
+def _write_maps(group_maps: dict, counts: dict, groups: list[str], store, atlas: tuple, config: MapsConfig,
+                out_dir: Path, progress: bool) -> pd.DataFrame:
+    """NIfTI (masked to the brain, on the store grid), region table and PNG of each map; returns index.tsv's rows."""
+    from rich.progress import track
+
+    brain = np.asarray(store.mask, dtype=bool)
+    atlas_img, names = atlas
+    rows = []
+    jobs = [(method, group) for method in group_maps for group in groups]
+    for method, group in track(jobs, "writing maps", disable=not progress):
+        name = f"{method}_{group}"
+        image = store.to_nifti((group_maps[method][group] * brain).astype(np.float32))
+        save_nifti(image, out_dir / f"{name}.nii.gz")
+        regions = rank_regions(image, atlas_img, names, brain_mask=brain)
+        write_tsv(out_dir / f"regions_{name}.tsv", regions)
+        n_subjects = counts[method][group]
+        if config.plots:
+            plot_map(image, out_dir / f"{name}.png", f"{method.replace('_', ' ')}, {group} (n={n_subjects})")
+        rows.append(
+            {
+                "map": name,
+                "method": method,
+                "group": group,
+                "n_subjects": n_subjects,
+                "nifti": f"{name}.nii.gz",
+                "png": f"{name}.png" if config.plots else None,
+                "regions": f"regions_{name}.tsv",
+                "top_region": regions["name"].iloc[0] if len(regions) else None,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def analyse_salient(
+    model: torch.nn.Module,
+    store,
+    cohort,
+    embeddings: pd.DataFrame,
+    out_dir: str | Path,
+    config: MapsConfig | None = None,
+    ground_truth: str | Path | None = None,
+    progress: bool = False,
+) -> dict:
+    """Maps, regions, subtypes and (with ground truth) their evaluation, written to ``out_dir``.
+
+    Target subjects are clustered in salient space (embeddings.tsv); each target's attribution
+    maps are computed with the reference volume x₀ (``config.baseline``) and, for gradient x
+    input, the centre c = mean salient representation of the background subjects; maps are
+    averaged over all targets and over each cluster (and, with ground truth, each true subtype,
+    for evaluation only).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Trained two-space network (``forward(x)`` returns ``salient_rep``), on the store's device.
+    store : VolumeStore
+        The run's preprocessed volumes.
+    cohort : Cohort
+        The run's cohort (groups and clinical attributes).
+    embeddings : pd.DataFrame
+        embeddings.tsv (``participant_id``, [``session_id``], ``group``, ``salient_*``, ...).
+    out_dir : path
+        The maps folder (created).
+    config : MapsConfig, optional
+    ground_truth : path, optional
+        Synthetic cohort folder holding ``ground_truth.tsv`` and ``masks/``.
+    progress : bool
+        Show progress bars.
+
+    Returns
+    -------
+    dict
+        The content of subtypes.json, plus ``evaluation`` (evaluation.json) when ground truth is given.
+    """
+    config = config or MapsConfig()
+    out_dir = Path(out_dir)
+    atlas = _atlas(config, store)  # a bad atlas fails before any work
+    rows = _embedding_rows(embeddings, cohort, config)
+    keys = _key_columns(cohort)
+    salient = _salient_columns(embeddings)
+    store_index = store.rows_for(cohort)[rows["cohort_row"].to_numpy()]
+    is_target = (rows["group"] == "target").to_numpy()
+    if is_target.sum() <= config.k_max or (~is_target).sum() == 0:
+        raise ConfigError(
+            f"maps need more target subjects than k_max ({config.k_max}) and at least one background subject; "
+            f"the analysed rows hold {int(is_target.sum())} target and {int((~is_target).sum())} background"
+        )
+    targets = rows[is_target].reset_index(drop=True)
+    clusters, summary = _subtypes(targets, salient, keys, cohort, config, out_dir)
+
+    truth = true_masks = None
+    if ground_truth is not None:
+        truth_table, true_masks = load_ground_truth(ground_truth, store)
+        truth = _true_subtypes(targets, truth_table, Path(ground_truth) / "ground_truth.tsv")
+    memberships = [
+        ["all", f"cluster-{c}"] + ([] if truth is None else [f"true-subtype-{truth[i]}"])
+        for i, c in enumerate(clusters)
+    ]
+    background = store_index[~is_target]
+    baseline = None
+    if config.baseline == "background_mean":
+        baseline = _group_volume_mean(store, background, config.batch_size)
+    center = _group_representation_mean(model, store, background, config.batch_size, "salient")
+    group_maps, counts = _attribution_maps(
+        model, store, store_index[is_target], memberships, clusters, baseline, center, config, progress
+    )
+    groups = ["all"] + [f"cluster-{c}" for c in range(1, summary["n_clusters"] + 1)]
+    write_tsv(out_dir / "index.tsv", _write_maps(group_maps, counts, groups, store, atlas, config, out_dir, progress))
+    write_json(out_dir / "subtypes.json", summary)
+    if truth is not None:
+        evaluation = evaluate_subtypes(clusters, truth, true_masks, group_maps, store.mask)
+        evaluation["ground_truth"] = str(Path(ground_truth) / "ground_truth.tsv")
+        write_json(out_dir / "evaluation.json", evaluation)
+        summary = {**summary, "evaluation": evaluation}
+    return summary
+
+
+def _atlas(config: MapsConfig, store):
+    """The atlas image and names used for region tables: the user's, or a coarse parcellation of the brain mask."""
+    if config.atlas is not None:
+        if not Path(config.atlas).is_file():
+            raise ConfigError(f"atlas {config.atlas}: no such file")
+        names_path = config.atlas_names or _names_beside(config.atlas)
+        return _as_image(config.atlas), read_atlas_names(names_path)
+    brain = np.asarray(store.mask, dtype=bool)
+    labels, names = coarse_parcellation(brain, store.affine, n_regions=min(config.n_regions, int(brain.sum())), seed=config.seed)
+    return store.to_nifti(labels), names
+
+
+def _names_beside(atlas: Path) -> Path:
+    """The names TSV beside an atlas: same name with ``.tsv`` for ``.nii``/``.nii.gz``."""
+    atlas = Path(atlas)
+    stem = atlas.name.removesuffix(".gz").removesuffix(".nii")
+    path = atlas.with_name(stem + ".tsv")
+    if not path.is_file():
+        raise ConfigError(f"atlas {atlas}: no atlas names given and no {path.name} beside it (columns index, name)")
+    return path
+
+
+def run_maps(
+    run_dir: str | Path,
+    atlas: str | Path | None = None,
+    atlas_names: str | Path | None = None,
+    config: MapsConfig | None = None,
+    ground_truth: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """``neurocl maps RUN``: attribution maps, regions, subtypes (and their evaluation) in ``RUN/maps/``.
+
+    Parameters
+    ----------
+    run_dir : path
+        A finished run (``pipeline.load_run`` reads its config, cohort, store, model and embeddings).
+    atlas, atlas_names : path, optional
+        Atlas labels NIfTI and names TSV (index, name); override the run's ``maps`` section.
+    config : MapsConfig, optional
+        Default: the run's ``maps`` section (:class:`MapsConfig` defaults when its config has none).
+    ground_truth : path, optional
+        Synthetic cohort folder; default: the cohort YAML's folder when it holds ``ground_truth.tsv``.
+    progress : bool
+        Show progress bars.
+
+    Returns
+    -------
+    Path
+        The maps folder.
+    """
+    from neurocl.pipeline import load_run
+
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    config = config or run.config.maps
+    if atlas is not None or atlas_names is not None:
+        config = MapsConfig.model_validate(
+            {**config.model_dump(), "atlas": atlas or config.atlas, "atlas_names": atlas_names or config.atlas_names}
+        )
+    if ground_truth is None:
+        ground_truth = find_ground_truth(run.cohort)
+    out_dir = run_dir / "maps"
+    # load_run gives the trained method (a Lightning module); its ``net`` returns the representations.
+    network = getattr(run.model, "net", run.model)
+    analyse_salient(network, run.store, run.cohort, run.embeddings, out_dir, config, ground_truth, progress)
+    return out_dir

@@ -1,0 +1,723 @@
+"""Pipelines: one YAML in, trained encoders, per-subject embeddings, probes and a report out.
+
+``run_pipeline(PIPELINE.yaml, RUN_DIR)`` chains the stages, each reading only the
+previous stage's output:
+
+validate cohort -> build (or reuse) the store -> splits (``splits.tsv``) -> train
+(``checkpoints/``, ``logs/metrics.csv``) -> embed every subject (``embeddings.tsv``) ->
+probes (``probes.tsv``, ``separation.json``) -> baselines (``baselines/<name>/``) ->
+maps (optional, ``maps/``) -> report (``report.html``, ``report.md``).
+
+Every file is written atomically (:mod:`neurocl.io`); checkpoints are written to a
+temporary file and renamed, so ``--resume`` always restarts from a complete one. The
+schema is :class:`PipelineConfig`; every field is described in ``docs/pipelines.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from rich.console import Console
+
+from neurocl.errors import ConfigError, NeuroclError
+from neurocl.io import read_tsv, torch_save, write_json, write_text, write_tsv
+from neurocl.maps import MapsConfig
+from neurocl.methods import MethodConfig, OptimConfig, TrainingData, build_method, method_from_checkpoint
+from neurocl.nets import EncoderConfig
+from neurocl.probe import ProbeConfig
+from neurocl.store import PreprocessConfig
+from neurocl.views import ViewConfig
+
+__all__ = [
+    "BaselineConfig",
+    "EvaluationConfig",
+    "OutputsConfig",
+    "PipelineConfig",
+    "Run",
+    "SplitConfig",
+    "TrainingConfig",
+    "embed_cohort",
+    "load_model",
+    "load_pipeline",
+    "load_run",
+    "run_demo",
+    "run_pipeline",
+]
+
+console = Console(stderr=True)
+
+DEMO_PIPELINE = Path(__file__).parent / "pipelines" / "demo.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitConfig(_Section):
+    """How subjects are split into train / val / test (subject level, seeded)."""
+
+    file: Path | None = Field(None, description="An existing splits.tsv to use instead of drawing one.")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of subjects for the validation loss.")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Fraction of subjects held out of training.")
+    stratify: list[str] = Field(["group"], description="Columns the split keeps balanced (group, categorical attributes).")
+    seed: int | None = Field(None, description="Seed of the split (default: training.seed).")
+
+
+class TrainingConfig(OptimConfig):
+    """Optimisation and hardware: the optimiser fields of :class:`neurocl.methods.OptimConfig` and these."""
+
+    epochs: int = Field(50, gt=0, description="Passes over the training subjects.")
+    batch_size: int = Field(32, ge=2, description="Subjects per batch and process (global batch = batch_size x processes).")
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
+        "auto", description="auto: bf16-mixed on a GPU that supports it, 32-true otherwise."
+    )
+    accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="Where to train.")
+    devices: int | Literal["auto"] = Field(1, description="Processes (GPUs) per node.")
+    num_nodes: int = Field(1, ge=1, description="Machines; launch the same command on each (see docs/pipelines.md).")
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"] = Field(
+        "auto", description="Lightning strategy; auto picks DDP with more than one process."
+    )
+    sync_batchnorm: bool = Field(True, description="Synchronise BatchNorm statistics across processes under DDP.")
+    seed: int = Field(0, description="Seed of weights, batch order and views: same seed, same embeddings on CPU.")
+    deterministic: bool = Field(True, description="Ask PyTorch for deterministic kernels (warns where none exists).")
+    checkpoint_every_n_steps: int = Field(50, ge=1, description="Write checkpoints/last.ckpt every N optimiser steps.")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="GPU memory for the whole store (default: half of the free memory)."
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _positive_devices(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"devices must be >= 1 or 'auto', got {value}")
+        return value
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig.model_validate(self.model_dump(include=set(OptimConfig.model_fields)))
+
+
+class EvaluationConfig(_Section):
+    """Linear probes of the embeddings."""
+
+    attributes: list[str] | None = Field(None, description="Attributes to probe (default: every cohort attribute + group).")
+    subsets: list[Literal["all", "target", "background"]] = Field(
+        ["all", "target", "background"], description="Subjects the probes are fitted on."
+    )
+    probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Cross-validation and statistics (probe.ProbeConfig).")
+    ground_truth: Path | None = Field(
+        None, description="ground_truth.tsv of a synthetic cohort (default: beside the cohort YAML, if present)."
+    )
+
+
+class BaselineConfig(_Section):
+    """One baseline compared with the main method (``pca``, ``cpca``, ``simclr`` or ``yaware``)."""
+
+    name: Literal["pca", "cpca", "simclr", "yaware"]
+    n_components: int = Field(16, gt=0, description="pca / cpca: components kept.")
+    attributes: list[str] = Field(["age"], description="yaware: attributes of the kernel prior.")
+    sigma: float | list[float] = Field(5.0, description="yaware: kernel bandwidth per attribute (attribute units).")
+    temperature: float = Field(0.1, gt=0, description="simclr / yaware: InfoNCE temperature.")
+
+
+class OutputsConfig(_Section):
+    """Where shared outputs go and what is written."""
+
+    store: Path | None = Field(None, description="Store cache folder (default RUN/store); share one across runs.")
+    embed_batch_size: int = Field(16, ge=1, description="Volumes per forward pass when embedding.")
+    report: bool = Field(True, description="Write report.html and report.md at the end.")
+
+
+class PipelineConfig(_Section):
+    """A whole pipeline (the YAML). Paths are relative to the YAML file's folder."""
+
+    name: str = Field("neurocl-run", description="A name for the run (shown in the report).")
+    cohort: Path = Field(..., description="Cohort spec YAML.")
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    splits: SplitConfig = Field(default_factory=SplitConfig)
+    views: ViewConfig = Field(default_factory=ViewConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    baselines: list[BaselineConfig] = Field(default_factory=list, description="e.g. [pca, cpca, simclr, yaware].")
+    maps: MapsConfig = Field(default_factory=MapsConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _names_as_entries(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": entry} if isinstance(entry, str) else entry for entry in value]
+        return value
+
+    @field_validator("baselines")
+    @classmethod
+    def _distinct_baselines(cls, value: list[BaselineConfig]) -> list[BaselineConfig]:
+        names = [entry.name for entry in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"baseline listed twice: {', '.join(repeated)}")
+        return value
+
+
+# Fields holding paths, as (section, field): resolved against the pipeline YAML's folder.
+_PATH_FIELDS = [
+    (None, "cohort"),
+    ("preprocess", "reference"),
+    ("preprocess", "mask"),
+    ("splits", "file"),
+    ("evaluation", "ground_truth"),
+    ("maps", "atlas"),
+    ("maps", "atlas_names"),
+    ("outputs", "store"),
+]
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    def resolve(value: Any) -> Any:
+        if not isinstance(value, str) or value in ("auto", "none"):
+            return value
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    for section, field in _PATH_FIELDS:
+        holder = raw if section is None else raw.get(section)
+        if isinstance(holder, dict) and field in holder:
+            holder[field] = resolve(holder[field])
+    return raw
+
+
+def _format_validation(source: str, error: ValidationError) -> ConfigError:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        got = "" if item["type"] == "missing" else f" (got {item.get('input')!r})"
+        lines.append(f"{source}: {where}: {item['msg']}{got}")
+    return ConfigError("\n".join(lines))
+
+
+def load_pipeline(path: str | os.PathLike, overrides: dict | None = None) -> PipelineConfig:
+    """Read and validate a pipeline YAML; relative paths are taken from the YAML's folder.
+
+    Parameters
+    ----------
+    path : path
+        The pipeline YAML.
+    overrides : dict, optional
+        Top-level fields replacing the YAML's (e.g. ``{"cohort": ...}`` for the demo).
+
+    Raises
+    ------
+    ConfigError
+        Naming the file, each bad field (``training.epochs``) and its value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a pipeline is a mapping of sections, got {type(raw).__name__}")
+    raw.update(overrides or {})
+    raw = _resolve_paths(raw, path.parent.absolute())
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise _format_validation(str(path), error) from None
+
+
+def _config_yaml(config: PipelineConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- training engine
+
+
+class _AtomicCheckpointIO:
+    """Lightning checkpoint I/O through :func:`neurocl.io.torch_save` (temporary file + rename)."""
+
+    @staticmethod
+    def make():
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        class AtomicCheckpointIO(TorchCheckpointIO):
+            def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+                torch_save(checkpoint, path)
+
+        return AtomicCheckpointIO()
+
+
+def _callbacks(run_dir: Path, every_n_steps: int, progress: bool) -> list:
+    import lightning as L
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class MetricsTable(L.Callback):
+        """``logs/metrics.csv``: step, epoch, then each logged term; rows travel in the checkpoint."""
+
+        def __init__(self) -> None:
+            self.rows: list[dict] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            row = {"step": trainer.global_step - 1, "epoch": trainer.current_epoch,
+                   "train/loss": float(outputs["loss"])}
+            row.update({f"train/{name}": float(value) for name, value in outputs["terms"].items()})
+            self.rows.append(row)
+
+        def on_validation_end(self, trainer, module) -> None:
+            values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            if values:
+                self.rows.append({"step": trainer.global_step - 1, "epoch": trainer.current_epoch, **values})
+
+        def write(self, trainer) -> None:
+            if trainer.is_global_zero and self.rows:
+                table = pd.DataFrame(self.rows)
+                front = ["step", "epoch"]
+                columns = front + sorted(c for c in table.columns if c.startswith("train/")) + sorted(
+                    c for c in table.columns if c.startswith("val/"))
+                with_missing = table[columns].to_csv(index=False, na_rep="")
+                write_text(run_dir / "logs" / "metrics.csv", with_missing)
+
+        def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+            self.write(trainer)
+
+        def on_train_end(self, trainer, module) -> None:
+            self.write(trainer)
+
+        def state_dict(self) -> dict:
+            return {"rows": self.rows}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.rows = list(state["rows"])
+
+    class RunCheckpoints(L.Callback):
+        """``checkpoints/last.ckpt`` every N steps and at each epoch's end; ``best.ckpt`` at the lowest val loss.
+
+        Epoch-end checkpoints are written after the last batch and again after validation,
+        never in ``on_train_epoch_end``: Lightning does not restore the train loader's position
+        from a checkpoint written there, and resuming would repeat the epoch's batch order.
+        """
+
+        def __init__(self) -> None:
+            self.best = float("inf")
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
+            if trainer.global_step % every_n_steps == 0 or last_of_epoch:
+                trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+
+        def on_validation_end(self, trainer, module) -> None:
+            if trainer.sanity_checking:
+                return
+            val_loss = trainer.callback_metrics.get("val/loss")
+            if val_loss is not None and float(val_loss) < self.best:
+                self.best = float(val_loss)
+                trainer.save_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+            trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+
+        def state_dict(self) -> dict:
+            return {"best": self.best}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.best = state["best"]
+
+    return [MetricsTable(), RunCheckpoints()] + ([RichProgressBar(leave=True)] if progress else [])
+
+
+def _precision(training: TrainingConfig) -> str:
+    import torch
+
+    if training.precision != "auto":
+        return training.precision
+    on_gpu = training.accelerator != "cpu" and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def make_trainer(training: TrainingConfig, run_dir: Path, progress: bool = True, **overrides):
+    """The Lightning Trainer of a pipeline's training section (atomic checkpoints, metrics table, progress).
+
+    ``overrides`` are passed to :class:`lightning.Trainer` over the ones the section gives.
+    """
+    import lightning as L
+
+    world = (training.devices if isinstance(training.devices, int) else 1) * training.num_nodes
+    options = dict(
+        max_epochs=training.epochs,
+        accelerator=training.accelerator,
+        devices=training.devices,
+        num_nodes=training.num_nodes,
+        strategy=training.strategy,
+        precision=_precision(training),
+        sync_batchnorm=training.sync_batchnorm and world > 1,
+        deterministic="warn" if training.deterministic else False,
+        callbacks=_callbacks(run_dir, training.checkpoint_every_n_steps, progress),
+        enable_progress_bar=progress,
+        plugins=[_AtomicCheckpointIO.make()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        log_every_n_steps=1,
+        default_root_dir=str(run_dir),
+    )
+    options.update(overrides)
+    return L.Trainer(**options)
+
+
+def _attribute_columns(cohort, names: list[str], rows: np.ndarray, standardise: bool) -> tuple[np.ndarray, list[str]]:
+    """The kernel attributes of every cohort row; continuous ones divided by their training SD when asked."""
+    unknown = [name for name in names if name not in cohort.attribute_kinds]
+    if unknown:
+        raise ConfigError(
+            f"method.attributes: {unknown} not in the cohort's attributes {sorted(cohort.attribute_kinds)}"
+        )
+    values = cohort.attribute_matrix(names) if names else np.zeros((len(cohort), 0))
+    kinds = [cohort.attribute_kinds[name] for name in names]
+    if standardise:
+        for column, kind in enumerate(kinds):
+            if kind == "continuous":
+                values[:, column] /= np.nanstd(values[rows, column]) or 1.0
+    return values, kinds
+
+
+def _training_data(config: PipelineConfig, method: MethodConfig, cohort, store, splits) -> TrainingData:
+    import torch
+
+    from neurocl.views import ViewSampler
+
+    store_rows = store.rows_for(cohort)
+    has_group = cohort.table["group"].notna().to_numpy()
+
+    def indices(split: str) -> np.ndarray:
+        rows = splits.rows(cohort, split)
+        return store_rows[rows[has_group[rows]]]
+
+    train_rows = splits.rows(cohort, "train")
+    values, kinds = _attribute_columns(cohort, method.attributes, train_rows, method.standardise)
+    attributes = np.full((len(store), values.shape[1]), np.nan)
+    attributes[store_rows] = values
+    is_target = np.zeros(len(store), dtype=bool)
+    is_target[store_rows] = cohort.is_target
+    return TrainingData(
+        store=store,
+        sampler=ViewSampler(config.views, spatial_dims=store.spatial_dims, store=store),
+        train_indices=indices("train"),
+        val_indices=indices("val"),
+        is_target=torch.as_tensor(is_target),
+        attributes=torch.as_tensor(attributes, dtype=torch.float32),
+        attribute_kinds=kinds,
+        batch_size=config.training.batch_size,
+    )
+
+
+def _grid_record(store) -> dict:
+    """What embedding new subjects needs of the training store: its grid, mask and preprocessing."""
+    import torch
+
+    return {
+        "preprocess": store.config.model_dump(mode="json"),
+        "affine": store.affine.tolist(),
+        "mask": torch.as_tensor(np.asarray(store.mask, dtype=bool)),
+    }
+
+
+def train(config: PipelineConfig, method: MethodConfig, run_dir: Path, cohort, store, splits, resume: bool):
+    """Train ``method`` into ``run_dir`` (checkpoints/, logs/); returns the module (CPU, eval mode)."""
+    import lightning as L
+
+    L.seed_everything(config.training.seed, workers=False, verbose=False)
+    data = _training_data(config, method, cohort, store, splits)
+    module = build_method(method, config.encoder, config.training.optim(), seed=config.training.seed, data=data)
+    module.grid = _grid_record(store)
+    trainer = make_trainer(config.training, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = last if resume and last.is_file() else None
+    if ckpt_path is not None:
+        console.print(f"resuming from [bold]{ckpt_path}[/]")
+    trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    return module.cpu().eval(), trainer.is_global_zero
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _is_primary_process() -> bool:
+    """False in the extra processes Lightning's DDP launcher starts (they only train)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _prepare_run_dir(config: PipelineConfig, run_dir: Path, resume: bool, primary: bool) -> None:
+    saved = run_dir / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {run_dir} holds no run (config.yaml missing); start it without --resume")
+        before = yaml.safe_load(saved.read_text())
+        now = config.model_dump(mode="json")
+        changed = [key for key in now if before.get(key) != now[key]]
+        if changed:
+            raise ConfigError(
+                f"--resume: the pipeline differs from the run's {saved} in section(s) {', '.join(changed)}; "
+                "resume with the same pipeline or start a new run"
+            )
+        return
+    if run_dir.exists() and any(run_dir.iterdir()) and primary:
+        raise ConfigError(f"--out {run_dir} exists and is not empty; choose a new folder or pass --resume")
+    if primary:
+        write_text(saved, _config_yaml(config))
+
+
+def _splits(config: PipelineConfig, cohort, run_dir: Path, primary: bool):
+    from neurocl.cohort import Splits, make_splits
+
+    manifest = run_dir / "splits.tsv"
+    if manifest.is_file():
+        return Splits.load(manifest, cohort)
+    if config.splits.file is not None:
+        splits = Splits.load(config.splits.file, cohort)
+    else:
+        options = config.splits
+        splits = make_splits(
+            cohort, "holdout", val_fraction=options.val_fraction, test_fraction=options.test_fraction,
+            stratify=tuple(options.stratify), seed=config.training.seed if options.seed is None else options.seed,
+        )
+    if splits.column != "split":
+        raise ConfigError(f"splits.file {config.splits.file}: training needs a holdout manifest (a 'split' column)")
+    if primary:
+        splits.save(manifest)
+    return splits
+
+
+def embeddings_table(module, store, cohort, splits=None, batch_size: int = 16) -> pd.DataFrame:
+    """embeddings.tsv of every cohort row: keys, split, group, then ``<space>_<i>`` (before the heads)."""
+    representations = module.embed_store(store, store.rows_for(cohort), batch_size)
+    table = cohort.keys().reset_index(drop=True)
+    table["split"] = np.nan if splits is None else _split_labels(splits, cohort)
+    table["group"] = cohort.table["group"].to_numpy()
+    columns = {f"{space}_{i}": values[:, i] for space, values in representations.items() for i in range(values.shape[1])}
+    return pd.concat([table, pd.DataFrame(columns)], axis=1)
+
+
+def _split_labels(splits, cohort) -> np.ndarray:
+    labels = np.full(len(cohort), "n/a", dtype=object)
+    for name in ("train", "val", "test"):
+        labels[splits.rows(cohort, name)] = name
+    return labels
+
+
+def _probe(embeddings: pd.DataFrame, cohort, config: PipelineConfig, out_dir: Path, ground_truth) -> None:
+    from neurocl.probe import probe_embeddings, separation
+
+    evaluation = config.evaluation
+    probes = probe_embeddings(embeddings, cohort, attributes=evaluation.attributes, subsets=evaluation.subsets,
+                              config=evaluation.probe, progress=True)
+    write_tsv(out_dir / "probes.tsv", probes)
+    write_json(out_dir / "separation.json",
+               separation(embeddings, cohort, probes, ground_truth=ground_truth, config=evaluation.probe))
+
+
+def _ground_truth(config: PipelineConfig) -> Path | None:
+    if config.evaluation.ground_truth is not None:
+        return config.evaluation.ground_truth
+    beside = config.cohort.parent / "ground_truth.tsv"
+    return beside if beside.is_file() else None
+
+
+def _baseline(entry: BaselineConfig, config: PipelineConfig, run_dir: Path, cohort, store, splits, resume: bool):
+    """Embeddings of one baseline on the same store and splits (and its own run folder for trained ones)."""
+    out_dir = run_dir / "baselines" / entry.name
+    if entry.name in ("pca", "cpca"):
+        from neurocl.baselines import voxel_embeddings
+
+        return voxel_embeddings(store, cohort, method=entry.name, n_components=entry.n_components), out_dir
+    method = MethodConfig(
+        name=entry.name, n_views=config.method.n_views, temperature=entry.temperature,
+        attributes=entry.attributes if entry.name == "yaware" else [],
+        sigma=entry.sigma if entry.name == "yaware" else 1.0,
+    )
+    module, _ = train(config, method, out_dir, cohort, store, splits, resume)
+    return embeddings_table(module, store, cohort, splits, config.outputs.embed_batch_size), out_dir
+
+
+def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool = False,
+                 overrides: dict | None = None) -> Path:
+    """``neurocl run PIPELINE --out RUN``: every stage of a pipeline into the run directory.
+
+    Parameters
+    ----------
+    path : path
+        Pipeline YAML.
+    out : path
+        Run directory (new, or the killed run's own with ``resume``).
+    resume : bool
+        Continue from ``RUN/checkpoints/last.ckpt`` (the last complete checkpoint); later
+        stages are recomputed.
+    overrides : dict, optional
+        Top-level pipeline fields replacing the YAML's.
+
+    Returns
+    -------
+    Path
+        The run directory.
+    """
+    from neurocl.cohort import Cohort
+    from neurocl.store import VolumeStore
+
+    config = load_pipeline(path, overrides)
+    run_dir = Path(out).absolute()
+    primary = _is_primary_process()
+    _prepare_run_dir(config, run_dir, resume, primary)
+
+    console.print(f"[bold]cohort[/] {config.cohort}")
+    cohort = Cohort.from_yaml(config.cohort)
+    cohort.check(check_images=True)
+    store = VolumeStore.build(cohort, config.outputs.store or run_dir / "store", config.preprocess, progress=primary)
+    splits = _splits(config, cohort, run_dir, primary)
+
+    console.print(f"[bold]training[/] {config.method.name} with {config.encoder.name}")
+    module, global_zero = train(config, config.method, run_dir, cohort, store, splits, resume)
+    if not (primary and global_zero):
+        return run_dir
+
+    console.print("[bold]embedding[/] every subject")
+    embeddings = embeddings_table(module, store, cohort, splits, config.outputs.embed_batch_size)
+    write_tsv(run_dir / "embeddings.tsv", embeddings)
+    ground_truth = _ground_truth(config)
+    console.print("[bold]probing[/] " + ", ".join(config.evaluation.attributes or ["every attribute"]))
+    _probe(embeddings, cohort, config, run_dir, ground_truth)
+
+    for entry in config.baselines:
+        console.print(f"[bold]baseline[/] {entry.name}")
+        baseline_embeddings, out_dir = _baseline(entry, config, run_dir, cohort, store, splits, resume)
+        write_tsv(out_dir / "embeddings.tsv", baseline_embeddings)
+        _probe(baseline_embeddings, cohort, config, out_dir, ground_truth)
+
+    if config.maps.enabled:
+        from neurocl.maps import run_maps
+
+        console.print("[bold]maps[/]")
+        run_maps(run_dir, config=config.maps, ground_truth=ground_truth.parent if ground_truth else None)
+
+    if config.outputs.report:
+        from neurocl.report import write_report
+
+        html, _ = write_report(run_dir)
+        console.print(f"report: [bold]{html}[/]")
+    return run_dir
+
+
+def run_demo(out: str | os.PathLike = "neurocl-demo", resume: bool = False) -> Path:
+    """``neurocl demo``: a synthetic cohort at 4 mm into OUT/cohort, then the demo pipeline into OUT/run."""
+    from neurocl.synth import SynthConfig, make_synthetic_cohort
+
+    out = Path(out)
+    cohort_yaml = out / "cohort" / "cohort.yaml"
+    if not cohort_yaml.is_file():
+        console.print("[bold]synthetic cohort[/] 200 subjects at 4 mm")
+        make_synthetic_cohort(out / "cohort", SynthConfig(n_subjects=200, resolution=4.0, seed=0), progress=True)
+    return run_pipeline(DEMO_PIPELINE, out / "run", resume=resume,
+                        overrides={"cohort": str(cohort_yaml.absolute())})
+
+
+# ---------------------------------------------------------------- trained models
+
+
+def load_model(checkpoint: str | os.PathLike):
+    """The trained method of a checkpoint (CPU, eval mode), loaded with ``weights_only=True``.
+
+    The module's ``grid`` holds the training store's affine, mask and preprocessing (for
+    embedding new subjects on the same grid).
+    """
+    import torch
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for a damaged file
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from None
+    if "hyper_parameters" not in state or "state_dict" not in state:
+        raise ConfigError(f"checkpoint {path} is not a neurocl training checkpoint")
+    module = method_from_checkpoint(state)
+    module.grid = state.get("neurocl_grid")
+    return module
+
+
+def embed_cohort(checkpoint: str | os.PathLike, cohort_yaml: str | os.PathLike, out_tsv: str | os.PathLike) -> Path:
+    """``neurocl embed``: embeddings.tsv of new subjects, preprocessed onto the training store's grid.
+
+    The images are resampled onto the stored (cropped) grid of the training run, masked with
+    its brain mask and normalised the same way, in a temporary store that is removed after.
+    """
+    import nibabel as nib
+
+    from neurocl.cohort import Cohort
+    from neurocl.store import VolumeStore
+
+    module = load_model(checkpoint)
+    if not module.grid:
+        raise ConfigError(f"checkpoint {checkpoint} has no training grid record; it was not written by neurocl run")
+    cohort = Cohort.from_yaml(cohort_yaml)
+    cohort.check(check_images=True)
+    affine = np.asarray(module.grid["affine"], dtype=float)
+    mask = module.grid["mask"].numpy().astype(np.uint8)
+    with tempfile.TemporaryDirectory(prefix="neurocl-embed-") as scratch:
+        scratch = Path(scratch)
+        nib.save(nib.Nifti1Image(mask, affine), scratch / "mask.nii.gz")
+        preprocess = PreprocessConfig.model_validate(module.grid["preprocess"]).model_copy(update={
+            "voxel_size": None, "reference": scratch / "mask.nii.gz", "mask": scratch / "mask.nii.gz",
+            "crop_to_mask": False,
+        })
+        store = VolumeStore.build(cohort, scratch / "store", preprocess, progress=True)
+        embeddings = embeddings_table(module, store, cohort, batch_size=16)
+    return write_tsv(out_tsv, embeddings)
+
+
+@dataclass
+class Run:
+    """A finished run as objects: what ``neurocl maps`` and notebooks work from."""
+
+    run_dir: Path
+    config: PipelineConfig
+    cohort: Any
+    store: Any
+    model: Any
+    embeddings: pd.DataFrame
+
+
+def load_run(run_dir: str | os.PathLike, checkpoint: str = "last.ckpt") -> Run:
+    """Open a run directory: resolved config, cohort, store, trained model (CPU, eval) and embeddings."""
+    from neurocl.cohort import Cohort
+    from neurocl.store import VolumeStore
+
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (config.yaml missing)")
+    try:
+        config = PipelineConfig.model_validate(yaml.safe_load(saved.read_text()))
+    except ValidationError as error:
+        raise _format_validation(str(saved), error) from None
+    embeddings_path = run_dir / "embeddings.tsv"
+    if not embeddings_path.is_file():
+        raise NeuroclError(f"{run_dir}: no embeddings.tsv yet; finish the run first (neurocl run ... --resume)")
+    return Run(
+        run_dir=run_dir,
+        config=config,
+        cohort=Cohort.from_yaml(config.cohort),
+        store=VolumeStore.open(config.outputs.store or run_dir / "store"),
+        model=load_model(run_dir / "checkpoints" / checkpoint),
+        embeddings=read_tsv(embeddings_path),
+    )

@@ -1,0 +1,85 @@
+"""DDP equals one process: 2 CPU processes (gloo) against one process on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from neurocl.methods import TrainingData, build_method
+
+ENCODER = {"name": "small_cnn", "width": 4}
+BATCH = 8  # global batch; 4 per rank
+SHAPE = (1, 12, 12, 12)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _module(name: str):
+    torch.manual_seed(0)
+    method = {"name": name, "common_dim": 4, "salient_dim": 4, "proj_dim": 8, "attributes": ["age"], "sigma": 5.0}
+    module = build_method(method, ENCODER, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    module.data = TrainingData(
+        store=None, sampler=None, train_indices=np.arange(BATCH), val_indices=np.arange(0),
+        is_target=torch.tensor([True, False] * (BATCH // 2)),
+        attributes=torch.rand(BATCH, 1, generator=generator) * 40 + 20, attribute_kinds=["continuous"],
+        batch_size=BATCH,
+    )
+    # Eval mode: BatchNorm uses its running statistics, identical on every rank (no SyncBatchNorm on CPU).
+    return module.eval()
+
+
+def _views() -> torch.Tensor:
+    return torch.randn(2, BATCH, *SHAPE, generator=torch.Generator().manual_seed(2))
+
+
+def _loss_and_gradients(module, views, indices) -> tuple[float, list[torch.Tensor]]:
+    loss, _ = module.compute_loss(views, indices)
+    loss.backward()
+    net = module.net.module if isinstance(module.net, DistributedDataParallel) else module.net
+    return float(loss), [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        local = np.arange(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+        results = {}
+        for name in ("sepclr", "yaware"):
+            module = _module(name)
+            module.net = DistributedDataParallel(module.net)
+            results[name] = _loss_and_gradients(module, _views()[:, local], local)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["sepclr", "yaware"])
+def test_ddp_loss_and_gradients_equal_one_process_on_the_whole_batch(name, ddp_results):
+    single_loss, single_gradients = _loss_and_gradients(_module(name), _views(), np.arange(BATCH))
+    for rank in range(2):
+        loss, gradients = ddp_results[rank][name]
+        assert loss == pytest.approx(single_loss, rel=1e-5)
+        assert len(gradients) == len(single_gradients)
+        for ddp_gradient, single_gradient in zip(gradients, single_gradients):
+            torch.testing.assert_close(ddp_gradient, single_gradient, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=2, join=True)
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(2)]

@@ -1,0 +1,237 @@
+"""Tests of the synthetic cohort generator: determinism, file contract, and that planted effects are real.
+
+Every statistic is recomputed here with plain numpy/pandas from the files on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from neurocl.cli import app
+from neurocl.errors import ConfigError
+from neurocl.io import read_tsv
+from neurocl.synth import SynthConfig, draw_latents, make_synthetic_cohort
+
+SMALL = dict(n_subjects=8, subtypes=2, sites=2, resolution=10.0)
+
+
+def _images(cohort_dir: Path, participant_ids) -> np.ndarray:
+    return np.stack(
+        [np.asarray(nib.load(cohort_dir / p / "anat" / f"{p}_desc-gm.nii.gz").dataobj) for p in participant_ids]
+    )
+
+
+def _mask(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def _all_files(cohort_dir: Path) -> list[Path]:
+    return sorted(path.relative_to(cohort_dir) for path in cohort_dir.rglob("*") if path.is_file())
+
+
+def test_same_seed_gives_identical_files_and_arrays(tmp_path):
+    first = make_synthetic_cohort(tmp_path / "a", SynthConfig(**SMALL, seed=3)).parent
+    second = make_synthetic_cohort(tmp_path / "b", SynthConfig(**SMALL, seed=3)).parent
+    assert _all_files(first) == _all_files(second)
+    for name in ("participants.tsv", "ground_truth.tsv", "cohort.yaml"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    ids = read_tsv(first / "participants.tsv").participant_id
+    np.testing.assert_array_equal(_images(first, ids), _images(second, ids))
+    for mask in (first / "masks").glob("*.nii.gz"):
+        np.testing.assert_array_equal(_mask(mask), _mask(second / "masks" / mask.name))
+
+
+def test_different_seed_gives_different_subjects(tmp_path):
+    first = make_synthetic_cohort(tmp_path / "a", SynthConfig(**SMALL, seed=3)).parent
+    second = make_synthetic_cohort(tmp_path / "b", SynthConfig(**SMALL, seed=4)).parent
+    ages = [read_tsv(folder / "ground_truth.tsv").age.to_numpy() for folder in (first, second)]
+    assert not np.allclose(ages[0], ages[1])
+    ids = read_tsv(first / "participants.tsv").participant_id
+    assert not np.array_equal(_images(first, ids), _images(second, ids))
+
+
+def test_participants_and_ground_truth_have_documented_columns_and_ranges(tiny_cohort):
+    folder = tiny_cohort.parent
+    participants = read_tsv(folder / "participants.tsv")
+    truth = read_tsv(folder / "ground_truth.tsv")
+    assert list(participants.columns) == ["participant_id", "diagnosis", "age", "sex", "site", "severity"]
+    assert {"participant_id", "group", "diagnosis", "age", "sex", "site", "subtype", "severity", "head_scale",
+            "site_scale", "site_smoothing", "site_noise", "deformation_amplitude"} <= set(truth.columns)
+    assert len(participants) == len(truth) == 32
+    assert participants.participant_id.str.fullmatch(r"sub-\d{4}").all()
+    assert participants.participant_id.is_unique
+    assert (participants.participant_id == truth.participant_id).all()
+    assert set(participants.diagnosis) == {"control", "patient"}
+    assert (participants.diagnosis == "patient").sum() == 16
+    assert set(participants.sex) <= {"F", "M"} and set(participants.site) == {"site-1", "site-2"}
+    assert participants.age.between(20, 80).all()
+    patients = truth.diagnosis == "patient"
+    assert (truth.group == np.where(patients, "target", "background")).all()
+    assert participants.severity[~patients].isna().all()
+    np.testing.assert_allclose(participants.severity[patients], truth.severity[patients].round(1))
+    assert truth.severity[patients].between(2, 10).all() and (truth.severity[~patients] == 0).all()
+    assert (truth.subtype[~patients] == 0).all()
+    assert sorted(truth.subtype[patients].value_counts().to_list()) == [8, 8]
+
+
+def test_images_are_3d_float32_probabilities_on_one_grid(tiny_cohort):
+    folder = tiny_cohort.parent
+    reference = nib.load(folder / "brain_mask.nii.gz")
+    for participant_id in read_tsv(folder / "participants.tsv").participant_id[:6]:
+        image = nib.load(folder / participant_id / "anat" / f"{participant_id}_desc-gm.nii.gz")
+        data = np.asarray(image.dataobj)
+        assert data.dtype == np.float32 and data.ndim == 3 and data.shape == reference.shape
+        assert np.isfinite(data).all() and data.min() >= 0.0 and data.max() <= 1.0 and data.max() > 0.5
+        np.testing.assert_allclose(image.affine, reference.affine)
+        np.testing.assert_allclose(image.header.get_zooms(), (8.0, 8.0, 8.0))
+
+
+def test_masks_are_binary_on_the_image_grid_and_distinct(tiny_cohort):
+    folder = tiny_cohort.parent
+    brain = nib.load(folder / "brain_mask.nii.gz")
+    masks = []
+    for k in (1, 2):
+        image = nib.load(folder / "masks" / f"subtype-{k}_mask.nii.gz")
+        data = np.asarray(image.dataobj)
+        assert image.shape == brain.shape
+        np.testing.assert_allclose(image.affine, brain.affine)
+        assert set(np.unique(data)) == {0, 1}
+        assert data.sum() >= 5
+        assert np.all(np.asarray(brain.dataobj)[data == 1] == 1)
+        masks.append(data.astype(bool))
+    assert not (masks[0] & masks[1]).any()
+    # Different hemispheres: the centres of mass lie on opposite sides of x = 0 (MNI mm).
+    centres_x = [(brain.affine @ np.append(np.argwhere(mask).mean(0), 1.0))[0] for mask in masks]
+    assert centres_x[0] < 0 < centres_x[1]
+
+
+def test_each_subtype_loses_gm_inside_its_own_mask(tiny_cohort):
+    folder = tiny_cohort.parent
+    truth = read_tsv(folder / "ground_truth.tsv")
+    images = _images(folder, truth.participant_id)
+    controls = truth.subtype.to_numpy() == 0
+    age = truth.age.to_numpy()
+    for k in (1, 2):
+        mask = _mask(folder / "masks" / f"subtype-{k}_mask.nii.gz").astype(bool)
+        regional = images[:, mask].mean(axis=1)
+        # Age-matched comparison: residuals from the controls' linear age trend.
+        slope, intercept = np.polyfit(age[controls], regional[controls], 1)
+        residual = regional - (slope * age + intercept)
+        spread = residual[controls].std()
+        own = truth.subtype.to_numpy() == k
+        other = (truth.subtype.to_numpy() > 0) & ~own
+        assert residual[own].mean() < residual[controls].mean() - 0.75 * spread
+        assert residual[own].mean() < residual[other].mean() - 0.75 * spread
+
+
+def test_global_gm_decreases_with_age(tiny_cohort):
+    folder = tiny_cohort.parent
+    truth = read_tsv(folder / "ground_truth.tsv")
+    brain = _mask(folder / "brain_mask.nii.gz").astype(bool)
+    mean_gm = _images(folder, truth.participant_id)[:, brain].mean(axis=1)
+    assert np.corrcoef(mean_gm, truth.age)[0, 1] < -0.4
+
+
+def test_larger_head_scale_gives_more_total_gm(tiny_cohort):
+    folder = tiny_cohort.parent
+    truth = read_tsv(folder / "ground_truth.tsv")
+    total_gm = _images(folder, truth.participant_id).sum(axis=(1, 2, 3))
+    slope, intercept = np.polyfit(truth.age, total_gm, 1)
+    assert np.corrcoef(total_gm - (slope * truth.age + intercept), truth.head_scale)[0, 1] > 0.3
+    assert truth.head_scale[truth.sex == "M"].mean() > truth.head_scale[truth.sex == "F"].mean()
+
+
+def test_site_intensity_scale_shows_in_the_images(tiny_cohort):
+    folder = tiny_cohort.parent
+    truth = read_tsv(folder / "ground_truth.tsv")
+    brain = _mask(folder / "brain_mask.nii.gz").astype(bool)
+    mean_gm = pd.Series(_images(folder, truth.participant_id)[:, brain].mean(axis=1))
+    by_site = mean_gm.groupby(truth.site).mean()
+    scale = truth.groupby("site").site_scale.first()
+    assert (by_site.idxmax(), by_site.idxmin()) == (scale.idxmax(), scale.idxmin())
+
+
+def _patient_share_range(latents: pd.DataFrame) -> float:
+    share = (latents.diagnosis == "patient").groupby(latents.site).mean()
+    return share.max() - share.min()
+
+
+def test_confound_one_makes_site_determine_diagnosis():
+    latents = draw_latents(SynthConfig(n_subjects=400, sites=4, confound=1.0, seed=2))
+    table = pd.crosstab(latents.site, latents.diagnosis)
+    assert ((table == 0).sum(axis=1) == 1).all()  # every site holds one group only
+    assert _patient_share_range(latents) == 1.0
+
+
+def test_confound_zero_leaves_site_independent_of_diagnosis():
+    latents = draw_latents(SynthConfig(n_subjects=400, sites=4, confound=0.0, seed=2))
+    assert _patient_share_range(latents) < 0.2
+
+
+def test_cohort_yaml_matches_the_documented_spec(tiny_cohort):
+    spec = yaml.safe_load(tiny_cohort.read_text())
+    assert spec["participants"] == "participants.tsv" and spec["root"] == "."
+    assert spec["images"] == "{participant_id}/anat/{participant_id}_desc-gm.nii.gz"
+    assert spec["group"] == {"column": "diagnosis", "background": ["control"], "target": ["patient"]}
+    assert spec["attributes"] == {"age": "continuous", "sex": "categorical", "site": "categorical", "severity": "continuous"}
+
+
+def test_templates_are_nilearns_packaged_mni152():
+    from nilearn.datasets import load_mni152_brain_mask, load_mni152_gm_template
+
+    from neurocl.synth import _templates_1mm
+
+    gm, brain, affine = _templates_1mm()
+    reference = load_mni152_gm_template(resolution=1)
+    np.testing.assert_array_equal(gm, reference.get_fdata(dtype=np.float32))
+    np.testing.assert_array_equal(brain, load_mni152_brain_mask(resolution=1).get_fdata(dtype=np.float32))
+    np.testing.assert_allclose(affine, reference.affine)
+
+
+def test_any_resolution_sets_the_voxel_size(tmp_path):
+    spec = make_synthetic_cohort(tmp_path / "c", SynthConfig(n_subjects=4, subtypes=1, sites=1, resolution=12.5))
+    image = nib.load(spec.parent / "sub-0001" / "anat" / "sub-0001_desc-gm.nii.gz")
+    np.testing.assert_allclose(image.header.get_zooms(), (12.5, 12.5, 12.5))
+    extent_mm = np.array(image.shape) * 12.5
+    assert np.all(extent_mm > [150, 185, 160]) and np.all(extent_mm < [200, 235, 210])
+
+
+def test_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not empty"):
+        make_synthetic_cohort(tmp_path, SynthConfig(**SMALL))
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_impossible_options_name_the_field_and_value():
+    with pytest.raises(ConfigError, match=r"patient_fraction=1\.5"):
+        SynthConfig.from_options(patient_fraction=1.5)
+    with pytest.raises(ConfigError, match=r"confound=0\.5 needs at least 2 sites"):
+        SynthConfig.from_options(confound=0.5, sites=1)
+
+
+def test_cli_synth_writes_a_cohort_and_refuses_to_overwrite(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "synthetic"
+    options = ["--n-subjects", "6", "--sites", "2", "--resolution", "10", "--seed", "5"]
+    result = runner.invoke(app, ["synth", str(out), *options])
+    assert result.exit_code == 0, result.output
+    assert len(read_tsv(out / "participants.tsv")) == 6
+    assert (out / "cohort.yaml").is_file() and (out / "masks" / "subtype-2_mask.nii.gz").is_file()
+    again = runner.invoke(app, ["synth", str(out), *options])
+    assert again.exit_code == 1
+    assert "not empty" in again.output
+
+
+def test_cli_synth_reports_a_bad_option_without_traceback(tmp_path):
+    result = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--patient-fraction", "1.5"])
+    assert result.exit_code == 1
+    assert "patient_fraction=1.5" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
