@@ -293,9 +293,9 @@ def fit_logistic(x, onehot, c: float, init=None, max_iter: int = 50, tol: float 
     penalty[-1] = 1e-8
     weights = torch.zeros(n_problems, n_params, d + 1, dtype=x.dtype) if init is None else init.clone()
 
-    def objective(w):
+    def objective(w, rows):
         logits = _full_logits(design, w, n_classes)
-        nll = -(torch.log_softmax(logits, dim=-1) * onehot).sum(dim=(1, 2))
+        nll = -(torch.log_softmax(logits, dim=-1) * onehot[rows]).sum(dim=(1, 2))
         return nll + 0.5 * (w**2 * penalty).sum(dim=(1, 2))
 
     active = torch.arange(n_problems)
@@ -314,7 +314,7 @@ def fit_logistic(x, onehot, c: float, init=None, max_iter: int = 50, tol: float 
         size = n_params * (d + 1)
         hessian = hessian.reshape(len(active), size, size) + torch.diag(penalty.repeat(n_params))
         step = torch.linalg.solve(hessian, grad.reshape(len(active), size, 1)).reshape(w.shape)
-        weights[active] = _backtrack(objective, w, step, grad)
+        weights[active] = _backtrack(lambda candidate: objective(candidate, active), w, step, grad)
     return weights
 
 

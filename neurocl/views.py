@@ -43,7 +43,9 @@ from neurocl.errors import ConfigError
 if TYPE_CHECKING:
     from neurocl.store import VolumeStore
 
-Probability = Field(ge=0.0, le=1.0)
+def Probability(default: float):
+    """A probability field in [0, 1]."""
+    return Field(default=default, ge=0.0, le=1.0)
 
 
 def _ordered_pair(value: tuple[float, float], name: str) -> tuple[float, float]:
@@ -493,8 +495,10 @@ def extract_patches(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All patches of ``size`` on a ``stride`` grid of a batch, in one gather.
 
-    The grid covers the whole volume: when ``stride`` does not land on the far border, one more
-    patch flush with it is added, so every voxel lies in at least one patch.
+    The same patches as ``unfold`` along each axis (``x.unfold(2, p, t).unfold(3, ...)``) taken
+    in one ``index_select``; in addition the grid covers the whole volume: when ``stride`` does
+    not land on the far border, one more patch flush with it is added, so every voxel lies in at
+    least one patch (``unfold`` would drop the border voxels).
 
     Parameters
     ----------
@@ -504,8 +508,11 @@ def extract_patches(
     Returns
     -------
     patches : (B, L, C, *size) tensor
+        ``patches[b, l] == x[b, :, c0:c0 + p0, c1:c1 + p1, ...]`` with ``(c0, c1, ...) = coords[l]``.
     coords : (L, D) long tensor
-        Start corner (voxel index) of each patch, patches ordered with the last axis fastest.
+        Start corner (voxel index) of each patch, patches ordered with the last axis fastest
+        (the Cartesian product of the start positions along each axis); what
+        :func:`aggregate_patches` takes.
     """
     batch, channels, *spatial = x.shape
     dims = len(spatial)
@@ -533,7 +540,7 @@ def aggregate_patches(
     ----------
     values : (B, L, C, *size), (B, L, C) or (B, L) tensor
         Voxel-wise values per patch, or one value per patch (and channel) spread over the patch.
-    coords : (L, D) long tensor, as returned by :func:`extract_patches`
+    coords : (L, D) long tensor of patch start corners, as returned by :func:`extract_patches`
     size : int or one int per spatial axis
     spatial_shape : the volume's spatial shape
 

@@ -152,7 +152,8 @@ def occlusion(
     from neurocl.views import aggregate_patches, extract_patches
 
     spatial_shape = tuple(volumes.shape[2:])
-    _, starts, _ = extract_patches(volumes[:1], patch, stride)
+    # Only the grid's start corners are needed: the occluded copies are built with masks below.
+    _, starts = extract_patches(volumes[:1, :1], patch, stride)
     size = _as_sizes(patch, len(spatial_shape))
     reference = _reference_like(volumes[:1], baseline)[0]
     starts = starts.to(volumes.device)
@@ -169,7 +170,7 @@ def occlusion(
                     for first in range(0, starts.shape[0], batch_size)
                 ]
             )
-            active = torch.flatnonzero(touched)
+            active = touched.nonzero().flatten()
             for first in range(0, len(active), batch_size):
                 which = active[first : first + batch_size]
                 cubes = _cube_masks(starts[which], size, spatial_shape)
