@@ -519,6 +519,8 @@ def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, si
     """
     features = np.asarray(features, dtype=np.float64)
     groups = np.asarray(groups)
+    if len(groups) < config.min_samples:
+        return [], f"{len(groups)} labelled rows (< min_samples={config.min_samples})"
     if kind == "categorical":
         classes, codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
         n_classes = len(classes)
@@ -529,8 +531,6 @@ def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, si
         n_classes = None
         if np.ptp(codes) == 0:
             return [], f"constant label ({codes[0]:g})"
-    if len(codes) < config.min_samples:
-        return [], f"{len(codes)} labelled rows (< min_samples={config.min_samples})"
     if not np.isfinite(features).all():
         return [], "non-finite embedding values"
     folds, note = outer_folds(codes, groups, kind, config, sites=sites)

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from neurocl.cohort import Cohort
 
 STORE_FORMAT = 1
+PARALLEL_MIN_IMAGES = 64  # below this many images to preprocess, worker start-up costs more than it saves
 _KEY_COLUMNS = ("participant_id", "session_id")
 
 
@@ -180,6 +181,13 @@ def _resample_image(path: str, shape: Sequence[int], affine: np.ndarray, mode: s
     return np.asarray(out.detach().cpu().numpy()[0], dtype=np.float32)
 
 
+def _single_threaded() -> None:
+    """Worker-process start: one thread each, so that N workers do not oversubscribe N cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _preprocess_entry(task: tuple[int, str, str, tuple[int, ...], np.ndarray]) -> tuple[int, np.ndarray]:
     """Worker-process body: resample one image; errors come back as a message naming the image."""
     index, label, path, shape, affine = task
@@ -276,7 +284,10 @@ class VolumeStore:
             lies inside the cohort's folders, which are input only.
         config : PreprocessConfig
         workers : int or None
-            Worker processes for stage 1; ``None`` uses every core, ``1`` works in this process.
+            Worker processes for stage 1. ``None``: one per core (at most 16) when at least
+            ``PARALLEL_MIN_IMAGES`` images need preprocessing, else this process (a worker spends
+            seconds importing torch and MONAI, more than a few small images take). ``1`` works in
+            this process.
         progress : bool
             Show a progress bar.
         """
@@ -602,7 +613,9 @@ def _resample_all(entries, todo, shape, affine, out, workers, bar) -> None:
         return
     task = bar.add_task("preprocessing", total=len(todo))
     jobs = [(i, entries["_label"].iloc[i], entries["source"].iloc[i], shape, affine) for i in todo]
-    workers = min(workers or os.cpu_count() or 1, len(todo))
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 16) if len(todo) >= PARALLEL_MIN_IMAGES else 1
+    workers = min(workers, len(todo))
     if workers <= 1:
         for job in jobs:
             index, array = _preprocess_entry(job)
@@ -611,7 +624,9 @@ def _resample_all(entries, todo, shape, affine, out, workers, bar) -> None:
         return
     # spawn: a forked child would inherit torch's thread pools in an undefined state.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_single_threaded
+    ) as pool:
         for index, array in pool.map(_preprocess_entry, jobs):
             out[index] = array
             bar.advance(task)

@@ -34,8 +34,12 @@ brain. See ``docs/synthetic.md`` for the full description.
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -417,7 +421,32 @@ def _check_out_dir(out_dir: Path) -> None:
         raise ConfigError(f"output folder {out_dir} is {kind}; give a new or empty folder")
 
 
-def make_synthetic_cohort(out_dir: str | Path, config: SynthConfig | None = None, progress: bool = False) -> Path:
+# (resolution, subtypes) -> (grid, region weights), filled by the parent before forking workers.
+_SUBJECT_CONTEXT: dict[tuple[float, int], tuple[Grid, list[np.ndarray]]] = {}
+
+
+def _worker_count(workers: int | None, n_jobs: int) -> int:
+    if workers is not None and workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8)
+    # fork is what lets workers share the template grid; elsewhere generate in-process.
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return max(1, min(workers, n_jobs // 8 or 1))
+
+
+def _write_subject(job) -> None:
+    resolution, subtypes, subject, seed, out_dir = job
+    grid, region_weights = _SUBJECT_CONTEXT[resolution, subtypes]
+    volume = subject_volume(grid, subject, region_weights, seed)
+    path = Path(out_dir) / subject.participant_id / "anat" / f"{subject.participant_id}_desc-gm.nii.gz"
+    io.save_nifti(_nifti(volume, grid.affine), path)
+
+
+def make_synthetic_cohort(
+    out_dir: str | Path, config: SynthConfig | None = None, progress: bool = False, workers: int | None = None
+) -> Path:
     """Write a synthetic cohort with known ground truth to ``out_dir``; return its ``cohort.yaml``.
 
     Parameters
@@ -428,6 +457,9 @@ def make_synthetic_cohort(out_dir: str | Path, config: SynthConfig | None = None
         Options (defaults: 200 subjects, 2 subtypes, 3 sites, 4 mm).
     progress : bool
         Show a progress bar over subjects.
+    workers : int, optional
+        Processes that synthesise subjects in parallel (default: one per CPU core, at most 8).
+        Each subject has its own seed, so the cohort is identical whatever the number of workers.
 
     Returns
     -------
@@ -446,16 +478,28 @@ def make_synthetic_cohort(out_dir: str | Path, config: SynthConfig | None = None
     latents = draw_latents(config)
     region_weights = [region_weight(grid.world, centre) for _, centre in REGIONS[: config.subtypes]]
     subject_seeds = np.random.SeedSequence(config.seed).spawn(config.n_subjects + 1)[1:]
+    jobs = [
+        (config.resolution, config.subtypes, SimpleNamespace(**subject), seed, str(out_dir))
+        for subject, seed in zip(latents.to_dict("records"), subject_seeds)
+    ]
+    workers = _worker_count(workers, len(jobs))
 
     from rich.progress import Progress
 
     with Progress(disable=not progress, transient=False) as bar:
         task = bar.add_task("synthesising subjects", total=len(latents))
-        for subject, seed in zip(latents.itertuples(index=False), subject_seeds):
-            volume = subject_volume(grid, subject, region_weights, seed)
-            path = out_dir / subject.participant_id / "anat" / f"{subject.participant_id}_desc-gm.nii.gz"
-            io.save_nifti(_nifti(volume, grid.affine), path)
-            bar.advance(task)
+        if workers == 1:
+            _SUBJECT_CONTEXT[config.resolution, config.subtypes] = (grid, region_weights)
+            for job in jobs:
+                _write_subject(job)
+                bar.advance(task)
+        else:
+            # Forked workers inherit the template grid built above instead of rebuilding it.
+            _SUBJECT_CONTEXT[config.resolution, config.subtypes] = (grid, region_weights)
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                for _ in pool.map(_write_subject, jobs, chunksize=4):
+                    bar.advance(task)
 
     io.save_nifti(_nifti((grid.brain >= 0.5).astype(np.uint8), grid.affine), out_dir / "brain_mask.nii.gz")
     masks = subtype_masks(grid, config.subtypes)

@@ -9,30 +9,35 @@ per-sample CPU augmentation that bounds 3D contrastive training with TorchIO/MON
 Transforms, in the order they are applied (each with its own probability ``p_*``; a sample that
 is not selected passes unchanged):
 
-1. crop: a box of ``crop_scale`` times each side (one scale per sample, drawn in the range) or of
-   ``crop_size`` voxels, at a uniform random position; resized back to the input size when
+1. crop: a box of ``ceil(crop_scale * side)`` voxels along each side (one scale per sample, drawn
+   in the range) or of ``crop_size`` voxels, at a uniform random position; resized back to the input size when
    ``crop_resize`` (trilinear/bilinear). Without resize every view is cropped to the same size (a
    sample not selected gets the centre crop) so that the batch keeps one shape.
 2. affine: rotation by up to ``rotation_deg`` degrees about each axis and isotropic scaling in
    ``scaling``, about the centre, composed with the crop into one ``affine_grid`` + ``grid_sample``
    (used only when rotation/scaling is asked or the crop scale varies per sample).
-3. flip: each axis of ``flip_axes`` flipped with probability ``p_flip``, independently.
+3. flip: with probability ``p_flip``, one axis of ``flip_axes`` chosen uniformly is flipped
+   (``flip_mode="one"``, y-Aware's ``Flip``), or every axis of ``flip_axes`` is flipped
+   independently with probability ``p_flip`` (``flip_mode="each"``, TorchIO's ``RandomFlip``).
 4. intensity: ``x * a + b`` with ``a`` in ``intensity_scale`` and ``b`` in ``intensity_shift``.
 5. gamma: ``x`` rescaled to [0, 1] per sample, raised to ``gamma`` (log-uniform), rescaled back.
-6. blur: Gaussian of standard deviation ``blur_sigma`` (voxels), separable, zero padding.
+6. blur: isotropic Gaussian of standard deviation ``blur_sigma`` (voxels), separable, truncated at
+   4 standard deviations, borders mirrored: ``scipy.ndimage.gaussian_filter``'s defaults.
 7. noise: additive Gaussian noise of standard deviation ``noise_sigma`` (intensity units).
-8. cutout: a box of ``cutout_fraction`` of each side, at a uniform random position, set to 0.
+8. cutout: a box of ``ceil(cutout_fraction * side)`` voxels, at a uniform random position, set to 0.
 
 The defaults follow y-Aware's 3D MRI recipe (Dufumier et al., 2021, "Contrastive learning with
 continuous proxy meta-data for 3D MRI classification", https://arxiv.org/abs/2106.08808): flip,
 blur sigma in [0.1, 1], noise sigma in [0.1, 1], cutout of a quarter of each side, 75% crop
-resized back, each with p = 0.5.
+resized back, each with p = 0.5. One difference: y-Aware crops last (after cutout); here the
+geometry comes first so that blur, noise and cutout work on the final grid (the noise stays white
+and the cutout keeps its size instead of being magnified by the resize).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +47,7 @@ from neurocl.errors import ConfigError
 
 if TYPE_CHECKING:
     from neurocl.store import VolumeStore
+
 
 def Probability(default: float):
     """A probability field in [0, 1]."""
@@ -71,6 +77,7 @@ class ViewConfig(BaseModel):
     crop_resize: bool = True
     p_flip: float = Probability(default=0.5)
     flip_axes: tuple[int, ...] | None = None
+    flip_mode: Literal["one", "each"] = "one"
     p_affine: float = Probability(default=0.0)
     rotation_deg: float = Field(default=10.0, ge=0.0, le=180.0)
     scaling: tuple[float, float] = (0.9, 1.1)
@@ -217,7 +224,7 @@ class ViewSampler:
     def _crop_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
         if self.config.crop_size is not None:
             return tuple(min(c, s) for c, s in zip(self.config.crop_size, spatial_shape))
-        return tuple(max(1, round(self.config.crop_scale[0] * s)) for s in spatial_shape)
+        return tuple(_fraction_of(self.config.crop_scale[0], s) for s in spatial_shape)
 
     def _geometry(self, x: torch.Tensor, n_views: int, draw: "_Draw") -> torch.Tensor:
         """Crop (+ resize) and rotation/scaling: the only steps that move voxels."""
@@ -284,7 +291,13 @@ class ViewSampler:
     def _flip(self, views: torch.Tensor, draw: "_Draw") -> torch.Tensor:
         if self.config.p_flip == 0 or not self.flip_axes:
             return views
-        flips = draw.bernoulli((views.shape[0], len(self.flip_axes)), self.config.p_flip)
+        n_samples, n_axes = views.shape[0], len(self.flip_axes)
+        if self.config.flip_mode == "one":
+            selected = draw.bernoulli(n_samples, self.config.p_flip)
+            chosen = (draw.uniform(n_samples) * n_axes).floor().long().clamp_max(n_axes - 1)
+            flips = selected[:, None] & (chosen[:, None] == torch.arange(n_axes, device=views.device))
+        else:
+            flips = draw.bernoulli((n_samples, n_axes), self.config.p_flip)
         for column, axis in enumerate(self.flip_axes):
             views = torch.where(_per_sample(flips[:, column], views.ndim), views.flip(2 + axis), views)
         return views
@@ -315,10 +328,12 @@ class ViewSampler:
         return torch.where(_per_sample(selected, views.ndim), adjusted, views)
 
     def _blur(self, views: torch.Tensor, draw: "_Draw") -> torch.Tensor:
-        """Separable Gaussian blur with one kernel per sample (grouped convolution, zero padding).
+        """Separable Gaussian blur with one kernel per sample (grouped convolution, mirrored borders).
 
-        ``g_i(t) = exp(-t^2 / (2 sigma_i^2)) / sum_t' exp(-t'^2 / (2 sigma_i^2))`` for ``|t| <= ceil(3 max sigma)``;
-        samples not selected get the unit impulse, which leaves them exactly unchanged.
+        ``g_i(t) = exp(-t^2 / (2 sigma_i^2)) / sum_t' exp(-t'^2 / (2 sigma_i^2))`` for ``|t| <= r``,
+        ``r = int(4 max(blur_sigma) + 0.5)`` (scipy's ``truncate=4``; one radius for the batch, so a
+        smaller sigma keeps a few more, negligible, taps than scipy would); samples not selected get
+        the unit impulse, which leaves them exactly unchanged.
         """
         config = self.config
         if config.p_blur == 0 or config.blur_sigma[1] == 0:
@@ -326,7 +341,7 @@ class ViewSampler:
         n_samples, channels = views.shape[:2]
         selected = draw.bernoulli(n_samples, config.p_blur)
         sigma = draw.uniform((n_samples,), *config.blur_sigma).clamp_min(1e-3)
-        radius = math.ceil(3 * config.blur_sigma[1])
+        radius = int(4 * config.blur_sigma[1] + 0.5)
         taps = torch.arange(-radius, radius + 1, device=views.device, dtype=views.dtype)
         kernel = torch.exp(-(taps[None, :] ** 2) / (2 * sigma[:, None] ** 2))
         kernel = kernel / kernel.sum(dim=1, keepdim=True)
@@ -353,7 +368,7 @@ class ViewSampler:
         n_samples = views.shape[0]
         spatial = views.shape[2:]
         selected = draw.bernoulli(n_samples, config.p_cutout)
-        size = torch.tensor([max(1, round(config.cutout_fraction * s)) for s in spatial], device=views.device)
+        size = torch.tensor([_fraction_of(config.cutout_fraction, s) for s in spatial], device=views.device)
         room = torch.tensor(spatial, device=views.device) - size
         start = (draw.uniform((n_samples, len(spatial))) * (room + 1)).floor().long().clamp_max(room)
         box = _per_sample(selected, views.ndim)
@@ -388,6 +403,12 @@ class _Draw:
 
     def normal(self, shape, dtype=torch.float32) -> torch.Tensor:
         return torch.randn(tuple(shape), generator=self.generator, device=self.device, dtype=dtype)
+
+
+def _fraction_of(fraction: float, length: int) -> int:
+    """``ceil(fraction * length)`` voxels (y-Aware's rounding), at least 1; the tolerance keeps
+    ``0.25 * 64`` at 16 despite floating point."""
+    return max(1, min(length, math.ceil(fraction * length - 1e-9)))
 
 
 def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -440,6 +461,9 @@ def _rotation_matrices(angles: torch.Tensor, dims: int) -> torch.Tensor:
 def gaussian_filter_separable(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Filter every channel of every sample with its own 1D kernel along each spatial axis.
 
+    Borders are mirrored about the edge (``d c b a | a b c d``, scipy.ndimage's ``reflect``),
+    so a constant image stays constant.
+
     Parameters
     ----------
     x : (N, C, *S) tensor
@@ -455,10 +479,21 @@ def gaussian_filter_separable(x: torch.Tensor, kernels: torch.Tensor) -> torch.T
     for axis in range(dims):
         shape = [n_samples * channels, 1] + [1] * dims
         shape[2 + axis] = kernels.shape[1]
-        padding = [0] * dims
-        padding[axis] = radius
-        out = convolution(out, kernels.view(shape), padding=tuple(padding), groups=n_samples * channels)
+        out = convolution(_mirror_pad(out, 2 + axis, radius), kernels.view(shape), groups=n_samples * channels)
     return out.view(n_samples, channels, *spatial)
+
+
+def _mirror_pad(x: torch.Tensor, dim: int, radius: int) -> torch.Tensor:
+    """Pad ``radius`` voxels on both ends of ``dim`` with the edge-inclusive mirror image
+    (``torch.nn.functional.pad``'s ``reflect`` leaves the edge voxel out, which scipy does not)."""
+    if radius == 0:
+        return x
+    length = x.shape[dim]
+    position = torch.arange(-radius, length + radius, device=x.device)
+    period = 2 * length
+    position = position % period  # the mirrored signal repeats every 2 * length voxels
+    position = torch.where(position >= length, period - 1 - position, position)
+    return x.index_select(dim, position)
 
 
 # ---------------------------------------------------------------- grid patches
@@ -558,10 +593,12 @@ def aggregate_patches(
     if n_patches != coords.shape[0]:
         raise ConfigError(f"aggregate_patches: {n_patches} patch values but {coords.shape[0]} coordinates")
     voxels = _patch_voxel_index(coords.to(values.device), size, spatial_shape)
-    flat = values.transpose(1, 2).reshape(batch, channels, -1).float()
+    # Sums in float64: k equal float32 copies add up exactly, so extract-then-aggregate gives
+    # back the volume bit for bit.
+    flat = values.transpose(1, 2).reshape(batch, channels, -1).double()
     n_voxels = math.prod(spatial_shape)
-    total = torch.zeros(batch, channels, n_voxels, device=values.device).index_add_(2, voxels, flat)
-    counts = torch.zeros(n_voxels, device=values.device).index_add_(
-        0, voxels, torch.ones_like(voxels, dtype=torch.float32)
-    )
-    return (total / counts.clamp_min(1)).view(batch, channels, *spatial_shape)
+    total = torch.zeros(batch, channels, n_voxels, device=values.device, dtype=torch.float64)
+    total.index_add_(2, voxels, flat)
+    counts = torch.zeros(n_voxels, device=values.device, dtype=torch.float64)
+    counts.index_add_(0, voxels, torch.ones_like(voxels, dtype=torch.float64))
+    return (total / counts.clamp_min(1)).float().view(batch, channels, *spatial_shape)

@@ -48,7 +48,7 @@ def _loss_and_gradients(module, views, indices) -> tuple[float, list[torch.Tenso
     loss, _ = module.compute_loss(views, indices)
     loss.backward()
     net = module.net.module if isinstance(module.net, DistributedDataParallel) else module.net
-    return float(loss), [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    return float(loss.detach()), [p.grad.clone() for p in net.parameters() if p.grad is not None]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -81,5 +81,7 @@ def test_ddp_loss_and_gradients_equal_one_process_on_the_whole_batch(name, ddp_r
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=2, join=True)
+    # fork, not spawn: the workers inherit the imported modules instead of re-importing
+    # torch, Lightning and MONAI (tens of seconds on a loaded machine).
+    mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=2, join=True, start_method="fork")
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(2)]

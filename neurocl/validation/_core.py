@@ -66,6 +66,25 @@ def _well_conditioned_matrix(rows: int, cols: int, rng: np.random.Generator, poo
             return matrix
 
 
+def standardised(mixing: nn.Module, sample: torch.Tensor, centre: bool = True) -> nn.Sequential:
+    """``mixing`` followed by the affine map giving each output unit variance (and zero mean if ``centre``).
+
+    The statistics come from ``mixing(sample)``. An invertible per-dimension scaling keeps the
+    observations an invertible function of the latents while giving the encoders inputs of unit
+    scale; the result is frozen like ``mixing``.
+    """
+    with torch.no_grad():
+        outputs = mixing(sample)
+    mean, std = outputs.mean(0), outputs.std(0)
+    scale = nn.Linear(len(std), len(std), bias=centre)
+    scale.weight.data = torch.diag(1.0 / std)
+    if centre:
+        scale.bias.data = -mean / std
+    network = nn.Sequential(mixing, scale)
+    network.requires_grad_(False)
+    return network
+
+
 def mlp_encoder(
     in_dim: int, hidden: Sequence[int], out_dim: int, negative_slope: float = 0.2, bias: bool = True
 ) -> nn.Sequential:

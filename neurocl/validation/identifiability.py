@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from neurocl.validation._core import mlp_encoder, random_mlp, seeded, train
+from neurocl.validation._core import mlp_encoder, random_mlp, seeded, standardised, train
 from neurocl.validation.metrics import linear_r2, mcc
 
 
@@ -141,20 +141,12 @@ def _truncated_to_unit_box(latents: torch.Tensor, noise: str, scale: float, gene
 
 
 def _standardised(mixing: torch.nn.Module, space: str, n_latents: int, seed: int) -> torch.nn.Sequential:
-    # Scaling every observed dimension to unit variance is an invertible linear map, so x stays an
-    # invertible function of z. In the box it also centres x: uniform latents in [0, 1] leave an
-    # offset in g(z) that otherwise slows training several-fold. On the sphere it does not: there g
+    # In the box, centring matters too: uniform latents in [0, 1] leave an offset in g(z) that
+    # otherwise slows training several-fold. On the sphere it must not be done: there g
     # (bias-free leaky ReLU) is positively homogeneous, and keeping x = λ·g(z) homogeneous is what
     # lets a bias-free encoder map rays to rays (see IdentifiabilityConfig.encoder_bias).
-    with torch.no_grad():
-        sample = mixing(sample_latents(space, n_latents, 8192, torch.Generator().manual_seed(seed + 2)))
-    scale = torch.nn.Linear(n_latents, n_latents, bias=space == "box")
-    scale.weight.data = torch.diag(1.0 / sample.std(0))
-    if space == "box":
-        scale.bias.data = -sample.mean(0) / sample.std(0)
-    standardised = torch.nn.Sequential(mixing, scale)
-    standardised.requires_grad_(False)
-    return standardised
+    sample = sample_latents(space, n_latents, 8192, torch.Generator().manual_seed(seed + 2))
+    return standardised(mixing, sample, centre=space == "box")
 
 
 def run_identifiability(config: IdentifiabilityConfig, progress: bool = True) -> IdentifiabilityResult:
