@@ -73,6 +73,9 @@ def synth(
     subtype_effect: float = typer.Option(1.0, help="Strength of the subtype-specific GM loss in patients."),
     deformation: float = typer.Option(1.0, help="Strength of the individual smooth deformation (1 = 1-3 mm)."),
     seed: int = typer.Option(0, help="Random seed: same seed, same cohort."),
+    workers: Optional[int] = typer.Option(
+        None, help="Worker processes (default: one per CPU core); the cohort does not depend on it."
+    ),
 ) -> None:
     """Generate a synthetic cohort with known ground truth, offline.
 
@@ -94,7 +97,7 @@ def synth(
         deformation=deformation,
         seed=seed,
     )
-    spec_path = make_synthetic_cohort(out_dir, config, progress=True)
+    spec_path = make_synthetic_cohort(out_dir, config, progress=True, workers=workers)
     console.print(f"wrote synthetic cohort: [bold]{spec_path}[/]")
 
 

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from monai.networks import nets as monai_nets
 from monai.networks.blocks import Convolution
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 EncoderName = Literal["small_cnn", "densenet121", "resnet10", "resnet18", "resnet34", "resnet50", "seresnet50"]
@@ -50,8 +50,9 @@ class EncoderConfig(BaseModel):
     width: int = Field(16, ge=1, le=512, description="small_cnn: channels of the first stage (doubled at each stage).")
     norm: Literal["batch", "instance", "group", "none"] = Field(
         "batch",
-        description="small_cnn: normalisation layers. 'group' or 'none' make results independent of the per-rank "
-        "batch split under DDP without SyncBatchNorm.",
+        description="Normalisation layers of small_cnn, the ResNets and densenet121 (seresnet50: batch only; "
+        "'none': small_cnn only). 'group' or 'none' make the encoder's output independent of the per-rank batch "
+        "split under DDP without SyncBatchNorm.",
     )
     head_hidden_dim: int | None = Field(
         None, gt=0, description="Hidden size of the projection heads (None: the head's input size)."
@@ -59,12 +60,36 @@ class EncoderConfig(BaseModel):
     head_batchnorm: bool = Field(True, description="BatchNorm in the projection heads' hidden layer.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the projection heads.")
 
+    @model_validator(mode="after")
+    def _options_exist_for_the_network(self) -> "EncoderConfig":
+        # An option the chosen network cannot honour is an error, not silently ignored.
+        if self.name in ("densenet121", "seresnet50") and self.first_conv_stride != 2:
+            raise ValueError(
+                f"first_conv_stride={self.first_conv_stride} is not available for {self.name}, whose stem is fixed "
+                "at stride 2; it applies to small_cnn and resnet10/18/34/50"
+            )
+        if self.name == "seresnet50" and self.norm != "batch":
+            raise ValueError(f"norm={self.norm!r} is not available for seresnet50 (MONAI's SEResNet50 uses batch norm)")
+        if self.name != "small_cnn" and self.norm == "none":
+            raise ValueError(f"norm='none' is only available for small_cnn, not {self.name}")
+        return self
+
 
 def _norm(kind: str, channels: int):
     if kind == "none":
         return None
     if kind == "group":
         return ("group", {"num_groups": min(8, channels)})
+    return kind
+
+
+def _monai_norm(kind: str):
+    """MONAI norm argument for the ResNets and DenseNet (every layer's channels are multiples of 32)."""
+    if kind == "group":
+        return ("group", {"num_groups": 8})
+    if kind == "instance":
+        # MONAI's ResNet initialises every norm layer's weight, which an affine-free InstanceNorm lacks.
+        return ("instance", {"affine": True})
     return kind
 
 
@@ -120,11 +145,12 @@ def make_encoder(config: EncoderConfig | dict) -> tuple[nn.Module, int]:
     if config.name.startswith("resnet"):
         factory = getattr(monai_nets, config.name)
         network = factory(spatial_dims=dims, n_input_channels=channels, conv1_t_stride=config.first_conv_stride,
-                          feed_forward=False)
+                          feed_forward=False, norm=_monai_norm(config.norm))
         features = 2048 if config.name == "resnet50" else 512
         return _Pooled(network, features), features
     if config.name == "densenet121":
-        network = monai_nets.DenseNet121(spatial_dims=dims, in_channels=channels, out_channels=1)
+        network = monai_nets.DenseNet121(spatial_dims=dims, in_channels=channels, out_channels=1,
+                                         norm=_monai_norm(config.norm))
         network.class_layers.out = nn.Identity()
         return _Pooled(network, 1024), 1024
     network = monai_nets.SEResNet50(spatial_dims=dims, in_channels=channels, num_classes=1)

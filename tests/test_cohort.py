@@ -441,3 +441,21 @@ def test_stratifying_by_a_continuous_attribute_is_rejected():
     with pytest.raises(ConfigError, match="stratify: 'age' cannot stratify"):
         make_splits(split_cohort(), stratify=("group", "age"))
 
+
+
+def test_shipped_study_template_loads_against_a_matching_table(tmp_path):
+    """cohorts/study_template.yaml must stay a valid spec: point it at a table with its columns."""
+    import yaml
+
+    from neurocl.cohort import CohortSpec
+
+    template = Path(__file__).resolve().parents[1] / "cohorts" / "study_template.yaml"
+    raw = yaml.safe_load(template.read_text())
+    spec = CohortSpec.model_validate(raw)
+    columns = ["participant_id", "session_id", spec.group.column, *spec.attributes]
+    row = ["sub-01", "ses-1", spec.group.target[0], "30", "F", "s1", "1500", "12", "20"]
+    (tmp_path / "participants.tsv").write_text("\t".join(columns) + "\n" + "\t".join(row) + "\n")
+    raw.update(participants="participants.tsv", root=".")
+    cohort = Cohort.from_spec(CohortSpec.model_validate(raw), base_dir=tmp_path)
+    assert cohort.table.loc[0, "group"] == "target"
+    assert cohort.table.loc[0, "image"].endswith("mri/mwp1sub-01_ses-1_T1w.nii.gz")
