@@ -133,7 +133,8 @@ def run(
     """
     from neurocl.pipeline import run_pipeline
 
-    run_pipeline(pipeline, out, resume=resume)
+    run_dir = run_pipeline(pipeline, out, resume=resume)
+    console.print(f"run finished: [bold]{run_dir}[/]")
 
 
 @app.command()
@@ -164,7 +165,7 @@ def embed(
     """
     from neurocl.pipeline import embed_cohort
 
-    embed_cohort(checkpoint, cohort, out)
+    console.print(f"wrote embeddings: [bold]{embed_cohort(checkpoint, cohort, out)}[/]")
 
 
 @app.command()
@@ -220,6 +221,45 @@ def maps(
 
     out = run_maps(run_dir, atlas=atlas, atlas_names=atlas_names, ground_truth=ground_truth)
     console.print(f"wrote maps, regions and subtypes: [bold]{out}[/]")
+
+
+@bench_app.command("data")
+@user_errors
+def bench_data(
+    shape: str = typer.Option("121,145,121", help="Volume shape 'D,H,W' (or 'H,W'), or 'mni2mm' for 91,109,91."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Subjects per batch."),
+    views: int = typer.Option(2, help="Views per subject."),
+    batches: int = typer.Option(5, help="Measured batches per library (after one warm-up batch)."),
+    subjects: int = typer.Option(64, help="Synthetic subjects that batches are drawn from."),
+    device: str = typer.Option("cpu", help="cpu or cuda (neurocl runs there; baselines copy their batches there)."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers of MONAI/TorchIO (default: every core)."),
+    recipe: str = typer.Option("both", help="full (y-Aware: crop+resize, flip, blur, noise, cutout), light "
+                               "(crop, flip, noise, cutout: no interpolation) or both."),
+    libraries: str = typer.Option("neurocl,monai,torchio", help="Comma-separated subset of neurocl,monai,torchio."),
+    budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="neurocl GPU residency budget (0: staging)."),
+    model: Optional[str] = typer.Option(None, help="densenet121: also time a training step and the data share."),
+    quick: bool = typer.Option(False, help="Small run: 64^3, batch 8, 2 batches, 16 subjects."),
+) -> None:
+    """Views per second of neurocl's batched views against MONAI and TorchIO pipelines (same recipe).
+
+    Example: neurocl bench data --shape mni2mm --device cuda --model densenet121
+    """
+    from neurocl.bench import MNI_2MM, DataBenchConfig, print_data_benchmark, run_data_benchmark
+    from neurocl.errors import ConfigError
+
+    try:
+        spatial = MNI_2MM if shape == "mni2mm" else tuple(int(n) for n in shape.split(","))
+    except ValueError:
+        raise ConfigError(f"--shape {shape!r}: expected comma-separated integers such as 121,145,121, or mni2mm")
+    settings = dict(shape=spatial, batch_size=batch_size, n_views=views, n_batches=batches, n_subjects=subjects)
+    if quick:
+        settings.update(shape=(64,) * len(spatial), batch_size=8, n_batches=2, n_subjects=16)
+    config = DataBenchConfig(
+        **settings, device=device, workers=workers, memory_budget_gb=budget_gb, model=model,
+        recipes=("full", "light") if recipe == "both" else (recipe,),
+        libraries=tuple(name.strip() for name in libraries.split(",") if name.strip()),
+    )
+    print_data_benchmark(run_data_benchmark(config), Console())
 
 
 def _run() -> None:  # pragma: no cover - entry point for ``python -m neurocl``

@@ -143,6 +143,8 @@ class TrainingData:
         "continuous" or "categorical" for each attribute column.
     batch_size : int
         Subjects per batch and process.
+    memory_budget_gb : float, optional
+        GPU memory the whole store may take (None: half of the free memory); see ``VolumeStore.to``.
     """
 
     store: Any
@@ -153,11 +155,16 @@ class TrainingData:
     attributes: Tensor
     attribute_kinds: list[str]
     batch_size: int
+    memory_budget_gb: float | None = None
 
 
-def step_seed(seed: int, epoch: int, position: int, rank: int = 0) -> int:
-    """A 63-bit seed for one training step, a pure function of where the step is in the run."""
-    state = np.random.SeedSequence([seed, epoch + 1, position, rank]).generate_state(1, dtype=np.uint64)
+def step_seed(seed: int, epoch: int, position: int, rank: int = 0, stream: int = 0) -> int:
+    """A 63-bit seed for one step, a pure function of where the step is in the run.
+
+    ``stream`` separates independent uses of the same position (0: training views,
+    1: validation views).
+    """
+    state = np.random.SeedSequence([seed, stream, epoch, position, rank]).generate_state(1, dtype=np.uint64)
     return int(state[0] >> np.uint64(1))
 
 
@@ -368,7 +375,7 @@ class BaseMethod(L.LightningModule):
             checkpoint["neurocl_grid"] = self.grid
 
     def on_fit_start(self) -> None:
-        self.data.store.to(self.device)
+        self.data.store.to(self.device, memory_budget_gb=self.data.memory_budget_gb)
 
     def train_dataloader(self) -> EpochBatches:
         self._train_batches = self._batches(self.data.train_indices, self.data.batch_size, shuffle=True)
@@ -396,8 +403,11 @@ class BaseMethod(L.LightningModule):
             world_size=self.trainer.world_size,
         )
 
-    def _views(self, batch: dict, stage_offset: int) -> Tensor:
-        seed = step_seed(self.seed + stage_offset, batch["epoch"], batch["position"], self.global_rank)
+    def _views(self, batch: dict, validation: bool) -> Tensor:
+        # Validation views are the same every epoch (epoch 0's), so validation losses compare
+        # across epochs and do not depend on how many epochs this process has run (resume).
+        epoch = 0 if validation else batch["epoch"]
+        seed = step_seed(self.seed, epoch, batch["position"], self.global_rank, stream=int(validation))
         # Dropout and any other global-RNG use follows the step too, so resuming reproduces it.
         torch.manual_seed(seed)
         generator = torch.Generator(device=self.data.store.device).manual_seed(seed)
@@ -407,14 +417,14 @@ class BaseMethod(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         if batch["epoch"] != self.current_epoch:
             raise RuntimeError(f"batch of epoch {batch['epoch']} served in epoch {self.current_epoch}")
-        total, terms = self.compute_loss(self._views(batch, 0), batch["indices"])
+        total, terms = self.compute_loss(self._views(batch, validation=False), batch["indices"])
         self._check_finite(total, terms)
         self._log_terms("train", total, terms, len(batch["indices"]), on_step=True)
         self._train_batches.mark_done(batch["epoch"], batch["position"])
         return {"loss": total, "terms": {name: value.detach() for name, value in terms.items()}}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        total, terms = self.compute_loss(self._views(batch, 1), batch["indices"])
+        total, terms = self.compute_loss(self._views(batch, validation=True), batch["indices"])
         self._log_terms("val", total, terms, len(batch["indices"]), on_step=False)
 
     def _log_terms(self, stage: str, total: Tensor, terms: dict[str, Tensor], batch_size: int, on_step: bool) -> None:
@@ -451,14 +461,20 @@ class BaseMethod(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     @torch.no_grad()
-    def embed_store(self, store, indices: np.ndarray, batch_size: int = 16) -> dict[str, np.ndarray]:
+    def embed_store(self, store, indices: np.ndarray, batch_size: int = 16,
+                    progress: bool = False) -> dict[str, np.ndarray]:
         """Representations of the store's volumes at ``indices``, per space: {name: (n, d)} in float64."""
+        from rich.progress import Progress
+
         self.eval()
         store.to(self.device)
         chunks: dict[str, list[np.ndarray]] = {}
-        for _, volumes in store.batches(np.asarray(indices), batch_size):
-            for name, value in self.embed(volumes.to(self.device)).items():
-                chunks.setdefault(name, []).append(value.float().cpu().numpy().astype(np.float64))
+        with Progress(transient=True, disable=not progress) as bar:
+            task = bar.add_task("embedding", total=len(indices))
+            for batch_indices, volumes in store.batches(np.asarray(indices), batch_size):
+                for name, value in self.embed(volumes.to(self.device)).items():
+                    chunks.setdefault(name, []).append(value.float().cpu().numpy().astype(np.float64))
+                bar.advance(task, len(batch_indices))
         return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
 

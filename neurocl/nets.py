@@ -50,9 +50,9 @@ class EncoderConfig(BaseModel):
     width: int = Field(16, ge=1, le=512, description="small_cnn: channels of the first stage (doubled at each stage).")
     norm: Literal["batch", "instance", "group", "none"] = Field(
         "batch",
-        description="Normalisation layers of small_cnn, the ResNets and densenet121 (seresnet50: batch only; "
-        "'none': small_cnn only). 'group' or 'none' make the encoder's output independent of the per-rank batch "
-        "split under DDP without SyncBatchNorm.",
+        description="Normalisation layers of the encoder ('none': small_cnn only; 'group' has 8 groups). 'group' "
+        "or 'none' make the encoder's output independent of the per-rank batch split under DDP without "
+        "SyncBatchNorm (the projection heads' BatchNorm is set by head_batchnorm).",
     )
     head_hidden_dim: int | None = Field(
         None, gt=0, description="Hidden size of the projection heads (None: the head's input size)."
@@ -68,8 +68,6 @@ class EncoderConfig(BaseModel):
                 f"first_conv_stride={self.first_conv_stride} is not available for {self.name}, whose stem is fixed "
                 "at stride 2; it applies to small_cnn and resnet10/18/34/50"
             )
-        if self.name == "seresnet50" and self.norm != "batch":
-            raise ValueError(f"norm={self.norm!r} is not available for seresnet50 (MONAI's SEResNet50 uses batch norm)")
         if self.name != "small_cnn" and self.norm == "none":
             raise ValueError(f"norm='none' is only available for small_cnn, not {self.name}")
         return self
@@ -83,14 +81,23 @@ def _norm(kind: str, channels: int):
     return kind
 
 
-def _monai_norm(kind: str):
-    """MONAI norm argument for the ResNets and DenseNet (every layer's channels are multiples of 32)."""
-    if kind == "group":
-        return ("group", {"num_groups": 8})
-    if kind == "instance":
-        # MONAI's ResNet initialises every norm layer's weight, which an affine-free InstanceNorm lacks.
-        return ("instance", {"affine": True})
-    return kind
+def _replace_batchnorm(module: nn.Module, kind: str) -> nn.Module:
+    """Swap every BatchNorm of a MONAI network, in place, for GroupNorm (8 groups) or affine InstanceNorm.
+
+    Done after construction because MONAI's ResNet applies its ``norm`` argument to the stem only
+    and SEResNet50 has no such argument. Every layer of these networks has a multiple of 8 channels.
+    """
+    if kind == "batch":
+        return module
+    instance = {nn.BatchNorm2d: nn.InstanceNorm2d, nn.BatchNorm3d: nn.InstanceNorm3d}
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm2d, nn.BatchNorm3d)):
+            channels = child.num_features
+            new = nn.GroupNorm(8, channels) if kind == "group" else instance[type(child)](channels, affine=True)
+            setattr(module, name, new)
+        else:
+            _replace_batchnorm(child, kind)
+    return module
 
 
 class SmallCNN(nn.Module):
@@ -145,17 +152,16 @@ def make_encoder(config: EncoderConfig | dict) -> tuple[nn.Module, int]:
     if config.name.startswith("resnet"):
         factory = getattr(monai_nets, config.name)
         network = factory(spatial_dims=dims, n_input_channels=channels, conv1_t_stride=config.first_conv_stride,
-                          feed_forward=False, norm=_monai_norm(config.norm))
+                          feed_forward=False)
         features = 2048 if config.name == "resnet50" else 512
-        return _Pooled(network, features), features
+        return _Pooled(_replace_batchnorm(network, config.norm), features), features
     if config.name == "densenet121":
-        network = monai_nets.DenseNet121(spatial_dims=dims, in_channels=channels, out_channels=1,
-                                         norm=_monai_norm(config.norm))
+        network = monai_nets.DenseNet121(spatial_dims=dims, in_channels=channels, out_channels=1)
         network.class_layers.out = nn.Identity()
-        return _Pooled(network, 1024), 1024
+        return _Pooled(_replace_batchnorm(network, config.norm), 1024), 1024
     network = monai_nets.SEResNet50(spatial_dims=dims, in_channels=channels, num_classes=1)
     network.last_linear = nn.Identity()
-    return _Pooled(network, 2048), 2048
+    return _Pooled(_replace_batchnorm(network, config.norm), 2048), 2048
 
 
 class ProjectionHead(nn.Module):

@@ -15,8 +15,10 @@ schema is :class:`PipelineConfig`; every field is described in ``docs/pipelines.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rich.console import Console
 
-from neurocl.errors import ConfigError, NeuroclError
+from neurocl.errors import ConfigError, NeuroclError, TrainingError
 from neurocl.io import read_tsv, torch_save, write_json, write_text, write_tsv
 from neurocl.maps import MapsConfig
 from neurocl.methods import MethodConfig, OptimConfig, TrainingData, build_method, method_from_checkpoint
@@ -85,7 +87,9 @@ class TrainingConfig(OptimConfig):
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"] = Field(
         "auto", description="Lightning strategy; auto picks DDP with more than one process."
     )
-    sync_batchnorm: bool = Field(True, description="Synchronise BatchNorm statistics across processes under DDP.")
+    sync_batchnorm: bool = Field(
+        True, description="Synchronise BatchNorm statistics across GPUs under DDP (PyTorch has no CPU SyncBatchNorm)."
+    )
     seed: int = Field(0, description="Seed of weights, batch order and views: same seed, same embeddings on CPU.")
     deterministic: bool = Field(True, description="Ask PyTorch for deterministic kernels (warns where none exists).")
     checkpoint_every_n_steps: int = Field(50, ge=1, description="Write checkpoints/last.ckpt every N optimiser steps.")
@@ -281,11 +285,10 @@ def _callbacks(run_dir: Path, every_n_steps: int, progress: bool) -> list:
         def write(self, trainer) -> None:
             if trainer.is_global_zero and self.rows:
                 table = pd.DataFrame(self.rows)
-                front = ["step", "epoch"]
-                columns = front + sorted(c for c in table.columns if c.startswith("train/")) + sorted(
-                    c for c in table.columns if c.startswith("val/"))
-                with_missing = table[columns].to_csv(index=False, na_rep="")
-                write_text(run_dir / "logs" / "metrics.csv", with_missing)
+                # step, epoch, then train/loss, the train terms, val/loss, the val terms (first-logged order)
+                order = {"train/loss": 0, "val/loss": 2}
+                terms = sorted(table.columns[2:], key=lambda c: order.get(c, 1 if c.startswith("train/") else 3))
+                write_text(run_dir / "logs" / "metrics.csv", table[["step", "epoch", *terms]].to_csv(index=False))
 
         def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
             self.write(trainer)
@@ -313,7 +316,7 @@ def _callbacks(run_dir: Path, every_n_steps: int, progress: bool) -> list:
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
             last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
             if trainer.global_step % every_n_steps == 0 or last_of_epoch:
-                trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+                trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
 
         def on_validation_end(self, trainer, module) -> None:
             if trainer.sanity_checking:
@@ -321,8 +324,8 @@ def _callbacks(run_dir: Path, every_n_steps: int, progress: bool) -> list:
             val_loss = trainer.callback_metrics.get("val/loss")
             if val_loss is not None and float(val_loss) < self.best:
                 self.best = float(val_loss)
-                trainer.save_checkpoint(run_dir / "checkpoints" / "best.ckpt")
-            trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+                trainer.save_checkpoint(run_dir / "checkpoints" / "best.ckpt", weights_only=False)
+            trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
 
         def state_dict(self) -> dict:
             return {"best": self.best}
@@ -333,13 +336,18 @@ def _callbacks(run_dir: Path, every_n_steps: int, progress: bool) -> list:
     return [MetricsTable(), RunCheckpoints()] + ([RichProgressBar(leave=True)] if progress else [])
 
 
+def _on_gpu(training: TrainingConfig) -> bool:
+    import torch
+
+    return training.accelerator == "gpu" or (training.accelerator == "auto" and torch.cuda.is_available())
+
+
 def _precision(training: TrainingConfig) -> str:
     import torch
 
     if training.precision != "auto":
         return training.precision
-    on_gpu = training.accelerator != "cpu" and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if _on_gpu(training) and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def make_trainer(training: TrainingConfig, run_dir: Path, progress: bool = True, **overrides):
@@ -357,7 +365,7 @@ def make_trainer(training: TrainingConfig, run_dir: Path, progress: bool = True,
         num_nodes=training.num_nodes,
         strategy=training.strategy,
         precision=_precision(training),
-        sync_batchnorm=training.sync_batchnorm and world > 1,
+        sync_batchnorm=training.sync_batchnorm and world > 1 and _on_gpu(training),
         deterministic="warn" if training.deterministic else False,
         callbacks=_callbacks(run_dir, training.checkpoint_every_n_steps, progress),
         enable_progress_bar=progress,
@@ -417,6 +425,7 @@ def _training_data(config: PipelineConfig, method: MethodConfig, cohort, store, 
         attributes=torch.as_tensor(attributes, dtype=torch.float32),
         attribute_kinds=kinds,
         batch_size=config.training.batch_size,
+        memory_budget_gb=config.training.memory_budget_gb,
     )
 
 
@@ -447,38 +456,55 @@ def train(config: PipelineConfig, method: MethodConfig, run_dir: Path, cohort, s
     trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
     if trainer.interrupted:
         raise KeyboardInterrupt
-    return module.cpu().eval(), trainer.is_global_zero
+    return module.cpu().eval()
 
 
 # ---------------------------------------------------------------- stages
 
+# How long an extra DDP process waits for the primary to build the store and the splits.
+_PREPARE_TIMEOUT_S = 6 * 3600
+
 
 def _is_primary_process() -> bool:
-    """False in the extra processes Lightning's DDP launcher starts (they only train)."""
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    """False in every DDP process but the first (those Lightning launches, or torchrun / SLURM ranks > 0)."""
+    ranks = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
+    return all(os.environ.get(name, "0") == "0" for name in ranks)
 
 
-def _prepare_run_dir(config: PipelineConfig, run_dir: Path, resume: bool, primary: bool) -> None:
+# What a resumed run must share with the run it continues: everything the trained weights depend
+# on. The other sections (evaluation, baselines, maps, outputs, name) only shape later stages,
+# which a resumed run recomputes, so they may change.
+_TRAINING_SECTIONS = ("cohort", "preprocess", "splits", "views", "method", "encoder", "training")
+_FREE_TRAINING_FIELDS = ("checkpoint_every_n_steps", "memory_budget_gb")
+
+
+def _training_part(config: dict) -> dict:
+    part = {section: config.get(section) for section in _TRAINING_SECTIONS}
+    if isinstance(part["training"], dict):
+        part["training"] = {k: v for k, v in part["training"].items() if k not in _FREE_TRAINING_FIELDS}
+    return part
+
+
+def _prepare_run_dir(config: PipelineConfig, run_dir: Path, resume: bool) -> None:
+    """Check the run directory (new, or the same training's with ``resume``) and save config.yaml."""
     saved = run_dir / "config.yaml"
     if resume:
         if not saved.is_file():
             raise ConfigError(f"--resume: {run_dir} holds no run (config.yaml missing); start it without --resume")
-        before = yaml.safe_load(saved.read_text())
-        now = config.model_dump(mode="json")
-        changed = [key for key in now if before.get(key) != now[key]]
+        before, now = _training_part(yaml.safe_load(saved.read_text())), _training_part(config.model_dump(mode="json"))
+        changed = [section for section in _TRAINING_SECTIONS if before[section] != now[section]]
         if changed:
             raise ConfigError(
-                f"--resume: the pipeline differs from the run's {saved} in section(s) {', '.join(changed)}; "
-                "resume with the same pipeline or start a new run"
+                f"--resume: the pipeline differs from the run's {saved} in section(s) {', '.join(changed)}, "
+                "which the trained weights depend on; resume with the same pipeline or start a new run"
             )
-        return
-    if run_dir.exists() and any(run_dir.iterdir()) and primary:
+    elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"--out {run_dir} exists and is not empty; choose a new folder or pass --resume")
-    if primary:
-        write_text(saved, _config_yaml(config))
+    write_text(saved, _config_yaml(config))
 
 
-def _splits(config: PipelineConfig, cohort, run_dir: Path, primary: bool):
+def _splits(config: PipelineConfig, cohort, run_dir: Path):
+    """The run's split manifest: RUN/splits.tsv when it exists (resume), else drawn (or read) and saved."""
     from neurocl.cohort import Splits, make_splits
 
     manifest = run_dir / "splits.tsv"
@@ -494,14 +520,13 @@ def _splits(config: PipelineConfig, cohort, run_dir: Path, primary: bool):
         )
     if splits.column != "split":
         raise ConfigError(f"splits.file {config.splits.file}: training needs a holdout manifest (a 'split' column)")
-    if primary:
-        splits.save(manifest)
+    splits.save(manifest)
     return splits
 
 
-def embeddings_table(module, store, cohort, splits=None, batch_size: int = 16) -> pd.DataFrame:
+def embeddings_table(module, store, cohort, splits=None, batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
     """embeddings.tsv of every cohort row: keys, split, group, then ``<space>_<i>`` (before the heads)."""
-    representations = module.embed_store(store, store.rows_for(cohort), batch_size)
+    representations = module.embed_store(store, store.rows_for(cohort), batch_size, progress=progress)
     table = cohort.keys().reset_index(drop=True)
     table["split"] = np.nan if splits is None else _split_labels(splits, cohort)
     table["group"] = cohort.table["group"].to_numpy()
@@ -534,25 +559,97 @@ def _ground_truth(config: PipelineConfig) -> Path | None:
     return beside if beside.is_file() else None
 
 
-def _baseline(entry: BaselineConfig, config: PipelineConfig, run_dir: Path, cohort, store, splits, resume: bool):
-    """Embeddings of one baseline on the same store and splits (and its own run folder for trained ones)."""
-    out_dir = run_dir / "baselines" / entry.name
-    if entry.name in ("pca", "cpca"):
-        from neurocl.baselines import voxel_embeddings
+def _check_names(config: PipelineConfig, cohort) -> None:
+    """Attribute names of the pipeline that the cohort lacks, refused before any work (field named)."""
+    known = sorted(cohort.attribute_kinds)
+    fields = {
+        "method.attributes": config.method.attributes,
+        "evaluation.attributes": [name for name in config.evaluation.attributes or [] if name != "group"],
+        "splits.stratify": [name for name in config.splits.stratify if name != "group"],
+        **{f"baselines.{entry.name}.attributes": entry.attributes for entry in config.baselines
+           if entry.name == "yaware"},
+    }
+    for field, names in fields.items():
+        unknown = [name for name in names if name not in cohort.attribute_kinds]
+        if unknown:
+            raise ConfigError(f"{field}: {unknown} not in the attributes of cohort {cohort.source}: {known}")
 
-        return voxel_embeddings(store, cohort, method=entry.name, n_components=entry.n_components), out_dir
-    method = MethodConfig(
-        name=entry.name, n_views=config.method.n_views, temperature=entry.temperature,
-        attributes=entry.attributes if entry.name == "yaware" else [],
-        sigma=entry.sigma if entry.name == "yaware" else 1.0,
-    )
-    module, _ = train(config, method, out_dir, cohort, store, splits, resume)
-    return embeddings_table(module, store, cohort, splits, config.outputs.embed_batch_size), out_dir
+
+def _training_jobs(config: PipelineConfig, run_dir: Path) -> list[tuple[str, MethodConfig, Path]]:
+    """Every network the pipeline trains, in order: (name, method, output folder)."""
+    jobs = [("main", config.method, run_dir)]
+    for entry in config.baselines:
+        if entry.name in ("simclr", "yaware"):
+            method = MethodConfig(
+                name=entry.name, n_views=config.method.n_views, temperature=entry.temperature,
+                attributes=entry.attributes if entry.name == "yaware" else [],
+                sigma=entry.sigma if entry.name == "yaware" else 1.0,
+            )
+            jobs.append((f"baselines/{entry.name}", method, run_dir / "baselines" / entry.name))
+    return jobs
+
+
+def _optional_module(name: str, stage: str):
+    """``neurocl.<name>`` if this installation has it; otherwise None and a warning that ``stage`` is skipped."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"neurocl.{name}")
+    except ModuleNotFoundError as error:
+        if error.name != f"neurocl.{name}":
+            raise
+        console.print(f"[yellow]skipped {stage}: neurocl.{name} is not available in this installation[/]")
+        return None
+
+
+def _prepared_marker(run_dir: Path) -> Path:
+    return run_dir / "logs" / "prepared.json"
+
+
+def _wait_until_prepared(config: PipelineConfig, run_dir: Path, cohort):
+    """The store and splits the primary process prepared (extra DDP processes never build them).
+
+    The primary writes ``logs/prepared.json`` naming the store's volume file once the store and
+    ``splits.tsv`` are complete; a store rebuilt since (new file name) is waited for again.
+    """
+    from neurocl.cohort import Splits
+    from neurocl.store import VolumeStore
+
+    marker, deadline = _prepared_marker(run_dir), time.monotonic() + _PREPARE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            record = json.loads(marker.read_text())
+            store = VolumeStore.open(record["store"])
+            if store.record["volumes"] == record["volumes"]:
+                return store, Splits.load(run_dir / "splits.tsv", cohort)
+        except (OSError, ValueError, KeyError, NeuroclError):
+            pass  # not written yet, or being replaced by the primary
+        time.sleep(2.0)
+    raise TrainingError(f"DDP process: no prepared store and splits in {run_dir} after {_PREPARE_TIMEOUT_S} s")
+
+
+def _train_as_worker(config: PipelineConfig, run_dir: Path, resume: bool) -> Path:
+    """A DDP process other than the primary: train the same networks, in the same order, nothing else.
+
+    Lightning launches these processes (re-running the command) at the primary's first
+    ``Trainer.fit`` and they join each later fit; torchrun or SLURM start them with the primary.
+    """
+    from neurocl.cohort import Cohort
+
+    cohort = Cohort.from_yaml(config.cohort)
+    store, splits = _wait_until_prepared(config, run_dir, cohort)
+    for _, method, out_dir in _training_jobs(config, run_dir):
+        train(config, method, out_dir, cohort, store, splits, resume)
+    return run_dir
 
 
 def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool = False,
                  overrides: dict | None = None) -> Path:
     """``neurocl run PIPELINE --out RUN``: every stage of a pipeline into the run directory.
+
+    validate cohort -> store (reused when up to date) -> splits.tsv -> train (the method, then
+    trained baselines) -> embeddings.tsv -> probes.tsv + separation.json -> baselines -> maps ->
+    report. Under DDP the extra processes only train (:func:`_train_as_worker`).
 
     Parameters
     ----------
@@ -561,8 +658,8 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
     out : path
         Run directory (new, or the killed run's own with ``resume``).
     resume : bool
-        Continue from ``RUN/checkpoints/last.ckpt`` (the last complete checkpoint); later
-        stages are recomputed.
+        Continue every training from its ``checkpoints/last.ckpt`` (the last complete
+        checkpoint); the stages after training are recomputed.
     overrides : dict, optional
         Top-level pipeline fields replacing the YAML's.
 
@@ -576,32 +673,45 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
 
     config = load_pipeline(path, overrides)
     run_dir = Path(out).absolute()
-    primary = _is_primary_process()
-    _prepare_run_dir(config, run_dir, resume, primary)
+    if not _is_primary_process():
+        return _train_as_worker(config, run_dir, resume)
+    _prepare_run_dir(config, run_dir, resume)
 
     console.print(f"[bold]cohort[/] {config.cohort}")
     cohort = Cohort.from_yaml(config.cohort)
     cohort.check(check_images=True)
-    store = VolumeStore.build(cohort, config.outputs.store or run_dir / "store", config.preprocess, progress=primary)
-    splits = _splits(config, cohort, run_dir, primary)
+    _check_names(config, cohort)
+    store = VolumeStore.build(cohort, config.outputs.store or run_dir / "store", config.preprocess, progress=True)
+    splits = _splits(config, cohort, run_dir)
+    write_json(_prepared_marker(run_dir), {"store": str(store.cache_dir), "volumes": store.record["volumes"]})
 
-    console.print(f"[bold]training[/] {config.method.name} with {config.encoder.name}")
-    module, global_zero = train(config, config.method, run_dir, cohort, store, splits, resume)
-    if not (primary and global_zero):
-        return run_dir
+    modules = {}
+    for name, method, out_dir in _training_jobs(config, run_dir):
+        console.print(f"[bold]training[/] {name}: {method.name} with {config.encoder.name}")
+        modules[name] = train(config, method, out_dir, cohort, store, splits, resume)
 
     console.print("[bold]embedding[/] every subject")
-    embeddings = embeddings_table(module, store, cohort, splits, config.outputs.embed_batch_size)
+    embeddings = embeddings_table(modules["main"], store, cohort, splits, config.outputs.embed_batch_size, progress=True)
     write_tsv(run_dir / "embeddings.tsv", embeddings)
     ground_truth = _ground_truth(config)
     console.print("[bold]probing[/] " + ", ".join(config.evaluation.attributes or ["every attribute"]))
     _probe(embeddings, cohort, config, run_dir, ground_truth)
 
     for entry in config.baselines:
-        console.print(f"[bold]baseline[/] {entry.name}")
-        baseline_embeddings, out_dir = _baseline(entry, config, run_dir, cohort, store, splits, resume)
-        write_tsv(out_dir / "embeddings.tsv", baseline_embeddings)
-        _probe(baseline_embeddings, cohort, config, out_dir, ground_truth)
+        out_dir = run_dir / "baselines" / entry.name
+        if entry.name in ("pca", "cpca"):
+            baselines = _optional_module("baselines", f"baseline {entry.name}")
+            if baselines is None:
+                continue
+            console.print(f"[bold]baseline[/] {entry.name}")
+            table = baselines.voxel_embeddings(store, cohort, method=entry.name, n_components=entry.n_components)
+            table = _with_run_columns(table, cohort, splits)
+        else:
+            console.print(f"[bold]baseline[/] {entry.name}: embedding every subject")
+            table = embeddings_table(modules[f"baselines/{entry.name}"], store, cohort, splits,
+                                     config.outputs.embed_batch_size, progress=True)
+        write_tsv(out_dir / "embeddings.tsv", table)
+        _probe(table, cohort, config, out_dir, ground_truth)
 
     if config.maps.enabled:
         from neurocl.maps import run_maps
@@ -610,11 +720,19 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
         run_maps(run_dir, config=config.maps, ground_truth=ground_truth.parent if ground_truth else None)
 
     if config.outputs.report:
-        from neurocl.report import write_report
-
-        html, _ = write_report(run_dir)
-        console.print(f"report: [bold]{html}[/]")
+        report = _optional_module("report", "the report")
+        if report is not None:
+            html, _ = report.write_report(run_dir)
+            console.print(f"report: [bold]{html}[/]")
     return run_dir
+
+
+def _with_run_columns(table: pd.DataFrame, cohort, splits) -> pd.DataFrame:
+    """A baseline's embeddings with the run's ``split`` and ``group`` columns after the keys (embeddings.tsv)."""
+    keys = list(cohort.keys().columns)
+    merged = cohort.keys().assign(split=_split_labels(splits, cohort), group=cohort.table["group"].to_numpy())
+    features = table.drop(columns=[c for c in ("split", "group") if c in table.columns])
+    return merged.merge(features, on=keys, how="left", validate="one_to_one")
 
 
 def run_demo(out: str | os.PathLike = "neurocl-demo", resume: bool = False) -> Path:

@@ -28,6 +28,7 @@ solver run on all permutations together (torch, float64).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -37,7 +38,8 @@ import numpy as np
 import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, StratifiedGroupKFold
+from scipy.stats import rankdata
+from sklearn.model_selection import KFold, LeaveOneGroupOut, StratifiedKFold
 
 from neurocl.errors import CohortError, ConfigError
 
@@ -77,6 +79,8 @@ class ProbeConfig(BaseModel):
         Inverse L2 penalties of the logistic regression searched by the inner CV.
     min_samples : int
         Fewer labelled rows than this and the combination is skipped (with a note).
+    n_jobs : int
+        Probes run in parallel processes (-1: one per CPU core); results do not depend on it.
     seed : int
         Seeds the folds, the permutations and the bootstrap.
     """
@@ -91,7 +95,15 @@ class ProbeConfig(BaseModel):
     ridge_alphas: list[float] = Field(default_factory=lambda: np.logspace(-2, 4, 13).tolist(), min_length=1)
     logistic_cs: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1)
     min_samples: int = Field(10, ge=4)
+    n_jobs: int = Field(-1, description="Processes probing in parallel (-1: one per CPU core).")
     seed: int = 0
+
+    @field_validator("n_jobs")
+    @classmethod
+    def _jobs(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError(f"must be >= 1 or -1 (every core), got {value}")
+        return value
 
     @field_validator("ridge_alphas", "logistic_cs")
     @classmethod
@@ -220,14 +232,24 @@ def _fold_count(labels, groups, kind, wanted) -> tuple[int, str]:
 
 
 def _group_folds(labels, groups, kind, n_splits, seed) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K folds of participants (stratified by each participant's first label for categorical), as row indices.
+
+    Splitting the participants, then mapping them to their rows, keeps every row of a
+    participant in one fold; it is also much faster than sklearn's ``StratifiedGroupKFold``.
+    """
+    unique, first_row, participant_of_row = np.unique(groups, return_index=True, return_inverse=True)
     if kind == "categorical":
-        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     else:
-        splitter = GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        splitter = KFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
-        # Stratification is best effort with groups; the fold count was already checked.
+        # Classes smaller than the fold count were already handled by _fold_count.
         warnings.simplefilter("ignore", UserWarning)
-        return list(splitter.split(np.zeros(len(labels)), labels, groups))
+        participant_folds = list(splitter.split(np.zeros(len(unique)), np.asarray(labels)[first_row]))
+    return [
+        (np.flatnonzero(np.isin(participant_of_row, train)), np.flatnonzero(np.isin(participant_of_row, test)))
+        for train, test in participant_folds
+    ]
 
 
 # ----------------------------------------------------------------------------- estimators
@@ -265,92 +287,102 @@ def ridge_path_predictions(x_train, y_train, x_test, alphas) -> np.ndarray:
     return np.einsum("mk,ak,kp->apm", projected_test, shrink, projected_labels) + y_mean[None]
 
 
-def fit_logistic(x, onehot, c: float, init=None, max_iter: int = 50, tol: float = 1e-6):
-    r"""L2-penalised logistic regression for many label vectors at once (damped Newton).
+def fit_logistic(x, targets, c: float, init=None, max_iter: int = 50, tol: float = 1e-6):
+    r"""L2-penalised binary logistic regressions for many label vectors at once (damped Newton).
 
-    Minimises, for each label vector p, :math:`\sum_i -\log \pi_{i, y_i} + \lVert W \rVert^2 / (2C)`
-    with :math:`\pi_i = \mathrm{softmax}(W x_i + b)`; the intercept is not penalised
-    (a 1e-8 ridge keeps the softmax's shift invariance from making the Hessian singular).
-    Two classes use the usual single logit.
+    Minimises, for each label vector p,
+    :math:`\sum_i \left[\log(1 + e^{f_i}) - t_{pi} f_i\right] + \lVert w \rVert^2 / (2C)`,
+    :math:`f_i = w^\top x_i + b`, like sklearn's ``LogisticRegression(C=c)`` (lbfgs). The intercept
+    carries a 1e-8 penalty only, so that a label vector with a single class keeps a finite solution.
 
     Parameters
     ----------
-    x : Tensor (n, d) standardised features
-    onehot : Tensor (P, n, K) labels of P problems
-    c : float, inverse penalty (sklearn's ``C``)
-    init : Tensor (P, Kp, d + 1) or None, warm start
+    x : Tensor (n, d)
+        Standardised features (float64).
+    targets : Tensor (P, n)
+        0/1 labels of P problems (observed, permuted, one-vs-rest columns).
+    c : float
+        Inverse penalty (sklearn's ``C``).
+    init : Tensor (P, d + 1) or None
+        Warm start (the previous C of a path).
 
     Returns
     -------
-    Tensor (P, Kp, d + 1): weights then intercept, Kp = 1 for two classes else K.
+    Tensor (P, d + 1): weights then intercept.
     """
     n, d = x.shape
-    n_problems, _, n_classes = onehot.shape
     design = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], dim=1)
-    n_params = 1 if n_classes == 2 else n_classes
-    target = onehot[..., 1:] if n_classes == 2 else onehot
     penalty = torch.full((d + 1,), 1.0 / c, dtype=x.dtype)
     penalty[-1] = 1e-8
-    weights = torch.zeros(n_problems, n_params, d + 1, dtype=x.dtype) if init is None else init.clone()
+    weights = torch.zeros(targets.shape[0], d + 1, dtype=x.dtype) if init is None else init.clone()
 
-    def objective(w, rows):
-        logits = _full_logits(design, w, n_classes)
-        nll = -(torch.log_softmax(logits, dim=-1) * onehot[rows]).sum(dim=(1, 2))
-        return nll + 0.5 * (w**2 * penalty).sum(dim=(1, 2))
+    def objective(w, logits, rows):
+        return (torch.nn.functional.softplus(logits) - targets[rows] * logits).sum(1) + 0.5 * (w**2 * penalty).sum(1)
 
-    active = torch.arange(n_problems)
+    # Row-wise outer products, so that every problem's Hessian X^T diag(pi (1 - pi)) X is one GEMM.
+    outer = (design[:, :, None] * design[:, None, :]).reshape(n, (d + 1) ** 2)
+    active = torch.arange(targets.shape[0])
+    logits = weights @ design.T
+    loss = objective(weights, logits, active)
     for _ in range(max_iter):
-        w = weights[active]
-        prob = torch.softmax(_full_logits(design, w, n_classes), dim=-1)
-        prob_params = prob[..., 1:] if n_classes == 2 else prob
-        grad = torch.einsum("pnk,nd->pkd", prob_params - target[active], design) + w * penalty
-        converged = grad.abs().amax(dim=(1, 2)) < tol * n
+        prob = torch.sigmoid(logits)
+        grad = (prob - targets[active]) @ design + weights[active] * penalty
+        converged = grad.abs().amax(dim=1) < tol * n
         if converged.all():
             break
-        active, w, grad, prob_params = active[~converged], w[~converged], grad[~converged], prob_params[~converged]
-        # Hessian blocks X^T diag(pi_k (delta_kl - pi_l)) X, flattened to (Kp (d+1))^2.
-        curvature = torch.diag_embed(prob_params) - prob_params[..., :, None] * prob_params[..., None, :]
-        hessian = torch.einsum("pnkl,nd,ne->pkdle", curvature, design, design)
-        size = n_params * (d + 1)
-        hessian = hessian.reshape(len(active), size, size) + torch.diag(penalty.repeat(n_params))
-        step = torch.linalg.solve(hessian, grad.reshape(len(active), size, 1)).reshape(w.shape)
-        weights[active] = _backtrack(lambda candidate: objective(candidate, active), w, step, grad)
+        keep = ~converged
+        active, grad, prob, logits, loss = active[keep], grad[keep], prob[keep], logits[keep], loss[keep]
+        hessian = ((prob * (1 - prob)) @ outer).reshape(-1, d + 1, d + 1) + torch.diag(penalty)
+        step = torch.cholesky_solve(grad[..., None], torch.linalg.cholesky(hessian))[..., 0]
+        weights[active], logits, loss = _backtrack(objective, weights[active], logits, loss, step, grad, design, active)
     return weights
 
 
-def _full_logits(design, weights, n_classes):
-    logits = torch.einsum("nd,pkd->pnk", design, weights)
-    if n_classes == 2:
-        logits = torch.cat([torch.zeros_like(logits), logits], dim=-1)
-    return logits
+def _backtrack(objective, w, logits, loss, step, grad, design, rows, max_halvings: int = 30):
+    """Armijo backtracking per problem (Newton steps can overshoot when classes are nearly separable).
 
-
-def _backtrack(objective, w, step, grad, max_halvings: int = 30):
-    """Armijo backtracking per problem: Newton steps can overshoot when classes are separable."""
-    current = objective(w)
-    decrease = (grad * step).sum(dim=(1, 2))
+    Returns the new weights, their logits and objective values (reused by the next iteration).
+    """
+    decrease = (grad * step).sum(dim=1)
+    step_logits = step @ design.T
     size = torch.ones(len(w), dtype=w.dtype)
     accepted = torch.zeros(len(w), dtype=torch.bool)
     for _ in range(max_halvings):
-        candidate = objective(w - size[:, None, None] * step)
-        accepted |= candidate <= current - 1e-4 * size * decrease
+        candidate = objective(w - size[:, None] * step, logits - size[:, None] * step_logits, rows)
+        accepted |= candidate <= loss - 1e-4 * size * decrease
         if accepted.all():
             break
         size = torch.where(accepted, size, size / 2)
-    size = torch.where(accepted, size, torch.zeros_like(size))
-    return w - size[:, None, None] * step
+    size = torch.where(accepted, size, torch.zeros_like(size))[:, None]
+    new_logits = logits - size * step_logits
+    return w - size * step, new_logits, objective(w - size * step, new_logits, rows)
 
 
-def _logistic_path_proba(x_train, codes_train, x_test, n_classes, cs) -> torch.Tensor:
-    """Class probabilities on x_test for every C (warm-started path) and label vector: (C, P, m, K)."""
+def _logistic_path_proba(x_train, codes_train, x_test, n_classes, cs) -> np.ndarray:
+    """Class probabilities on x_test for every C (warm-started path) and label vector: (C, P, m, K).
+
+    Two classes: one logistic regression. More: one-vs-rest, the K sigmoid outputs normalised to
+    sum to 1 (sklearn's ``multi_class="ovr"``); all P x K binary problems are solved as one batch.
+    """
     x_train, x_test = (torch.from_numpy(a) for a in _standardise(x_train, x_test))
-    onehot = torch.nn.functional.one_hot(torch.from_numpy(codes_train), n_classes).to(torch.float64)
+    codes_train = torch.from_numpy(codes_train)
+    n_problems = codes_train.shape[0]
+    if n_classes == 2:
+        targets = codes_train.to(torch.float64)
+    else:
+        targets = torch.nn.functional.one_hot(codes_train, n_classes).permute(0, 2, 1).reshape(-1, codes_train.shape[1]).to(torch.float64)
     design_test = torch.cat([x_test, torch.ones(len(x_test), 1, dtype=x_test.dtype)], dim=1)
     weights, probabilities = None, []
     for c in cs:
-        weights = fit_logistic(x_train, onehot, c, init=weights)
-        probabilities.append(torch.softmax(_full_logits(design_test, weights, n_classes), dim=-1))
-    return torch.stack(probabilities)
+        weights = fit_logistic(x_train, targets, c, init=weights)
+        positive = torch.sigmoid(weights @ design_test.T)  # (P or P K, m)
+        if n_classes == 2:
+            proba = torch.stack([1 - positive, positive], dim=-1)
+        else:
+            proba = positive.reshape(n_problems, n_classes, -1).permute(0, 2, 1)
+            proba = proba / proba.sum(-1, keepdim=True)
+        probabilities.append(proba)
+    return torch.stack(probabilities).numpy()
 
 
 def cross_validated_predictions(features, labels, groups, kind, folds, config: ProbeConfig, n_classes: int | None = None):
@@ -394,7 +426,7 @@ def _fit_predict(x_train, y_train, x_test, kind, config, n_classes, choice=None)
     if kind == "continuous":
         path = ridge_path_predictions(x_train, y_train.astype(np.float64), x_test, config.ridge_alphas)
         return path[choice, columns] if choice is not None else path
-    path = _logistic_path_proba(x_train, y_train.astype(np.int64), x_test, n_classes, config.logistic_cs).numpy()
+    path = _logistic_path_proba(x_train, y_train.astype(np.int64), x_test, n_classes, config.logistic_cs)
     return path[choice, columns] if choice is not None else path
 
 
@@ -445,6 +477,7 @@ def score(metric: str, labels, predictions, weights=None) -> np.ndarray:
     predictions = np.asarray(predictions)
     if predictions.ndim == labels.ndim - 1 + (metric in METRICS["categorical"]):
         predictions = predictions[None]
+    auc_weights = None if weights is None else np.asarray(weights, dtype=np.float64)
     weights = np.ones(labels.shape, dtype=np.float64) if weights is None else np.asarray(weights, dtype=np.float64)
     if metric == "mae":
         return (weights * np.abs(labels - predictions)).sum(1) / weights.sum(1)
@@ -467,23 +500,26 @@ def score(metric: str, labels, predictions, weights=None) -> np.ndarray:
             return np.nanmean(np.stack(recalls), axis=0)
     if metric == "roc_auc":
         classes = [1] if n_classes == 2 else range(n_classes)
-        return np.mean([_binary_auc(labels == k, predictions[..., k], weights) for k in classes], axis=0)
+        return np.mean([_binary_auc(labels == k, predictions[..., k], auc_weights) for k in classes], axis=0)
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def _binary_auc(positive, scores, weights) -> np.ndarray:
-    """Weighted AUC per row; pairwise comparisons of (P|1, n, n) (n is a cohort, so small)."""
-    positive = np.broadcast_to(positive, weights.shape)
-    scores = np.broadcast_to(scores, weights.shape)
-    if scores.shape[0] > 1 and (scores == scores[:1]).all() and (positive == positive[:1]).all():
-        # Bootstrap: one set of scores, many weightings: a single (n, n) comparison matrix.
-        wins = np.sign(scores[0][:, None] - scores[0][None, :]) * 0.5 + 0.5
-        pos_weight, neg_weight = weights * positive[0], weights * ~positive[0]
-        numerator = np.einsum("bi,ij,bj->b", pos_weight, wins, neg_weight)
-    else:
-        wins = np.sign(scores[:, :, None] - scores[:, None, :]) * 0.5 + 0.5
-        pos_weight, neg_weight = weights * positive, weights * ~positive
-        numerator = np.einsum("bi,bij,bj->b", pos_weight, wins, neg_weight)
+def _binary_auc(positive, scores, weights=None) -> np.ndarray:
+    """AUC per row: ranks (Mann-Whitney, ties count 1/2) unweighted, or a shared (n, n) win matrix for weights.
+
+    positive, scores : (P, n) ; weights : (B, n) bootstrap counts, then positive/scores must be (1, n).
+    """
+    if weights is None:
+        ranks = rankdata(scores, axis=1)
+        n_positive = positive.sum(1)
+        n_negative = positive.shape[1] - n_positive
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return ((ranks * positive).sum(1) - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative)
+    if positive.shape[0] != 1 or scores.shape[0] != 1:
+        raise ValueError("weighted AUC needs a single row of labels and scores")
+    wins = np.sign(scores[0][:, None] - scores[0][None, :]) * 0.5 + 0.5
+    pos_weight, neg_weight = weights * positive[0], weights * ~positive[0]
+    numerator = ((pos_weight @ wins) * neg_weight).sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return numerator / (pos_weight.sum(1) * neg_weight.sum(1))
 
@@ -537,7 +573,7 @@ def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, si
     if not folds:
         return [], note
     rng = np.random.default_rng(config.seed)
-    permuted = np.stack([codes] + [rng.permutation(codes) for _ in range(config.n_permutations)])
+    permuted = codes[permutation_indices(groups, config.n_permutations, rng)]
     predictions = cross_validated_predictions(features, permuted, groups, kind, folds, config, n_classes)
     tested = np.concatenate([test for _, test in folds])
     observed_codes, observed = codes[tested], predictions[0, tested]
@@ -557,6 +593,33 @@ def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, si
         chance = chance_level(metric, codes, folds, n_classes)
         rows.append(dict(metric=metric, value=value, ci_low=ci[0], ci_high=ci[1], p_value=p_value, chance=chance, n=len(tested)))
     return rows, note
+
+
+def permutation_indices(groups, n_permutations: int, rng) -> np.ndarray:
+    """Row indices of the observed order then ``n_permutations`` permutations that move whole participants.
+
+    The exchangeable unit is the participant: each participant takes the rows (labels) of another
+    participant with the same number of rows, in session order, so that repeated sessions stay
+    together under the null. With one row per participant this is a plain row permutation.
+
+    Returns
+    -------
+    (1 + n_permutations, n) int array; row 0 is the identity.
+    """
+    groups = np.asarray(groups)
+    _, participant_of_row, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    rows_of = [np.flatnonzero(participant_of_row == p) for p in range(len(counts))] if counts.max() > 1 else None
+    out = np.empty((n_permutations + 1, len(groups)), dtype=np.int64)
+    out[0] = np.arange(len(groups))
+    for k in range(1, n_permutations + 1):
+        if rows_of is None:
+            out[k] = rng.permutation(len(groups))
+            continue
+        for size in np.unique(counts):
+            members = np.flatnonzero(counts == size)
+            destination = np.concatenate([rows_of[p] for p in members])
+            out[k, destination] = np.concatenate([rows_of[p] for p in rng.permutation(members)])
+    return out
 
 
 def _bootstrap_weights(groups, n_bootstrap, rng) -> np.ndarray | None:
@@ -621,30 +684,45 @@ def probe_embeddings(
         for subset in subsets
         if not (attribute == GROUP_ATTRIBUTE and subset != "all")
     ]
-    rows = []
-    for space, attribute, subset in _progress(jobs, progress, "probing"):
+    tasks = []
+    for space, attribute, subset in jobs:
         in_subset = table["group"].notna() if subset == "all" else table["group"].eq(subset)
         keep = (in_subset & table[attribute].notna()).to_numpy()
         if sites is not None:
             keep &= pd.notna(sites)
-        key = dict(space=space, attribute=attribute, subset=subset)
-        if attribute == config.leave_site_out:
-            results, note = [], "the attribute is the held-out site column"
-        else:
-            results, note = probe_attribute(
-                table.loc[keep, spaces[space]].to_numpy(),
-                table.loc[keep, attribute].to_numpy(),
-                table.loc[keep, "participant_id"].to_numpy(),
-                kinds[attribute],
-                config,
-                sites=None if sites is None else sites[keep],
-            )
+        tasks.append((
+            table.loc[keep, spaces[space]].to_numpy(),
+            table.loc[keep, attribute].to_numpy(),
+            table.loc[keep, "participant_id"].to_numpy(),
+            kinds[attribute],
+            None if sites is None else sites[keep],
+            attribute == config.leave_site_out,
+        ))
+    rows = []
+    for (space, attribute, subset), task, (results, note) in zip(jobs, tasks, _run_tasks(tasks, config, progress)):
         if not results:
-            message = f"skipped {space}/{attribute}/{subset}: {note}"
-            logger.warning(message)
-            results = [dict(metric="none", value=np.nan, ci_low=np.nan, ci_high=np.nan, p_value=np.nan, chance=np.nan, n=int(keep.sum()))]
-        rows.extend({**key, **result, "note": note} for result in results)
+            logger.warning("skipped %s/%s/%s: %s", space, attribute, subset, note)
+            results = [dict(metric="none", value=np.nan, ci_low=np.nan, ci_high=np.nan, p_value=np.nan, chance=np.nan, n=len(task[2]))]
+        rows.extend({"space": space, "attribute": attribute, "subset": subset, **result, "note": note} for result in results)
     return pd.DataFrame(rows, columns=PROBE_COLUMNS)
+
+
+def _probe_task(features, labels, groups, kind, sites, is_site_column, config):
+    if is_site_column:
+        return [], "the attribute is the held-out site column"
+    return probe_attribute(features, labels, groups, kind, config, sites=sites)
+
+
+def _run_tasks(tasks, config, progress):
+    """Results of :func:`_probe_task` in task order, on ``config.n_jobs`` processes (each single-threaded)."""
+    n_jobs = min(os.cpu_count() or 1, len(tasks)) if config.n_jobs == -1 else min(config.n_jobs, len(tasks))
+    if n_jobs <= 1:
+        return [_probe_task(*task, config) for task in _progress(tasks, progress, "probing")]
+    from joblib import Parallel, delayed, parallel_config
+
+    with parallel_config(backend="loky", inner_max_num_threads=1):
+        results = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(_probe_task)(*task, config) for task in tasks)
+        return list(_progress(results, progress, f"probing ({n_jobs} processes)", total=len(tasks)))
 
 
 def _site_column(table, config):
@@ -655,12 +733,12 @@ def _site_column(table, config):
     return table[config.leave_site_out].to_numpy()
 
 
-def _progress(items, enabled, description):
+def _progress(items, enabled, description, total=None):
     if not enabled:
         return items
     from rich.progress import track
 
-    return track(items, description=description, transient=True)
+    return track(items, description=description, transient=True, total=total)
 
 
 # ----------------------------------------------------------------------------- separation

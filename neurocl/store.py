@@ -181,6 +181,19 @@ def _resample_image(path: str, shape: Sequence[int], affine: np.ndarray, mode: s
     return np.asarray(out.detach().cpu().numpy()[0], dtype=np.float32)
 
 
+def _start_method() -> str:
+    """``fork`` on Linux, as torch's DataLoader does: a worker starts in milliseconds instead of
+    spending seconds re-importing torch and MONAI. ``spawn`` once CUDA is initialised (a forked
+    child cannot use it and inherits its state) and on other systems."""
+    import sys
+
+    import torch
+
+    if sys.platform.startswith("linux") and not torch.cuda.is_initialized():
+        return "fork"
+    return "spawn"
+
+
 def _single_threaded() -> None:
     """Worker-process start: one thread each, so that N workers do not oversubscribe N cores."""
     import torch
@@ -285,9 +298,8 @@ class VolumeStore:
         config : PreprocessConfig
         workers : int or None
             Worker processes for stage 1. ``None``: one per core (at most 16) when at least
-            ``PARALLEL_MIN_IMAGES`` images need preprocessing, else this process (a worker spends
-            seconds importing torch and MONAI, more than a few small images take). ``1`` works in
-            this process.
+            ``PARALLEL_MIN_IMAGES`` images need preprocessing, else this process (starting
+            workers costs more than a few small images take). ``1`` works in this process.
         progress : bool
             Show a progress bar.
         """
@@ -348,6 +360,63 @@ class VolumeStore:
         store = cls(cache_dir)
         store.rebuilt = rebuilt
         return store
+
+    @classmethod
+    def from_array(
+        cls,
+        volumes: np.ndarray,
+        cache_dir: str | os.PathLike,
+        affine: np.ndarray | None = None,
+        dtype: Literal["float16", "float32"] = "float16",
+    ) -> "VolumeStore":
+        """A store of volumes that are already preprocessed (``(N, 1, *spatial)``), e.g. synthetic
+        benchmark data or arrays made by another pipeline; no mask (every voxel is kept).
+
+        The manifest names each entry ``array[i]`` with the sha256 of its bytes; ``affine``
+        defaults to 1 mm voxels at the origin. Written and committed like :meth:`build`.
+        """
+        volumes = np.asarray(volumes)
+        if volumes.ndim < 4 or volumes.shape[1] != 1:
+            raise ConfigError(f"from_array: expected (N, 1, *spatial) volumes, got shape {volumes.shape}")
+        cache_dir = Path(cache_dir).resolve()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        spatial = tuple(int(n) for n in volumes.shape[2:])
+        affine = np.eye(4) if affine is None else np.asarray(affine, float)
+        config = PreprocessConfig(mask="none", normalise="none", crop_to_mask=False, dtype=dtype)
+        token = uuid.uuid4().hex[:12]
+        names = {kind: f"{kind}-{token}.{ext}" for kind, ext in (("volumes", "npy"), ("mask", "npy"), ("manifest", "tsv"))}
+        with atomic_path(cache_dir / names["volumes"]) as tmp:
+            stored = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=volumes.shape)
+            for index in range(len(volumes)):
+                stored[index] = volumes[index]
+            stored.flush()
+            hashes = [hashlib.sha256(np.ascontiguousarray(row).tobytes()).hexdigest() for row in stored]
+            del stored
+        with atomic_path(cache_dir / names["mask"]) as tmp:
+            np.save(tmp, np.ones(spatial, dtype=bool))
+        manifest = pd.DataFrame({
+            "index": np.arange(len(volumes)),
+            "participant_id": [f"sub-{index:04d}" for index in range(len(volumes))],
+            "source": [f"array[{index}]" for index in range(len(volumes))],
+            "size": [int(np.prod(volumes.shape[1:])) * np.dtype(dtype).itemsize] * len(volumes),
+            "mtime": np.nan,
+            "sha256": hashes,
+            "params": "{}",
+        })
+        write_tsv(cache_dir / names["manifest"], manifest)
+        record = {
+            "format": STORE_FORMAT,
+            **names,
+            "resampled": None,
+            "config": config.model_dump(mode="json"),
+            "grid": {"shape": list(spatial), "affine": affine.tolist()},
+            "crop": [[0, n] for n in spatial],
+            "affine": affine.tolist(),
+            "spatial_shape": list(spatial),
+        }
+        write_json(cache_dir / "store.json", record)
+        _remove_stale(cache_dir, keep=set(names.values()))
+        return cls(cache_dir)
 
     # ------------------------------------------------------------ description
 
@@ -576,8 +645,8 @@ def _previous_build(cache_dir: Path) -> dict | None:
             "manifest": read_tsv(cache_dir / record["manifest"]),
             "resampled": np.load(cache_dir / record["resampled"], mmap_mode="r"),
         }
-    except (OSError, ValueError, KeyError):
-        return None  # an unreadable cache is rebuilt from scratch, never trusted
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # an unreadable cache (or one made by from_array) is rebuilt from scratch, never trusted
 
 
 def _reusable(entries: pd.DataFrame, previous: dict | None) -> dict[int, int]:
@@ -622,8 +691,7 @@ def _resample_all(entries, todo, shape, affine, out, workers, bar) -> None:
             out[index] = array
             bar.advance(task)
         return
-    # spawn: a forked child would inherit torch's thread pools in an undefined state.
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context(_start_method())
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_single_threaded
     ) as pool:

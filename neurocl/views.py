@@ -210,6 +210,7 @@ class ViewSampler:
         if not x.is_floating_point():
             x = x.float()
         draw = _Draw(generator, x.device)
+        # _geometry always returns a new tensor (never a view of x): the later steps work in place.
         views = self._geometry(x, n_views, draw)
         views = self._flip(views, draw)
         views = self._intensity(views, draw)
@@ -245,9 +246,13 @@ class ViewSampler:
         room = torch.tensor([s - c for s, c in zip(spatial, crop)], device=x.device)
         random_start = (draw.uniform((n_samples, len(spatial))) * (room + 1)).floor().long().clamp_max(room)
         if config.crop_resize:
-            cropped = _gather_box(x, source, random_start, crop)
-            resized = F.interpolate(cropped, size=spatial, mode=_LINEAR[self.spatial_dims], align_corners=False)
-            return torch.where(_per_sample(selected, resized.ndim), resized, x[source])
+            # Only the selected samples are cropped and resized: the others are copied as they are.
+            views = x[source]
+            chosen = selected.nonzero().flatten()
+            if len(chosen):
+                cropped = _gather_box(x, source[chosen], random_start[chosen], crop)
+                views[chosen] = F.interpolate(cropped, size=spatial, mode=_LINEAR[self.spatial_dims], align_corners=False)
+            return views
         start = torch.where(selected[:, None], random_start, room // 2)
         return _gather_box(x, source, start, crop)
 
@@ -299,7 +304,9 @@ class ViewSampler:
         else:
             flips = draw.bernoulli((n_samples, n_axes), self.config.p_flip)
         for column, axis in enumerate(self.flip_axes):
-            views = torch.where(_per_sample(flips[:, column], views.ndim), views.flip(2 + axis), views)
+            chosen = flips[:, column].nonzero().flatten()
+            if len(chosen):
+                views[chosen] = views[chosen].flip(2 + axis)
         return views
 
     def _intensity(self, views: torch.Tensor, draw: "_Draw") -> torch.Tensor:
@@ -332,22 +339,23 @@ class ViewSampler:
 
         ``g_i(t) = exp(-t^2 / (2 sigma_i^2)) / sum_t' exp(-t'^2 / (2 sigma_i^2))`` for ``|t| <= r``,
         ``r = int(4 max(blur_sigma) + 0.5)`` (scipy's ``truncate=4``; one radius for the batch, so a
-        smaller sigma keeps a few more, negligible, taps than scipy would); samples not selected get
-        the unit impulse, which leaves them exactly unchanged.
+        smaller sigma keeps a few more, negligible, taps than scipy would); samples
+        not selected are left as they are (and not computed).
         """
         config = self.config
         if config.p_blur == 0 or config.blur_sigma[1] == 0:
             return views
-        n_samples, channels = views.shape[:2]
+        n_samples = views.shape[0]
         selected = draw.bernoulli(n_samples, config.p_blur)
         sigma = draw.uniform((n_samples,), *config.blur_sigma).clamp_min(1e-3)
+        chosen = selected.nonzero().flatten()
+        if len(chosen) == 0:
+            return views
         radius = int(4 * config.blur_sigma[1] + 0.5)
         taps = torch.arange(-radius, radius + 1, device=views.device, dtype=views.dtype)
-        kernel = torch.exp(-(taps[None, :] ** 2) / (2 * sigma[:, None] ** 2))
-        kernel = kernel / kernel.sum(dim=1, keepdim=True)
-        impulse = (taps == 0).to(views.dtype).expand_as(kernel)
-        kernel = torch.where(selected[:, None], kernel, impulse).repeat_interleave(channels, dim=0)
-        return gaussian_filter_separable(views, kernel)
+        kernel = torch.exp(-(taps[None, :] ** 2) / (2 * sigma[chosen, None] ** 2))
+        views[chosen] = gaussian_filter_separable(views[chosen], kernel / kernel.sum(dim=1, keepdim=True))
+        return views
 
     def _noise(self, views: torch.Tensor, draw: "_Draw") -> torch.Tensor:
         config = self.config
@@ -359,7 +367,7 @@ class ViewSampler:
         # Noise is drawn only for the selected samples: drawing normals is the cost of this step.
         chosen = selected.nonzero().flatten()
         noise = draw.normal((len(chosen), *views.shape[1:]), dtype=views.dtype)
-        return views.index_add(0, chosen, noise * _per_sample(sigma[chosen], views.ndim))
+        return views.index_add_(0, chosen, noise.mul_(_per_sample(sigma[chosen], views.ndim)))
 
     def _cutout(self, views: torch.Tensor, draw: "_Draw") -> torch.Tensor:
         config = self.config
@@ -378,7 +386,7 @@ class ViewSampler:
             shape = [n_samples, 1] + [1] * len(spatial)
             shape[2 + axis] = length
             box = box & inside.view(shape)
-        return views.masked_fill(box, 0.0)
+        return views.masked_fill_(box, 0.0)
 
 
 # ---------------------------------------------------------------- batched helpers
@@ -417,16 +425,16 @@ def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def _gather_box(x: torch.Tensor, source: torch.Tensor, start: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Boxes of ``size`` at per-sample ``start`` corners of ``x[source]`` in one gather: ``(N, C, *size)``."""
-    n_samples = source.shape[0]
-    dims = len(size)
-    index = [source.view(n_samples, *([1] * dims))]
+    """Boxes of ``size`` at per-sample ``start`` corners of ``x[source]`` in one gather: ``(N, C, *size)``.
+
+    ``unfold`` along each axis is a view (no copy) holding every box of ``size``; indexing it with
+    the per-sample (source, corner) pairs copies just the chosen boxes.
+    """
+    windows = x
     for axis, length in enumerate(size):
-        shape = [n_samples] + [1] * dims
-        shape[1 + axis] = length
-        index.append((start[:, axis, None] + torch.arange(length, device=x.device)).view(shape))
-    channels_last = x.movedim(1, -1)
-    return channels_last[tuple(index)].movedim(-1, 1)
+        windows = windows.unfold(2 + axis, length, 1)  # (B, C, *positions, *size)
+    corners = [start[:, axis] for axis in range(len(size))]
+    return windows[(source, slice(None), *corners)]
 
 
 def _grid_sample(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -459,41 +467,48 @@ def _rotation_matrices(angles: torch.Tensor, dims: int) -> torch.Tensor:
 
 
 def gaussian_filter_separable(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Filter every channel of every sample with its own 1D kernel along each spatial axis.
+    """Filter every sample with its own 1D kernel along each spatial axis (all channels alike).
 
-    Borders are mirrored about the edge (``d c b a | a b c d``, scipy.ndimage's ``reflect``),
-    so a constant image stays constant.
+    Borders are mirrored about the edge (``d c b a | a b c d``, scipy.ndimage's ``reflect``), so a
+    constant image stays constant. Along each axis the filter is one batched matrix product with
+    a per-sample ``(L, L)`` banded matrix that holds the kernel and the mirrored border: a dense
+    BLAS/cuBLAS call is far faster than the grouped depthwise convolution (slow on CPUs) or a
+    sum of shifted copies (bound by memory traffic), although it multiplies zeros off the band.
 
     Parameters
     ----------
     x : (N, C, *S) tensor
-    kernels : (N * C, K) tensor, K odd
-        Kernel of channel ``c`` of sample ``n`` in row ``n * C + c``, applied along every axis.
+    kernels : (N, K) tensor, K odd
+        Kernel of sample ``n`` in row ``n``, centred on tap ``K // 2``.
     """
-    n_samples, channels, *spatial = x.shape
-    dims = len(spatial)
-    radius = kernels.shape[1] // 2
-    convolution = F.conv3d if dims == 3 else F.conv2d
-    # Samples and channels become the channels of one grouped convolution: one call per axis.
-    out = x.reshape(1, n_samples * channels, *spatial)
-    for axis in range(dims):
-        shape = [n_samples * channels, 1] + [1] * dims
-        shape[2 + axis] = kernels.shape[1]
-        out = convolution(_mirror_pad(out, 2 + axis, radius), kernels.view(shape), groups=n_samples * channels)
-    return out.view(n_samples, channels, *spatial)
+    out = x
+    for dim in range(2, x.ndim):
+        matrix = _filter_matrices(kernels.to(x.dtype), out.shape[dim])
+        moved = out.movedim(dim, -1)
+        shape = moved.shape
+        # out[n, ..., i] = sum_j matrix[n, i, j] * x[n, ..., j]
+        filtered = torch.bmm(moved.reshape(shape[0], -1, shape[-1]), matrix.transpose(1, 2))
+        out = filtered.view(shape).movedim(-1, dim)
+    return out.contiguous()
 
 
-def _mirror_pad(x: torch.Tensor, dim: int, radius: int) -> torch.Tensor:
-    """Pad ``radius`` voxels on both ends of ``dim`` with the edge-inclusive mirror image
-    (``torch.nn.functional.pad``'s ``reflect`` leaves the edge voxel out, which scipy does not)."""
-    if radius == 0:
-        return x
-    length = x.shape[dim]
-    position = torch.arange(-radius, length + radius, device=x.device)
-    period = 2 * length
-    position = position % period  # the mirrored signal repeats every 2 * length voxels
-    position = torch.where(position >= length, period - 1 - position, position)
-    return x.index_select(dim, position)
+def _filter_matrices(kernels: torch.Tensor, length: int) -> torch.Tensor:
+    """``(N, L, L)`` matrices ``M[n, i, j] = sum of kernels[n, t] over taps t with mirror(i + t - r) == j``."""
+    n_samples, n_taps = kernels.shape
+    device = kernels.device
+    rows = torch.arange(length, device=device)[:, None].expand(length, n_taps)
+    columns = _mirror_index(rows + torch.arange(n_taps, device=device) - n_taps // 2, length)
+    matrix = torch.zeros(n_samples, length, length, dtype=kernels.dtype, device=device)
+    samples = torch.arange(n_samples, device=device)[:, None, None].expand(n_samples, length, n_taps)
+    index = (samples, rows.expand(n_samples, -1, -1), columns.expand(n_samples, -1, -1))
+    return matrix.index_put_(index, kernels[:, None, :].expand(n_samples, length, n_taps), accumulate=True)
+
+
+def _mirror_index(position: torch.Tensor, length: int) -> torch.Tensor:
+    """Indices of ``position`` (any integers) in the edge-inclusive mirror extension of ``0..length-1``."""
+    period = 2 * length  # the mirrored signal repeats every 2 * length voxels
+    position = position % period
+    return torch.where(position >= length, period - 1 - position, position)
 
 
 # ---------------------------------------------------------------- grid patches

@@ -169,10 +169,12 @@ def test_yaware_info_nce_accepts_a_precomputed_kernel():
     assert losses.yaware_info_nce(z, kernel=kernel).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_align_and_uniform_losses_equal_loops():
-    x, y = random_views((7, 3), seed=1), random_views((7, 3), seed=2)
-    expected_align = sum(math.sqrt(sq_dist(a, b)) ** 3 for a, b in zip(x.tolist(), y.tolist())) / 7
-    assert losses.align_loss(x, y, alpha=3).item() == pytest.approx(expected_align, rel=1e-5)
+@pytest.mark.parametrize(("batch", "dim"), [(2, 1), (7, 3), (12, 16)])
+@pytest.mark.parametrize("alpha", [1, 2, 3])
+def test_align_and_uniform_losses_equal_loops(batch, dim, alpha):
+    x, y = random_views((batch, dim), seed=batch + dim), random_views((batch, dim), seed=1 + batch + dim)
+    expected_align = sum(math.sqrt(sq_dist(a, b)) ** alpha for a, b in zip(x.tolist(), y.tolist())) / batch
+    assert losses.align_loss(x, y, alpha=alpha).item() == pytest.approx(expected_align, rel=1e-5)
     assert losses.uniform_loss(x, t=1.5).item() == pytest.approx(loop_uniform(x.double().tolist(), 1.5), rel=1e-5)
 
 
@@ -190,21 +192,21 @@ def test_decoupled_uniformity_with_prior_equals_loop_on_smoothed_centroids(shape
     assert losses.decoupled_uniformity(z, y=y, sigma=1.0, lam=0.1).item() == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("p", [1, 2])
-@pytest.mark.parametrize("batch", [3, 6])
-def test_lp_info_nce_equals_loop(p, batch):
-    h1, h2 = random_views((batch, 4), seed=p + batch), random_views((batch, 4), seed=9 + p + batch)
+@pytest.mark.parametrize("p", [1, 2, 3])
+@pytest.mark.parametrize(("batch", "dim"), [(3, 4), (6, 2), (5, 10)])
+def test_lp_info_nce_equals_loop(p, batch, dim):
+    h1, h2 = random_views((batch, dim), seed=p + batch), random_views((batch, dim), seed=9 + p + batch)
     expected = loop_lp_info_nce(h1, h2, p, temperature=0.7)
     assert losses.lp_info_nce(h1, h2, p=p, temperature=0.7).item() == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 3), (3, 5, 4)])
-def test_sepclr_terms_and_total_equal_loops(shape):
+@pytest.mark.parametrize(("shape", "salient_dim", "tau"), [((2, 6, 3), 3, 0.5), ((3, 5, 4), 2, 0.5), ((4, 7, 8), 5, 1.3)])
+def test_sepclr_terms_and_total_equal_loops(shape, salient_dim, tau):
     c = random_views(shape, seed=60 + sum(shape))
-    s = random_views(shape, seed=70 + sum(shape), scale=0.7)
-    is_target = torch.tensor([True, False, True, False, True, False][: shape[1]])
-    total, terms = losses.sepclr_loss(c, s, is_target, tau=0.5, beta_salient=2.0, beta_null=3.0, lam_mi=4.0)
-    expected = loop_sepclr(c, s, is_target, tau=0.5)
+    s = random_views((*shape[:2], salient_dim), seed=70 + sum(shape), scale=0.7)
+    is_target = torch.tensor([True, False, True, False, True, False, False][: shape[1]])
+    total, terms = losses.sepclr_loss(c, s, is_target, tau=tau, beta_salient=2.0, beta_null=3.0, lam_mi=4.0)
+    expected = loop_sepclr(c, s, is_target, tau=tau)
     for name, value in expected.items():
         assert terms[name].item() == pytest.approx(value, rel=1e-5, abs=1e-6), name
     expected_total = expected["common"] + 2.0 * expected["salient"] + 3.0 * expected["null"] + 4.0 * expected["mi"]
@@ -230,6 +232,43 @@ def test_uniform_loss_hand_computed_two_points():
 def test_lp_info_nce_hand_computed_one_dimension():
     h = torch.tensor([[0.0], [1.0]])
     assert losses.lp_info_nce(h, h, p=1, temperature=1.0).item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+
+
+def test_yaware_hand_computed_two_orthogonal_samples():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    z = torch.stack([torch.stack([e1, e2]), torch.stack([e1, e2])])
+    y = torch.tensor([0.0, 1.0])
+    # Every anchor: its other view (similarity 1, weight 1) and two embeddings of the other
+    # sample (similarity 0, weight w = exp(-1/2) each); weights normalised to 1, 2w / (1 + 2w).
+    w = math.exp(-0.5)
+    expected = math.log(math.e + 2.0) - 1.0 / (1.0 + 2.0 * w)
+    assert losses.yaware_info_nce(z, y, sigma=1.0, temperature=1.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_decoupled_uniformity_hand_computed_two_samples():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])
+    z = torch.stack([torch.stack([e1, e2]), torch.stack([2 * e1, e2])])
+    # Centroids e1 and e2, squared distance 2: log exp(-2t).
+    assert losses.decoupled_uniformity(z, t=2.0).item() == pytest.approx(-4.0, rel=1e-6)
+    # K = [[1, k], [k, 1]]: α shrinks μ_0 − μ_1 by (1 − k) / (1 − k + λ) = 0.5 / 1.0.
+    kernel = torch.tensor([[1.0, 0.5], [0.5, 1.0]])
+    assert losses.decoupled_uniformity(z, kernel=kernel, lam=0.5, t=2.0).item() == pytest.approx(-1.0, rel=1e-6)
+
+
+def test_sepclr_hand_computed_one_target_one_background():
+    # 1-D spaces, 2τ = 1. Common: the two samples sit at opposite poles in both views.
+    c = torch.tensor([[[2.0], [-1.0]], [[1.0], [-3.0]]])
+    # Salient: target at 1 then 2, background at 0.5 in both views.
+    s = torch.tensor([[[1.0], [0.5]], [[2.0], [0.5]]])
+    is_target = torch.tensor([True, False])
+    total, terms = losses.sepclr_loss(c, s, is_target, tau=0.5)
+    assert terms["common"].item() == pytest.approx(0.0 + 2 * (-4.0), rel=1e-6)
+    assert terms["salient"].item() == pytest.approx(1.0 + (-1.0) + (-4.0), rel=1e-6)
+    assert terms["null"].item() == pytest.approx(0.25, rel=1e-6)
+    expected_mi = (math.log((1 + math.exp(-4 - 1)) / 2) + math.log((1 + math.exp(-4 - 4)) / 2)) / 2
+    assert terms["mi"].item() == pytest.approx(expected_mi, rel=1e-6)
+    expected_total = -8.0 + 1.0 * (-4.0) + 10.0 * 0.25 + 10.0 * expected_mi
+    assert total.item() == pytest.approx(expected_total, rel=1e-6)
 
 
 def test_align_loss_is_zero_for_identical_views_with_finite_gradient():
@@ -280,6 +319,8 @@ def test_losses_and_gradients_are_finite_at_temperature_001(autocast):
             losses.yaware_info_nce(projected, y, sigma=0.5, temperature=0.01),
             losses.decoupled_uniformity(projected, y=y, t=100.0),
             losses.sepclr_loss(projected, projected, is_target, tau=0.01)[0],
+            losses.lp_info_nce(projected[0], projected[1], p=1, temperature=0.01),
+            losses.uniform_loss(F.normalize(projected[0], dim=-1), t=100.0),
         ]
     for value in values:
         assert value.dtype == torch.float32 and torch.isfinite(value)

@@ -458,3 +458,71 @@ def test_read_atlas_names_reports_the_file_line_and_bad_index(tmp_path):
     path.write_text("index\tname\n1\thippocampus\n1\tamygdala\n")
     with pytest.raises(ConfigError, match="index 1 appears more than once"):
         read_atlas_names(path)
+
+
+# ---------------------------------------------------------------------------------------------- a real run
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_cohort, tmp_path_factory):
+    """A real run of the tiny cohort: SepCLR trained for one epoch by ``run_pipeline``, maps stage on.
+
+    The store is not cropped, so its grid is the cohort's own grid.
+    """
+    import yaml
+
+    from neurocl.pipeline import run_pipeline
+
+    folder = tmp_path_factory.mktemp("trained_run")
+    pipeline = {
+        "name": "tiny-maps",
+        "cohort": str(tiny_cohort),
+        "preprocess": {"crop_to_mask": False},
+        "method": {"name": "sepclr", "common_dim": 4, "salient_dim": 4},
+        "encoder": {"name": "small_cnn", "width": 4},
+        "training": {"epochs": 1, "batch_size": 16, "accelerator": "cpu", "precision": "32-true", "seed": 0},
+        # No probes: this run only has to exist for the maps stage.
+        "evaluation": {"attributes": [], "probe": {"n_splits": 2, "n_permutations": 0, "n_bootstrap": 0}},
+        "maps": {"enabled": True, "k_min": 2, "k_max": 2, "n_bootstrap": 3, "occlusion_max_subjects": 1,
+                 "occlusion_patch_mm": 32.0, "occlusion_stride_mm": 32.0, "n_regions": 8},
+        "outputs": {"report": False},
+    }
+    (folder / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+    return run_pipeline(folder / "pipeline.yaml", folder / "run")
+
+
+def test_the_maps_stage_of_a_run_writes_maps_on_the_cohort_grid_with_plots_and_subtypes(trained_run, tiny_cohort):
+    from neurocl.cohort import Cohort
+
+    cohort = Cohort.from_yaml(tiny_cohort)
+    shape, affine, _ = cohort.reference_grid()
+    maps_dir = trained_run / "maps"
+    subtypes = json.loads((maps_dir / "subtypes.json").read_text())
+    k = subtypes["n_clusters"]
+    assert k == 2 and sum(subtypes["cluster_sizes"].values()) == int(cohort.is_target.sum())
+
+    index = pd.read_csv(maps_dir / "index.tsv", sep="\t")
+    groups = ["all"] + [f"cluster-{c}" for c in range(1, k + 1)]
+    assert sorted(index["map"]) == sorted(f"{m}_{g}" for m in ("gradient_x_input", "occlusion") for g in groups)
+    for row in index.itertuples():
+        image = nib.load(maps_dir / row.nifti)
+        assert image.shape == tuple(shape)
+        np.testing.assert_allclose(image.affine, affine, atol=1e-5)
+        assert np.isfinite(np.asarray(image.dataobj)).all() and np.abs(np.asarray(image.dataobj)).max() > 0
+        assert (maps_dir / row.png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        regions = pd.read_csv(maps_dir / row.regions, sep="\t")
+        assert regions["name"].iloc[0] == row.top_region and len(regions) == 8
+
+    clusters = pd.read_csv(maps_dir / "clusters.tsv", sep="\t")
+    targets = cohort.table.loc[cohort.is_target, "participant_id"]
+    assert sorted(clusters["participant_id"]) == sorted(targets) and set(clusters["cluster"]) == set(range(1, k + 1))
+    evaluation = json.loads((maps_dir / "evaluation.json").read_text())  # strict JSON: no NaN
+    assert -1 <= evaluation["ari"] <= 1
+    assert {(row["method"], row["subtype"]) for row in evaluation["map_auc"]} == {
+        (m, s) for m in ("gradient_x_input", "occlusion") for s in (1, 2)
+    }
+    for row in evaluation["map_auc"]:
+        assert 0 <= row["auc_subtype_map"] <= 1
+    # The model-free difference map finds the planted regions (well above chance, 0.5): the true
+    # masks were resampled onto the grid the maps are scored on.
+    assert evaluation["reference_summary"]["mean_auc_difference_map"] > 0.7

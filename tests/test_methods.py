@@ -112,3 +112,112 @@ def test_yaware_config_without_attributes_names_the_field():
 def test_sigma_list_must_match_the_attributes():
     with pytest.raises(ValueError, match="2 values for 1 attributes"):
         MethodConfig(name="decoupled_uniformity", attributes=["age"], sigma=[1.0, 2.0])
+
+
+# ---------------------------------------------------------------- the method modules
+
+ENCODER = {"name": "small_cnn", "width": 2}
+BATCH = 6
+SHAPE = (1, 8, 8, 8)
+EXPECTED_TERMS = {
+    "sepclr": {"common", "salient", "null", "mi"},
+    "simclr": {"info_nce"},
+    "yaware": {"yaware"},
+    "decoupled_uniformity": {"uniformity"},
+}
+
+
+def _module(name: str, **method):
+    from neurocl.methods import TrainingData
+
+    torch.manual_seed(0)
+    config = {"name": name, "common_dim": 3, "salient_dim": 3, "proj_dim": 5, **method}
+    if name in ("yaware", "decoupled_uniformity"):
+        config.setdefault("attributes", ["age"])
+        config.setdefault("sigma", 10.0)
+    module = build_method(config, ENCODER, seed=0)
+    module.data = TrainingData(
+        store=None, sampler=None, train_indices=np.arange(BATCH), val_indices=np.arange(0),
+        is_target=torch.tensor([True, False] * (BATCH // 2)),
+        attributes=torch.tensor([[20.0], [25.0], [40.0], [41.0], [60.0], [80.0]]), attribute_kinds=["continuous"],
+        batch_size=BATCH,
+    )
+    return module.eval()
+
+
+def _views(n_views: int = 2) -> torch.Tensor:
+    return torch.randn(n_views, BATCH, *SHAPE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TERMS))
+def test_each_method_returns_its_named_loss_terms(name):
+    total, terms = _module(name).compute_loss(_views(), np.arange(BATCH))
+    assert set(terms) == EXPECTED_TERMS[name]
+    assert total.dim() == 0 and torch.isfinite(total) and total.requires_grad
+
+
+def test_sepclr_total_is_the_weighted_sum_of_its_terms():
+    module = _module("sepclr", beta_salient=2.0, beta_null=3.0, lam_mi=0.5)
+    total, terms = module.compute_loss(_views(), np.arange(BATCH))
+    weighted = terms["common"] + 2.0 * terms["salient"] + 3.0 * terms["null"] + 0.5 * terms["mi"]
+    torch.testing.assert_close(total, weighted)
+
+
+def test_simclr_loss_is_info_nce_of_the_projections_of_every_view():
+    module = _module("simclr", temperature=0.2, n_views=3)
+    views = _views(3)
+    total, _ = module.compute_loss(views, np.arange(BATCH))
+    projections = torch.stack([module.net(view)["proj"] for view in views])
+    torch.testing.assert_close(total, losses.info_nce(projections, temperature=0.2))
+
+
+def test_yaware_prior_is_the_rbf_kernel_of_the_batch_attributes():
+    module = _module("yaware", sigma=10.0)
+    indices = np.array([0, 2, 5])
+    ages = np.array([20.0, 40.0, 80.0])
+    expected = np.exp(-((ages[:, None] - ages[None, :]) ** 2) / (2 * 10.0**2))
+    np.testing.assert_allclose(module.attribute_prior(indices).numpy(), expected, rtol=1e-6)
+
+
+def test_embed_gives_the_representations_before_the_heads():
+    module = _module("sepclr")
+    x = _views()[0]
+    spaces = module.embed(x)
+    outputs = module.net(x)
+    assert set(spaces) == {"common", "salient"}
+    torch.testing.assert_close(spaces["common"], outputs["common_rep"])
+    torch.testing.assert_close(spaces["salient"], outputs["salient_rep"])
+    assert spaces["common"].shape == (BATCH, 3)
+    assert set(_module("simclr").embed(x)) == {"emb"}
+
+
+def test_method_from_checkpoint_restores_config_and_weights(tmp_path):
+    module = _module("yaware", temperature=0.3)
+    with torch.no_grad():
+        next(module.parameters()).add_(1.0)  # differ from a fresh initialisation
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, tmp_path / "m.ckpt")
+    restored = method_from_checkpoint(torch.load(tmp_path / "m.ckpt", weights_only=True))
+    assert type(restored).__name__ == "YAware" and restored.method_config.temperature == 0.3
+    x = _views()[0]
+    torch.testing.assert_close(restored.embed(x)["emb"], module.embed(x)["emb"])
+
+
+def test_non_finite_term_is_reported_with_its_name_and_the_step():
+    module = _module("sepclr")
+    terms = {"common": torch.tensor(1.0), "mi": torch.tensor(float("inf"))}
+    with pytest.raises(TrainingError, match=r"step 0 \(epoch 0\): term 'mi' = inf"):
+        module._check_finite(torch.tensor(float("inf")), terms)
+
+
+def test_step_seeds_differ_between_positions_epochs_ranks_and_streams():
+    from neurocl.methods import step_seed
+
+    seeds = {step_seed(0, 1, 2), step_seed(0, 1, 3), step_seed(0, 2, 2), step_seed(0, 1, 2, rank=1),
+             step_seed(0, 1, 2, stream=1), step_seed(1, 1, 2)}
+    assert len(seeds) == 6
+    assert step_seed(0, 1, 2) == step_seed(0, 1, 2)
+
+
+def test_optimiser_config_refuses_a_negative_learning_rate():
+    with pytest.raises(ValueError, match="lr"):
+        OptimConfig(lr=-1.0)

@@ -270,3 +270,14 @@ def test_parallel_workers_build_the_same_store(tiny_cohort, tmp_path):
     parallel = VolumeStore.build(cohort, tmp_path / "parallel", RAW, workers=2, progress=False)
     assert parallel.rebuilt == [0, 1, 2, 3]
     np.testing.assert_array_equal(parallel.volumes, serial.volumes)
+
+
+def test_from_array_stores_given_volumes_with_a_manifest(tmp_path):
+    volumes = np.random.default_rng(0).normal(size=(3, 1, 4, 5, 6)).astype(np.float32)
+    store = VolumeStore.from_array(volumes, tmp_path / "array", dtype="float32")
+    np.testing.assert_array_equal(store.volumes, volumes)
+    assert store.manifest["source"].tolist() == ["array[0]", "array[1]", "array[2]"]
+    assert store.manifest["sha256"][1] == hashlib.sha256(volumes[1].tobytes()).hexdigest()
+    assert VolumeStore.open(tmp_path / "array").spatial_shape == (4, 5, 6) and store.mask.all()
+    with pytest.raises(ConfigError, match="expected \\(N, 1, \\*spatial\\)"):
+        VolumeStore.from_array(volumes[:, 0], tmp_path / "bad")

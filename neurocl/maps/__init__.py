@@ -18,7 +18,14 @@ Four pieces, each usable on its own (model- and array-level), chained by :func:`
 """
 
 from neurocl.maps.attribution import gradient_x_input, occlusion
-from neurocl.maps.evaluation import evaluate_subtypes, find_ground_truth, load_ground_truth, map_auc, match_clusters
+from neurocl.maps.evaluation import (
+    evaluate_subtypes,
+    find_ground_truth,
+    load_brain_mask,
+    load_ground_truth,
+    map_auc,
+    match_clusters,
+)
 from neurocl.maps.regions import coarse_parcellation, plot_map, rank_regions, read_atlas_names
 from neurocl.maps.stage import MapsConfig, analyse_salient, run_maps
 from neurocl.maps.subtypes import SubtypeClustering, cluster_associations, fdr_bh
@@ -33,6 +40,7 @@ __all__ = [
     "fdr_bh",
     "find_ground_truth",
     "gradient_x_input",
+    "load_brain_mask",
     "load_ground_truth",
     "map_auc",
     "match_clusters",

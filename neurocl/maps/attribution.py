@@ -115,19 +115,22 @@ def occlusion(
     space: str = "salient",
     baseline: torch.Tensor | None = None,
     batch_size: int = 32,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Occlusion sensitivity of each subject's representation (Zeiler & Fergus, 2014).
 
     The grid patches of the data path (:func:`neurocl.views.extract_patches`, side ``patch``,
-    step ``stride``) are replaced one at a time by the reference volume x₀; the effect of patch
-    P on subject x is how far its representation moves,
+    step ``stride``, the last patch of each axis flush with the border) are replaced one at a
+    time by the reference volume x₀; the effect of patch P on subject x is how far its
+    representation moves,
 
         e(P) = ‖r(x with P ← x₀) − r(x)‖₂,
 
     and each voxel gets the mean effect of the patches that cover it
-    (:func:`neurocl.views.aggregate_patches`). All occluded copies of a volume go through the
-    network in batches of ``batch_size``; patches where the volume already equals x₀ (outside
-    a masked brain) change nothing and are not run (their effect is exactly 0).
+    (:func:`neurocl.views.aggregate_patches`). The occluded copies of all subjects go through
+    the network together, ``batch_size`` at a time. A patch where a subject's volume already
+    equals x₀ (e.g. outside a masked brain with x₀ = 0) leaves the input unchanged: its effect
+    is exactly 0 and it is not run.
 
     Parameters
     ----------
@@ -143,40 +146,41 @@ def occlusion(
         (C, *S) reference volume x₀ that fills the occluded patch; zeros when None.
     batch_size : int
         Occluded copies per forward pass.
+    progress : bool
+        Show a progress bar over the forward passes.
 
     Returns
     -------
     torch.Tensor
         (N, 1, *S) non-negative effect map.
     """
+    from rich.progress import track
+
     from neurocl.views import aggregate_patches, extract_patches
 
     spatial_shape = tuple(volumes.shape[2:])
-    # Only the grid's start corners are needed: the occluded copies are built with masks below.
-    _, starts = extract_patches(volumes[:1, :1], patch, stride)
     size = _as_sizes(patch, len(spatial_shape))
     reference = _reference_like(volumes[:1], baseline)[0]
-    starts = starts.to(volumes.device)
+    # The (subject, patch) pairs that change the input at all: patches of the "differs from x₀"
+    # volume holding a non-zero voxel. One subject at a time keeps memory at one volume's patches.
+    touched = []
+    for volume in volumes:
+        differs = (volume != reference).any(0)[None, None].float()
+        patches_differ, starts = extract_patches(differs, size, stride)
+        touched.append(patches_differ[0].flatten(1).any(1))
+    pairs = torch.stack(touched).nonzero()  # (M, 2): subject, patch
     effects = torch.zeros(volumes.shape[0], starts.shape[0], device=volumes.device)
     with _eval_mode(model), torch.no_grad():
-        for n, volume in enumerate(volumes):
-            own = _representation(model, volume[None], space)
-            # A patch where the volume already equals the reference (e.g. outside a masked brain)
-            # leaves the input unchanged: its effect is exactly 0, so it is not run.
-            differs = (volume != reference).any(0)
-            touched = torch.cat(
-                [
-                    (_cube_masks(starts[first : first + batch_size], size, spatial_shape) & differs).flatten(1).any(1)
-                    for first in range(0, starts.shape[0], batch_size)
-                ]
-            )
-            active = touched.nonzero().flatten()
-            for first in range(0, len(active), batch_size):
-                which = active[first : first + batch_size]
-                cubes = _cube_masks(starts[which], size, spatial_shape)
-                occluded = torch.where(cubes[:, None], reference[None], volume[None])
-                moved = _representation(model, occluded, space) - own
-                effects[n, which] = torch.linalg.vector_norm(moved, dim=1)
+        own = torch.cat(
+            [_representation(model, volumes[first : first + batch_size], space) for first in range(0, len(volumes), batch_size)]
+        )
+        batches = range(0, len(pairs), batch_size)
+        for first in track(batches, "occlusion", total=len(batches), disable=not progress):
+            subject, which = pairs[first : first + batch_size].unbind(1)
+            cubes = _cube_masks(starts[which], size, spatial_shape)[:, None]
+            occluded = torch.where(cubes, reference[None], volumes[subject])
+            moved = _representation(model, occluded, space) - own[subject]
+            effects[subject, which] = torch.linalg.vector_norm(moved, dim=1).float()
     return aggregate_patches(effects, starts, size, spatial_shape)
 
 

@@ -93,7 +93,27 @@ def find_ground_truth(cohort) -> Path | None:
     return None
 
 
-def evaluate_subtypes(clusters, truth, true_masks: dict[int, np.ndarray], group_maps: dict, brain_mask) -> dict:
+def load_brain_mask(folder: str | Path, store) -> np.ndarray | None:
+    """A synthetic cohort's ``brain_mask.nii.gz`` on the store grid (nearest neighbour), or None without one."""
+    from nilearn.image import resample_to_img
+
+    path = Path(folder) / "brain_mask.nii.gz"
+    if not path.is_file():
+        return None
+    grid = store.to_nifti(np.zeros(store.spatial_shape, dtype=np.float32))
+    resampled = resample_to_img(_as_image(path), grid, interpolation="nearest", force_resample=True, copy_header=True)
+    return np.asarray(resampled.dataobj) > 0
+
+
+def evaluate_subtypes(
+    clusters,
+    truth,
+    true_masks: dict[int, np.ndarray],
+    group_maps: dict,
+    brain_mask,
+    difference_maps: dict | None = None,
+    anatomy_map: np.ndarray | None = None,
+) -> dict:
     """Adjusted Rand index of clusters vs true subtypes, and AUC of each subtype's maps against its true mask.
 
     Clusters are matched one-to-one to true subtypes (:func:`match_clusters`). For each method
@@ -101,6 +121,13 @@ def evaluate_subtypes(clusters, truth, true_masks: dict[int, np.ndarray], group_
     (what a user without ground truth sees) and ``auc_subtype_map`` that of the map averaged
     over the subjects truly in the subtype (the attribution method alone, clustering errors
     aside). ARI counts patients only (controls are not clustered).
+
+    Every AUC counts the voxels inside ``brain_mask``, so a map that merely follows anatomy
+    (high in grey matter, 0 outside the head) already scores above 0.5. Two model-free
+    references put the numbers in context (``reference_auc``): ``auc_anatomy_map``, the AUC of
+    the mean control volume itself (the floor for a map that knows only where tissue is), and
+    ``auc_difference_map``, the AUC of |mean volume of the subtype's subjects − mean control
+    volume| (what a voxel-wise group comparison that knew the true subtypes finds).
 
     Parameters
     ----------
@@ -112,16 +139,22 @@ def evaluate_subtypes(clusters, truth, true_masks: dict[int, np.ndarray], group_
         Method -> {group -> (*S) mean map}, groups named ``cluster-<c>`` and ``true-subtype-<k>``.
     brain_mask : array-like
         (*S) boolean; AUCs count voxels inside it.
+    difference_maps : dict, optional
+        Group -> (*S) mean volume minus mean control volume (``true-subtype-<k>`` groups used).
+    anatomy_map : np.ndarray, optional
+        (*S) mean control volume.
 
     Returns
     -------
     dict
-        ari, n_true_subtypes, n_clusters, matching {subtype: cluster}, map_auc (one row per method
-        and subtype), summary {method: mean_auc_cluster_map, mean_auc_subtype_map}.
+        ari, n_true_subtypes, n_clusters, matching {subtype: cluster}, n_brain_voxels, map_auc (one
+        row per method and subtype), summary {method: mean_auc_cluster_map, mean_auc_subtype_map},
+        reference_auc (one row per subtype), reference_summary.
     """
     from sklearn.metrics import adjusted_rand_score
 
     clusters, truth = np.asarray(clusters), np.asarray(truth)
+    brain_mask = np.asarray(brain_mask, dtype=bool)
     patients = truth > 0
     matching = match_clusters(clusters[patients], truth[patients])
 
@@ -133,7 +166,7 @@ def evaluate_subtypes(clusters, truth, true_masks: dict[int, np.ndarray], group_
             "method": method,
             "subtype": subtype,
             "cluster": matching.get(subtype),
-            "n_mask_voxels": int((true_mask & np.asarray(brain_mask, dtype=bool)).sum()),
+            "n_mask_voxels": int((true_mask & brain_mask).sum()),
             "auc_cluster_map": auc(maps, f"cluster-{matching.get(subtype)}", true_mask),
             "auc_subtype_map": auc(maps, f"true-subtype-{subtype}", true_mask),
         }
@@ -148,11 +181,29 @@ def evaluate_subtypes(clusters, truth, true_masks: dict[int, np.ndarray], group_
         }
         for method, part in table.groupby("method", sort=False)
     }
+    anatomy = {} if anatomy_map is None else {"anatomy": anatomy_map}
+    references = pd.DataFrame(
+        [
+            {
+                "subtype": subtype,
+                "auc_anatomy_map": auc(anatomy, "anatomy", true_mask),
+                "auc_difference_map": auc(difference_maps or {}, f"true-subtype-{subtype}", true_mask),
+            }
+            for subtype, true_mask in true_masks.items()
+        ],
+        columns=["subtype", "auc_anatomy_map", "auc_difference_map"],
+    )
     return {
         "ari": float(adjusted_rand_score(truth[patients], clusters[patients])),
         "n_true_subtypes": len(true_masks),
         "n_clusters": int(len(np.unique(clusters))),
         "matching": {str(subtype): cluster for subtype, cluster in matching.items()},
+        "n_brain_voxels": int(brain_mask.sum()),
         "map_auc": table.to_dict(orient="records"),
         "summary": summary,
+        "reference_auc": references.to_dict(orient="records"),
+        "reference_summary": {
+            "mean_auc_anatomy_map": float(references["auc_anatomy_map"].astype(float).mean()),
+            "mean_auc_difference_map": float(references["auc_difference_map"].astype(float).mean()),
+        },
     }

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 from neurocl.errors import ConfigError
 from neurocl.io import save_nifti, write_json, write_tsv
 from neurocl.maps.attribution import _eval_mode, _representation, gradient_x_input, occlusion
-from neurocl.maps.evaluation import evaluate_subtypes, find_ground_truth, load_ground_truth
+from neurocl.maps.evaluation import evaluate_subtypes, find_ground_truth, load_brain_mask, load_ground_truth
 from neurocl.maps.regions import _as_image, coarse_parcellation, plot_map, rank_regions, read_atlas_names
 from neurocl.maps.subtypes import SubtypeClustering, cluster_associations
 
@@ -44,9 +44,13 @@ class MapsConfig(BaseModel):
     )
     batch_size: PositiveInt = Field(16, description="Volumes (or occluded copies) per forward pass.")
     occlusion_patch_mm: PositiveFloat = Field(16.0, description="Side of the occluded cube, in mm.")
-    occlusion_stride_mm: PositiveFloat = Field(8.0, description="Step between occluded cubes, in mm.")
+    occlusion_stride_mm: PositiveFloat = Field(
+        16.0,
+        description="Step between occluded cubes, in mm. Below the patch side the cubes overlap and the map is "
+        "smoother, at (patch/stride)^3 times the cost.",
+    )
     occlusion_max_subjects: PositiveInt | None = Field(
-        16, description="Occlusion uses at most this many target subjects per cluster (seeded draw); None: all."
+        8, description="Occlusion uses at most this many target subjects per cluster (seeded draw); None: all."
     )
     k_min: PositiveInt = Field(2, description="Smallest number of subtypes tried.")
     k_max: PositiveInt = Field(6, description="Largest number of subtypes tried.")
@@ -78,7 +82,8 @@ class _GroupMeans:
         self.counts: dict[str, int] = {}
 
     def add(self, maps: torch.Tensor, memberships: Sequence[Sequence[str]]) -> None:
-        values = maps[:, 0].detach().double().cpu().numpy()
+        """Add (B, C, *S) maps (channels summed: each channel's share adds up) to each subject's groups."""
+        values = maps.detach().double().sum(1).cpu().numpy()
         for value, groups in zip(values, memberships):
             for group in groups:
                 self.sums.setdefault(group, np.zeros(self.spatial_shape))
@@ -122,6 +127,19 @@ def _embedding_rows(embeddings: pd.DataFrame, cohort, config: MapsConfig) -> pd.
         raise ConfigError(f"embeddings.tsv: {int(unknown.sum())} row(s) not in the cohort, first {first}")
     rows["cohort_row"] = rows["cohort_row"].astype(int)
     return rows.reset_index(drop=True)
+
+
+def _json_ready(value):
+    """``value`` with NaN and infinite floats as None, so the JSON files are strict JSON."""
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def _group_volume_mean(store, indices: np.ndarray, batch_size: int) -> torch.Tensor:
@@ -215,10 +233,10 @@ def _attribution_maps(model, store, subjects: np.ndarray, memberships: list[list
         patch = [max(1, round(config.occlusion_patch_mm / size)) for size in voxel]
         stride = [max(1, round(config.occlusion_stride_mm / size)) for size in voxel]
         chosen = _occlusion_subset(clusters, config.occlusion_max_subjects, config.seed)
-        for position in track(chosen, "occlusion", disable=not progress):
-            volume = store.batch(subjects[position : position + 1])
-            effect = occlusion(model, volume, patch, stride, baseline=baseline, batch_size=config.batch_size)
-            means.add(effect, memberships[position : position + 1])
+        volumes = store.batch(subjects[chosen])
+        effect = occlusion(model, volumes, patch, stride, baseline=baseline, batch_size=config.batch_size,
+                           progress=progress)
+        means.add(effect, [memberships[position] for position in chosen])
         group_maps["occlusion"], counts["occlusion"] = means.means(), means.counts
     return group_maps, counts
 
@@ -322,19 +340,33 @@ def analyse_salient(
         for i, c in enumerate(clusters)
     ]
     background = store_index[~is_target]
-    baseline = None
-    if config.baseline == "background_mean":
-        baseline = _group_volume_mean(store, background, config.batch_size)
+    control_mean = _group_volume_mean(store, background, config.batch_size)
+    baseline = control_mean if config.baseline == "background_mean" else None
     center = _group_representation_mean(model, store, background, config.batch_size, "salient")
     group_maps, counts = _attribution_maps(
         model, store, store_index[is_target], memberships, clusters, baseline, center, config, progress
     )
     groups = ["all"] + [f"cluster-{c}" for c in range(1, summary["n_clusters"] + 1)]
     write_tsv(out_dir / "index.tsv", _write_maps(group_maps, counts, groups, store, atlas, config, out_dir, progress))
-    write_json(out_dir / "subtypes.json", summary)
+    write_json(out_dir / "subtypes.json", _json_ready(summary))
     if truth is not None:
-        evaluation = evaluate_subtypes(clusters, truth, true_masks, group_maps, store.mask)
+        # Model-free reference: each group's mean volume minus the mean control volume.
+        volume_means = _GroupMeans(store.spatial_shape)
+        for first, (_, volumes) in zip(range(0, int(is_target.sum()), config.batch_size),
+                                       store.batches(store_index[is_target], config.batch_size)):
+            volume_means.add(volumes.mean(1, keepdim=True), memberships[first : first + len(volumes)])
+        control = control_mean[0].double().cpu().numpy()
+        differences = {group: mean - control for group, mean in volume_means.means().items()}
+        # The store's automatic mask can reach far beyond the head (voxels > 0 in the cohort mean);
+        # scoring inside the cohort's true brain mask keeps empty background from inflating AUCs.
+        true_brain = load_brain_mask(ground_truth, store)
+        domain = np.asarray(store.mask, dtype=bool)
+        if true_brain is not None:
+            domain = domain & true_brain
+        evaluation = evaluate_subtypes(clusters, truth, true_masks, group_maps, domain, differences, control)
         evaluation["ground_truth"] = str(Path(ground_truth) / "ground_truth.tsv")
+        evaluation["evaluation_mask"] = "store mask" + ("" if true_brain is None else " ∩ brain_mask.nii.gz")
+        evaluation = _json_ready(evaluation)
         write_json(out_dir / "evaluation.json", evaluation)
         summary = {**summary, "evaluation": evaluation}
     return summary
@@ -403,6 +435,6 @@ def run_maps(
         ground_truth = find_ground_truth(run.cohort)
     out_dir = run_dir / "maps"
     # load_run gives the trained method (a Lightning module); its ``net`` returns the representations.
-    network = getattr(run.model, "net", run.model)
+    network = getattr(run.model, "net", run.model).to(run.store.device)
     analyse_salient(network, run.store, run.cohort, run.embeddings, out_dir, config, ground_truth, progress)
     return out_dir

@@ -81,9 +81,10 @@ class VectorConfig(BaseModel):
 
 
 PRESETS: dict[bool, dict] = {
-    False: dict(n_common=3, n_salient=2, obs_dim=16, hidden=[128, 128], batch_size=512, steps=2000, lr=1e-3),
-    True: dict(n_common=3, n_salient=2, obs_dim=8, hidden=[64, 64], batch_size=256, steps=300, lr=3e-3,
-               n_eval=2048, n_baseline=2048),
+    False: dict(n_common=3, n_salient=2, obs_dim=16, mixing_layers=2, noise_scale=0.1, hidden=[128, 128], tau=0.05,
+                lam_mi=10.0, batch_size=512, steps=2000, lr=1e-2),
+    True: dict(n_common=3, n_salient=2, obs_dim=8, mixing_layers=2, noise_scale=0.1, hidden=[64, 64], tau=0.05,
+               lam_mi=10.0, batch_size=256, steps=600, lr=1e-2, n_eval=2048, n_baseline=2048),
 }
 
 

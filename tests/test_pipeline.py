@@ -1,0 +1,351 @@
+"""End-to-end tests of neurocl.pipeline and the `run` / `embed` commands on the tiny synthetic cohort.
+
+One reference run is trained once per module; a second run of the same pipeline is killed
+(SIGKILL, in a forked process) in the middle of an epoch and resumed, and must end in the
+reference's exact state. Torch runs on one thread here: summation order, hence the last bits
+of every result, depends on the thread count, and a forked child must not inherit a busy
+OpenMP pool.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from neurocl import pipeline
+from neurocl.cli import app
+from neurocl.errors import ConfigError, TrainingError
+from neurocl.io import read_tsv
+from neurocl.methods import SepCLR
+
+KILL_AT_STEP = 7  # steps are checkpointed every 2: the run dies after step 7, its last checkpoint is step 6
+PIPELINE = """
+name: tiny
+cohort: {cohort}
+views: {{p_crop: 0.5, p_flip: 0.5, p_noise: 0.5, p_blur: 0.0, p_cutout: 0.5}}
+method: {{name: sepclr, common_dim: 4, salient_dim: 4, target_fraction: 0.5}}
+encoder: {{name: small_cnn, width: 4}}
+training: {{epochs: 2, batch_size: 4, lr: 0.003, warmup_steps: 2, accelerator: cpu, checkpoint_every_n_steps: 2}}
+evaluation: {{probe: {{n_splits: 3, inner_splits: 2, n_permutations: 5, n_bootstrap: 10, n_jobs: 1}}}}
+outputs: {{store: {store}}}
+"""
+TERMS = ["common", "salient", "null", "mi"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="module")
+def pipeline_yaml(workspace, tiny_cohort) -> Path:
+    path = workspace / "tiny.yaml"
+    path.write_text(PIPELINE.format(cohort=tiny_cohort, store=workspace / "store"))
+    return path
+
+
+class _Snapshot(L.Callback):
+    """Keeps the trained weights after step ``step`` (to compare with the killed run's checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.state = step, None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.state = {name: value.clone() for name, value in module.state_dict().items()}
+
+
+class _KillAt(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == KILL_AT_STEP:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no last words: like a node failure
+
+
+def _with_callback(monkeypatch, callback) -> None:
+    original = pipeline._callbacks
+    monkeypatch.setattr(pipeline, "_callbacks", lambda *args, **kwargs: original(*args, **kwargs) + [callback])
+
+
+@pytest.fixture(scope="module")
+def reference(workspace, pipeline_yaml):
+    """An uninterrupted run, and its weights after step 6."""
+    snapshot = _Snapshot(KILL_AT_STEP - 1)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _with_callback(monkeypatch, snapshot)
+        run_dir = pipeline.run_pipeline(pipeline_yaml, workspace / "reference")
+    return run_dir, snapshot.state
+
+
+def _killed_child(pipeline_yaml: Path, run_dir: Path) -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _with_callback(monkeypatch, _KillAt())
+        CliRunner().invoke(app, ["run", str(pipeline_yaml), "--out", str(run_dir)])
+    os._exit(3)  # not killed: the parent sees exit code 3
+
+
+@pytest.fixture(scope="module")
+def resumed(workspace, pipeline_yaml, reference):
+    """The same pipeline killed mid-epoch (in a forked process), then `neurocl run --resume`."""
+    run_dir = workspace / "resumed"
+    child = multiprocessing.get_context("fork").Process(target=_killed_child, args=(pipeline_yaml, run_dir))
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    killed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    result = CliRunner().invoke(app, ["run", str(pipeline_yaml), "--out", str(run_dir), "--resume"])
+    assert result.exit_code == 0, result.output
+    return run_dir, killed
+
+
+def _checkpoint(run_dir: Path, name: str = "last.ckpt") -> dict:
+    return torch.load(run_dir / "checkpoints" / name, weights_only=True)
+
+
+# ---------------------------------------------------------------- the run directory
+
+
+def test_run_writes_every_stage_output(reference):
+    run_dir, _ = reference
+    for name in ("config.yaml", "splits.tsv", "checkpoints/last.ckpt", "logs/metrics.csv", "embeddings.tsv",
+                 "probes.tsv", "separation.json", "logs/prepared.json"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "maps").exists()  # maps are off by default
+    assert not list(run_dir.rglob(".*.tmp*"))  # no temporary file left behind
+
+
+def test_config_yaml_is_the_resolved_pipeline(reference, pipeline_yaml, tiny_cohort):
+    run_dir, _ = reference
+    saved = pipeline.PipelineConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert saved == pipeline.load_pipeline(pipeline_yaml)
+    assert saved.cohort == Path(tiny_cohort).resolve()
+    assert saved.training.seed == 0 and saved.views.p_cutout == 0.5  # defaults and values written out
+
+
+def test_embeddings_tsv_has_keys_split_group_then_each_space(reference, tiny_cohort):
+    run_dir, _ = reference
+    embeddings = read_tsv(run_dir / "embeddings.tsv")
+    spaces = [f"common_{i}" for i in range(4)] + [f"salient_{i}" for i in range(4)]
+    assert list(embeddings.columns) == ["participant_id", "split", "group", *spaces]
+    participants = read_tsv(Path(tiny_cohort).parent / "participants.tsv")
+    assert embeddings["participant_id"].tolist() == participants["participant_id"].tolist()
+    expected_group = participants["diagnosis"].map({"control": "background", "patient": "target"})
+    assert embeddings["group"].tolist() == expected_group.tolist()
+    assert np.isfinite(embeddings[spaces].to_numpy()).all()
+    assert embeddings[spaces].std().min() > 0  # subjects differ
+
+
+def test_splits_tsv_is_the_split_of_every_embedded_subject(reference):
+    run_dir, _ = reference
+    splits = read_tsv(run_dir / "splits.tsv")
+    embeddings = read_tsv(run_dir / "embeddings.tsv")
+    merged = embeddings.merge(splits, on="participant_id", suffixes=("", "_manifest"))
+    assert len(merged) == len(embeddings) == 32
+    assert (merged["split"] == merged["split_manifest"]).all()
+    assert set(splits["split"]) == {"train", "val", "test"}
+
+
+def test_metrics_csv_logs_each_loss_term_and_their_weighted_sum(reference):
+    run_dir, _ = reference
+    metrics = pd.read_csv(run_dir / "logs" / "metrics.csv")
+    train_columns = ["train/loss"] + [f"train/{term}" for term in TERMS]
+    val_columns = ["val/loss"] + [f"val/{term}" for term in TERMS]
+    assert list(metrics.columns) == ["step", "epoch", *train_columns, *val_columns]
+    train = metrics.dropna(subset=["train/loss"])
+    assert train["step"].tolist() == list(range(len(train))) and len(train) == _checkpoint(run_dir)["global_step"]
+    # SepCLR's total: common + beta_salient * salient + beta_null * null + lam_mi * mi (defaults 1, 10, 10).
+    weighted = train["train/common"] + train["train/salient"] + 10 * train["train/null"] + 10 * train["train/mi"]
+    np.testing.assert_allclose(train["train/loss"], weighted, rtol=1e-5, atol=1e-5)
+    assert metrics["val/loss"].notna().sum() == 2  # one validation per epoch
+
+
+# ---------------------------------------------------------------- determinism and resume
+
+
+def test_same_seed_gives_the_same_weights_in_another_process(reference, resumed):
+    _, state_at_step_6 = reference
+    _, killed = resumed
+    assert killed["global_step"] == KILL_AT_STEP - 1
+    for name, value in state_at_step_6.items():
+        assert torch.equal(killed["state_dict"][name], value), name
+
+
+def test_killed_checkpoint_is_in_the_middle_of_an_epoch(reference, resumed):
+    run_dir, _ = reference
+    _, killed = resumed
+    steps_per_epoch = _checkpoint(run_dir)["global_step"] // 2
+    assert killed["global_step"] % steps_per_epoch != 0
+    assert killed["epoch"] == 1
+
+
+def test_killed_and_resumed_run_ends_in_the_uninterrupted_state(reference, resumed):
+    run_dir, _ = reference
+    resumed_dir, _ = resumed
+    expected, final = _checkpoint(run_dir), _checkpoint(resumed_dir)
+    assert final["global_step"] == expected["global_step"]
+    for name, value in expected["state_dict"].items():
+        assert torch.equal(final["state_dict"][name], value), name
+    expected_moments = expected["optimizer_states"][0]["state"]
+    for key, moments in final["optimizer_states"][0]["state"].items():
+        assert torch.equal(moments["exp_avg"], expected_moments[key]["exp_avg"])
+
+
+def test_resumed_run_writes_the_same_embeddings_and_metrics(reference, resumed):
+    run_dir, _ = reference
+    resumed_dir, _ = resumed
+    pd.testing.assert_frame_equal(read_tsv(resumed_dir / "embeddings.tsv"), read_tsv(run_dir / "embeddings.tsv"))
+    assert (resumed_dir / "logs" / "metrics.csv").read_text() == (run_dir / "logs" / "metrics.csv").read_text()
+
+
+def test_resume_refuses_a_changed_pipeline(reference, pipeline_yaml, workspace):
+    run_dir, _ = reference
+    changed = workspace / "changed.yaml"
+    changed.write_text(pipeline_yaml.read_text().replace("lr: 0.003", "lr: 0.01"))
+    with pytest.raises(ConfigError, match="section\\(s\\) training"):
+        pipeline.run_pipeline(changed, run_dir, resume=True)
+
+
+def test_run_refuses_a_non_empty_out_folder(reference, pipeline_yaml):
+    run_dir, _ = reference
+    with pytest.raises(ConfigError, match="not empty.*--resume"):
+        pipeline.run_pipeline(pipeline_yaml, run_dir)
+
+
+# ---------------------------------------------------------------- embed
+
+
+def test_embed_command_reproduces_the_run_embeddings(reference, tiny_cohort, workspace):
+    run_dir, _ = reference
+    out = workspace / "embedded" / "new.tsv"
+    result = CliRunner().invoke(
+        app, ["embed", str(run_dir / "checkpoints" / "last.ckpt"), str(tiny_cohort), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    embedded, expected = read_tsv(out), read_tsv(run_dir / "embeddings.tsv")
+    assert embedded["participant_id"].tolist() == expected["participant_id"].tolist()
+    assert embedded["split"].isna().all()  # new subjects belong to no split of the run
+    spaces = [column for column in expected.columns if column.startswith(("common_", "salient_"))]
+    np.testing.assert_allclose(embedded[spaces].to_numpy(), expected[spaces].to_numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_load_model_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "notes.ckpt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        pipeline.load_model(bad)
+
+
+# ---------------------------------------------------------------- faults
+
+
+class _NaNAtStepOne(SepCLR):
+    def compute_loss(self, views, indices):
+        total, terms = super().compute_loss(views, indices)
+        if self.global_step == 1:
+            terms["null"] = terms["null"] * float("nan")
+        return total + terms["null"] - terms["null"].detach(), terms
+
+
+def test_non_finite_loss_stops_the_run_naming_step_and_term(reference, pipeline_yaml, workspace, monkeypatch):
+    monkeypatch.setattr(pipeline, "build_method", lambda method, *args, **kwargs: _NaNAtStepOne(method, *args, **kwargs))
+    with pytest.raises(TrainingError, match=r"step 1 .*term 'null' = nan"):
+        pipeline.run_pipeline(pipeline_yaml, workspace / "nan")
+    assert not (workspace / "nan" / "embeddings.tsv").exists()
+
+
+def test_checkpoint_is_only_replaced_by_a_complete_one(tmp_path):
+    path = tmp_path / "last.ckpt"
+    checkpoint_io = pipeline._AtomicCheckpointIO.make()
+    checkpoint_io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    with pytest.raises(Exception):  # a lambda cannot be pickled: the write fails half-way
+        checkpoint_io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "bad": lambda: None}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+# ---------------------------------------------------------------- the schema
+
+
+def test_pipeline_errors_name_the_file_and_every_bad_field(tmp_path, tiny_cohort):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        f"cohort: {tiny_cohort}\ntraining: {{epochs: 0, batch_size: many}}\nmethod: {{nme: sepclr}}\n"
+    )
+    with pytest.raises(ConfigError) as error:
+        pipeline.load_pipeline(path)
+    message = str(error.value)
+    for field in ("training.epochs", "training.batch_size", "method.nme"):
+        assert f"{path}: {field}:" in message
+    assert "'many'" in message
+
+
+def test_missing_cohort_field_is_named(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("name: nothing\n")
+    with pytest.raises(ConfigError, match="empty.yaml: cohort: Field required"):
+        pipeline.load_pipeline(path)
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [("method: {name: yaware, attributes: [IQ]}", "method.attributes"),
+     ("evaluation: {attributes: [group, IQ]}", "evaluation.attributes"),
+     ("baselines: [{name: yaware, attributes: [IQ]}]", "baselines.yaware.attributes")],
+)
+def test_attribute_missing_from_the_cohort_is_refused_before_any_work(section, field, tmp_path, tiny_cohort):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(f"cohort: {tiny_cohort}\n{section}\n")
+    with pytest.raises(ConfigError, match=rf"{field}: \['IQ'\] not in the attributes of cohort .*'age'"):
+        pipeline.run_pipeline(path, tmp_path / "run")
+    assert not (tmp_path / "run" / "store").exists()
+
+
+SHIPPED = sorted((Path(__file__).parents[1] / "pipelines").glob("*.yaml")) + [pipeline.DEMO_PIPELINE]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[f"{p.parent.name}/{p.name}" for p in SHIPPED])
+def test_shipped_pipelines_are_valid(path):
+    config = pipeline.load_pipeline(path)
+    assert config.cohort.is_absolute()
+
+
+def test_study_template_trains_densenet_on_several_gpus_in_bf16():
+    config = pipeline.load_pipeline(Path(__file__).parents[1] / "pipelines" / "study_template.yaml")
+    assert config.encoder.name == "densenet121"
+    assert config.training.devices >= 2 and config.training.strategy == "ddp"
+    assert config.training.precision == "bf16-mixed"
+
+
+def test_trainer_takes_devices_nodes_and_strategy_from_the_config(tmp_path):
+    training = pipeline.TrainingConfig(accelerator="cpu", devices=2, num_nodes=1, strategy="ddp", epochs=1)
+    trainer = pipeline.make_trainer(training, tmp_path, progress=False)
+    assert trainer.world_size == 2 and trainer.num_devices == 2
+    assert type(trainer.strategy).__name__ == "DDPStrategy"
+    assert trainer.strategy._get_process_group_backend() == "gloo"  # CPU processes talk over gloo
+
+
+def test_auto_precision_is_bf16_on_a_gpu_that_supports_it(monkeypatch):
+    training = pipeline.TrainingConfig()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pipeline._precision(training) == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert pipeline._precision(training) == "bf16-mixed"
+    assert pipeline._precision(training.model_copy(update={"accelerator": "cpu"})) == "32-true"

@@ -1,0 +1,191 @@
+"""The report renders every section from a run directory built from real stage outputs.
+
+The run directory is made, not mocked: the tiny synthetic cohort is preprocessed into a real
+VolumeStore; PCA and cPCA of its voxels initialise a linear two-space model (common = PCA axes,
+salient = cPCA axes) that is trained for a few steps with the real SepCLR loss (logs/metrics.csv);
+its outputs are the run's embeddings, probed with the real probes (probes.tsv, separation.json
+with the cohort's ground truth); PCA and cPCA are probed as baselines; the maps stage's
+``analyse_salient`` runs on the linear model (maps/).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from neurocl.baselines import ContrastivePCA, PCABaseline, masked_voxels
+from neurocl.cohort import Cohort, make_splits
+from neurocl.io import read_tsv, write_json, write_text, write_tsv
+from neurocl.losses import sepclr_loss
+from neurocl.maps import MapsConfig, analyse_salient
+from neurocl.probe import ProbeConfig, probe_embeddings, separation
+from neurocl.report import FIGURE_DIR, write_report
+from neurocl.store import PreprocessConfig, VolumeStore
+
+N_COMPONENTS = 3
+PROBE_CONFIG = ProbeConfig(n_splits=3, inner_splits=2, n_permutations=19, n_bootstrap=50, n_jobs=1)
+SECTIONS = ["Run", "Probes: which attribute lives in which space", "Separation", "Training curves",
+            "Embedding views", "Baseline comparison", "Maps and subtypes"]
+
+
+class LinearTwoSpace(torch.nn.Module):
+    """Two linear projections of the masked voxels: common and salient representations."""
+
+    def __init__(self, mask: np.ndarray, mean: np.ndarray, common_axes: np.ndarray, salient_axes: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.from_numpy(mask))
+        self.register_buffer("mean", torch.from_numpy(mean).float())
+        self.common = torch.nn.Parameter(torch.from_numpy(common_axes.T.copy()).float())
+        self.salient = torch.nn.Parameter(torch.from_numpy(salient_axes.T.copy()).float())
+
+    def project(self, voxels: torch.Tensor) -> dict[str, torch.Tensor]:
+        centred = voxels - self.mean
+        return {"common_rep": centred @ self.common, "salient_rep": centred @ self.salient}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.project(x[:, 0][:, self.mask])
+
+
+def _train(model: LinearTwoSpace, voxels: torch.Tensor, is_target: torch.Tensor, train, val, steps: int = 12) -> pd.DataFrame:
+    """A few Adam steps of the SepCLR loss on two noisy views; the metrics.csv rows."""
+    generator = torch.Generator().manual_seed(0)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rows = []
+
+    def terms(rows_index):
+        views = voxels[rows_index][None] + 0.1 * torch.randn((2, len(rows_index), voxels.shape[1]), generator=generator)
+        outputs = [model.project(view) for view in views]
+        common = torch.stack([o["common_rep"] for o in outputs])
+        salient = torch.stack([o["salient_rep"] for o in outputs])
+        return sepclr_loss(common, salient, is_target[rows_index])
+
+    for step in range(steps):
+        total, parts = terms(train)
+        optimiser.zero_grad()
+        total.backward()
+        optimiser.step()
+        rows.append({"step": step, "epoch": step // 4, "train/loss": total.item(), **{f"train/{k}": v.item() for k, v in parts.items()}})
+        if step % 4 == 3:
+            with torch.no_grad():
+                total, parts = terms(val)
+            rows.append({"step": step, "epoch": step // 4, "val/loss": total.item(), **{f"val/{k}": v.item() for k, v in parts.items()}})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_cohort, tmp_path_factory):
+    run = tmp_path_factory.mktemp("report_run")
+    cohort = Cohort.from_yaml(tiny_cohort)
+    store = VolumeStore.build(cohort, run / "store", PreprocessConfig(dtype="float32"), workers=1, progress=False)
+    splits = make_splits(cohort, method="holdout", val_fraction=0.2, test_fraction=0.2, seed=0)
+    splits.save(run / "splits.tsv")
+    write_text(run / "config.yaml", yaml.safe_dump({"name": "report-test", "cohort": str(tiny_cohort),
+                                                     "method": {"name": "sepclr"}, "encoder": {"name": "linear"}}))
+
+    voxels = masked_voxels(store, store.rows_for(cohort))
+    is_target = cohort.is_target
+    train, val = splits.rows(cohort, "train"), splits.rows(cohort, "val")
+    pca = PCABaseline(N_COMPONENTS).fit(voxels[train])
+    cpca = ContrastivePCA(N_COMPONENTS, random_state=0).fit(voxels[train], is_target[train])
+    model = LinearTwoSpace(store.mask, voxels[train].mean(0), pca.components_, cpca.components_)
+    metrics = _train(model, torch.from_numpy(voxels).float(), torch.from_numpy(is_target), torch.from_numpy(train), torch.from_numpy(val))
+    write_text(run / "logs" / "metrics.csv", metrics.to_csv(index=False))
+
+    with torch.no_grad():
+        outputs = model.project(torch.from_numpy(voxels).float())
+    split = np.full(len(cohort), "test", dtype=object)
+    split[train], split[val] = "train", "val"
+    keys = cohort.keys().reset_index(drop=True).assign(split=split, group=cohort.table["group"].to_numpy())
+    spaces = {f"{space}_{i}": outputs[f"{space}_rep"][:, i].numpy() for space in ("common", "salient") for i in range(N_COMPONENTS)}
+    embeddings = pd.concat([keys, pd.DataFrame(spaces)], axis=1)
+    write_tsv(run / "embeddings.tsv", embeddings)
+    truth = tiny_cohort.parent / "ground_truth.tsv"
+    probes = probe_embeddings(embeddings, cohort, config=PROBE_CONFIG)
+    write_tsv(run / "probes.tsv", probes)
+    write_json(run / "separation.json", separation(embeddings, cohort, probes, ground_truth=truth, config=PROBE_CONFIG))
+
+    for name, estimator in (("pca", pca), ("cpca", cpca)):
+        coordinates = estimator.transform(voxels)
+        table = pd.concat([keys, pd.DataFrame(coordinates, columns=[f"emb_{i}" for i in range(N_COMPONENTS)])], axis=1)
+        write_tsv(run / "baselines" / name / "embeddings.tsv", table)
+        write_tsv(run / "baselines" / name / "probes.tsv", probe_embeddings(table, cohort, attributes=["age", "group"], config=PROBE_CONFIG))
+
+    maps_config = MapsConfig(methods=["gradient_x_input"], k_max=3, n_bootstrap=5, n_regions=8)
+    analyse_salient(model, store, cohort, embeddings, run / "maps", maps_config, ground_truth=tiny_cohort.parent)
+    html_path, md_path = write_report(run)
+    return run, html_path.read_text(), md_path.read_text()
+
+
+def test_report_has_every_section_in_html_and_markdown(run_dir):
+    _, html_text, md_text = run_dir
+    for title in SECTIONS:
+        assert f"<h2>{title}</h2>" in html_text
+        assert f"## {title}" in md_text
+
+
+def test_report_html_is_self_contained_with_decodable_images(run_dir):
+    _, html_text, _ = run_dir
+    sources = re.findall(r'<img [^>]*src="([^"]+)"', html_text)
+    # probes x attributes, training curves, PCA + t-SNE views, baseline figures, map PNGs
+    assert len(sources) >= 8
+    for source in sources:
+        assert source.startswith("data:image/png;base64,")
+        assert base64.b64decode(source.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not re.search(r'(src|href)="(?!data:|#)', html_text)
+
+
+def test_report_markdown_links_figures_that_exist(run_dir):
+    run, _, md_text = run_dir
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md_text)
+    assert any(link.startswith(f"{FIGURE_DIR}/") for link in links)
+    assert any(link.startswith("maps/") for link in links)
+    for link in links:
+        assert (run / link).is_file(), link
+
+
+def test_report_tables_quote_the_probe_numbers(run_dir):
+    run, html_text, md_text = run_dir
+    probes = read_tsv(run / "probes.tsv")
+    row = probes[(probes["space"] == "salient") & (probes["attribute"] == "group") & (probes["metric"] == "roc_auc")].iloc[0]
+    cell = f"{row['value']:.3f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}] p={row['p_value']:.3f}"
+    assert cell in md_text and cell in html_text
+    baseline = read_tsv(run / "baselines" / "cpca" / "probes.tsv")
+    age = baseline[(baseline["attribute"] == "age") & (baseline["subset"] == "all") & (baseline["metric"] == "r2")].iloc[0]
+    assert f"{age['value']:.3f} [" in md_text
+
+
+def test_report_colours_views_by_cohort_attributes_and_subtype(run_dir):
+    _, _, md_text = run_dir
+    caption = re.search(r"!\[PCA of each space, coloured by ([^\]]+)\]", md_text).group(1)
+    assert caption.split(", ") == ["group", "diagnosis", "subtype", "age", "site"]
+
+
+def test_report_rewrites_and_drops_stale_figures(run_dir, tmp_path):
+    run, _, _ = run_dir
+    stale = run / FIGURE_DIR / "probe_removed-attribute.png"
+    stale.write_bytes(b"old")
+    write_report(run)
+    assert not stale.exists()
+
+
+def test_report_of_a_probe_folder_has_only_its_sections(run_dir, tmp_path):
+    run, _, _ = run_dir
+    for name in ("probes.tsv", "separation.json"):
+        (tmp_path / name).write_bytes((run / name).read_bytes())
+    html_path, md_path = write_report(tmp_path)
+    md_text = md_path.read_text()
+    assert "## Probes: which attribute lives in which space" in md_text and "## Separation" in md_text
+    assert "## Training curves" not in md_text and "## Maps and subtypes" not in md_text
+
+
+def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):
+    from neurocl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="holds none of"):
+        write_report(tmp_path)
