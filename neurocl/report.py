@@ -76,7 +76,7 @@ class _Figures:
         import matplotlib.pyplot as plt
 
         buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        figure.savefig(buffer, format="png", dpi=100)
         plt.close(figure)
         data = buffer.getvalue()
         with atomic_path(self.folder / f"{name}.png") as tmp:
@@ -287,11 +287,11 @@ def _probe_section(run: _RunFiles, figures: _Figures) -> _Section | None:
         "p = permutation p-value, chance = score of a probe that learns nothing. Higher is better except MAE."
     )
     probes = run.probes[run.probes["metric"] != "none"]
+    primary = probes[probes["metric"].isin(_PRIMARY)]
+    if not primary.empty:
+        figures.add(section, _forest_figure(primary, label_column="space"), "probes",
+                    "Primary score of each attribute by space and subset (bars: 95% CI; dashed: chance; filled: p < 0.05)")
     for attribute, rows in probes.groupby("attribute", sort=False):
-        primary = rows[rows["metric"].isin(_PRIMARY)]
-        if not primary.empty:
-            figures.add(section, _forest_figure(primary, label_column="space"), f"probe_{_slug(attribute)}",
-                        f"{attribute}: {primary['metric'].iloc[0]} by space and subset (bars: 95% CI; dashed: chance)")
         section.table(_probe_table(rows), caption=f"{attribute}")
     skipped = run.probes[run.probes["metric"] == "none"]
     if not skipped.empty:
@@ -322,25 +322,35 @@ def _cell(row) -> str:
 
 
 def _forest_figure(rows: pd.DataFrame, label_column: str):
-    """Dot-and-whisker plot: one row per (label, subset), x = score, dashed line = chance."""
+    """Dot-and-whisker plots, one panel per attribute: a row per (label, subset), x = score, dashed = chance."""
     import matplotlib.pyplot as plt
 
-    rows = rows.assign(order=rows["subset"].map(_SUBSET_ORDER).fillna(9)).sort_values(["order", label_column], kind="stable")
-    labels = [f"{label} | {subset}" for label, subset in zip(rows[label_column], rows["subset"])]
-    y = np.arange(len(rows))[::-1]
-    figure, axis = plt.subplots(figsize=(7.5, 0.35 * len(rows) + 1.2))
-    colours = {subset: f"C{i}" for i, subset in enumerate(sorted(rows["subset"].unique(), key=lambda s: _SUBSET_ORDER.get(s, 9)))}
-    for yi, (_, row) in zip(y, rows.iterrows()):
-        colour = colours[row["subset"]]
-        if np.isfinite(row["ci_low"]):
-            axis.plot([row["ci_low"], row["ci_high"]], [yi, yi], color=colour, lw=2)
-        marker = "o" if np.isfinite(row["p_value"]) and row["p_value"] < 0.05 else "o"
-        axis.plot(row["value"], yi, marker, color=colour, mfc=colour if row["p_value"] < 0.05 else "white", ms=7)
-    for chance in rows["chance"].dropna().unique():
-        axis.axvline(chance, color="grey", ls="--", lw=1)
-    axis.set_yticks(y, labels)
-    axis.set_xlabel(f"{rows['metric'].iloc[0]} (filled: p < 0.05)")
-    axis.grid(axis="x", alpha=0.3)
+    attributes = list(dict.fromkeys(rows["attribute"]))
+    heights = [0.28 * len(rows[rows["attribute"] == a]) + 0.9 for a in attributes]
+    n_columns = 1 if len(attributes) == 1 else 2
+    n_rows = int(np.ceil(len(attributes) / n_columns))
+    row_heights = [max(heights[i:i + n_columns]) for i in range(0, len(attributes), n_columns)]
+    figure, axes = plt.subplots(n_rows, n_columns, figsize=(5.2 * n_columns, sum(row_heights)), squeeze=False,
+                                layout="constrained", gridspec_kw={"height_ratios": row_heights})
+    colours = {subset: f"C{i}" for i, subset in enumerate(_SUBSET_ORDER)}
+    for axis, attribute in zip(axes.flat, attributes):
+        panel = rows[rows["attribute"] == attribute]
+        panel = panel.assign(order=panel["subset"].map(_SUBSET_ORDER).fillna(9)).sort_values(["order", label_column], kind="stable")
+        y = np.arange(len(panel))[::-1]
+        for yi, (_, row) in zip(y, panel.iterrows()):
+            colour = colours.get(row["subset"], "C9")
+            if np.isfinite(row["ci_low"]):
+                axis.plot([row["ci_low"], row["ci_high"]], [yi, yi], color=colour, lw=2)
+            significant = np.isfinite(row["p_value"]) and row["p_value"] < 0.05
+            axis.plot(row["value"], yi, "o", color=colour, mfc=colour if significant else "white", ms=6)
+        for chance in panel["chance"].dropna().unique():
+            axis.axvline(chance, color="grey", ls="--", lw=1)
+        axis.set_yticks(y, [f"{label} | {subset}" for label, subset in zip(panel[label_column], panel["subset"])], fontsize=8)
+        axis.set_title(f"{attribute} ({panel['metric'].iloc[0]})", fontsize=9)
+        axis.tick_params(axis="x", labelsize=8)
+        axis.grid(axis="x", alpha=0.3)
+    for axis in list(axes.flat)[len(attributes):]:
+        axis.set_visible(False)
     return figure
 
 
@@ -387,7 +397,7 @@ def _training_section(run: _RunFiles, figures: _Figures) -> _Section | None:
     x_name = "step" if "step" in metrics else metrics.columns[0]
     n_columns = min(3, len(terms))
     n_rows = int(np.ceil(len(terms) / n_columns))
-    figure, axes = plt.subplots(n_rows, n_columns, figsize=(3.4 * n_columns, 2.6 * n_rows), squeeze=False)
+    figure, axes = plt.subplots(n_rows, n_columns, figsize=(3.4 * n_columns, 2.6 * n_rows), squeeze=False, layout="constrained")
     for axis, term in zip(axes.flat, terms):
         for stage, style in (("train", "-"), ("val", "o-")):
             column = f"{stage}/{term}"
@@ -399,7 +409,6 @@ def _training_section(run: _RunFiles, figures: _Figures) -> _Section | None:
         axis.legend(fontsize=7)
     for axis in list(axes.flat)[len(terms):]:
         axis.set_visible(False)
-    figure.tight_layout()
     figures.add(section, figure, "training_curves", "Loss terms per optimisation step (train) and per validation")
     last = {column: metrics[column].dropna().iloc[-1] for column in metrics.columns if "/" in column and metrics[column].notna().any()}
     section.table(pd.DataFrame([(k, _fmt(v)) for k, v in last.items()], columns=["term", "last value"]))
@@ -463,7 +472,8 @@ def _views_figure(table: pd.DataFrame, spaces: dict, colourings: list[str], meth
     import matplotlib.pyplot as plt
 
     n_columns = max(1, len(colourings))
-    figure, axes = plt.subplots(len(spaces), n_columns, figsize=(2.2 * n_columns + 0.6, 2.3 * len(spaces)), squeeze=False)
+    figure, axes = plt.subplots(len(spaces), n_columns, figsize=(2.2 * n_columns + 0.6, 2.3 * len(spaces)), squeeze=False,
+                                layout="constrained")
     for row, (space, columns) in enumerate(spaces.items()):
         values = table[columns].to_numpy(dtype=np.float64)
         finite = np.isfinite(values).all(1)
@@ -479,7 +489,6 @@ def _views_figure(table: pd.DataFrame, spaces: dict, colourings: list[str], meth
                 axis.set_title(colouring, fontsize=9)
             if column == 0:
                 axis.set_ylabel(f"{space} ({method})", fontsize=9)
-    figure.tight_layout()
     return figure
 
 
@@ -512,9 +521,10 @@ def _baseline_section(run: _RunFiles, figures: _Figures) -> _Section | None:
         frames.append(probes.assign(model=probes["space"].map(lambda s, name=name: name if s == "emb" else f"{name}: {s}")))
     combined = pd.concat(frames, ignore_index=True)
     primary = combined[combined["metric"].isin(_PRIMARY)]
+    if not primary.empty:
+        figures.add(section, _forest_figure(primary, label_column="model"), "baselines",
+                    "Primary score of each attribute for every model (bars: 95% CI; dashed: chance; filled: p < 0.05)")
     for attribute, rows in primary.groupby("attribute", sort=False):
-        figures.add(section, _forest_figure(rows, label_column="model"), f"baselines_{_slug(attribute)}",
-                    f"{attribute}: {rows['metric'].iloc[0]} of every model (bars: 95% CI; dashed: chance)")
         table = rows.assign(order=rows["subset"].map(_SUBSET_ORDER).fillna(9), cell=[_cell(r) for _, r in rows.iterrows()])
         table = table.pivot_table(index=["order", "subset"], columns="model", values="cell", aggfunc="first", sort=False)
         table = table.reset_index().sort_values("order", kind="stable").drop(columns="order").set_index("subset").T

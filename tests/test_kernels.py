@@ -42,9 +42,8 @@ def test_rbf_sigma_is_a_standard_deviation_in_the_attribute_units():
     age = torch.tensor([30.0, 35.0, 40.0])
     kernel = kernels.rbf(age, sigma=5.0)
     # 5 years apart with sigma = 5 years: exp(-1/2); 10 years: exp(-2).
-    expected = torch.tensor(
-        [[1.0, math.exp(-0.5), math.exp(-2.0)], [math.exp(-0.5), 1.0, math.exp(-0.5)], [math.exp(-2.0), math.exp(-0.5), 1.0]]
-    )
+    near, far = math.exp(-0.5), math.exp(-2.0)
+    expected = torch.tensor([[1.0, near, far], [near, 1.0, near], [far, near, 1.0]])
     assert_close(kernel, expected)
 
 

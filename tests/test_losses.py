@@ -160,6 +160,25 @@ def test_yaware_info_nce_equals_loop_with_row_normalised_weights(shape):
     assert losses.yaware_info_nce(z, y, sigma=0.8, temperature=0.2).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_yaware_normalises_weights_over_each_anchor_not_over_columns():
+    z = random_views((2, 5, 3), seed=25)
+    y = torch.tensor([0.0, 0.5, 1.0, 1.5, 6.0])  # a chain: neighbours with different kernel row sums
+    weights = loop_rbf(y, sigma=1.0)
+    anchors, normalised = flat_anchors(z)
+    n = len(anchors)
+    # The public reference code's normalisation: over the anchors a' of each column b.
+    column_sums = [sum(weights[anchors[a][0]][anchors[b][0]] for a in range(n) if a != b) for b in range(n)]
+    column_normalised = sum(
+        -weights[anchors[a][0]][anchors[b][0]] / column_sums[b] * loop_log_prob(normalised, a, b, 0.1)
+        for a in range(n)
+        for b in range(n)
+        if b != a
+    ) / n
+    loss = losses.yaware_info_nce(z, y, sigma=1.0).item()
+    assert loss == pytest.approx(loop_yaware(z, weights, temperature=0.1), rel=1e-5)
+    assert abs(loss - column_normalised) > 0.05  # 7.62 vs 7.72: the loop test separates the two
+
+
 def test_yaware_info_nce_accepts_a_precomputed_kernel():
     z = random_views((2, 6, 4), seed=3)
     generator = torch.Generator().manual_seed(4)
@@ -200,7 +219,9 @@ def test_lp_info_nce_equals_loop(p, batch, dim):
     assert losses.lp_info_nce(h1, h2, p=p, temperature=0.7).item() == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize(("shape", "salient_dim", "tau"), [((2, 6, 3), 3, 0.5), ((3, 5, 4), 2, 0.5), ((4, 7, 8), 5, 1.3)])
+@pytest.mark.parametrize(
+    ("shape", "salient_dim", "tau"), [((2, 6, 3), 3, 0.5), ((3, 5, 4), 2, 0.5), ((4, 7, 8), 5, 1.3)]
+)
 def test_sepclr_terms_and_total_equal_loops(shape, salient_dim, tau):
     c = random_views(shape, seed=60 + sum(shape))
     s = random_views((*shape[:2], salient_dim), seed=70 + sum(shape), scale=0.7)

@@ -522,7 +522,9 @@ def test_the_maps_stage_of_a_run_writes_maps_on_the_cohort_grid_with_plots_and_s
         (m, s) for m in ("gradient_x_input", "occlusion") for s in (1, 2)
     }
     for row in evaluation["map_auc"]:
-        assert 0 <= row["auc_subtype_map"] <= 1
+        # Occlusion maps 1 subject per cluster here: a true subtype may have none (null AUC).
+        if row["method"] == "gradient_x_input" or row["auc_subtype_map"] is not None:
+            assert 0 <= row["auc_subtype_map"] <= 1
     # The model-free difference map finds the planted regions (well above chance, 0.5): the true
     # masks were resampled onto the grid the maps are scored on.
     assert evaluation["reference_summary"]["mean_auc_difference_map"] > 0.7

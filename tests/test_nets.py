@@ -117,7 +117,8 @@ def test_contrastive_net_returns_representation_before_the_head():
 @pytest.fixture(scope="module")
 def sepclr_pair():
     torch.manual_seed(2)
-    return SepCLRNet(SMALL, common_dim=6, salient_dim=4), SepCLRNet(SMALL, common_dim=6, salient_dim=4, shared_trunk=True)
+    separate = SepCLRNet(SMALL, common_dim=6, salient_dim=4)
+    return separate, SepCLRNet(SMALL, common_dim=6, salient_dim=4, shared_trunk=True)
 
 
 def test_sepclr_net_output_shapes_and_representations_before_heads(sepclr_pair):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -220,6 +221,18 @@ def test_resume_refuses_a_changed_pipeline(reference, pipeline_yaml, workspace):
     changed.write_text(pipeline_yaml.read_text().replace("lr: 0.003", "lr: 0.01"))
     with pytest.raises(ConfigError, match="section\\(s\\) training"):
         pipeline.run_pipeline(changed, run_dir, resume=True)
+
+
+def test_resume_of_a_finished_run_may_change_the_evaluation(reference, pipeline_yaml, workspace):
+    run_dir, _ = reference
+    copy = Path(shutil.copytree(run_dir, workspace / "re-evaluated"))
+    changed = workspace / "re-evaluated.yaml"
+    changed.write_text(pipeline_yaml.read_text().replace("n_permutations: 5", "n_permutations: 6"))
+    pipeline.run_pipeline(changed, copy, resume=True)
+    assert yaml.safe_load((copy / "config.yaml").read_text())["evaluation"]["probe"]["n_permutations"] == 6
+    assert _checkpoint(copy)["global_step"] == _checkpoint(run_dir)["global_step"]  # no further training
+    pd.testing.assert_frame_equal(read_tsv(copy / "embeddings.tsv"), read_tsv(run_dir / "embeddings.tsv"))
+    assert (copy / "logs" / "metrics.csv").read_text() == (run_dir / "logs" / "metrics.csv").read_text()
 
 
 def test_run_refuses_a_non_empty_out_folder(reference, pipeline_yaml):

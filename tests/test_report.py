@@ -89,7 +89,7 @@ def run_dir(tiny_cohort, tmp_path_factory):
                                                      "method": {"name": "sepclr"}, "encoder": {"name": "linear"}}))
 
     voxels = masked_voxels(store, store.rows_for(cohort))
-    is_target = cohort.is_target
+    is_target = cohort.is_target.copy()
     train, val = splits.rows(cohort, "train"), splits.rows(cohort, "val")
     pca = PCABaseline(N_COMPONENTS).fit(voxels[train])
     cpca = ContrastivePCA(N_COMPONENTS, random_state=0).fit(voxels[train], is_target[train])
@@ -166,22 +166,18 @@ def test_report_colours_views_by_cohort_attributes_and_subtype(run_dir):
     assert caption.split(", ") == ["group", "diagnosis", "subtype", "age", "site"]
 
 
-def test_report_rewrites_and_drops_stale_figures(run_dir, tmp_path):
-    run, _, _ = run_dir
-    stale = run / FIGURE_DIR / "probe_removed-attribute.png"
-    stale.write_bytes(b"old")
-    write_report(run)
-    assert not stale.exists()
-
-
-def test_report_of_a_probe_folder_has_only_its_sections(run_dir, tmp_path):
+def test_report_of_a_probe_folder_has_only_its_sections_and_drops_stale_figures(run_dir, tmp_path):
     run, _, _ = run_dir
     for name in ("probes.tsv", "separation.json"):
         (tmp_path / name).write_bytes((run / name).read_bytes())
-    html_path, md_path = write_report(tmp_path)
+    stale = tmp_path / FIGURE_DIR / "from_an_earlier_report.png"
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    _, md_path = write_report(tmp_path)
     md_text = md_path.read_text()
     assert "## Probes: which attribute lives in which space" in md_text and "## Separation" in md_text
     assert "## Training curves" not in md_text and "## Maps and subtypes" not in md_text
+    assert not stale.exists() and (tmp_path / FIGURE_DIR / "probes.png").is_file()
 
 
 def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):

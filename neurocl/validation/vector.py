@@ -54,7 +54,7 @@ class VectorConfig(BaseModel):
     steps: int = Field(2000, ge=1, description="Adam steps (cosine decay of the learning rate).")
     lr: float = Field(1e-3, gt=0, description="Initial Adam learning rate.")
     n_eval: int = Field(4096, ge=64, description="Held-out target samples to fit the probes, and as many to score.")
-    n_baseline: int = Field(8192, ge=64, description="Samples per group that contrastive PCA is fitted on.")
+    n_baseline: int = Field(1000, ge=16, description="Samples per group that contrastive PCA is fitted on.")
     cpca_alpha: float | None = Field(None, ge=0, description="cPCA contrast α (None: the baseline's own choice).")
     seed: int = 0
 
@@ -84,7 +84,7 @@ PRESETS: dict[bool, dict] = {
     False: dict(n_common=3, n_salient=2, obs_dim=16, mixing_layers=2, noise_scale=0.1, hidden=[128, 128], tau=0.05,
                 lam_mi=10.0, batch_size=512, steps=2000, lr=1e-2),
     True: dict(n_common=3, n_salient=2, obs_dim=8, mixing_layers=2, noise_scale=0.1, hidden=[64, 64], tau=0.05,
-               lam_mi=10.0, batch_size=256, steps=600, lr=1e-2, n_eval=2048, n_baseline=2048),
+               lam_mi=10.0, batch_size=256, steps=600, lr=1e-2, n_eval=2048, n_baseline=500),
 }
 
 
@@ -204,4 +204,6 @@ def _fit_cpca(process: _Generative, config: VectorConfig, generator: torch.Gener
     with torch.no_grad():
         target = process.mixing(process.latents(torch.ones(config.n_baseline, dtype=torch.bool), generator)).numpy()
         background = process.mixing(process.latents(torch.zeros(config.n_baseline, dtype=torch.bool), generator)).numpy()
-    return ContrastivePCA(n_components=config.n_salient, alpha=config.cpca_alpha).fit(target, background)
+    is_target = np.r_[np.ones(len(target), bool), np.zeros(len(background), bool)]
+    cpca = ContrastivePCA(n_components=config.n_salient, alpha=config.cpca_alpha, random_state=config.seed)
+    return cpca.fit(np.concatenate([target, background]), is_target)
