@@ -282,7 +282,7 @@ def voxel_embeddings(store, cohort, method: str = "pca", n_components: int = 16,
         raise ConfigError(f"method must be 'pca' or 'cpca', got {method!r}")
     voxels = masked_voxels(store, store.rows_for(cohort), progress=progress)
     group = cohort.table["group"]
-    fit_rows = group.notna().to_numpy()
+    fit_rows = group.notna().to_numpy().copy()
     split = np.full(len(cohort), np.nan, dtype=object)
     if splits is not None and splits.column == "split":
         for name in ("train", "val", "test"):

@@ -133,8 +133,7 @@ def run(
     """
     from neurocl.pipeline import run_pipeline
 
-    run_dir = run_pipeline(pipeline, out, resume=resume)
-    console.print(f"run finished: [bold]{run_dir}[/]")
+    run_pipeline(pipeline, out, resume=resume)
 
 
 @app.command()
@@ -180,6 +179,7 @@ def probe(
     n_permutations: int = typer.Option(200, help="Permutations for p-values."),
     n_bootstrap: int = typer.Option(1000, help="Bootstrap resamples for 95% CIs."),
     seed: int = typer.Option(0, help="Random seed."),
+    jobs: int = typer.Option(-1, "--jobs", help="Parallel processes (-1: one per CPU core); results do not depend on it."),
 ) -> None:
     """Linear probes of clinical attributes from each embedding space, with CV, CIs and p-values.
 
@@ -197,6 +197,7 @@ def probe(
         n_permutations=n_permutations,
         n_bootstrap=n_bootstrap,
         seed=seed,
+        n_jobs=jobs,
     )
 
 
@@ -260,6 +261,81 @@ def bench_data(
         libraries=tuple(name.strip() for name in libraries.split(",") if name.strip()),
     )
     print_data_benchmark(run_data_benchmark(config), Console())
+
+
+def _validation_overrides(steps: Optional[int], seed: int) -> dict:
+    return {"seed": seed} if steps is None else {"seed": seed, "steps": steps}
+
+
+def _write_validation_json(out: Optional[Path], suite: str, results: list) -> None:
+    if out is not None:
+        from neurocl.io import write_json
+
+        write_json(out, {"suite": suite, "results": [result.to_dict() for result in results]})
+        console.print(f"wrote [bold]{out}[/]")
+
+
+@bench_app.command("identifiability")
+@user_errors
+def bench_identifiability(
+    quick: bool = typer.Option(False, "--quick", help="n = 4 latents, small encoder, a few hundred steps (seconds)."),
+    space: str = typer.Option("both", help="box (lp_info_nce, Laplace), sphere (info_nce, Normal) or both."),
+    steps: Optional[int] = typer.Option(None, help="Override the preset's training steps."),
+    seed: int = typer.Option(0, help="Random seed (mixing network, encoder, samples)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
+) -> None:
+    """Contrastive learning inverts the data-generating process (Zimmermann et al., 2021): MCC and R².
+
+    Example: neurocl bench identifiability --out identifiability.json
+    """
+    from neurocl.errors import ConfigError
+    from neurocl.validation.identifiability import IdentifiabilityConfig, print_identifiability, run_identifiability
+
+    if space not in ("box", "sphere", "both"):
+        raise ConfigError(f"--space {space!r}: expected box, sphere or both")
+    spaces = ("box", "sphere") if space == "both" else (space,)
+    configs = [IdentifiabilityConfig.preset(name, quick=quick, **_validation_overrides(steps, seed)) for name in spaces]
+    results = [run_identifiability(config) for config in configs]
+    print_identifiability(results, Console())
+    _write_validation_json(out, "identifiability", results)
+
+
+@bench_app.command("gmm")
+@user_errors
+def bench_gmm(
+    quick: bool = typer.Option(False, "--quick", help="d = 10, K = 3, a few hundred steps (seconds)."),
+    steps: Optional[int] = typer.Option(None, help="Override the preset's training steps."),
+    seed: int = typer.Option(0, help="Random seed (mixture, encoder, samples)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the result as JSON here."),
+) -> None:
+    """InfoNCE finds the Fisher subspace of a Gaussian mixture where PCA does not (Bansal et al., 2024).
+
+    Example: neurocl bench gmm --out gmm.json
+    """
+    from neurocl.validation.gmm import GMMConfig, print_gmm, run_gmm
+
+    result = run_gmm(GMMConfig.preset(quick=quick, **_validation_overrides(steps, seed)))
+    print_gmm(result, Console())
+    _write_validation_json(out, "gmm", [result])
+
+
+@bench_app.command("vector")
+@user_errors
+def bench_vector(
+    quick: bool = typer.Option(False, "--quick", help="Smaller encoders and fewer steps (about a minute)."),
+    steps: Optional[int] = typer.Option(None, help="Override the preset's training steps."),
+    seed: int = typer.Option(0, help="Random seed (mixing network, encoders, samples)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the result as JSON here."),
+) -> None:
+    """SepCLR separates known common and salient latents of vector data (Louiset et al., 2024), beside cPCA.
+
+    Example: neurocl bench vector --out vector.json
+    """
+    from neurocl.validation.vector import VectorConfig, print_vector, run_vector
+
+    result = run_vector(VectorConfig.preset(quick=quick, **_validation_overrides(steps, seed)))
+    print_vector(result, Console())
+    _write_validation_json(out, "vector", [result])
 
 
 def _run() -> None:  # pragma: no cover - entry point for ``python -m neurocl``

@@ -3,8 +3,8 @@
 ``run_pipeline(PIPELINE.yaml, RUN_DIR)`` chains the stages, each reading only the
 previous stage's output:
 
-validate cohort -> build (or reuse) the store -> splits (``splits.tsv``) -> train
-(``checkpoints/``, ``logs/metrics.csv``) -> embed every subject (``embeddings.tsv``) ->
+validate cohort -> build (or reuse) the store -> splits (``splits.tsv``) -> train the method,
+then any trained baseline (``checkpoints/``, ``logs/metrics.csv``) -> embed every subject (``embeddings.tsv``) ->
 probes (``probes.tsv``, ``separation.json``) -> baselines (``baselines/<name>/``) ->
 maps (optional, ``maps/``) -> report (``report.html``, ``report.md``).
 
@@ -47,11 +47,14 @@ __all__ = [
     "SplitConfig",
     "TrainingConfig",
     "embed_cohort",
+    "embeddings_table",
     "load_model",
     "load_pipeline",
     "load_run",
+    "make_trainer",
     "run_demo",
     "run_pipeline",
+    "train",
 ]
 
 console = Console(stderr=True)
@@ -126,6 +129,7 @@ class BaselineConfig(_Section):
 
     name: Literal["pca", "cpca", "simclr", "yaware"]
     n_components: int = Field(16, gt=0, description="pca / cpca: components kept.")
+    alpha: float | None = Field(None, gt=0, description="cpca: contrast strength alpha (None: chosen automatically).")
     attributes: list[str] = Field(["age"], description="yaware: attributes of the kernel prior.")
     sigma: float | list[float] = Field(5.0, description="yaware: kernel bandwidth per attribute (attribute units).")
     temperature: float = Field(0.1, gt=0, description="simclr / yaware: InfoNCE temperature.")
@@ -704,8 +708,10 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
             if baselines is None:
                 continue
             console.print(f"[bold]baseline[/] {entry.name}")
-            table = baselines.voxel_embeddings(store, cohort, method=entry.name, n_components=entry.n_components)
-            table = _with_run_columns(table, cohort, splits)
+            # Fitted on the training subjects only, like the trained networks.
+            table = baselines.voxel_embeddings(store, cohort, method=entry.name, n_components=entry.n_components,
+                                               splits=splits, alpha=entry.alpha, seed=config.training.seed,
+                                               progress=True)
         else:
             console.print(f"[bold]baseline[/] {entry.name}: embedding every subject")
             table = embeddings_table(modules[f"baselines/{entry.name}"], store, cohort, splits,
@@ -724,15 +730,8 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
         if report is not None:
             html, _ = report.write_report(run_dir)
             console.print(f"report: [bold]{html}[/]")
+    console.print(f"run finished: [bold]{run_dir}[/]")
     return run_dir
-
-
-def _with_run_columns(table: pd.DataFrame, cohort, splits) -> pd.DataFrame:
-    """A baseline's embeddings with the run's ``split`` and ``group`` columns after the keys (embeddings.tsv)."""
-    keys = list(cohort.keys().columns)
-    merged = cohort.keys().assign(split=_split_labels(splits, cohort), group=cohort.table["group"].to_numpy())
-    features = table.drop(columns=[c for c in ("split", "group") if c in table.columns])
-    return merged.merge(features, on=keys, how="left", validate="one_to_one")
 
 
 def run_demo(out: str | os.PathLike = "neurocl-demo", resume: bool = False) -> Path:

@@ -435,12 +435,14 @@ def _inner_choice(x, y, groups, kind, config, n_classes) -> np.ndarray:
     grid = config.ridge_alphas if kind == "continuous" else config.logistic_cs
     if len(grid) == 1:
         return np.zeros(y.shape[0], dtype=int)
-    n_splits, _ = _fold_count(y[0], groups, kind, config.inner_splits)
+    # Inner folds ignore the labels (not stratified), so that they treat the observed and the
+    # permuted label vectors alike.
+    n_splits, _ = _fold_count(y[0], groups, "continuous", config.inner_splits)
     if n_splits < 2:
         # Too few participants to tune: the middle of the grid, for every label vector alike.
         return np.full(y.shape[0], len(grid) // 2)
     loss = np.zeros((len(grid), y.shape[0]))
-    for train, valid in _group_folds(y[0], groups, kind, n_splits, config.seed):
+    for train, valid in _group_folds(y[0], groups, "continuous", n_splits, config.seed):
         path = _fit_predict(x[train], y[:, train], x[valid], kind, config, n_classes)
         if kind == "continuous":
             loss += ((path - y[None, :, valid]) ** 2).sum(axis=2)
@@ -573,7 +575,10 @@ def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, si
     if not folds:
         return [], note
     rng = np.random.default_rng(config.seed)
-    permuted = codes[permutation_indices(groups, config.n_permutations, rng)]
+    test_fold = np.full(len(codes), -1)
+    for fold, (_, test) in enumerate(folds):
+        test_fold[test] = fold
+    permuted = codes[permutation_indices(groups, config.n_permutations, rng, blocks=test_fold)]
     predictions = cross_validated_predictions(features, permuted, groups, kind, folds, config, n_classes)
     tested = np.concatenate([test for _, test in folds])
     observed_codes, observed = codes[tested], predictions[0, tested]
@@ -595,28 +600,31 @@ def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, si
     return rows, note
 
 
-def permutation_indices(groups, n_permutations: int, rng) -> np.ndarray:
+def permutation_indices(groups, n_permutations: int, rng, blocks=None) -> np.ndarray:
     """Row indices of the observed order then ``n_permutations`` permutations that move whole participants.
 
     The exchangeable unit is the participant: each participant takes the rows (labels) of another
     participant with the same number of rows, in session order, so that repeated sessions stay
-    together under the null. With one row per participant this is a plain row permutation.
+    together under the null. With ``blocks`` (the outer test fold of each row), participants are
+    only exchanged within their block: stratified folds are built from the observed labels, and
+    permuting within folds keeps every permuted label vector exactly as stratified as the observed
+    one (a permutation across folds would unbalance the folds and bias the null distribution down).
 
     Returns
     -------
     (1 + n_permutations, n) int array; row 0 is the identity.
     """
     groups = np.asarray(groups)
+    blocks = np.zeros(len(groups), dtype=int) if blocks is None else np.asarray(blocks)
     _, participant_of_row, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    rows_of = [np.flatnonzero(participant_of_row == p) for p in range(len(counts))] if counts.max() > 1 else None
-    out = np.empty((n_permutations + 1, len(groups)), dtype=np.int64)
-    out[0] = np.arange(len(groups))
+    rows_of = [np.flatnonzero(participant_of_row == p) for p in range(len(counts))]
+    block_of = blocks[[rows[0] for rows in rows_of]]
+    exchangeable = [np.flatnonzero((block_of == block) & (counts == size))
+                    for block in np.unique(block_of) for size in np.unique(counts)]
+    exchangeable = [members for members in exchangeable if len(members) > 1]
+    out = np.tile(np.arange(len(groups)), (n_permutations + 1, 1))
     for k in range(1, n_permutations + 1):
-        if rows_of is None:
-            out[k] = rng.permutation(len(groups))
-            continue
-        for size in np.unique(counts):
-            members = np.flatnonzero(counts == size)
+        for members in exchangeable:
             destination = np.concatenate([rows_of[p] for p in members])
             out[k, destination] = np.concatenate([rows_of[p] for p in rng.permutation(members)])
     return out
@@ -950,6 +958,7 @@ def probe_command(
     n_permutations: int = 200,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    n_jobs: int = -1,
 ) -> tuple[Path, Path]:
     """``neurocl probe``: probes.tsv, separation.json and separation.tsv in ``out_dir``, and a rich table.
 
@@ -969,7 +978,8 @@ def probe_command(
     if ground_truth is not None and not Path(ground_truth).is_file():
         raise CohortError(f"--ground-truth: no file {ground_truth}")
     try:
-        config = ProbeConfig(n_permutations=n_permutations, n_bootstrap=n_bootstrap, leave_site_out=leave_site_out, seed=seed)
+        config = ProbeConfig(n_permutations=n_permutations, n_bootstrap=n_bootstrap, leave_site_out=leave_site_out,
+                             seed=seed, n_jobs=n_jobs)
     except ValidationError as error:
         raise ConfigError(f"probe options: {error.errors()[0]['loc'][0]}: {error.errors()[0]['msg']}") from None
     cohort = Cohort.from_yaml(cohort_yaml)

@@ -76,7 +76,7 @@ class _Figures:
         import matplotlib.pyplot as plt
 
         buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100)
+        figure.savefig(buffer, format="png", dpi=90)
         plt.close(figure)
         data = buffer.getvalue()
         with atomic_path(self.folder / f"{name}.png") as tmp:
@@ -465,7 +465,7 @@ def _projection(values: np.ndarray, method: str) -> np.ndarray:
     from sklearn.manifold import TSNE
 
     perplexity = float(min(30, max(2, (len(values) - 1) // 3)))
-    return TSNE(2, perplexity=perplexity, init="pca", random_state=0).fit_transform(values)
+    return TSNE(2, perplexity=perplexity, init="pca", max_iter=500, random_state=0).fit_transform(values)
 
 
 def _views_figure(table: pd.DataFrame, spaces: dict, colourings: list[str], method: str):

@@ -691,13 +691,28 @@ def _resample_all(entries, todo, shape, affine, out, workers, bar) -> None:
             out[index] = array
             bar.advance(task)
         return
+    import monai.transforms  # noqa: F401  imported once here, so that forked workers inherit it
+
     context = multiprocessing.get_context(_start_method())
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_single_threaded
     ) as pool:
-        for index, array in pool.map(_preprocess_entry, jobs):
-            out[index] = array
-            bar.advance(task)
+        # With fork, every worker is started at the first submit. The progress bar's refresh
+        # thread is paused meanwhile: a lock it held (stderr's) would stay locked in the children.
+        bar.stop()
+        try:
+            futures = [pool.submit(_preprocess_entry, jobs[0])]
+        finally:
+            bar.start()
+        futures += [pool.submit(_preprocess_entry, job) for job in jobs[1:]]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                index, array = future.result()
+                out[index] = array
+                bar.advance(task)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # a failed image stops the build at once
+            raise
 
 
 def _final_mask(resampled: np.ndarray, config: PreprocessConfig, shape, affine) -> tuple[np.ndarray, tuple[slice, ...]]:

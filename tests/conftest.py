@@ -26,3 +26,12 @@ def tiny_cohort_copy(tiny_cohort: Path, tmp_path: Path) -> Path:
     """Path to the cohort.yaml of a fresh, writable copy of ``tiny_cohort`` under ``tmp_path``."""
     copy = shutil.copytree(tiny_cohort.parent, tmp_path / "tiny_cohort")
     return Path(copy) / tiny_cohort.name
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The ``tiny_cohort`` preprocessed once (default PreprocessConfig) into a VolumeStore; read-only."""
+    from neurocl.cohort import Cohort
+    from neurocl.store import VolumeStore
+
+    return VolumeStore.build(Cohort.from_yaml(tiny_cohort), tmp_path_factory.mktemp("tiny_store"), workers=1, progress=False)

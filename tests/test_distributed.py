@@ -17,6 +17,7 @@ from neurocl.methods import TrainingData, build_method
 ENCODER = {"name": "small_cnn", "width": 4}
 BATCH = 8  # global batch; 4 per rank
 SHAPE = (1, 12, 12, 12)
+METHODS = ("sepclr", "yaware", "simclr", "decoupled_uniformity")  # DU: with an age kernel (attributes gathered)
 
 
 def _free_port() -> int:
@@ -58,7 +59,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         local = np.arange(rank * BATCH // 2, (rank + 1) * BATCH // 2)
         results = {}
-        for name in ("sepclr", "yaware"):
+        for name in METHODS:
             module = _module(name)
             module.net = DistributedDataParallel(module.net)
             results[name] = _loss_and_gradients(module, _views()[:, local], local)
@@ -67,7 +68,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["sepclr", "yaware"])
+@pytest.mark.parametrize("name", METHODS)
 def test_ddp_loss_and_gradients_equal_one_process_on_the_whole_batch(name, ddp_results):
     single_loss, single_gradients = _loss_and_gradients(_module(name), _views(), np.arange(BATCH))
     for rank in range(2):

@@ -206,7 +206,7 @@ def planted_clusters(k: int = 3, per_cluster: int = 30, seed: int = 0):
 @pytest.mark.parametrize("method,criterion", [("kmeans", "silhouette"), ("gmm", "bic")])
 def test_subtype_clustering_recovers_planted_clusters_and_their_number(method, criterion):
     X, truth = planted_clusters()
-    clustering = SubtypeClustering(k_range=(2, 6), method=method, criterion=criterion, n_bootstrap=10).fit(X)
+    clustering = SubtypeClustering(k_range=(2, 6), method=method, criterion=criterion, n_bootstrap=10, n_init=3).fit(X)
     assert clustering.n_clusters_ == 3
     assert adjusted_rand_score(truth, clustering.labels_) > 0.9
     assert clustering.scores_["k"].tolist() == [2, 3, 4, 5, 6]
@@ -228,8 +228,8 @@ def test_subtype_clustering_numbers_clusters_by_size_and_is_reproducible():
 def test_subtype_clustering_bootstrap_stability_is_lower_without_structure():
     noise = np.random.default_rng(0).normal(size=(90, 5))
     planted, _ = planted_clusters()
-    unstable = SubtypeClustering(k_range=(3, 3), n_bootstrap=20).fit(noise)
-    stable = SubtypeClustering(k_range=(3, 3), n_bootstrap=20).fit(planted)
+    unstable = SubtypeClustering(k_range=(3, 3), n_bootstrap=20, n_init=3).fit(noise)
+    stable = SubtypeClustering(k_range=(3, 3), n_bootstrap=20, n_init=3).fit(planted)
     assert unstable.stability_ < 0.8 < stable.stability_
 
 
@@ -334,6 +334,37 @@ def test_map_auc_refuses_a_mask_without_positives():
         map_auc(np.ones(SHAPE), np.zeros(SHAPE, dtype=bool))
 
 
+def test_evaluate_subtypes_scores_matched_maps_and_references_inside_the_brain_mask():
+    from neurocl.maps import evaluate_subtypes
+
+    rng = np.random.default_rng(0)
+    brain = np.zeros(SHAPE, dtype=bool)
+    brain[2:10, 2:10, 2:10] = True
+    true_masks = {1: np.zeros(SHAPE, dtype=bool), 2: np.zeros(SHAPE, dtype=bool)}
+    true_masks[1][3:6, 3:6, 3:6] = True
+    true_masks[2][6:9, 6:9, 6:9] = True
+    noisy = {name: rng.normal(size=SHAPE) for name in ("cluster-1", "cluster-2", "true-subtype-1", "true-subtype-2")}
+    noisy["cluster-2"][true_masks[1]] -= 2.0  # cluster 2 holds subtype 1; a negative effect is relevant too
+    noisy["true-subtype-2"][true_masks[2]] += 1.0
+    anatomy, difference = rng.normal(size=SHAPE), {"true-subtype-1": rng.normal(size=SHAPE)}
+    clusters, truth = np.array([2, 2, 2, 1, 1]), np.array([1, 1, 1, 2, 2])
+
+    result = evaluate_subtypes(clusters, truth, true_masks, {"m": noisy}, brain, difference, anatomy)
+
+    def reference(values, subtype):
+        return roc_auc_score(true_masks[subtype][brain], np.abs(values)[brain])
+
+    assert result["ari"] == 1.0 and result["matching"] == {"1": 2, "2": 1}
+    rows = {row["subtype"]: row for row in result["map_auc"]}
+    assert rows[1]["auc_cluster_map"] == pytest.approx(reference(noisy["cluster-2"], 1))
+    assert rows[2]["auc_subtype_map"] == pytest.approx(reference(noisy["true-subtype-2"], 2))
+    assert rows[1]["n_mask_voxels"] == 27 and result["n_brain_voxels"] == 512
+    refs = {row["subtype"]: row for row in result["reference_auc"]}
+    assert refs[2]["auc_anatomy_map"] == pytest.approx(reference(anatomy, 2))
+    assert refs[1]["auc_difference_map"] == pytest.approx(reference(difference["true-subtype-1"], 1))
+    assert refs[2]["auc_difference_map"] is None  # no difference map given for subtype 2
+
+
 # ---------------------------------------------------------------------------------------------- the maps stage
 
 
@@ -425,6 +456,20 @@ def test_analyse_salient_ranks_each_subtype_region_first_in_a_user_atlas(tiny_ru
         cluster = result["evaluation"]["matching"][str(subtype)]
         regions = pd.read_csv(tmp_path / "maps" / f"regions_gradient_x_input_cluster-{cluster}.tsv", sep="\t")
         assert regions["name"].iloc[0] == name
+
+
+def test_analyse_salient_rerun_removes_the_maps_of_clusters_that_no_longer_exist(tiny_run, tmp_path):
+    from neurocl.maps import analyse_salient
+
+    cohort, store, model, embeddings, _ = tiny_run
+    (tmp_path / "notes.txt").write_text("a user's file")
+    for k in (3, 2):
+        config = MapsConfig(k_min=k, k_max=k, n_bootstrap=0, methods=["gradient_x_input"], plots=False, n_regions=4)
+        analyse_salient(model, store, cohort, embeddings, tmp_path, config)
+    written = {path.name for path in tmp_path.iterdir()}
+    assert "gradient_x_input_cluster-2.nii.gz" in written and "notes.txt" in written
+    assert not any("cluster-3" in name for name in written)
+    assert "evaluation.json" not in written  # no ground truth given
 
 
 def test_analyse_salient_names_a_missing_atlas_names_table(tiny_run, tmp_path):

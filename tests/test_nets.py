@@ -236,3 +236,32 @@ def test_norm_option_replaces_every_batchnorm_of_the_monai_networks(name, norm, 
 def test_invalid_encoder_config_names_the_field(config, message):
     with pytest.raises(ValidationError, match=message):
         make_encoder(config)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fast_cpu_backward_gives_the_native_gradients(stride):
+    """The oneDNN-forward backward of FastBackwardConv3d equals autograd's native conv3d backward."""
+    from neurocl.nets import FastBackwardConv3d
+
+    torch.manual_seed(0)
+    native = torch.nn.Conv3d(3, 4, 3, stride=stride, padding=1).double()
+    fast = torch.nn.Conv3d(3, 4, 3, stride=stride, padding=1).double()
+    fast.load_state_dict(native.state_dict())
+    fast.__class__ = FastBackwardConv3d
+    x = torch.randn(2, 3, 9, 10, 7, dtype=torch.float64)
+    grads = []
+    for conv in (native, fast):
+        inputs = x.clone().requires_grad_(True)
+        output = conv(inputs)
+        output.backward(torch.linspace(-1, 1, output.numel(), dtype=torch.float64).view_as(output))
+        grads.append((inputs.grad, conv.weight.grad, conv.bias.grad))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_encoders_use_the_fast_backward_without_changing_parameter_names():
+    from neurocl.nets import FastBackwardConv3d, SmallCNN
+
+    encoder, _ = make_encoder({"name": "small_cnn", "width": 4})
+    assert any(isinstance(m, FastBackwardConv3d) for m in encoder.modules())
+    assert list(encoder.state_dict()) == list(SmallCNN(3, 1, 4).state_dict())

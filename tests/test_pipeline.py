@@ -9,6 +9,7 @@ OpenMP pool.
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import os
 import shutil
@@ -37,8 +38,11 @@ views: {{p_crop: 0.5, p_flip: 0.5, p_noise: 0.5, p_blur: 0.0, p_cutout: 0.5}}
 method: {{name: sepclr, common_dim: 4, salient_dim: 4, target_fraction: 0.5}}
 encoder: {{name: small_cnn, width: 4}}
 training: {{epochs: 2, batch_size: 4, lr: 0.003, warmup_steps: 2, accelerator: cpu, checkpoint_every_n_steps: 2}}
-evaluation: {{probe: {{n_splits: 3, inner_splits: 2, n_permutations: 5, n_bootstrap: 10, n_jobs: 1}}}}
-outputs: {{store: {store}}}
+evaluation:
+  attributes: [age, group]
+  subsets: [all]
+  probe: {{n_splits: 3, inner_splits: 2, n_permutations: 5, n_bootstrap: 10, n_jobs: 1}}
+outputs: {{store: {store}, report: false}}
 """
 TERMS = ["common", "salient", "null", "mi"]
 
@@ -223,13 +227,17 @@ def test_resume_refuses_a_changed_pipeline(reference, pipeline_yaml, workspace):
         pipeline.run_pipeline(changed, run_dir, resume=True)
 
 
-def test_resume_of_a_finished_run_may_change_the_evaluation(reference, pipeline_yaml, workspace):
+def test_resume_of_a_finished_run_may_change_evaluation_and_outputs(reference, pipeline_yaml, workspace):
     run_dir, _ = reference
     copy = Path(shutil.copytree(run_dir, workspace / "re-evaluated"))
     changed = workspace / "re-evaluated.yaml"
-    changed.write_text(pipeline_yaml.read_text().replace("n_permutations: 5", "n_permutations: 6"))
+    text = pipeline_yaml.read_text().replace("n_permutations: 5", "n_permutations: 6")
+    changed.write_text(text.replace("report: false", "report: true"))
     pipeline.run_pipeline(changed, copy, resume=True)
-    assert yaml.safe_load((copy / "config.yaml").read_text())["evaluation"]["probe"]["n_permutations"] == 6
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    assert saved["evaluation"]["probe"]["n_permutations"] == 6 and saved["outputs"]["report"]
+    if importlib.util.find_spec("neurocl.report") is not None:
+        assert (copy / "report.html").is_file() and (copy / "report.md").is_file()
     assert _checkpoint(copy)["global_step"] == _checkpoint(run_dir)["global_step"]  # no further training
     pd.testing.assert_frame_equal(read_tsv(copy / "embeddings.tsv"), read_tsv(run_dir / "embeddings.tsv"))
     assert (copy / "logs" / "metrics.csv").read_text() == (run_dir / "logs" / "metrics.csv").read_text()

@@ -26,10 +26,9 @@ from neurocl.losses import sepclr_loss
 from neurocl.maps import MapsConfig, analyse_salient
 from neurocl.probe import ProbeConfig, probe_embeddings, separation
 from neurocl.report import FIGURE_DIR, write_report
-from neurocl.store import PreprocessConfig, VolumeStore
 
 N_COMPONENTS = 3
-PROBE_CONFIG = ProbeConfig(n_splits=3, inner_splits=2, n_permutations=19, n_bootstrap=50, n_jobs=1)
+PROBE_CONFIG = ProbeConfig(n_splits=3, inner_splits=2, n_permutations=9, n_bootstrap=50, n_jobs=1)
 SECTIONS = ["Run", "Probes: which attribute lives in which space", "Separation", "Training curves",
             "Embedding views", "Baseline comparison", "Maps and subtypes"]
 
@@ -79,10 +78,9 @@ def _train(model: LinearTwoSpace, voxels: torch.Tensor, is_target: torch.Tensor,
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_cohort, tmp_path_factory):
+def run_dir(tiny_cohort, tiny_store, tmp_path_factory):
     run = tmp_path_factory.mktemp("report_run")
-    cohort = Cohort.from_yaml(tiny_cohort)
-    store = VolumeStore.build(cohort, run / "store", PreprocessConfig(dtype="float32"), workers=1, progress=False)
+    cohort, store = Cohort.from_yaml(tiny_cohort), tiny_store
     splits = make_splits(cohort, method="holdout", val_fraction=0.2, test_fraction=0.2, seed=0)
     splits.save(run / "splits.tsv")
     write_text(run / "config.yaml", yaml.safe_dump({"name": "report-test", "cohort": str(tiny_cohort),

@@ -182,26 +182,24 @@ def evaluate_subtypes(
         for method, part in table.groupby("method", sort=False)
     }
     anatomy = {} if anatomy_map is None else {"anatomy": anatomy_map}
-    references = pd.DataFrame(
-        [
-            {
-                "subtype": subtype,
-                "auc_anatomy_map": auc(anatomy, "anatomy", true_mask),
-                "auc_difference_map": auc(difference_maps or {}, f"true-subtype-{subtype}", true_mask),
-            }
-            for subtype, true_mask in true_masks.items()
-        ],
-        columns=["subtype", "auc_anatomy_map", "auc_difference_map"],
-    )
+    reference_rows = [
+        {
+            "subtype": subtype,
+            "auc_anatomy_map": auc(anatomy, "anatomy", true_mask),
+            "auc_difference_map": auc(difference_maps or {}, f"true-subtype-{subtype}", true_mask),
+        }
+        for subtype, true_mask in true_masks.items()
+    ]
+    references = pd.DataFrame(reference_rows, columns=["subtype", "auc_anatomy_map", "auc_difference_map"])
     return {
         "ari": float(adjusted_rand_score(truth[patients], clusters[patients])),
         "n_true_subtypes": len(true_masks),
         "n_clusters": int(len(np.unique(clusters))),
         "matching": {str(subtype): cluster for subtype, cluster in matching.items()},
         "n_brain_voxels": int(brain_mask.sum()),
-        "map_auc": table.to_dict(orient="records"),
+        "map_auc": rows,  # the dicts, not the table's records: a missing AUC stays None, not NaN
         "summary": summary,
-        "reference_auc": references.to_dict(orient="records"),
+        "reference_auc": reference_rows,
         "reference_summary": {
             "mean_auc_anatomy_map": float(references["auc_anatomy_map"].astype(float).mean()),
             "mean_auc_difference_map": float(references["auc_difference_map"].astype(float).mean()),

@@ -347,29 +347,54 @@ def analyse_salient(
         model, store, store_index[is_target], memberships, clusters, baseline, center, config, progress
     )
     groups = ["all"] + [f"cluster-{c}" for c in range(1, summary["n_clusters"] + 1)]
+    _remove_previous_maps(out_dir)
     write_tsv(out_dir / "index.tsv", _write_maps(group_maps, counts, groups, store, atlas, config, out_dir, progress))
     write_json(out_dir / "subtypes.json", _json_ready(summary))
     if truth is not None:
-        # Model-free reference: each group's mean volume minus the mean control volume.
-        volume_means = _GroupMeans(store.spatial_shape)
-        for first, (_, volumes) in zip(range(0, int(is_target.sum()), config.batch_size),
-                                       store.batches(store_index[is_target], config.batch_size)):
-            volume_means.add(volumes.mean(1, keepdim=True), memberships[first : first + len(volumes)])
-        control = control_mean[0].double().cpu().numpy()
-        differences = {group: mean - control for group, mean in volume_means.means().items()}
-        # The store's automatic mask can reach far beyond the head (voxels > 0 in the cohort mean);
-        # scoring inside the cohort's true brain mask keeps empty background from inflating AUCs.
-        true_brain = load_brain_mask(ground_truth, store)
-        domain = np.asarray(store.mask, dtype=bool)
-        if true_brain is not None:
-            domain = domain & true_brain
-        evaluation = evaluate_subtypes(clusters, truth, true_masks, group_maps, domain, differences, control)
-        evaluation["ground_truth"] = str(Path(ground_truth) / "ground_truth.tsv")
-        evaluation["evaluation_mask"] = "store mask" + ("" if true_brain is None else " ∩ brain_mask.nii.gz")
-        evaluation = _json_ready(evaluation)
+        evaluation = _evaluate(store, store_index[is_target], memberships, clusters, truth, true_masks, group_maps,
+                               control_mean, ground_truth, config.batch_size)
         write_json(out_dir / "evaluation.json", evaluation)
         summary = {**summary, "evaluation": evaluation}
+    else:
+        _remove_listed(out_dir, ["evaluation.json"])  # a previous run's, which no longer applies
     return summary
+
+
+def _evaluate(store, subjects: np.ndarray, memberships: list[list[str]], clusters: np.ndarray, truth: np.ndarray,
+              true_masks: dict, group_maps: dict, control_mean: torch.Tensor, ground_truth, batch_size: int) -> dict:
+    """evaluation.json: scores against the synthetic cohort's truth, with model-free reference maps."""
+    # Reference maps: each group's mean volume minus the mean control volume, and the latter itself.
+    volume_means = _GroupMeans(store.spatial_shape)
+    for first, (_, volumes) in zip(range(0, len(subjects), batch_size), store.batches(subjects, batch_size)):
+        volume_means.add(volumes.mean(1, keepdim=True), memberships[first : first + len(volumes)])
+    control = control_mean.double().mean(0).cpu().numpy()
+    differences = {group: mean - control for group, mean in volume_means.means().items()}
+    # The store's automatic mask can reach far beyond the head (voxels > 0 in the cohort mean);
+    # scoring inside the cohort's true brain mask keeps empty background from inflating AUCs.
+    true_brain = load_brain_mask(ground_truth, store)
+    domain = np.asarray(store.mask, dtype=bool)
+    if true_brain is not None:
+        domain = domain & true_brain
+    evaluation = evaluate_subtypes(clusters, truth, true_masks, group_maps, domain, differences, control)
+    evaluation["ground_truth"] = str(Path(ground_truth) / "ground_truth.tsv")
+    evaluation["evaluation_mask"] = "store mask" + ("" if true_brain is None else " ∩ brain_mask.nii.gz")
+    return _json_ready(evaluation)
+
+
+def _remove_listed(out_dir: Path, names) -> None:
+    """Delete the named files of ``out_dir``; plain file names only, so nothing outside it is touched."""
+    for name in names:
+        if isinstance(name, str) and "/" not in name and (out_dir / name).is_file():
+            (out_dir / name).unlink()
+
+
+def _remove_previous_maps(out_dir: Path) -> None:
+    """Delete the map files a previous index.tsv lists (e.g. a cluster that no longer exists), nothing else."""
+    index = out_dir / "index.tsv"
+    if index.is_file():
+        previous = pd.read_csv(index, sep="\t", keep_default_na=False)
+        _remove_listed(out_dir, [name for column in ("nifti", "png", "regions") if column in previous
+                                 for name in previous[column]])
 
 
 def _atlas(config: MapsConfig, store):

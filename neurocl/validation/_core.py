@@ -8,9 +8,10 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from neurocl.errors import TrainingError
+from neurocl.errors import ConfigError, TrainingError
 
 
 @contextlib.contextmanager
@@ -19,6 +20,15 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def validated_config(config_class: type[BaseModel], settings: dict) -> BaseModel:
+    """``config_class(**settings)``, with a validation failure reported as a :class:`ConfigError` naming the fields."""
+    try:
+        return config_class(**settings)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, item['loc'])) or 'config'}: {item['msg']}" for item in error.errors())
+        raise ConfigError(f"{config_class.__name__}: {problems}") from None
 
 
 def random_mlp(

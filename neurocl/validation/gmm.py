@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from neurocl.validation._core import seeded, train
+from neurocl.validation._core import seeded, train, validated_config
 from neurocl.validation.metrics import fisher_subspace, pca_subspace, principal_angles_deg
 
 
@@ -59,7 +59,7 @@ class GMMConfig(BaseModel):
         """The documented full (about a minute on 2 CPU cores) or ``quick`` (seconds) setting."""
         settings = dict(PRESETS[quick])
         settings.update(overrides)
-        return cls(**settings)
+        return validated_config(cls, settings)
 
 
 PRESETS: dict[bool, dict] = {
@@ -155,3 +155,20 @@ def run_gmm(config: GMMConfig, progress: bool = True) -> GMMResult:
         final_loss=float(np.mean(history[-50:])),
         seconds=time.perf_counter() - start,
     )
+
+
+def print_gmm(result: GMMResult, console) -> None:
+    """Rich table of each method's principal angles to the Fisher subspace."""
+    from rich.table import Table
+
+    config = result.config
+    table = Table(title=f"Gaussian mixture (d={config.dim}, K={config.n_components}): "
+                        f"principal angles to the Fisher subspace, degrees")
+    for column in ("subspace", "mean angle", "largest angle", "all angles"):
+        table.add_column(column, justify="left" if column in ("subspace", "all angles") else "right")
+    for method, angles in result.angles.items():
+        table.add_row(method, f"{result.mean_angle(method):.1f}", f"{max(angles):.1f}",
+                      ", ".join(f"{angle:.1f}" for angle in angles))
+    console.print(table)
+    console.print(f"InfoNCE final loss {result.final_loss:.4f}, {result.seconds:.0f} s. "
+                  "LDA is fitted with the labels (a supervised reference); InfoNCE and PCA see no labels.")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from neurocl.validation._core import mlp_encoder, random_mlp, seeded, standardised, train
+from neurocl.validation._core import mlp_encoder, random_mlp, seeded, standardised, train, validated_config
 from neurocl.validation.metrics import linear_r2, mcc
 
 
@@ -63,7 +63,7 @@ class IdentifiabilityConfig(BaseModel):
         """The documented full (minutes on 2 CPU cores) or ``quick`` (seconds) setting for ``space``."""
         settings = dict(PRESETS[(space, quick)])
         settings.update(overrides)
-        return cls(space=space, **settings)
+        return validated_config(cls, dict(settings, space=space))
 
 
 PRESETS: dict[tuple[str, bool], dict] = {
@@ -209,3 +209,23 @@ def run_identifiability(config: IdentifiabilityConfig, progress: bool = True) ->
         final_loss=float(np.mean(history[-50:])),
         seconds=time.perf_counter() - start,
     )
+
+
+def print_identifiability(results: list[IdentifiabilityResult], console) -> None:
+    """Rich table of the measured recovery, one row per experiment, with what learning must beat."""
+    from rich.table import Table
+
+    table = Table(title="Identifiability (held-out samples): trained encoder vs untrained encoder vs observations x")
+    for column in ("space", "p(z̃|z)", "loss", "n", "MCC", "R²", "untrained MCC", "untrained R²", "x MCC", "x R²",
+                   "final loss", "seconds"):
+        table.add_column(column, justify="left" if column in ("space", "p(z̃|z)", "loss") else "right")
+    for result in results:
+        config = result.config
+        loss = f"lp_info_nce p={config.p:g}" if config.space == "box" else "info_nce"
+        table.add_row(
+            config.space, f"{config.noise} {config.noise_scale:g}", f"{loss} τ={config.temperature:g}",
+            str(config.n_latents), f"{result.mcc:.3f}", f"{result.r2:.3f}", f"{result.untrained_mcc:.3f}",
+            f"{result.untrained_r2:.3f}", f"{result.mixing_mcc:.3f}", f"{result.mixing_r2:.3f}",
+            f"{result.final_loss:.4f}", f"{result.seconds:.0f}",
+        )
+    console.print(table)
