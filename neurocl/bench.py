@@ -406,6 +406,8 @@ def print_data_benchmark(result: dict, console=None) -> None:
         table.add_row(m.recipe, m.library, str(m.views), f"{m.seconds:.2f}", f"{m.views_per_second:.1f}", m.note)
     console.print(table)
     for recipe, ratios in result["ratios"].items():
+        if not ratios:
+            continue
         text = ", ".join(f"{name} = {value:.2f}x" for name, value in ratios.items())
         console.print(f"{recipe}: {text}")
     if result["model"]:

@@ -227,6 +227,20 @@ class EpochBatches:
                     f"a group-balanced batch needs batch_size >= 2 and both groups; got batch_size {self.batch_size}, "
                     f"{len(self.target)} target and {len(self.background)} background subjects"
                 )
+            # A subject twice in one global batch would be its own negative.
+            for name, members, per_batch in (("target", self.target, self.n_target),
+                                             ("background", self.background, self.batch_size - self.n_target)):
+                if per_batch * world_size > len(members):
+                    raise ConfigError(
+                        f"training.batch_size {self.batch_size} x {world_size} process(es) takes {per_batch * world_size}"
+                        f" {name} subjects per step but there are {len(members)}; lower training.batch_size"
+                        " (or change method.target_fraction)"
+                    )
+        elif self.batch_size * world_size > len(self.indices):
+            raise ConfigError(
+                f"training.batch_size {self.batch_size} x {world_size} process(es) exceeds the {len(self.indices)} "
+                "subjects to draw from; lower training.batch_size"
+            )
         self._next_epoch = 0
         self._done = (0, 0)
         self._resume_from: tuple[int, int] | None = None

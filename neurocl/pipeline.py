@@ -698,7 +698,8 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
     embeddings = embeddings_table(modules["main"], store, cohort, splits, config.outputs.embed_batch_size, progress=True)
     write_tsv(run_dir / "embeddings.tsv", embeddings)
     ground_truth = _ground_truth(config)
-    console.print("[bold]probing[/] " + ", ".join(config.evaluation.attributes or ["every attribute"]))
+    attributes = config.evaluation.attributes
+    console.print("[bold]probing[/] " + ("every attribute" if attributes is None else ", ".join(attributes) or "nothing"))
     _probe(embeddings, cohort, config, run_dir, ground_truth)
 
     for entry in config.baselines:

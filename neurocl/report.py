@@ -159,6 +159,8 @@ class _RunFiles:
         self.dir = run_dir
         self.config = _read_yaml(run_dir / "config.yaml")
         self.name = str(self.config.get("name", run_dir.name)) if self.config else run_dir.name
+        method = (self.config or {}).get("method")
+        self.method = str(method.get("name", "run")) if isinstance(method, dict) else "run"
         self.embeddings = _read_table(run_dir / "embeddings.tsv")
         self.probes = _read_table(run_dir / "probes.tsv")
         self.splits = _read_table(run_dir / "splits.tsv")
@@ -390,7 +392,8 @@ def _training_section(run: _RunFiles, figures: _Figures) -> _Section | None:
         return None
     import matplotlib.pyplot as plt
 
-    terms = sorted({column.split("/", 1)[1] for column in metrics.columns if "/" in column and metrics[column].notna().any()})
+    terms = sorted({column.split("/", 1)[1] for column in metrics.columns if "/" in column and metrics[column].notna().any()},
+                   key=lambda term: (term != "loss", term))
     if not terms:
         return None
     section = _Section("Training curves")
@@ -512,11 +515,11 @@ def _baseline_section(run: _RunFiles, figures: _Figures) -> _Section | None:
     if not run.baselines:
         return None
     section = _Section("Baseline comparison")
-    section.text("The same probes (same folds, permutations and bootstrap) on each baseline's embeddings. "
-                 "Rows: the run's own spaces, then each baseline's.")
+    section.text("The same probes (same settings, folds and seeds) on each baseline's embeddings, next to the "
+                 f"run's own spaces (labelled '{run.method}: <space>').")
     frames = []
     if run.probes is not None:
-        frames.append(run.probes.assign(model=run.probes["space"].map(lambda s: f"{run.name}: {s}")))
+        frames.append(run.probes.assign(model=run.probes["space"].map(lambda s: f"{run.method}: {s}")))
     for name, probes in run.baselines.items():
         frames.append(probes.assign(model=probes["space"].map(lambda s, name=name: name if s == "emb" else f"{name}: {s}")))
     combined = pd.concat(frames, ignore_index=True)

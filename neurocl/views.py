@@ -466,42 +466,57 @@ def _rotation_matrices(angles: torch.Tensor, dims: int) -> torch.Tensor:
     return rotation
 
 
-def gaussian_filter_separable(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+def gaussian_filter_separable(x: torch.Tensor, kernels: torch.Tensor, block: int = 32) -> torch.Tensor:
     """Filter every sample with its own 1D kernel along each spatial axis (all channels alike).
 
     Borders are mirrored about the edge (``d c b a | a b c d``, scipy.ndimage's ``reflect``), so a
-    constant image stays constant. Along each axis the filter is one batched matrix product with
-    a per-sample ``(L, L)`` banded matrix that holds the kernel and the mirrored border: a dense
-    BLAS/cuBLAS call is far faster than the grouped depthwise convolution (slow on CPUs) or a
-    sum of shifted copies (bound by memory traffic), although it multiplies zeros off the band.
+    constant image stays constant. Along each axis the (mirror-padded) line is cut into blocks of
+    ``block`` outputs with their ``K - 1`` neighbours, and every block of every sample is filtered
+    by one batched matrix product with that sample's ``(block + K - 1, block)`` banded matrix: one
+    dense BLAS/cuBLAS call per axis, ``2 (block + K - 1)`` multiply-adds per voxel. On a CPU this
+    measured faster than a grouped depthwise convolution, than K shifted multiply-adds, and than
+    one product with a whole-axis ``(L, L)`` matrix.
 
     Parameters
     ----------
     x : (N, C, *S) tensor
     kernels : (N, K) tensor, K odd
         Kernel of sample ``n`` in row ``n``, centred on tap ``K // 2``.
+    block : int
+        Outputs per block (the matrix product's inner size is ``block + K - 1``).
     """
+    n_samples, n_taps = kernels.shape
+    radius = n_taps // 2
+    # band[n, j, i] = kernels[n, j - i]: output i of a block reads inputs i .. i + K - 1 of its window.
+    offsets = torch.arange(block + n_taps - 1, device=x.device)[:, None] - torch.arange(block, device=x.device)
+    inside = (offsets >= 0) & (offsets < n_taps)
+    band = kernels.to(x.dtype)[:, offsets.clamp(0, n_taps - 1)] * inside.to(x.dtype)
     out = x
     for dim in range(2, x.ndim):
-        matrix = _filter_matrices(kernels.to(x.dtype), out.shape[dim])
+        length = out.shape[dim]
+        n_blocks = -(-length // block)
         moved = out.movedim(dim, -1)
-        shape = moved.shape
-        # out[n, ..., i] = sum_j matrix[n, i, j] * x[n, ..., j]
-        filtered = torch.bmm(moved.reshape(shape[0], -1, shape[-1]), matrix.transpose(1, 2))
-        out = filtered.view(shape).movedim(-1, dim)
+        padded = _mirror_pad_last(moved, radius, n_blocks * block - length)
+        windows = padded.unfold(-1, block + n_taps - 1, block)  # (N, ..., n_blocks, block + K - 1), a view
+        rows = windows.reshape(n_samples, -1, block + n_taps - 1)
+        filtered = torch.bmm(rows, band).view(*moved.shape[:-1], n_blocks * block)
+        out = filtered[..., :length].movedim(-1, dim)
     return out.contiguous()
 
 
-def _filter_matrices(kernels: torch.Tensor, length: int) -> torch.Tensor:
-    """``(N, L, L)`` matrices ``M[n, i, j] = sum of kernels[n, t] over taps t with mirror(i + t - r) == j``."""
-    n_samples, n_taps = kernels.shape
-    device = kernels.device
-    rows = torch.arange(length, device=device)[:, None].expand(length, n_taps)
-    columns = _mirror_index(rows + torch.arange(n_taps, device=device) - n_taps // 2, length)
-    matrix = torch.zeros(n_samples, length, length, dtype=kernels.dtype, device=device)
-    samples = torch.arange(n_samples, device=device)[:, None, None].expand(n_samples, length, n_taps)
-    index = (samples, rows.expand(n_samples, -1, -1), columns.expand(n_samples, -1, -1))
-    return matrix.index_put_(index, kernels[:, None, :].expand(n_samples, length, n_taps), accumulate=True)
+def _mirror_pad_last(x: torch.Tensor, radius: int, extra: int) -> torch.Tensor:
+    """``x`` with ``radius`` mirrored voxels before, ``radius + extra`` after along the last axis.
+
+    Mirroring is edge-inclusive (``d c b a | a b c d``); positions past the mirror image (filter
+    outputs that are discarded, or a radius longer than the axis) come from the periodic mirror
+    extension.
+    """
+    length = x.shape[-1]
+    after = radius + extra
+    if radius <= length and after <= length:  # the usual case: two slabs around the line
+        return torch.cat([x[..., :radius].flip(-1), x, x[..., length - after:].flip(-1)], dim=-1)
+    positions = torch.arange(-radius, length + after, device=x.device)
+    return x.index_select(-1, _mirror_index(positions, length))
 
 
 def _mirror_index(position: torch.Tensor, length: int) -> torch.Tensor:

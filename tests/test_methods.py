@@ -221,3 +221,10 @@ def test_step_seeds_differ_between_positions_epochs_ranks_and_streams():
 def test_optimiser_config_refuses_a_negative_learning_rate():
     with pytest.raises(ValueError, match="lr"):
         OptimConfig(lr=-1.0)
+
+
+def test_batches_larger_than_a_group_are_refused_rather_than_repeating_subjects():
+    with pytest.raises(ConfigError, match="takes 6 target subjects per step but there are 5"):
+        EpochBatches(np.arange(30), batch_size=12, is_target=_groups(5, 25), target_fraction=0.5)
+    with pytest.raises(ConfigError, match="exceeds the 10 subjects"):
+        EpochBatches(np.arange(10), batch_size=6, world_size=2)

@@ -42,6 +42,7 @@ evaluation:
   attributes: [age, group]
   subsets: [all]
   probe: {{n_splits: 3, inner_splits: 2, n_permutations: 5, n_bootstrap: 10, n_jobs: 1}}
+baselines: [cpca]
 outputs: {{store: {store}, report: false}}
 """
 TERMS = ["common", "salient", "null", "mi"]
@@ -133,6 +134,14 @@ def test_run_writes_every_stage_output(reference):
                  "probes.tsv", "separation.json", "logs/prepared.json"):
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "maps").exists()  # maps are off by default
+
+
+def test_voxel_baseline_gets_embeddings_and_probes_in_its_folder(reference):
+    run_dir, _ = reference
+    cpca = read_tsv(run_dir / "baselines" / "cpca" / "embeddings.tsv")
+    assert list(cpca.columns[:3]) == ["participant_id", "split", "group"] and len(cpca) == 32
+    assert cpca["split"].tolist() == read_tsv(run_dir / "embeddings.tsv")["split"].tolist()
+    assert set(read_tsv(run_dir / "baselines" / "cpca" / "probes.tsv")["attribute"]) >= {"age", "group"}
     assert not list(run_dir.rglob(".*.tmp*"))  # no temporary file left behind
 
 
