@@ -128,7 +128,8 @@ def monai_transform(recipe: str, shape: Sequence[int]):
     else:
         crop_step = mt.OneOf([mt.RandSpatialCropd("image", roi_size=crop, random_size=False),
                               mt.CenterSpatialCropd("image", roi_size=crop)])
-    steps = [mt.EnsureTyped("image", dtype=torch.float32, track_meta=False), crop_step, mt.RandAxisFlipd("image", prob=0.5)]
+    steps = [mt.EnsureTyped("image", dtype=torch.float32, track_meta=False), crop_step,
+             mt.RandAxisFlipd("image", prob=0.5)]
     if recipe == "full":
         sigma = (0.1, 1.0)
         steps.append(mt.RandGaussianSmoothd("image", sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=0.5))

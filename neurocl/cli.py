@@ -179,7 +179,7 @@ def probe(
     n_permutations: int = typer.Option(200, help="Permutations for p-values."),
     n_bootstrap: int = typer.Option(1000, help="Bootstrap resamples for 95% CIs."),
     seed: int = typer.Option(0, help="Random seed."),
-    jobs: int = typer.Option(-1, "--jobs", help="Parallel processes (-1: one per CPU core); results do not depend on it."),
+    jobs: int = typer.Option(-1, "--jobs", help="Parallel threads (-1: one per CPU core); results do not depend on it."),
 ) -> None:
     """Linear probes of clinical attributes from each embedding space, with CV, CIs and p-values.
 

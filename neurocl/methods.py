@@ -396,13 +396,15 @@ class BaseMethod(L.LightningModule):
         return self._train_batches
 
     def val_dataloader(self) -> EpochBatches | list:
-        world = self.trainer.world_size
-        batch_size = min(self.data.batch_size, len(self.data.val_indices) // world)
-        try:
-            batches = self._batches(self.data.val_indices, batch_size, shuffle=False)
-        except ConfigError:
-            return []  # a validation split too small (or one-group) for a batch: no validation loss
-        return batches if len(batches) and batch_size >= 2 else []
+        # The largest batch (up to the training one) that the validation subjects fill without
+        # repeats; none at all (no validation loss) when the split is too small or has one group.
+        largest = min(self.data.batch_size, len(self.data.val_indices) // self.trainer.world_size)
+        for batch_size in range(largest, 1, -1):
+            try:
+                return self._batches(self.data.val_indices, batch_size, shuffle=False)
+            except ConfigError:
+                continue
+        return []
 
     def _batches(self, indices: np.ndarray, batch_size: int, shuffle: bool) -> EpochBatches:
         is_target = self.data.is_target.cpu().numpy() if self.method_config.two_spaces else None

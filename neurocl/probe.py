@@ -25,7 +25,7 @@ Refitting a few hundred times is affordable because the probes are batched over
 label vectors: ridge is solved in closed form from one SVD per fold for every
 alpha and every permutation at once, and logistic regression (one-vs-rest beyond two
 classes) is a damped Newton solver run on all permutations and classes together
-(torch, float64). Probes run in parallel processes (``ProbeConfig.n_jobs``).
+(torch, float64). Probes run in parallel threads (``ProbeConfig.n_jobs``).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class ProbeConfig(BaseModel):
     min_samples : int
         Fewer labelled rows than this and the combination is skipped (with a note).
     n_jobs : int
-        Probes run in parallel processes (-1: one per CPU core); results do not depend on it.
+        Probes run in parallel threads (-1: one per CPU core); results do not depend on it.
     seed : int
         Seeds the folds, the permutations and the bootstrap.
     """
@@ -98,7 +98,7 @@ class ProbeConfig(BaseModel):
     ridge_alphas: list[float] = Field(default_factory=lambda: np.logspace(-2, 4, 13).tolist(), min_length=1)
     logistic_cs: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1)
     min_samples: int = Field(10, ge=4)
-    n_jobs: int = Field(-1, description="Processes probing in parallel (-1: one per CPU core).")
+    n_jobs: int = Field(-1, description="Threads probing in parallel (-1: one per CPU core).")
     seed: int = 0
 
     @field_validator("n_jobs")
@@ -742,15 +742,19 @@ def _probe_task(features, labels, groups, kind, sites, is_site_column, config):
 
 
 def _run_tasks(tasks, config, progress):
-    """Results of :func:`_probe_task` in task order, on ``config.n_jobs`` processes (each single-threaded)."""
+    """Results of :func:`_probe_task` in task order, on ``config.n_jobs`` threads.
+
+    Threads, not processes: the heavy parts (BLAS, batched Cholesky, SVD) release the GIL, and
+    threads start instantly and share the data.
+    """
     n_jobs = min(os.cpu_count() or 1, len(tasks)) if config.n_jobs == -1 else min(config.n_jobs, len(tasks))
     if n_jobs <= 1:
         return [_probe_task(*task, config) for task in _progress(tasks, progress, "probing")]
-    from joblib import Parallel, delayed, parallel_config
+    from concurrent.futures import ThreadPoolExecutor
 
-    with parallel_config(backend="loky", inner_max_num_threads=1):
-        results = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(_probe_task)(*task, config) for task in tasks)
-        return list(_progress(results, progress, f"probing ({n_jobs} processes)", total=len(tasks)))
+    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+        results = pool.map(lambda task: _probe_task(*task, config), tasks)
+        return list(_progress(results, progress, f"probing ({n_jobs} threads)", total=len(tasks)))
 
 
 def _site_column(table, config):

@@ -28,7 +28,6 @@ import base64
 import html
 import io
 import json
-import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,8 +38,6 @@ import pandas as pd
 from neurocl.errors import ConfigError
 from neurocl.io import atomic_path, read_tsv, write_text
 from neurocl.probe import PRIMARY_METRIC, embedding_spaces
-
-logger = logging.getLogger(__name__)
 
 FIGURE_DIR = "report_files"
 _PRIMARY = set(PRIMARY_METRIC.values())

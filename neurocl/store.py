@@ -175,7 +175,8 @@ def _resample_image(path: str, shape: Sequence[int], affine: np.ndarray, mode: s
     image = EnsureChannelFirst()(image)
     if image.shape[0] != 1 or image.ndim != 4:
         raise ValueError(f"expected a 3D image, got shape {tuple(image.shape[1:]) or tuple(image.shape)}")
-    image = Orientation(axcodes="RAS")(image)
+    # The labels are MONAI's default, given explicitly to silence its FutureWarning about that default.
+    image = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(image)
     resampler = SpatialResample(mode=mode, padding_mode="zeros", dtype=np.float32)
     out = resampler(image, dst_affine=torch.as_tensor(affine, dtype=torch.float64), spatial_size=tuple(shape))
     return np.asarray(out.detach().cpu().numpy()[0], dtype=np.float32)
@@ -384,7 +385,8 @@ class VolumeStore:
         affine = np.eye(4) if affine is None else np.asarray(affine, float)
         config = PreprocessConfig(mask="none", normalise="none", crop_to_mask=False, dtype=dtype)
         token = uuid.uuid4().hex[:12]
-        names = {kind: f"{kind}-{token}.{ext}" for kind, ext in (("volumes", "npy"), ("mask", "npy"), ("manifest", "tsv"))}
+        kinds = (("volumes", "npy"), ("mask", "npy"), ("manifest", "tsv"))
+        names = {kind: f"{kind}-{token}.{ext}" for kind, ext in kinds}
         with atomic_path(cache_dir / names["volumes"]) as tmp:
             stored = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=volumes.shape)
             for index in range(len(volumes)):

@@ -251,7 +251,8 @@ class ViewSampler:
             chosen = selected.nonzero().flatten()
             if len(chosen):
                 cropped = _gather_box(x, source[chosen], random_start[chosen], crop)
-                views[chosen] = F.interpolate(cropped, size=spatial, mode=_LINEAR[self.spatial_dims], align_corners=False)
+                mode = _LINEAR[self.spatial_dims]
+                views[chosen] = F.interpolate(cropped, size=spatial, mode=mode, align_corners=False)
             return views
         start = torch.where(selected[:, None], random_start, room // 2)
         return _gather_box(x, source, start, crop)

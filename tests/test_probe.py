@@ -269,3 +269,11 @@ def test_unknown_attribute_is_a_clear_error(two_space_cohort):
     cohort, embeddings, _, _, config = two_space_cohort
     with pytest.raises(ConfigError, match="'weight'"):
         probe_embeddings(embeddings, cohort, attributes=["weight"], config=config)
+
+
+def test_parallel_probes_equal_serial_ones(two_space_cohort):
+    cohort, embeddings, _, _, _ = two_space_cohort
+    settings = dict(n_permutations=9, n_bootstrap=20)
+    serial = probe_embeddings(embeddings, cohort, attributes=["age", "sex"], subsets=["all"], config=ProbeConfig(n_jobs=1, **settings))
+    parallel = probe_embeddings(embeddings, cohort, attributes=["age", "sex"], subsets=["all"], config=ProbeConfig(n_jobs=2, **settings))
+    pd.testing.assert_frame_equal(serial, parallel)

@@ -51,7 +51,7 @@ class LinearTwoSpace(torch.nn.Module):
         return self.project(x[:, 0][:, self.mask])
 
 
-def _train(model: LinearTwoSpace, voxels: torch.Tensor, is_target: torch.Tensor, train, val, steps: int = 12) -> pd.DataFrame:
+def _train(model: LinearTwoSpace, voxels: torch.Tensor, is_target: torch.Tensor, train, val, steps: int = 8) -> pd.DataFrame:
     """A few Adam steps of the SepCLR loss on two noisy views; the metrics.csv rows."""
     generator = torch.Generator().manual_seed(0)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -104,7 +104,7 @@ def run_dir(tiny_cohort, tiny_store, tmp_path_factory):
     embeddings = pd.concat([keys, pd.DataFrame(spaces)], axis=1)
     write_tsv(run / "embeddings.tsv", embeddings)
     truth = tiny_cohort.parent / "ground_truth.tsv"
-    probes = probe_embeddings(embeddings, cohort, config=PROBE_CONFIG)
+    probes = probe_embeddings(embeddings, cohort, attributes=["age", "sex", "severity", "group"], config=PROBE_CONFIG)
     write_tsv(run / "probes.tsv", probes)
     write_json(run / "separation.json", separation(embeddings, cohort, probes, ground_truth=truth, config=PROBE_CONFIG))
 

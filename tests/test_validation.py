@@ -16,7 +16,7 @@ from neurocl.errors import ConfigError
 from neurocl.validation._core import random_mlp
 from neurocl.validation.gmm import GMMConfig, run_gmm
 from neurocl.validation.identifiability import IdentifiabilityConfig, run_identifiability, sample_positives
-from neurocl.validation.metrics import fisher_subspace, linear_r2, mcc, pca_subspace, principal_angles_deg
+from neurocl.validation.metrics import fisher_eigenvalues, fisher_subspace, linear_r2, mcc, pca_subspace, principal_angles_deg
 from neurocl.validation.vector import VectorConfig, run_vector
 
 # ---------------------------------------------------------------- metrics
@@ -68,6 +68,10 @@ def test_fisher_subspace_of_two_components_is_the_whitened_mean_difference():
     expected = np.linalg.solve(covariance, means[0] - means[1])
     fisher = fisher_subspace(means, np.array([0.5, 0.5]), covariance)
     assert principal_angles_deg(fisher, expected[:, None]) == pytest.approx([0.0], abs=1e-6)
+    # S_B = ΔΔᵀ/4 for two equal components, so λ = Δᵀ Σ⁻¹ Δ / 4.
+    difference = means[0] - means[1]
+    assert fisher_eigenvalues(means, np.array([0.5, 0.5]), covariance) == \
+        pytest.approx([difference @ np.linalg.solve(covariance, difference) / 4])
 
 
 def test_pca_subspace_is_the_axis_of_largest_variance():
@@ -194,6 +198,7 @@ def test_bench_gmm_prints_a_table_and_writes_json(tmp_path):
     record = json.loads(out.read_text())
     assert record["suite"] == "gmm"
     assert set(record["results"][0]["mean_angle"]) == {"InfoNCE", "PCA", "LDA (labels)"}
+    assert len(record["results"][0]["fisher_eigenvalues"]) == 2
 
 
 def test_bench_identifiability_rejects_an_unknown_space():

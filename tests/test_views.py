@@ -30,7 +30,8 @@ def volumes(batch: int = 4, shape=SHAPE, seed: int = 0) -> torch.Tensor:
 
 
 def views_of(config: ViewConfig, x: torch.Tensor, n_views: int = 2, seed: int = 0, spatial_dims: int = 3):
-    return ViewSampler(config, spatial_dims=spatial_dims)(x, n_views=n_views, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    return ViewSampler(config, spatial_dims=spatial_dims)(x, n_views=n_views, generator=generator)
 
 
 def ramp(shape, axis: int) -> torch.Tensor:

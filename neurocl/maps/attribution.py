@@ -158,6 +158,8 @@ def occlusion(
 
     from neurocl.views import aggregate_patches, extract_patches
 
+    if len(volumes) == 0:
+        raise ConfigError("occlusion: no volumes given")
     spatial_shape = tuple(volumes.shape[2:])
     size = _as_sizes(patch, len(spatial_shape))
     reference = _reference_like(volumes[:1], baseline)[0]

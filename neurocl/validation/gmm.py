@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from neurocl.validation._core import seeded, train, validated_config
-from neurocl.validation.metrics import fisher_subspace, pca_subspace, principal_angles_deg
+from neurocl.validation.metrics import fisher_eigenvalues, fisher_subspace, pca_subspace, principal_angles_deg
 
 
 class GMMConfig(BaseModel):
@@ -106,6 +106,7 @@ class GMMResult:
 
     config: GMMConfig
     angles: dict[str, list[float]]
+    fisher_eigenvalues: list[float]  # S_B v = λ S_W v, largest first: how separable the mixture is along each
     final_loss: float
     seconds: float
 
@@ -152,6 +153,7 @@ def run_gmm(config: GMMConfig, progress: bool = True) -> GMMResult:
     return GMMResult(
         config=config,
         angles={name: principal_angles_deg(basis, fisher).tolist() for name, basis in subspaces.items()},
+        fisher_eigenvalues=fisher_eigenvalues(mixture.means, mixture.weights, mixture.covariance).tolist(),
         final_loss=float(np.mean(history[-50:])),
         seconds=time.perf_counter() - start,
     )
@@ -170,5 +172,7 @@ def print_gmm(result: GMMResult, console) -> None:
         table.add_row(method, f"{result.mean_angle(method):.1f}", f"{max(angles):.1f}",
                       ", ".join(f"{angle:.1f}" for angle in angles))
     console.print(table)
+    console.print("Fisher eigenvalues (separability along each Fisher direction): "
+                  + ", ".join(f"{value:.3g}" for value in result.fisher_eigenvalues))
     console.print(f"InfoNCE final loss {result.final_loss:.4f}, {result.seconds:.0f} s. "
                   "LDA is fitted with the labels (a supervised reference); InfoNCE and PCA see no labels.")

@@ -68,11 +68,11 @@ class IdentifiabilityConfig(BaseModel):
 
 PRESETS: dict[tuple[str, bool], dict] = {
     ("box", False): dict(n_latents=10, noise="laplace", noise_scale=0.05, p=1.0, temperature=0.05,
-                         hidden=[256, 256, 256], batch_size=1024, steps=2000, lr=3e-3),
+                         hidden=[256, 256, 256], batch_size=512, steps=1500, lr=3e-3),
     ("box", True): dict(n_latents=4, noise="laplace", noise_scale=0.05, p=1.0, temperature=0.05,
                         hidden=[64, 64], batch_size=256, steps=300, lr=1e-2, n_eval=2048),
     ("sphere", False): dict(n_latents=10, noise="normal", noise_scale=0.1, temperature=0.05, encoder_bias=False,
-                            hidden=[256, 256, 256], batch_size=1024, steps=2000, lr=3e-3),
+                            hidden=[256, 256, 256], batch_size=512, steps=1500, lr=3e-3),
     ("sphere", True): dict(n_latents=4, noise="normal", noise_scale=0.1, temperature=0.05, encoder_bias=False,
                            hidden=[64, 64], batch_size=256, steps=400, lr=1e-2, n_eval=2048),
 }

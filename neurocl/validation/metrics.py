@@ -134,13 +134,26 @@ def fisher_subspace(means, weights, within_covariance) -> np.ndarray:
     -------
     array (d, K − 1), columns ordered by decreasing λ.
     """
+    return _fisher_eigenproblem(means, weights, within_covariance)[1]
+
+
+def fisher_eigenvalues(means, weights, within_covariance) -> np.ndarray:
+    """The K − 1 largest λ of S_B v = λ S_W v (see :func:`fisher_subspace`), decreasing.
+
+    λ is the between-component variance along a Fisher direction relative to the noise along it:
+    how separable the mixture is in that direction.
+    """
+    return _fisher_eigenproblem(means, weights, within_covariance)[0]
+
+
+def _fisher_eigenproblem(means, weights, within_covariance) -> tuple[np.ndarray, np.ndarray]:
     means = np.asarray(means, float)
     weights = np.asarray(weights, float)
     centred = means - weights @ means
     between = (centred * weights[:, None]).T @ centred
     eigenvalues, eigenvectors = eigh(between, np.asarray(within_covariance, float))
     order = np.argsort(eigenvalues)[::-1][: len(means) - 1]
-    return eigenvectors[:, order]
+    return eigenvalues[order], eigenvectors[:, order]
 
 
 def pca_subspace(samples, n_components: int) -> np.ndarray:

@@ -1,0 +1,113 @@
+"""`neurocl demo`: its pipeline file, its cohort handling and the checks it prints (no training here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from neurocl.errors import ConfigError
+from neurocl.io import read_tsv, write_tsv
+from neurocl.pipeline import DEMO_COHORT, DEMO_PIPELINE, _demo_cohort, demo_summary, load_pipeline
+from neurocl.synth import SynthConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_pipeline_is_valid_and_packaged_copy_is_identical(tmp_path):
+    cohort = tmp_path / "cohort.yaml"
+    config = load_pipeline(DEMO_PIPELINE, overrides={"cohort": str(cohort)})
+    assert config.method.name == "sepclr"
+    assert config.encoder.name == "small_cnn"
+    assert config.training.accelerator == "cpu"
+    assert config.maps.enabled
+    assert config.cohort == cohort
+    assert (REPO / "pipelines" / "demo.yaml").read_text() == DEMO_PIPELINE.read_text()
+
+
+def test_demo_cohort_options_are_valid():
+    config = SynthConfig(**DEMO_COHORT)
+    assert config.resolution == 4.0 and config.n_subjects == 200
+
+
+def _fake_cohort_folder(folder: Path, synth_options: dict) -> None:
+    folder.mkdir(parents=True)
+    (folder / "cohort.yaml").write_text("name: x\n")
+    (folder / "dataset_description.json").write_text(json.dumps({"SynthConfig": synth_options}))
+
+
+def test_demo_reuses_a_cohort_made_with_its_options(tmp_path):
+    _fake_cohort_folder(tmp_path / "cohort", SynthConfig(**DEMO_COHORT).model_dump())
+    assert _demo_cohort(tmp_path / "cohort") == tmp_path / "cohort" / "cohort.yaml"
+
+
+def test_demo_refuses_a_cohort_made_with_other_options(tmp_path):
+    _fake_cohort_folder(tmp_path / "cohort", SynthConfig(n_subjects=32).model_dump())
+    with pytest.raises(ConfigError, match="other options"):
+        _demo_cohort(tmp_path / "cohort")
+
+
+def test_demo_refuses_an_interrupted_cohort(tmp_path):
+    (tmp_path / "cohort" / "sub-0001").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="incomplete synthetic cohort"):
+        _demo_cohort(tmp_path / "cohort")
+
+
+def _probe_row(space, attribute, subset, metric, value, p_value, chance):
+    return dict(space=space, attribute=attribute, subset=subset, metric=metric, value=value, ci_low=value - 0.1,
+                ci_high=value + 0.1, p_value=p_value, chance=chance, n=32, note="")
+
+
+@pytest.fixture
+def fake_run(tiny_cohort, tmp_path):
+    """A run directory whose salient space holds the true subtype and whose probes say the expected split."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = load_pipeline(DEMO_PIPELINE, overrides={"cohort": str(tiny_cohort)}).model_dump(mode="json")
+    config["evaluation"]["probe"].update(n_permutations=20, n_bootstrap=20)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    truth = read_tsv(tiny_cohort.parent / "ground_truth.tsv")
+    rng = np.random.default_rng(0)
+    embeddings = truth[["participant_id"]].assign(split="train", group=truth["group"])
+    for i in range(4):
+        embeddings[f"common_{i}"] = rng.normal(size=len(truth))
+        embeddings[f"salient_{i}"] = (truth["subtype"] == 1 + i % 2) * 3.0 + 0.1 * rng.normal(size=len(truth))
+    write_tsv(run_dir / "embeddings.tsv", embeddings)
+    rows = []
+    for attribute, subset, metric, chance, good in [
+        ("severity", "target", "r2", 0.0, "salient"),
+        ("age", "all", "r2", 0.0, "common"),
+        ("sex", "all", "balanced_accuracy", 0.5, "common"),
+        ("site", "all", "balanced_accuracy", 0.5, "salient"),  # the wrong space: a missed target
+    ]:
+        for space in ("common", "salient"):
+            high = space == good
+            rows.append(_probe_row(space, attribute, subset, metric, chance + (0.4 if high else 0.01),
+                                   0.01 if high else 0.6, chance))
+    write_tsv(run_dir / "probes.tsv", pd.DataFrame(rows))
+    (run_dir / "maps").mkdir()
+    (run_dir / "maps" / "evaluation.json").write_text(json.dumps({
+        "ari": 0.7, "n_clusters": 2,
+        "summary": {"gradient_x_input": {"mean_auc_subtype_map": 0.85, "mean_auc_cluster_map": 0.83}},
+    }))
+    return run_dir, tiny_cohort.parent
+
+
+def test_demo_summary_checks_each_target(fake_run):
+    summary = demo_summary(*fake_run)
+    reached = {target["check"]: target["reached"] for target in summary["targets"]}
+    assert reached["subtype decodable from salient"]
+    assert reached["subtype not decodable from common"]
+    assert reached["severity decodable from salient"] and reached["severity not decodable from common"]
+    assert reached["age decodable from common"] and reached["sex not decodable from salient"]
+    assert not reached["site decodable from common"] and not reached["site not decodable from salient"]
+    assert reached["gradient_x_input map AUC >= 0.8"] and reached["cluster ARI >= 0.5"]
+    assert not summary["all_reached"]
+    subtype = summary["probes"]["subtype"]
+    assert subtype["salient"]["value"] > 0.9 and subtype["salient"]["metric"] == "balanced_accuracy"
+    assert summary["probes"]["severity"]["salient"]["subset"] == "target"
+    assert summary["maps"]["ari"] == 0.7
