@@ -150,7 +150,13 @@ class FastBackwardConv3d(nn.Conv3d):
     """``nn.Conv3d`` with :class:`_ConvWithFastBackward` when training on CPU (same parameters, same state dict)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cuda or not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
+        # Under CPU autocast (bf16) the native path casts inputs itself; keep it there.
+        if (
+            x.is_cuda
+            or torch.is_autocast_enabled("cpu")
+            or not torch.is_grad_enabled()
+            or not (x.requires_grad or self.weight.requires_grad)
+        ):
             return super().forward(x)
         padding = self.padding if isinstance(self.padding, tuple) else None
         return _ConvWithFastBackward.apply(x, self.weight, self.bias, self.stride, padding)

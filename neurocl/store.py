@@ -63,8 +63,14 @@ class PreprocessConfig(BaseModel):
     reference : Path or None
         Image whose grid (shape, affine) is the target. ``None``: the cohort's first readable image.
     mask : "auto", "none" or Path
-        Brain mask. ``auto``: voxels whose cohort mean is > 0 (after resampling); a path: a mask
-        image (resampled with nearest neighbour, > 0.5 is brain); ``none``: every voxel.
+        Brain mask. ``auto``: voxels whose cohort mean exceeds ``mask_threshold`` times the cohort
+        mean's 99th percentile (after resampling); a path: a mask image (resampled with nearest
+        neighbour, > 0.5 is brain); ``none``: every voxel.
+    mask_threshold : float
+        ``auto`` mask: fraction of the cohort mean's robust maximum below which a voxel is
+        background. A threshold rather than ``> 0`` because resampled and modulated images carry
+        tiny positive values (1e-13 and up) far outside the head, which would make the mask the
+        whole field of view and put the background into every z-score.
     normalise : "zscore", "minmax" or "none"
         Per-image intensity normalisation computed inside the mask; voxels outside the mask are 0.
     dtype : "float16" or "float32"
@@ -80,6 +86,7 @@ class PreprocessConfig(BaseModel):
     voxel_size: float | None = Field(default=None, gt=0, le=20)
     reference: Path | None = None
     mask: Literal["auto", "none"] | Path = "auto"
+    mask_threshold: float = Field(default=0.01, ge=0.0, lt=1.0)
     normalise: Literal["zscore", "minmax", "none"] = "zscore"
     dtype: Literal["float16", "float32"] = "float16"
     crop_to_mask: bool = True
@@ -725,7 +732,10 @@ def _final_mask(resampled: np.ndarray, config: PreprocessConfig, shape, affine) 
         total = np.zeros(shape, dtype=np.float64)
         for start in range(0, len(resampled), 16):
             total += resampled[start:start + 16].sum(axis=0, dtype=np.float64)
-        mask = total / max(1, len(resampled)) > 0
+        mean = total / max(1, len(resampled))
+        positive = mean[mean > 0]
+        robust_max = float(np.percentile(positive, 99)) if positive.size else 0.0
+        mask = mean > config.mask_threshold * robust_max
     else:
         mask = _resample_image(str(config.mask), shape, affine, mode="nearest") > 0.5
     if not mask.any():
