@@ -103,9 +103,12 @@ def _replace_batchnorm(module: nn.Module, kind: str) -> nn.Module:
 class _ConvWithFastBackward(torch.autograd.Function):
     """N-d convolution whose backward is made of forward convolutions.
 
-    On CPU, PyTorch's native 3D convolution backward (``aten::convolution_backward``) is 10-20x
-    slower than the forward for the few-channel layers of brain encoders: at 4 mm, a SepCLR step
-    of the demo's small CNN spent 21 of 27 s there. Both gradients are convolutions themselves,
+    On CPU, PyTorch's native 3D convolution backward (``aten::convolution_backward``) is the
+    slowest part of a step for the few-channel layers of brain encoders, and degrades badly when
+    other processes compete for the cores. Measured on a 2-core EPYC VM, one SepCLR step of the
+    demo's small CNN (width 8, 64 volumes of 37x45x38): 1.9 s native vs 1.55 s here on 1 thread,
+    1.1 s vs 1.0 s on 2 idle threads; at 41x50x43 under load average 8-12, 23-41 s vs 12.6 s.
+    Both gradients are convolutions themselves,
     which go through the fast oneDNN forward kernels:
 
     - grad_input = conv_transpose(grad_output, W), with the output padding that restores x's size;
