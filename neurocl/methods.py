@@ -357,7 +357,7 @@ class BaseMethod(L.LightningModule):
         raise NotImplementedError
 
     def embed(self, x: Tensor) -> dict[str, Tensor]:
-        """Representations (before the projection heads) of volumes (B, C, *S), per space name."""
+        """Representations of volumes (B, C, *S), per space name (single-space: before the projection head)."""
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------

@@ -529,7 +529,7 @@ def _splits(config: PipelineConfig, cohort, run_dir: Path):
 
 
 def embeddings_table(module, store, cohort, splits=None, batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
-    """embeddings.tsv of every cohort row: keys, split, group, then ``<space>_<i>`` (before the heads)."""
+    """embeddings.tsv of every cohort row: keys, split, group, then ``<space>_<i>`` (``BaseMethod.embed``)."""
     representations = module.embed_store(store, store.rows_for(cohort), batch_size, progress=progress)
     table = cohort.keys().reset_index(drop=True)
     table["split"] = np.nan if splits is None else _split_labels(splits, cohort)

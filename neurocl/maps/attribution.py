@@ -52,7 +52,7 @@ def gradient_x_input(
 ) -> torch.Tensor:
     """Gradient x input attribution of the distance of each subject's representation to a centre.
 
-    For a subject x with representation r(x) (``model(x)[f"{space}_rep"]``, before the heads),
+    For a subject x with representation r(x) (``model(x)[f"{space}_rep"]``, the space that is probed),
 
         f(x) = ‖r(x) − c‖₂,        A(x) = (x − x₀) ⊙ ∂f/∂x,
 
