@@ -454,8 +454,20 @@ def _colour_table(run: _RunFiles) -> pd.DataFrame:
     return table
 
 
-def _projection(values: np.ndarray, method: str) -> np.ndarray:
-    values = (values - values.mean(0)) / np.where(values.std(0) > 0, values.std(0), 1.0)
+def _projection(values: np.ndarray, method: str) -> np.ndarray | None:
+    """2-D coordinates of the rows of ``values``, or None when the space has collapsed.
+
+    A collapsed space (every subject at one point, up to float noise) is common early in
+    training or in a salient space that has learnt nothing; standardising it would blow
+    float noise up into a fake structure, and t-SNE's PCA initialisation of coincident points
+    is NaN, on which scikit-learn's Barnes-Hut tree segfaults.
+    """
+    scale = np.abs(values).max() + 1e-12
+    spread = values.std(0)
+    varying = spread > 1e-5 * scale
+    if not varying.any():
+        return None
+    values = (values[:, varying] - values[:, varying].mean(0)) / spread[varying]
     if values.shape[1] < 2:
         return np.column_stack([values[:, 0], np.zeros(len(values))])
     if method == "PCA":
@@ -478,8 +490,11 @@ def _views_figure(table: pd.DataFrame, spaces: dict, colourings: list[str], meth
         values = table[columns].to_numpy(dtype=np.float64)
         finite = np.isfinite(values).all(1)
         coordinates = np.full((len(values), 2), np.nan)
+        collapsed = False
         if finite.sum() > 3:
-            coordinates[finite] = _projection(values[finite], method)
+            projected = _projection(values[finite], method)
+            collapsed = projected is None
+            coordinates[finite] = 0.0 if collapsed else projected
         for column, colouring in enumerate(colourings or ["none"]):
             axis = axes[row, column]
             _scatter(axis, coordinates, table[colouring] if colouring in table else None)
@@ -489,6 +504,9 @@ def _views_figure(table: pd.DataFrame, spaces: dict, colourings: list[str], meth
                 axis.set_title(colouring, fontsize=9)
             if column == 0:
                 axis.set_ylabel(f"{space} ({method})", fontsize=9)
+            if collapsed:
+                axis.text(0.5, 0.9, "collapsed: all subjects at one point", transform=axis.transAxes,
+                          ha="center", fontsize=7)
     return figure
 
 

@@ -183,3 +183,17 @@ def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="holds none of"):
         write_report(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["PCA", "t-SNE"])
+def test_collapsed_space_is_reported_not_blown_up_into_noise(method):
+    from neurocl.report import _projection
+
+    rng = np.random.default_rng(0)
+    collapsed = 0.7 + 1e-8 * rng.standard_normal((40, 4))
+    assert _projection(collapsed, method) is None
+    # Coincident subjects in a live space still project, and stay together.
+    live = np.repeat(rng.standard_normal((10, 4)), 4, axis=0)
+    coordinates = _projection(live, method)
+    assert coordinates.shape == (40, 2) and np.isfinite(coordinates).all()
+    assert np.allclose(coordinates[0], coordinates[1], atol=1e-3) and not np.allclose(coordinates[0], coordinates[4], atol=1e-3)
