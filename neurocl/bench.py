@@ -13,8 +13,10 @@ Two recipes: ``full`` is y-Aware's (75% crop resized back, flip of one axis, Gau
 [0.1, 1], Gaussian noise sigma in [0.1, 1], cutout of a quarter of each side; each p = 0.5);
 ``light`` keeps only what needs no interpolation (75% crop without resize, flip, noise, cutout).
 Where a library has no exact equivalent the closest documented transform is used and listed by
-:func:`recipe_notes` (printed with the table). Times are wall-clock over ``n_batches`` after one
-warm-up batch (which absorbs worker start-up and CUDA initialisation); on a GPU each measured batch
+:func:`recipe_notes` (printed with the table). Times are wall-clock over ``n_batches`` after a
+warm-up (neurocl: one batch; a baseline: one batch per worker, so that the measured window starts
+with every worker beginning a new batch), which absorbs worker start-up and CUDA initialisation;
+on a GPU each measured batch
 ends on the device (baselines include the host-to-device copy) and is synchronised.
 """
 
@@ -48,7 +50,7 @@ class DataBenchConfig:
     shape : spatial shape of the synthetic volumes (default 121x145x121, a 1.5 mm MNI grid)
     batch_size : subjects per batch (each gives ``n_views`` views)
     n_views : views per subject
-    n_batches : measured batches per library (after one warm-up batch)
+    n_batches : measured batches per library (after the warm-up: one batch, one per worker for a baseline)
     n_subjects : size of the synthetic cohort that batches are drawn from
     device : "cpu" or "cuda"
     workers : DataLoader worker processes of the baselines (default: every core)
@@ -276,11 +278,14 @@ def _synchronise(device: str) -> None:
 
 def _measure_baseline(library, recipe, volumes, config) -> Measurement:
     rng = np.random.default_rng(config.seed)
-    n_items = config.batch_size * (config.n_batches + 1)
-    indices = rng.integers(0, len(volumes), size=n_items)
+    # Warm up with one batch per worker: all workers start together, so when only the first batch
+    # had been waited for, the other workers' batches were nearly done and the measured window
+    # would credit them with work done before it began (2x too fast with 2 workers and 2 batches).
+    n_warm = max(1, _workers(config))
+    indices = rng.integers(0, len(volumes), size=config.batch_size * (config.n_batches + n_warm))
     loader = _baseline_loader(library, recipe, volumes, indices, config)
     iterator = iter(loader)
-    first = next(iterator).to(config.device)  # warm-up: worker start-up and the first batch
+    first = [next(iterator).to(config.device) for _ in range(n_warm)]  # worker start-up, first batches
     _synchronise(config.device)
     start = time.perf_counter()
     n_views = 0
