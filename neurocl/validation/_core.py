@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Annotated, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError
 from torch import nn
 
 from neurocl.errors import ConfigError, TrainingError
@@ -20,6 +20,16 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def _positive_widths(widths: list[int]) -> list[int]:
+    if not widths or any(width < 1 for width in widths):
+        raise ValueError(f"hidden widths must be a non-empty list of positive integers; got {widths}")
+    return widths
+
+
+#: Hidden widths of an encoder MLP, as a config field: a non-empty list of positive integers.
+HiddenWidths = Annotated[list[int], AfterValidator(_positive_widths)]
 
 
 def validated_config(config_class: type[BaseModel], settings: dict) -> BaseModel:

@@ -25,9 +25,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from neurocl.validation._core import mlp_encoder, random_mlp, seeded, standardised, train, validated_config
+from neurocl.validation._core import HiddenWidths, mlp_encoder, random_mlp, seeded, standardised, train, validated_config
 from neurocl.validation.metrics import linear_r2, mcc
 
 
@@ -41,7 +41,7 @@ class IdentifiabilityConfig(BaseModel):
     noise: Literal["laplace", "normal"] = Field("laplace", description="Conditional p(z̃ | z).")
     noise_scale: float = Field(0.05, gt=0, description="Laplace scale b or Normal σ of z̃ − z.")
     mixing_layers: int = Field(3, ge=1, le=10, description="Layers of the invertible mixing MLP g.")
-    hidden: list[int] = Field([256, 256, 256], description="Hidden widths of the encoder MLP f.")
+    hidden: HiddenWidths = Field([256, 256, 256], description="Hidden widths of the encoder MLP f.")
     encoder_bias: bool = Field(True, description="Give the encoder's layers biases (the sphere presets do not).")
     p: float = Field(1.0, gt=0, description="Exponent of lp_info_nce (box only).")
     temperature: float = Field(1.0, gt=0, description="Loss temperature τ.")
@@ -50,13 +50,6 @@ class IdentifiabilityConfig(BaseModel):
     lr: float = Field(1e-3, gt=0, description="Initial Adam learning rate.")
     n_eval: int = Field(4096, ge=64, description="Held-out samples to fit the linear probe, and as many to score.")
     seed: int = 0
-
-    @field_validator("hidden")
-    @classmethod
-    def _positive_widths(cls, widths: list[int]) -> list[int]:
-        if not widths or any(width < 1 for width in widths):
-            raise ValueError(f"hidden widths must be a non-empty list of positive integers; got {widths}")
-        return widths
 
     @classmethod
     def preset(cls, space: Literal["box", "sphere"] = "box", quick: bool = False, **overrides) -> "IdentifiabilityConfig":

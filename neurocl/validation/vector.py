@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from neurocl.validation._core import mlp_encoder, random_mlp, seeded, standardised, train, validated_config
+from neurocl.validation._core import HiddenWidths, mlp_encoder, random_mlp, seeded, standardised, train, validated_config
 from neurocl.validation.identifiability import sample_latents, sample_positives
 from neurocl.validation.metrics import linear_r2
 
@@ -43,7 +43,7 @@ class VectorConfig(BaseModel):
     obs_dim: int = Field(8, ge=2, le=1024, description="Observation dimension (>= k_c + k_s: g is injective).")
     mixing_layers: int = Field(2, ge=1, le=10, description="Layers of the mixing MLP g.")
     noise_scale: float = Field(0.1, gt=0, description="Normal σ of the latent perturbation that makes a positive.")
-    hidden: list[int] = Field([128, 128], description="Hidden widths of each encoder MLP.")
+    hidden: HiddenWidths = Field([128, 128], description="Hidden widths of each encoder MLP.")
     common_dim: int | None = Field(None, ge=2, description="Common space width (default k_c).")
     salient_dim: int | None = Field(None, ge=1, description="Salient space width (default k_s).")
     tau: float = Field(0.05, gt=0, description="sepclr_loss kernel bandwidth τ (its own default, 0.5, recovers less here).")
@@ -57,13 +57,6 @@ class VectorConfig(BaseModel):
     n_baseline: int = Field(1000, ge=16, description="Samples per group that contrastive PCA is fitted on.")
     cpca_alpha: float | None = Field(None, ge=0, description="cPCA contrast α (None: the baseline's own choice).")
     seed: int = 0
-
-    @field_validator("hidden")
-    @classmethod
-    def _positive_widths(cls, widths: list[int]) -> list[int]:
-        if not widths or any(width < 1 for width in widths):
-            raise ValueError(f"hidden widths must be a non-empty list of positive integers; got {widths}")
-        return widths
 
     @model_validator(mode="after")
     def _injective_mixing(self) -> "VectorConfig":
