@@ -717,7 +717,8 @@ def probe_embeddings(
         in_subset = table["group"].notna() if subset == "all" else table["group"].eq(subset)
         keep = (in_subset & table[attribute].notna()).to_numpy()
         if sites is not None:
-            keep &= pd.notna(sites)
+            # pandas 3 may hand back a read-only view: combine into a new array, never in place
+            keep = keep & pd.notna(sites)
         tasks.append((
             table.loc[keep, spaces[space]].to_numpy(),
             table.loc[keep, attribute].to_numpy(),
