@@ -169,6 +169,30 @@ def embed(
 
 @app.command()
 @user_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder (its checkpoints/last.ckpt) or a checkpoint file."),
+    out: Path = typer.Option(..., "--out", help="The encoder state dict to write (e.g. encoder.pt); OUT.json beside it."),
+    checkpoint: str = typer.Option("last", help="Which checkpoint of a run folder: last or best."),
+) -> None:
+    """Write a trained run's encoder(s) as a plain state dict, with a JSON of their configuration.
+
+    Others start from it with `encoder: {name: ..., weights: encoder.pt}` in a pipeline.
+
+    Example: neurocl export runs/demo --out demo_encoder.pt
+    """
+    from neurocl.errors import ConfigError
+    from neurocl.pipeline import load_model
+    from neurocl.weights import write_export
+
+    if checkpoint not in ("last", "best"):
+        raise ConfigError(f"--checkpoint {checkpoint!r}: use last or best")
+    path = run_dir / "checkpoints" / f"{checkpoint}.ckpt" if run_dir.is_dir() else run_dir
+    weights, record = write_export(load_model(path), path, out)
+    console.print(f"wrote encoder weights: [bold]{weights}[/] and their record: [bold]{record}[/]", highlight=False)
+
+
+@app.command()
+@user_errors
 def probe(
     embeddings: Path = typer.Argument(..., help="embeddings.tsv (participant_id, [session_id], columns per space)."),
     cohort: Path = typer.Option(..., "--cohort", help="Cohort spec YAML with the clinical attributes."),

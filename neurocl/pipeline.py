@@ -181,6 +181,7 @@ _PATH_FIELDS = [
     (None, "cohort"),
     ("preprocess", "reference"),
     ("preprocess", "mask"),
+    ("encoder", "weights"),
     ("splits", "file"),
     ("evaluation", "ground_truth"),
     ("maps", "atlas"),
