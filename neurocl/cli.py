@@ -76,12 +76,20 @@ def synth(
     workers: Optional[int] = typer.Option(
         None, help="Worker processes (default: one per CPU core); the cohort does not depend on it."
     ),
+    dims: int = typer.Option(3, help="3: volumes; 2: the axial slice crossing every subtype region (2D cohort)."),
+    image_format: str = typer.Option("png", help="With --dims 2: png or nifti (2D NIfTI)."),
 ) -> None:
     """Generate a synthetic cohort with known ground truth, offline.
 
     Example: neurocl synth synthetic --n-subjects 200 --subtypes 2 --seed 0
+
+    Example (2D, PNG slices): neurocl synth synthetic-2d --dims 2 --image-format png
     """
+    from neurocl.errors import ConfigError
     from neurocl.synth import SynthConfig, make_synthetic_cohort
+
+    if dims not in (2, 3) or image_format not in ("png", "nifti"):
+        raise ConfigError(f"--dims {dims} --image-format {image_format}: dims is 2 or 3, image-format png or nifti")
 
     config = SynthConfig.from_options(
         n_subjects=n_subjects,
@@ -97,7 +105,18 @@ def synth(
         deformation=deformation,
         seed=seed,
     )
-    spec_path = make_synthetic_cohort(out_dir, config, progress=True, workers=workers)
+    if dims == 2:
+        import tempfile
+
+        from neurocl.slices import slice_cohort
+        from neurocl.synth import _check_out_dir
+
+        _check_out_dir(out_dir)
+        with tempfile.TemporaryDirectory(prefix="neurocl-synth-3d-") as scratch:
+            volumes = make_synthetic_cohort(Path(scratch) / "cohort", config, progress=True, workers=workers)
+            spec_path = slice_cohort(volumes.parent, out_dir, image_format)
+    else:
+        spec_path = make_synthetic_cohort(out_dir, config, progress=True, workers=workers)
     console.print(f"wrote synthetic cohort: [bold]{spec_path}[/]")
 
 

@@ -389,6 +389,11 @@ class BaseMethod(L.LightningModule):
             checkpoint["neurocl_grid"] = self.grid
 
     def on_fit_start(self) -> None:
+        if self.data.store.spatial_dims != self.encoder_config.spatial_dims:
+            raise ConfigError(
+                f"encoder.spatial_dims is {self.encoder_config.spatial_dims} but the cohort's images are "
+                f"{self.data.store.spatial_dims}D; set encoder: {{spatial_dims: {self.data.store.spatial_dims}}}"
+            )
         self.data.store.to(self.device, memory_budget_gb=self.data.memory_budget_gb)
         # Pretrained weights start a fresh training only: a resumed one restores its own (already
         # loaded when this hook runs), and embedding never reaches here.
