@@ -1,7 +1,8 @@
 """Preprocess a cohort once into one memory-mappable array: the :class:`VolumeStore`.
 
 Every image goes through the same MONAI transforms (load with nibabel, reorient to
-RAS, resample onto one target grid), then the cohort is masked, cropped to the mask
+RAS, resample onto one target grid; ``.npy`` arrays, pictures and 2D images are read by
+:mod:`neurocl.images` and resampled the same way, a 2D image as a one-slice volume), then the cohort is masked, cropped to the mask
 and intensity-normalised. The result is one contiguous ``(N, 1, *spatial)`` array on
 disk (``float16`` by default) that training reads with no per-sample CPU work: it is
 moved to the GPU once when it fits (:meth:`VolumeStore.to`), otherwise batches are
@@ -33,13 +34,14 @@ import multiprocessing
 import os
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from neurocl.errors import CohortError, ConfigError
+from neurocl.images import ImageKind, as_volume, read_voxels
 from neurocl.io import atomic_path, read_tsv, write_json, write_tsv
 
 if TYPE_CHECKING:
@@ -126,9 +128,10 @@ def ras_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, ...],
 
 
 def resampled_grid(
-    shape: Sequence[int], affine: np.ndarray, voxel_size: float
+    shape: Sequence[int], affine: np.ndarray, voxel_size: float | Sequence[float]
 ) -> tuple[tuple[int, ...], np.ndarray]:
-    """A grid of isotropic ``voxel_size`` mm covering the same field of view as ``(shape, affine)``.
+    """A grid of ``voxel_size`` mm (one value: isotropic; or one per axis) covering the same field
+    of view as ``(shape, affine)``.
 
     The axis directions are kept; the outer corner of voxel 0 stays at the same world position,
     and the new grid extends far enough to cover the old field of view.
@@ -136,25 +139,30 @@ def resampled_grid(
     affine = np.asarray(affine, float)
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     directions = affine[:3, :3] / zooms
-    new_shape = tuple(int(np.ceil(n * z / voxel_size - 1e-6)) for n, z in zip(shape, zooms))
+    sizes = np.broadcast_to(np.asarray(voxel_size, float), (3,))
+    new_shape = tuple(int(np.ceil(n * z / v - 1e-6)) for n, z, v in zip(shape, zooms, sizes))
     corner = affine @ np.array([-0.5, -0.5, -0.5, 1.0])
     new_affine = np.eye(4)
-    new_affine[:3, :3] = directions * voxel_size
+    new_affine[:3, :3] = directions * sizes
     new_affine[:3, 3] = corner[:3] + new_affine[:3, :3] @ np.full(3, 0.5)
     return new_shape, new_affine
 
 
-def _grid_params(shape: Sequence[int], affine: np.ndarray) -> str:
-    """Stage-1 parameters of an entry, as the canonical JSON string kept in the manifest."""
-    return json.dumps(
-        {
-            "orientation": "RAS",
-            "interpolation": "bilinear",
-            "shape": [int(s) for s in shape],
-            "affine": np.round(np.asarray(affine, float), 6).tolist(),
-        },
-        separators=(",", ":"),
-    )
+def _grid_params(shape: Sequence[int], affine: np.ndarray, source_affine: np.ndarray | None = None) -> str:
+    """Stage-1 parameters of an entry, as the canonical JSON string kept in the manifest.
+
+    ``source_affine`` is the spec's grid of array/picture images: their files do not carry it,
+    so a changed spec must change the parameters (a NIfTI's header is in its sha256).
+    """
+    params = {
+        "orientation": "RAS",
+        "interpolation": "bilinear",
+        "shape": [int(s) for s in shape],
+        "affine": np.round(np.asarray(affine, float), 6).tolist(),
+    }
+    if source_affine is not None:
+        params["source_affine"] = np.round(np.asarray(source_affine, float), 6).tolist()
+    return json.dumps(params, separators=(",", ":"))
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -169,19 +177,52 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 # ---------------------------------------------------------------- stage 1: MONAI load + resample
 
 
-def _resample_image(path: str, shape: Sequence[int], affine: np.ndarray, mode: str = "bilinear") -> np.ndarray:
-    """Load one image with MONAI (nibabel reader), reorient to RAS and resample onto ``(shape, affine)``.
+class Source(NamedTuple):
+    """How stage 1 reads a cohort's files: their kind, the spec's affine for arrays and pictures
+    (``None`` for NIfTI) and whether the cohort is 2D (read as one-slice volumes)."""
+
+    kind: ImageKind = "nifti"
+    affine: np.ndarray | None = None
+    two_d: bool = False
+
+
+def _load_volume(path: str, source: Source):
+    """One image as a channel-first MetaTensor with its affine: MONAI's LoadImage for 3D NIfTI,
+    :mod:`neurocl.images` otherwise (a 2D image becomes a one-slice volume)."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    if source.kind == "nifti" and not source.two_d:
+        image = EnsureChannelFirst()(LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)(path))
+        if image.shape[0] != 1 or image.ndim != 4:
+            raise ValueError(f"expected a 3D image, got shape {tuple(image.shape[1:]) or tuple(image.shape)}")
+        return image
+    data = read_voxels(Path(path), source.kind)
+    if data.ndim != (2 if source.two_d else 3):
+        raise ValueError(f"expected a {'2D' if source.two_d else '3D'} image, got shape {data.shape}")
+    if source.kind == "nifti":
+        import nibabel as nib
+
+        affine = np.asarray(nib.load(path).affine, float)
+    else:
+        affine = source.affine
+    volume = torch.from_numpy(np.ascontiguousarray(as_volume(data), dtype=np.float32))[None]
+    return MetaTensor(volume, affine=torch.as_tensor(affine, dtype=torch.float64))
+
+
+def _resample_image(
+    path: str, shape: Sequence[int], affine: np.ndarray, mode: str = "bilinear", source: Source = Source()
+) -> np.ndarray:
+    """Load one image, reorient to RAS and resample onto ``(shape, affine)`` with MONAI.
 
     Returns a float32 array of ``shape``; multi-volume (4D) images are refused since a store
     holds one channel per image.
     """
     import torch
-    from monai.transforms import EnsureChannelFirst, LoadImage, Orientation, SpatialResample
+    from monai.transforms import Orientation, SpatialResample
 
-    image = LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)(path)
-    image = EnsureChannelFirst()(image)
-    if image.shape[0] != 1 or image.ndim != 4:
-        raise ValueError(f"expected a 3D image, got shape {tuple(image.shape[1:]) or tuple(image.shape)}")
+    image = _load_volume(path, source)
     # The labels are MONAI's default, given explicitly to silence its FutureWarning about that default.
     image = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(image)
     resampler = SpatialResample(mode=mode, padding_mode="zeros", dtype=np.float32)
@@ -209,11 +250,11 @@ def _single_threaded() -> None:
     torch.set_num_threads(1)
 
 
-def _preprocess_entry(task: tuple[int, str, str, tuple[int, ...], np.ndarray]) -> tuple[int, np.ndarray]:
+def _preprocess_entry(task: tuple[int, str, str, tuple[int, ...], np.ndarray, Source]) -> tuple[int, np.ndarray]:
     """Worker-process body: resample one image; errors come back as a message naming the image."""
-    index, label, path, shape, affine = task
+    index, label, path, shape, affine, source = task
     try:
-        return index, _resample_image(path, shape, affine)
+        return index, _resample_image(path, shape, affine, source=source)
     except Exception as error:  # any reader/transform failure is reported with the image it concerns
         raise CohortError(f"{label}: cannot preprocess image {path}: {error}") from None
 
@@ -315,8 +356,8 @@ class VolumeStore:
         cache_dir = Path(cache_dir).resolve()
         _refuse_input_folder(cache_dir, cohort)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        shape, affine = _target_grid(cohort, config)
-        entries = _entries(cohort, _grid_params(shape, affine))
+        shape, affine, source = _target_grid(cohort, config)
+        entries = _entries(cohort, _grid_params(shape, affine, source.affine))
         previous = _previous_build(cache_dir)
         reuse = _reusable(entries, previous)
         same_final = previous is not None and previous["record"]["config"] == config.model_dump(mode="json")
@@ -334,19 +375,21 @@ class VolumeStore:
                 resampled = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(entries), *shape))
                 for new_index, old_index in reuse.items():
                     resampled[new_index] = previous["resampled"][old_index]
-                _resample_all(entries, rebuilt, shape, affine, resampled, workers, bar)
+                _resample_all(entries, rebuilt, shape, affine, resampled, workers, bar, source)
                 resampled.flush()
-                mask, crop = _final_mask(resampled, config, shape, affine)
+                mask, crop = _final_mask(resampled, config, shape, affine, source.two_d)
                 crop_affine = affine.copy()
                 crop_affine[:3, 3] = affine[:3, :3] @ np.array([s.start for s in crop]) + affine[:3, 3]
-                cropped_mask = mask[crop]
+                # A 2D cohort was resampled as one-slice volumes: the stored grid drops that axis.
+                spatial_crop = crop[:2] + (0,) if source.two_d else crop
+                cropped_mask = mask[spatial_crop]
                 with atomic_path(cache_dir / names["volumes"]) as tmp_volumes:
                     volumes = np.lib.format.open_memmap(
                         tmp_volumes, mode="w+", dtype=np.dtype(config.dtype), shape=(len(entries), 1, *cropped_mask.shape)
                     )
                     task = bar.add_task("normalising", total=len(entries))
                     for index in range(len(entries)):
-                        volumes[index, 0] = _normalise(resampled[index][crop], cropped_mask, config, entries.iloc[index])
+                        volumes[index, 0] = _normalise(resampled[index][spatial_crop], cropped_mask, config, entries.iloc[index])
                         bar.advance(task)
                     volumes.flush()
                     del volumes
@@ -597,18 +640,34 @@ def _refuse_input_folder(cache_dir: Path, cohort: "Cohort") -> None:
         raise ConfigError(f"cache_dir {cache_dir} lies inside the cohort's input folder {root}; choose another")
 
 
-def _target_grid(cohort: "Cohort", config: PreprocessConfig) -> tuple[tuple[int, ...], np.ndarray]:
+def _target_grid(cohort: "Cohort", config: PreprocessConfig) -> tuple[tuple[int, ...], np.ndarray, Source]:
+    """The 3D grid stage 1 resamples onto (a 2D cohort's has one slice) and how to read the files."""
     import nibabel as nib
 
+    spec = cohort.spec
+    reference_shape, reference_affine, _ = cohort.reference_grid()
+    two_d = len(reference_shape) == 2
+    source = Source(spec.kind, spec.grid.matrix() if spec.grid is not None else (None if spec.kind == "nifti" else np.eye(4)),
+                    two_d)
     if config.reference is not None:
         reference = nib.load(str(config.reference))
         shape, affine = reference.shape[:3], reference.affine
+        if two_d:
+            shape = (*reference.shape[:2], 1)
     else:
-        shape, affine, _ = cohort.reference_grid()
+        shape, affine = (*reference_shape, 1) if two_d else reference_shape, reference_affine
     shape, affine = ras_grid(shape, affine)
+    if two_d and shape[2] != 1:
+        raise ConfigError(
+            f"{cohort.source}: the 2D images' slice axis is not the third axis after reorientation to RAS "
+            f"(grid {tuple(shape)}); give the images an affine whose third column is the slice normal"
+        )
     if config.voxel_size is not None:
-        shape, affine = resampled_grid(shape, affine, config.voxel_size)
-    return tuple(int(s) for s in shape), np.asarray(affine, float)
+        # In 2D only the in-plane axes are resampled; the slice keeps its thickness.
+        slice_thickness = float(np.linalg.norm(np.asarray(affine)[:3, 2]))
+        sizes = (config.voxel_size, config.voxel_size, slice_thickness if two_d else config.voxel_size)
+        shape, affine = resampled_grid(shape, affine, sizes)
+    return tuple(int(s) for s in shape), np.asarray(affine, float), source
 
 
 def _entries(cohort: "Cohort", params: str) -> pd.DataFrame:
@@ -685,12 +744,12 @@ def _same_order(previous: dict, entries: pd.DataFrame) -> bool:
     )
 
 
-def _resample_all(entries, todo, shape, affine, out, workers, bar) -> None:
+def _resample_all(entries, todo, shape, affine, out, workers, bar, source: Source = Source()) -> None:
     """Stage 1 for entries ``todo``: worker processes when more than one is useful."""
     if not todo:
         return
     task = bar.add_task("preprocessing", total=len(todo))
-    jobs = [(i, entries["_label"].iloc[i], entries["source"].iloc[i], shape, affine) for i in todo]
+    jobs = [(i, entries["_label"].iloc[i], entries["source"].iloc[i], shape, affine, source) for i in todo]
     if workers is None:
         workers = min(os.cpu_count() or 1, 16) if len(todo) >= PARALLEL_MIN_IMAGES else 1
     workers = min(workers, len(todo))
@@ -724,7 +783,9 @@ def _resample_all(entries, todo, shape, affine, out, workers, bar) -> None:
             raise
 
 
-def _final_mask(resampled: np.ndarray, config: PreprocessConfig, shape, affine) -> tuple[np.ndarray, tuple[slice, ...]]:
+def _final_mask(
+    resampled: np.ndarray, config: PreprocessConfig, shape, affine, two_d: bool = False
+) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Brain mask on the full grid and the crop (slices) that the stored grid keeps."""
     if config.mask == "none":
         mask = np.ones(shape, dtype=bool)
@@ -737,7 +798,7 @@ def _final_mask(resampled: np.ndarray, config: PreprocessConfig, shape, affine) 
         robust_max = float(np.percentile(positive, 99)) if positive.size else 0.0
         mask = mean > config.mask_threshold * robust_max
     else:
-        mask = _resample_image(str(config.mask), shape, affine, mode="nearest") > 0.5
+        mask = _resample_image(str(config.mask), shape, affine, mode="nearest", source=Source(two_d=two_d)) > 0.5
     if not mask.any():
         raise CohortError(f"the brain mask ({config.mask}) is empty on the target grid {tuple(shape)}")
     if not config.crop_to_mask or config.mask == "none":

@@ -209,6 +209,14 @@ class ViewSampler:
             raise ConfigError(f"n_views must be >= 1, got {n_views}")
         if not x.is_floating_point():
             x = x.float()
+        # Views are made in the input's precision whatever autocast says: under bf16/fp16 autocast
+        # the matrix products of the blur (and grid_sample, interpolate) would return half
+        # precision and could not be written back into the float32 batch. The network's own
+        # forward pass still runs under the caller's autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._make_views(x, n_views, generator)
+
+    def _make_views(self, x: torch.Tensor, n_views: int, generator: torch.Generator | None) -> torch.Tensor:
         draw = _Draw(generator, x.device)
         # _geometry always returns a new tensor (never a view of x): the later steps work in place.
         views = self._geometry(x, n_views, draw)

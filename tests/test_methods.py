@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,3 +263,52 @@ def test_batches_larger_than_a_group_are_refused_rather_than_repeating_subjects(
         EpochBatches(np.arange(30), batch_size=12, is_target=_groups(5, 25), target_fraction=0.5)
     with pytest.raises(ConfigError, match="exceeds the 10 subjects"):
         EpochBatches(np.arange(10), batch_size=6, world_size=2)
+
+
+# ---------------------------------------------------------------- one training step in bf16
+
+def _shipped_view_recipes() -> dict[str, dict]:
+    """The ``views`` section of every shipped pipeline, by file name."""
+    import yaml
+
+    root = Path(__file__).parents[1]
+    paths = sorted((root / "pipelines").glob("*.yaml")) + [root / "neurocl" / "pipelines" / "demo.yaml"]
+    return {f"{path.parent.name}/{path.stem}": yaml.safe_load(path.read_text()).get("views", {}) for path in paths}
+
+
+VIEW_RECIPES = {
+    **_shipped_view_recipes(),
+    "defaults": {},
+    # Every transform on, crop at a varying scale (one grid_sample) and a blur every time.
+    "every_transform": dict(p_crop=1.0, crop_scale=(0.6, 0.9), p_flip=1.0, p_affine=1.0, p_intensity=1.0,
+                            p_gamma=1.0, p_noise=1.0, p_blur=1.0, p_cutout=1.0),
+    "crop_without_resize": dict(p_crop=1.0, crop_scale=(0.75, 0.75), crop_resize=False, p_blur=1.0),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Total length of `list` across ranks is zero")
+@pytest.mark.parametrize("recipe", sorted(VIEW_RECIPES))
+@pytest.mark.parametrize("name", sorted(EXPECTED_TERMS))
+def test_one_training_step_runs_under_cpu_bf16_autocast(name, recipe, tmp_path):
+    """bf16-mixed is the study template's precision and what ``precision: auto`` picks on GPUs:
+    a training step must run under autocast for every method and every shipped view recipe."""
+    import lightning as L
+
+    from neurocl.store import VolumeStore
+    from neurocl.views import ViewConfig, ViewSampler
+
+    volumes = np.random.default_rng(0).normal(size=(BATCH, *SHAPE)).astype(np.float32)
+    store = VolumeStore.from_array(volumes, tmp_path / "store")
+    module = _module(name)
+    module.data.store = store
+    module.data.sampler = ViewSampler(ViewConfig(**VIEW_RECIPES[recipe]), spatial_dims=3, store=store)
+    before = [p.detach().clone() for p in module.parameters()]
+    autocast_in_forward = []
+    module.net.register_forward_hook(lambda *_: autocast_in_forward.append(torch.is_autocast_enabled("cpu")))
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(module.train())
+    assert trainer.global_step == 1 and autocast_in_forward == [True]
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert any(not torch.equal(b, p.detach()) for b, p in zip(before, module.parameters()))

@@ -363,3 +363,17 @@ def test_aggregate_of_patch_values_is_the_mean_over_overlaps():
 def test_patches_larger_than_the_volume_are_refused():
     with pytest.raises(ConfigError, match="larger than the volume"):
         extract_patches(torch.zeros(1, 1, 4, 4, 4), size=5, stride=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_views_under_autocast_are_the_float32_views(dtype):
+    """Autocast (bf16-mixed training) must not change the views' precision: the blur's matrix
+    products would otherwise come back in half precision."""
+    config = ViewConfig(p_crop=1.0, crop_scale=(0.6, 0.9), p_affine=1.0, p_intensity=1.0, p_gamma=1.0,
+                        p_noise=1.0, p_blur=1.0, p_cutout=1.0)
+    x = volumes()
+    expected = views_of(config, x, seed=3)
+    with torch.autocast(device_type="cpu", dtype=dtype):
+        under_autocast = views_of(config, x, seed=3)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, expected, rtol=0, atol=0)
