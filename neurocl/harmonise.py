@@ -212,13 +212,13 @@ def harmonise_store(store: "VolumeStore", cohort: "Cohort", fit_rows: np.ndarray
     store that belongs to ``cohort`` is harmonised. Written like a store build: token-named files
     committed by replacing ``store.json`` atomically.
     """
-    from neurocl.baselines import masked_voxels
     from neurocl.io import atomic_path, write_json, write_tsv
     from neurocl.store import VolumeStore
 
     rows = store.rows_for(cohort)
     mask = np.asarray(store.mask, dtype=bool)
-    harmonised = harmonise_voxels(masked_voxels(store, rows), cohort, fit_rows, config)
+    voxels = np.stack([np.asarray(store.volumes[row, 0], dtype=np.float64)[mask] for row in rows])
+    harmonised = harmonise_voxels(voxels, cohort, fit_rows, config)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:12]
@@ -242,4 +242,20 @@ def harmonise_store(store: "VolumeStore", cohort: "Cohort", fit_rows: np.ndarray
     return VolumeStore(cache_dir)
 
 
-__all__ = ["ComBat", "HarmoniseConfig", "cohort_design", "harmonise_store", "harmonise_voxels"]
+def training_background(cohort: "Cohort", splits) -> np.ndarray:
+    """Boolean mask of the cohort rows ComBat is fitted on: background subjects of the training split."""
+    if splits is None or splits.column != "split":
+        raise ConfigError("harmonise needs a holdout split (splits.method: holdout) to know the training subjects")
+    train = np.zeros(len(cohort), dtype=bool)
+    train[splits.rows(cohort, "train")] = True
+    return train & (cohort.table["group"] == "background").to_numpy()
+
+
+def harmonise_run_store(store: "VolumeStore", cohort: "Cohort", splits, config: HarmoniseConfig,
+                        cache_dir: str | os.PathLike) -> "VolumeStore":
+    """The pipeline's harmonise step: ComBat fitted on the training background, applied to every subject."""
+    return harmonise_store(store, cohort, training_background(cohort, splits), config, cache_dir)
+
+
+__all__ = ["ComBat", "HarmoniseConfig", "cohort_design", "harmonise_run_store", "harmonise_store", "harmonise_voxels",
+           "training_background"]
