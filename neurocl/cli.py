@@ -57,46 +57,49 @@ def user_errors(func: Callable) -> Callable:
     return wrapper
 
 
+def _synth_help(field: str) -> str:
+    """An option's help from SynthConfig, the single source of its meaning and default."""
+    from neurocl.synth import SynthConfig
+
+    info = SynthConfig.model_fields[field]
+    return f"{info.description[0].upper()}{info.description[1:]} (default: {info.default})."
+
+
 @app.command()
 @user_errors
 def synth(
     out_dir: Path = typer.Argument(..., help="Output folder (created; must be empty or absent)."),
-    n_subjects: int = typer.Option(200, help="Number of subjects."),
-    patient_fraction: float = typer.Option(0.5, help="Fraction of patients (target group)."),
-    subtypes: int = typer.Option(2, help="Number of patient subtypes, each with its own region of GM loss."),
-    sites: int = typer.Option(3, help="Number of acquisition sites."),
-    resolution: float = typer.Option(4.0, help="Voxel size in mm (4 default; 2 and 3 for fuller studies)."),
-    confound: float = typer.Option(0.0, help="Site-diagnosis correlation, 0 (none) to 1 (site predicts diagnosis)."),
-    age_effect: float = typer.Option(1.0, help="Strength of age-related GM loss (1 = default)."),
-    sex_effect: float = typer.Option(1.0, help="Strength of the sex (head size) effect."),
-    site_effect: float = typer.Option(1.0, help="Strength of site effects (scale, smoothness, noise)."),
-    subtype_effect: float = typer.Option(1.0, help="Strength of the subtype-specific GM loss in patients."),
-    deformation: float = typer.Option(1.0, help="Strength of the individual smooth deformation (1 = 1-3 mm)."),
-    seed: int = typer.Option(0, help="Random seed: same seed, same cohort."),
+    n_subjects: Optional[int] = typer.Option(None, help=_synth_help("n_subjects"), show_default=False),
+    patient_fraction: Optional[float] = typer.Option(None, help=_synth_help("patient_fraction"), show_default=False),
+    subtypes: Optional[int] = typer.Option(None, help=_synth_help("subtypes"), show_default=False),
+    lesion_regions: Optional[int] = typer.Option(None, help=_synth_help("lesion_regions"), show_default=False),
+    lesion_size: Optional[float] = typer.Option(None, help=_synth_help("lesion_size"), show_default=False),
+    lesion_space: Optional[str] = typer.Option(None, help=_synth_help("lesion_space"), show_default=False),
+    sites: Optional[int] = typer.Option(None, help=_synth_help("sites"), show_default=False),
+    resolution: Optional[float] = typer.Option(None, help=_synth_help("resolution"), show_default=False),
+    confound: Optional[float] = typer.Option(None, help=_synth_help("confound"), show_default=False),
+    age_effect: Optional[float] = typer.Option(None, help=_synth_help("age_effect"), show_default=False),
+    age_pattern: Optional[str] = typer.Option(None, help=_synth_help("age_pattern"), show_default=False),
+    sex_effect: Optional[float] = typer.Option(None, help=_synth_help("sex_effect"), show_default=False),
+    head_size_noise: Optional[float] = typer.Option(None, help=_synth_help("head_size_noise"), show_default=False),
+    site_effect: Optional[float] = typer.Option(None, help=_synth_help("site_effect"), show_default=False),
+    subtype_effect: Optional[float] = typer.Option(None, help=_synth_help("subtype_effect"), show_default=False),
+    deformation: Optional[float] = typer.Option(None, help=_synth_help("deformation"), show_default=False),
+    seed: Optional[int] = typer.Option(None, help=_synth_help("seed"), show_default=False),
     workers: Optional[int] = typer.Option(
         None, help="Worker processes (default: one per CPU core); the cohort does not depend on it."
     ),
 ) -> None:
-    """Generate a synthetic cohort with known ground truth, offline.
+    """Generate a synthetic cohort with known ground truth, offline (docs/synthetic.md).
 
     Example: neurocl synth synthetic --n-subjects 200 --subtypes 2 --seed 0
     """
     from neurocl.synth import SynthConfig, make_synthetic_cohort
 
-    config = SynthConfig.from_options(
-        n_subjects=n_subjects,
-        patient_fraction=patient_fraction,
-        subtypes=subtypes,
-        sites=sites,
-        resolution=resolution,
-        confound=confound,
-        age_effect=age_effect,
-        sex_effect=sex_effect,
-        site_effect=site_effect,
-        subtype_effect=subtype_effect,
-        deformation=deformation,
-        seed=seed,
-    )
+    given = dict(locals())
+    # Only the options the user gave: SynthConfig holds every default.
+    options = {name: given[name] for name in SynthConfig.model_fields if given.get(name) is not None}
+    config = SynthConfig.from_options(**options)
     spec_path = make_synthetic_cohort(out_dir, config, progress=True, workers=workers)
     console.print(f"wrote synthetic cohort: [bold]{spec_path}[/]")
 
