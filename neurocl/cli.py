@@ -308,6 +308,56 @@ def bench_data(
     print_data_benchmark(run_data_benchmark(config), Console())
 
 
+@bench_app.command("patches")
+@user_errors
+def bench_patches(
+    shapes: str = typer.Option("121,145,121;182,218,182", help="Volume shapes 'D,H,W', separated by ';'."),
+    sizes: str = typer.Option("64,96", help="Patch sides in voxels, comma-separated."),
+    per_subject: int = typer.Option(8, "--per-subject", "-k", help="Patches per volume (TorchIO samples_per_volume)."),
+    batch_size: int = typer.Option(4, "--batch-size", "-b", help="Subjects per batch (a batch holds b * k patches)."),
+    batches: int = typer.Option(8, help="Measured batches per library and setting (after the warm-up)."),
+    subjects: int = typer.Option(16, help="Synthetic subjects that batches are drawn from."),
+    device: str = typer.Option("cpu", help="cpu or cuda (neurocl runs there; baselines copy their patches there)."),
+    workers: Optional[int] = typer.Option(None, help="Worker processes of TorchIO/MONAI, threads of neurocl on "
+                                          "the CPU (default: every core)."),
+    libraries: str = typer.Option("neurocl,torchio,monai", help="Comma-separated subset of neurocl,torchio,monai."),
+    model: Optional[bool] = typer.Option(None, "--model/--no-model", help="Also measure DenseNet121 bf16 steps "
+                                         "(GPU memory on patches vs whole volumes); default: on with cuda."),
+    budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="neurocl GPU residency budget (0: staging)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the measurements to this JSON file."),
+    quick: bool = typer.Option(False, help="Small run (< 1 min on 2 cores): 48x56x48 volumes, 16^3 and 24^3 patches."),
+) -> None:
+    """Patches per second of neurocl's batched patch gather against TorchIO's Queue and MONAI's
+    RandSpatialCropSamplesd (same patch size, same patches per volume).
+
+    Example: neurocl bench patches --device cuda --out patches-gpu.json
+    """
+    from neurocl.bench_patches import PatchBenchConfig, print_patch_benchmark, result_dict, run_patch_benchmark
+    from neurocl.errors import ConfigError
+
+    try:
+        shape_list = tuple(tuple(int(n) for n in part.split(",")) for part in shapes.split(";") if part.strip())
+        size_list = tuple(int(n) for n in sizes.split(",") if n.strip())
+    except ValueError:
+        raise ConfigError(f"--shapes {shapes!r} / --sizes {sizes!r}: expected integers such as 121,145,121;182,218,182 and 64,96")
+    settings = dict(shapes=shape_list, sizes=size_list, per_subject=per_subject, batch_size=batch_size,
+                    n_batches=batches, n_subjects=subjects)
+    if quick:
+        settings.update(shapes=((48, 56, 48),), sizes=(16, 24), per_subject=4, batch_size=2, n_batches=4, n_subjects=6)
+    config = PatchBenchConfig(
+        **settings, device=device, workers=workers, memory_budget_gb=budget_gb,
+        model=device == "cuda" if model is None else model,
+        libraries=tuple(name.strip() for name in libraries.split(",") if name.strip()),
+    )
+    result = run_patch_benchmark(config)
+    print_patch_benchmark(result, Console())
+    if out is not None:
+        from neurocl.io import write_json
+
+        write_json(out, result_dict(result))
+        console.print(f"wrote [bold]{out}[/]")
+
+
 def _validation_overrides(steps: Optional[int], seed: int) -> dict:
     return {"seed": seed} if steps is None else {"seed": seed, "steps": steps}
 
