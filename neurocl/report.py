@@ -142,11 +142,20 @@ def write_report(run_dir) -> tuple[Path, Path]:
         )
         if section is not None
     ]
-    title = f"neurocl report: {run.name}"
+    title = f"neurocl report: pipeline '{run.name}' on cohort '{run.cohort_name}'"
     html_path = write_text(run_dir / "report.html", _render_html(title, sections))
     md_path = write_text(run_dir / "report.md", _render_md(title, sections))
     _remove_stale_figures(figures)
     return html_path, md_path
+
+
+def _cohort_name(spec_path) -> str:
+    """The ``name`` of the run's cohort spec, or its file name when the spec is gone or unnamed."""
+    if not spec_path:
+        return "unknown"
+    spec = _read_yaml(Path(spec_path))
+    name = spec.get("name") if isinstance(spec, dict) else None
+    return str(name) if name else Path(spec_path).name
 
 
 class _RunFiles:
@@ -156,6 +165,7 @@ class _RunFiles:
         self.dir = run_dir
         self.config = _read_yaml(run_dir / "config.yaml")
         self.name = str(self.config.get("name", run_dir.name)) if self.config else run_dir.name
+        self.cohort_name = _cohort_name((self.config or {}).get("cohort"))
         method = (self.config or {}).get("method")
         self.method = str(method.get("name", "run")) if isinstance(method, dict) else "run"
         self.embeddings = _read_table(run_dir / "embeddings.tsv")

@@ -127,6 +127,16 @@ def test_report_has_every_section_in_html_and_markdown(run_dir):
         assert f"## {title}" in md_text
 
 
+def test_report_title_names_the_pipeline_and_the_cohort(run_dir, tiny_cohort):
+    import yaml
+
+    _, html_text, md_text = run_dir
+    cohort_name = yaml.safe_load(tiny_cohort.read_text())["name"]
+    title = f"neurocl report: pipeline 'report-test' on cohort '{cohort_name}'"
+    assert f"<h1>{title}</h1>" in html_text.replace("&#x27;", "'")
+    assert md_text.startswith(f"# {title}")
+
+
 def test_report_html_is_self_contained_with_decodable_images(run_dir):
     _, html_text, _ = run_dir
     sources = re.findall(r'<img [^>]*src="([^"]+)"', html_text)
