@@ -197,3 +197,20 @@ def test_collapsed_space_is_reported_not_blown_up_into_noise(method):
     coordinates = _projection(live, method)
     assert coordinates.shape == (40, 2) and np.isfinite(coordinates).all()
     assert np.allclose(coordinates[0], coordinates[1], atol=1e-3) and not np.allclose(coordinates[0], coordinates[4], atol=1e-3)
+
+
+@pytest.mark.parametrize(("stability", "cautioned"), [(0.45, True), (0.59, True), (0.94, False)])
+def test_report_cautions_about_subtypes_below_the_stability_line(tmp_path, stability, cautioned):
+    write_json(tmp_path / "maps" / "subtypes.json", {"n_clusters": 2, "cluster_sizes": [30, 20],
+                                                    "stability": stability, "stability_ci": [0.3, 1.0]})
+    _, md_path = write_report(tmp_path)
+    assert ("Caution: subtype stability" in md_path.read_text()) == cautioned
+
+
+def test_the_maps_doc_quotes_the_stability_line_the_report_uses():
+    from pathlib import Path
+
+    from neurocl.maps.subtypes import STABILITY_CAUTION
+
+    text = (Path(__file__).parents[1] / "docs" / "maps.md").read_text()
+    assert f"below {STABILITY_CAUTION:g}, the report cautions" in " ".join(text.split())
