@@ -584,8 +584,11 @@ def _maps_section(run: _RunFiles, figures: _Figures) -> _Section | None:
             if png is None:
                 continue
             caption = f"{row.get('method', '')} map, {row.get('group', '')} (n={row.get('n_subjects', 'n/a')})"
+            if isinstance(row.get("peak_mm"), str):
+                where = row["peak_region"] if isinstance(row.get("peak_region"), str) else "no atlas region"
+                caption += f"; cut at the map's peak ({row['peak_mm']}) mm, in {where}"
             if isinstance(row.get("top_region"), str):
-                caption += f"; top region: {row['top_region']}"
+                caption += f"; top region by mean relevance: {row['top_region']}"
             figures.embed_file(section, png, caption)
             section.md[-1] = f"![{caption}]({png.relative_to(run.dir).as_posix()})"
     return section

@@ -214,3 +214,11 @@ def test_the_maps_doc_quotes_the_stability_line_the_report_uses():
 
     text = (Path(__file__).parents[1] / "docs" / "maps.md").read_text()
     assert f"below {STABILITY_CAUTION:g}, the report cautions" in " ".join(text.split())
+
+
+def test_map_captions_name_the_peak_they_cut_through_and_the_top_region(run_dir):
+    run, _, md_text = run_dir
+    index = read_tsv(run / "maps" / "index.tsv")
+    for row in index.itertuples():
+        assert f"cut at the map's peak ({row.peak_mm}) mm, in {row.peak_region}" in md_text
+        assert f"top region by mean relevance: {row.top_region}" in md_text
