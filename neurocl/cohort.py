@@ -1,4 +1,7 @@
-"""Cohorts: a BIDS participants table, one 3D image per row, groups, attributes and splits.
+"""Cohorts: a BIDS participants table, one image per row, groups, attributes and splits.
+
+Images are 3D or 2D, as NIfTI, NumPy arrays (``.npy``, with the grid given once in the spec) or
+pictures (PNG/JPEG); :mod:`neurocl.images` reads them.
 
 A :class:`Cohort` is built from a cohort spec YAML (``docs/cohorts.md``) or from Python
 arguments. Loading is lenient: rows with a bad group value, a non-numeric continuous attribute
@@ -23,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from neurocl.errors import CohortError, ConfigError
+from neurocl.images import Grid, GridSpec, ImageKind, image_kind, read_grid, read_voxels
 from neurocl.io import read_tsv, write_tsv
 
 GROUPS = ("background", "target")
@@ -86,7 +90,12 @@ class CohortSpec(BaseModel):
     root : Path
         Folder the image template is relative to (itself relative to the YAML's folder).
     images : str
-        Image path template with ``{participant_id}`` and optionally ``{session_id}``.
+        Image path template with ``{participant_id}`` and optionally ``{session_id}``. Its
+        suffix says the kind: ``.npy`` arrays, ``.png``/``.jpg``/``.jpeg`` pictures, else NIfTI.
+    grid : GridSpec or None
+        The grid of array and picture cohorts (``affine`` 4x4 or ``voxel_size``): required for
+        ``.npy`` images, optional for pictures (pixel spacing 1), refused for NIfTI (the header
+        has it).
     group : GroupSpec
         The group column and its background / target values.
     attributes : dict
@@ -101,6 +110,7 @@ class CohortSpec(BaseModel):
     participants: Path | None = None
     root: Path = Path(".")
     images: str
+    grid: GridSpec | None = None
     group: GroupSpec
     attributes: dict[str, Literal["continuous", "categorical"]] = {}
     required: list[str] | None = None
@@ -129,6 +139,17 @@ class CohortSpec(BaseModel):
         return attributes
 
     @model_validator(mode="after")
+    def _grid_fits_the_kind(self) -> "CohortSpec":
+        if self.kind == "array" and self.grid is None:
+            raise ValueError(
+                "grid: required for .npy images (their files hold no affine); give grid: {affine: [[...4x4...]]} "
+                "or grid: {voxel_size: 1.0}"
+            )
+        if self.kind == "nifti" and self.grid is not None:
+            raise ValueError("grid: only for .npy and picture images; NIfTI headers carry their own grid")
+        return self
+
+    @model_validator(mode="after")
     def _required_are_attributes(self) -> "CohortSpec":
         unknown = [name for name in self.required or [] if name not in self.attributes]
         if unknown:
@@ -140,6 +161,11 @@ class CohortSpec(BaseModel):
         """Whether the image template contains ``{session_id}``."""
         return "{session_id}" in self.images
 
+    @property
+    def kind(self) -> ImageKind:
+        """``nifti``, ``array`` or ``picture``, from the template's suffix."""
+        return image_kind(self.images)
+
 
 class Problem(NamedTuple):
     """One validation finding; ``row`` is the participants.tsv line number (header = line 1)."""
@@ -147,12 +173,6 @@ class Problem(NamedTuple):
     row: int | None
     participant_id: str | None
     problem: str
-
-
-class _Grid(NamedTuple):
-    shape: tuple[int, ...]
-    affine: np.ndarray
-    zooms: tuple[float, ...]
 
 
 def _spec_error(source: str, error: ValidationError) -> CohortError:
@@ -237,6 +257,8 @@ class Cohort:
         Cohort name.
     required : list of str, optional
         Attributes that must be present in every row.
+    grid : GridSpec or dict, optional
+        Grid of ``.npy`` / picture images (``{"affine": 4x4}`` or ``{"voxel_size": v}``).
 
     Attributes
     ----------
@@ -260,6 +282,7 @@ class Cohort:
         root: str | os.PathLike = ".",
         name: str = "cohort",
         required: Sequence[str] | None = None,
+        grid: GridSpec | dict | None = None,
     ) -> None:
         fields = {
             "name": name,
@@ -269,6 +292,7 @@ class Cohort:
             "group": group.model_dump() if isinstance(group, GroupSpec) else group,
             "attributes": attributes or {},
             "required": list(required) if required is not None else None,
+            "grid": grid.model_dump() if isinstance(grid, GridSpec) else grid,
         }
         try:
             spec = CohortSpec(**fields)
@@ -449,9 +473,10 @@ class Cohort:
         duplicate (participant_id, session_id), group value neither background nor target,
         required attribute missing, continuous attribute not a finite number, empty background or
         target group. Image checks (``check_images``): file missing, unreadable or corrupt, not
-        3D (a trailing singleton 4th dimension counts as 3D), NaN/Inf voxels, and shape, voxel
+        2D or 3D (singleton axes at the ends are dropped first), NaN/Inf voxels, and shape, voxel
         size or affine (tolerance 1e-3 mm) differing from the reference grid, which is the grid of
-        the first image in table order whose header reads and which is 3D.
+        the first image in table order whose header reads and which is 2D or 3D. The same checks
+        apply to ``.npy`` arrays and pictures (their grid comes from the spec).
 
         Parameters
         ----------
@@ -527,7 +552,7 @@ class Cohort:
         from rich.progress import track
 
         records = self.table[["participant_id", "image", "row"]].to_dict("records")
-        grids: list[tuple[dict, _Grid]] = []
+        grids: list[tuple[dict, Grid]] = []
         problems: list[Problem] = []
         for record in track(
             records, description="validating images", disable=not progress, console=Console(stderr=True), transient=True
@@ -535,7 +560,7 @@ class Cohort:
             if not isinstance(record["image"], str):
                 continue
             pid = None if pd.isna(record["participant_id"]) else record["participant_id"]
-            grid, found = _inspect_image(Path(record["image"]))
+            grid, found = _inspect_image(Path(record["image"]), self.spec)
             problems += [Problem(record["row"], pid, text) for text in found]
             if grid is not None:
                 grids.append((record, grid))
@@ -547,14 +572,22 @@ class Cohort:
                 problems += [Problem(record["row"], pid, text) for text in _grid_differences(grid, reference, where)]
         return problems
 
-    def reference_grid(self) -> tuple[tuple[int, int, int], np.ndarray, tuple[float, float, float]]:
-        """(shape, affine, zooms) of the first image whose header reads and which is 3D."""
+    def reference_grid(self) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:
+        """(shape, affine, zooms) of the first image whose header reads and which is 2D or 3D.
+
+        ``shape`` and ``zooms`` have 2 values for a 2D cohort (the affine is 4x4 either way).
+        """
         for path in self.image_paths:
             if path is not None:
-                grid = _read_grid(path)
-                if isinstance(grid, _Grid):
+                grid = _read_grid(path, self.spec)
+                if isinstance(grid, Grid):
                     return grid.shape, grid.affine, grid.zooms
-        raise CohortError(f"{self.source}: no readable 3D image to take the reference grid from")
+        raise CohortError(f"{self.source}: no readable 2D or 3D image to take the reference grid from")
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 or 3: the dimensionality of the reference grid (reads one header)."""
+        return len(self.reference_grid()[0])
 
 
 def _where(problem: Problem) -> str:
@@ -563,31 +596,14 @@ def _where(problem: Problem) -> str:
     return f"line {problem.row} ({problem.participant_id or 'no participant_id'})"
 
 
-def _read_grid(path: Path) -> _Grid | str:
-    """The image's 3D grid from its header, or the problem that prevents reading it."""
-    import nibabel as nib
-
-    if not path.is_file():
-        return f"image not found: {path}"
-    try:
-        image = nib.load(path)
-        shape = tuple(int(n) for n in image.shape)
-        affine = np.asarray(image.affine, dtype=float)
-        zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
-    except Exception as error:  # nibabel raises many types for unreadable files; all are reported
-        return f"unreadable image {path.name}: {type(error).__name__}: {error}"
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) != 3:
-        return f"image is {len(shape)}D with shape {shape}, expected 3D"
-    return _Grid(shape, affine, zooms)
+def _read_grid(path: Path, spec: CohortSpec) -> Grid | str:
+    """The image's grid from its header (or the spec's grid), or the problem that prevents reading it."""
+    return read_grid(path, spec.kind, spec.grid)
 
 
-def _inspect_image(path: Path) -> tuple[_Grid | None, list[str]]:
+def _inspect_image(path: Path, spec: CohortSpec) -> tuple[Grid | None, list[str]]:
     """Header checks, then the voxels for NaN/Inf; returns the grid (if any) and the problems."""
-    import nibabel as nib
-
-    grid = _read_grid(path)
+    grid = _read_grid(path, spec)
     if isinstance(grid, str):
         if not grid.startswith("image is"):
             return None, [grid]
@@ -595,7 +611,7 @@ def _inspect_image(path: Path) -> tuple[_Grid | None, list[str]]:
     else:
         problems = []
     try:
-        data = np.asanyarray(nib.load(path).dataobj)
+        data = read_voxels(path, spec.kind)
     except Exception as error:  # truncated or corrupt voxel data
         return grid, problems + [f"corrupt image data in {path.name}: {type(error).__name__}: {error}"]
     if np.issubdtype(data.dtype, np.floating):
@@ -605,7 +621,7 @@ def _inspect_image(path: Path) -> tuple[_Grid | None, list[str]]:
     return grid, problems
 
 
-def _grid_differences(grid: _Grid, reference: _Grid, where: str) -> list[str]:
+def _grid_differences(grid: Grid, reference: Grid, where: str) -> list[str]:
     if grid.shape != reference.shape:
         return [f"shape {grid.shape} differs from the reference grid {reference.shape} ({where})"]
     if np.max(np.abs(np.subtract(grid.zooms, reference.zooms))) > GRID_TOLERANCE_MM:
