@@ -163,7 +163,7 @@ def demo(
     out: Path = typer.Option(Path("neurocl-demo"), "--out", help="Folder for the synthetic cohort and the run."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed demo run."),
 ) -> None:
-    """Synthetic cohort at 4 mm + small CNN + SepCLR, end to end (11 minutes measured on a shared 2-core CPU VM).
+    """Synthetic cohort at 4 mm + small CNN + SepCLR, end to end (2.5 min on 2 idle CPU cores, up to 11 min shared).
 
     Example: neurocl demo --out neurocl-demo
     """

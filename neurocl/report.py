@@ -37,6 +37,7 @@ import pandas as pd
 
 from neurocl.errors import ConfigError
 from neurocl.io import atomic_path, read_tsv, write_text
+from neurocl.maps.subtypes import STABILITY_CAUTION
 from neurocl.probe import PRIMARY_METRIC, embedding_spaces
 
 FIGURE_DIR = "report_files"
@@ -570,6 +571,10 @@ def _maps_section(run: _RunFiles, figures: _Figures) -> _Section | None:
         section.table(pd.DataFrame([(k, _fmt(v)) for k, v in summary.items()], columns=["subtypes", "value"]),
                       caption="Subtypes: clusters of target subjects in salient space (k chosen by the criterion; "
                               "stability = bootstrap agreement).")
+        stability = run.subtypes.get("stability")
+        if isinstance(stability, (int, float)) and stability < STABILITY_CAUTION:
+            section.text(f"Caution: subtype stability {stability:.2f} is below {STABILITY_CAUTION}: the clusters "
+                         "hinge on a few subjects; do not read them as subtypes without a second seed or more subjects.")
         scores = run.subtypes.get("scores")
         if isinstance(scores, list) and scores:
             section.table(_rounded(pd.DataFrame(scores)), caption="Score per number of clusters")
@@ -589,8 +594,11 @@ def _maps_section(run: _RunFiles, figures: _Figures) -> _Section | None:
             if png is None:
                 continue
             caption = f"{row.get('method', '')} map, {row.get('group', '')} (n={row.get('n_subjects', 'n/a')})"
+            if isinstance(row.get("peak_mm"), str):
+                where = row["peak_region"] if isinstance(row.get("peak_region"), str) else "no atlas region"
+                caption += f"; cut at the map's peak ({row['peak_mm']}) mm, in {where}"
             if isinstance(row.get("top_region"), str):
-                caption += f"; top region: {row['top_region']}"
+                caption += f"; top region by mean relevance: {row['top_region']}"
             figures.embed_file(section, png, caption)
             section.md[-1] = f"![{caption}]({png.relative_to(run.dir).as_posix()})"
     return section
