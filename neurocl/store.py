@@ -523,6 +523,11 @@ class VolumeStore:
         """Whether the whole store sits on :attr:`device` (otherwise batches are read and staged)."""
         return self._resident is not None
 
+    @property
+    def resident_volumes(self) -> "torch.Tensor | None":
+        """The float16 ``(N, 1, *spatial)`` copy on :attr:`device`, or None when batches are read from the memory map."""
+        return self._resident
+
     # ------------------------------------------------------------ residency and batches
 
     def to(self, device: "str | torch.device", memory_budget_gb: float | None = None) -> "VolumeStore":
