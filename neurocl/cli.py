@@ -335,6 +335,7 @@ def bench_epoch(
                               batch_size=batch_size, epochs=epochs, device=device, precision=precision)
     print_epoch_benchmark(run_epoch_benchmark(config), Console())
 
+
 @bench_app.command("patches")
 @user_errors
 def bench_patches(
