@@ -374,6 +374,34 @@ def bench_data(
     print_data_benchmark(run_data_benchmark(config), Console())
 
 
+@bench_app.command("epoch")
+@user_errors
+def bench_epoch(
+    method: str = typer.Option("sepclr", help="Method trained (half of the subjects are targets)."),
+    encoder: str = typer.Option("densenet121", help="Encoder (densenet121, small_cnn, resnet18, ...)."),
+    shape: str = typer.Option("121,145,121", help="Volume shape 'D,H,W'."),
+    subjects: int = typer.Option(256, help="Training subjects: an epoch is subjects // batch-size steps."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Subjects per step (two views each)."),
+    epochs: int = typer.Option(2, help="Epochs timed (the first is reported as warm-up)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    precision: str = typer.Option("auto", help="auto (bf16-mixed on a GPU), 32-true or bf16-mixed."),
+) -> None:
+    """Wall time of real training epochs (Lightning fit of the method) on a synthetic store.
+
+    Example: neurocl bench epoch --device cuda --subjects 1024 --batch-size 32
+    """
+    from neurocl.bench_epoch import EpochBenchConfig, print_epoch_benchmark, run_epoch_benchmark
+    from neurocl.errors import ConfigError
+
+    try:
+        spatial = tuple(int(n) for n in shape.split(","))
+    except ValueError:
+        raise ConfigError(f"--shape {shape!r}: expected comma-separated integers such as 121,145,121")
+    config = EpochBenchConfig(method=method, encoder=encoder, shape=spatial, n_subjects=subjects,
+                              batch_size=batch_size, epochs=epochs, device=device, precision=precision)
+    print_epoch_benchmark(run_epoch_benchmark(config), Console())
+
+
 @bench_app.command("patches")
 @user_errors
 def bench_patches(
