@@ -15,3 +15,7 @@ class ConfigError(NeuroclError):
 
 class TrainingError(NeuroclError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the term."""
+
+
+class OutputError(NeuroclError):
+    """An output cannot be written (disk full, read-only or occupied destination); names the path."""

@@ -11,6 +11,7 @@ staged through pinned memory with the next batch prefetched.
 Cache layout (``cache_dir``, chosen by the caller; never inside a cohort's folders)::
 
     store.json                 the commit record: names the files below, config, grids
+    .store.lock                held (an OS file lock) by the one process building here
     resampled-<token>.npy      (N, *grid) float32 images on the target grid (stage 1)
     volumes-<token>.npy        (N, 1, *spatial) masked, cropped, normalised (stage 2)
     mask-<token>.npy           (*spatial) bool brain mask on the stored grid
@@ -28,6 +29,7 @@ leaves the previous cache intact.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -40,9 +42,9 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from neurocl.errors import CohortError, ConfigError
+from neurocl.errors import CohortError, ConfigError, OutputError
 from neurocl.images import ImageKind, as_volume, read_voxels
-from neurocl.io import atomic_path, read_tsv, write_json, write_tsv
+from neurocl.io import atomic_path, check_free_space, preallocate, read_tsv, write_json, write_tsv
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -355,7 +357,13 @@ class VolumeStore:
         config = config or PreprocessConfig()
         cache_dir = Path(cache_dir).resolve()
         _refuse_input_folder(cache_dir, cohort)
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        with store_lock(cache_dir, progress):
+            return cls._build(cohort, cache_dir, config, workers, progress)
+
+    @classmethod
+    def _build(cls, cohort: "Cohort", cache_dir: Path, config: PreprocessConfig, workers: int | None,
+               progress: bool) -> "VolumeStore":
+        """The body of :meth:`build`, run while this process holds the store's lock."""
         shape, affine, source = _target_grid(cohort, config)
         entries = _entries(cohort, _grid_params(shape, affine, source.affine))
         previous = _previous_build(cache_dir)
@@ -370,9 +378,11 @@ class VolumeStore:
         names = {kind: f"{kind}-{token}.{ext}" for kind, ext in
                  (("resampled", "npy"), ("volumes", "npy"), ("mask", "npy"), ("manifest", "tsv"))}
         rebuilt = [i for i in range(len(entries)) if i not in reuse]
+        n_voxels = len(entries) * int(np.prod(shape))
+        check_free_space(cache_dir, n_voxels * (4 + np.dtype(config.dtype).itemsize), "the preprocessed store")
         with _progress(progress) as bar:
             with atomic_path(cache_dir / names["resampled"]) as tmp:
-                resampled = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(entries), *shape))
+                resampled = _new_memmap(tmp, np.float32, (len(entries), *shape))
                 for new_index, old_index in reuse.items():
                     resampled[new_index] = previous["resampled"][old_index]
                 _resample_all(entries, rebuilt, shape, affine, resampled, workers, bar, source)
@@ -384,9 +394,7 @@ class VolumeStore:
                 spatial_crop = crop[:2] + (0,) if source.two_d else crop
                 cropped_mask = mask[spatial_crop]
                 with atomic_path(cache_dir / names["volumes"]) as tmp_volumes:
-                    volumes = np.lib.format.open_memmap(
-                        tmp_volumes, mode="w+", dtype=np.dtype(config.dtype), shape=(len(entries), 1, *cropped_mask.shape)
-                    )
+                    volumes = _new_memmap(tmp_volumes, np.dtype(config.dtype), (len(entries), 1, *cropped_mask.shape))
                     task = bar.add_task("normalising", total=len(entries))
                     for index in range(len(entries)):
                         volumes[index, 0] = _normalise(resampled[index][spatial_crop], cropped_mask, config, entries.iloc[index])
@@ -430,7 +438,12 @@ class VolumeStore:
         if volumes.ndim < 4 or volumes.shape[1] != 1:
             raise ConfigError(f"from_array: expected (N, 1, *spatial) volumes, got shape {volumes.shape}")
         cache_dir = Path(cache_dir).resolve()
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        with store_lock(cache_dir, progress=False):
+            return cls._from_array(volumes, cache_dir, affine, dtype)
+
+    @classmethod
+    def _from_array(cls, volumes: np.ndarray, cache_dir: Path, affine: np.ndarray | None, dtype: str) -> "VolumeStore":
+        """The body of :meth:`from_array`, run while this process holds the store's lock."""
         spatial = tuple(int(n) for n in volumes.shape[2:])
         affine = np.eye(4) if affine is None else np.asarray(affine, float)
         config = PreprocessConfig(mask="none", normalise="none", crop_to_mask=False, dtype=dtype)
@@ -438,7 +451,7 @@ class VolumeStore:
         kinds = (("volumes", "npy"), ("mask", "npy"), ("manifest", "tsv"))
         names = {kind: f"{kind}-{token}.{ext}" for kind, ext in kinds}
         with atomic_path(cache_dir / names["volumes"]) as tmp:
-            stored = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=volumes.shape)
+            stored = _new_memmap(tmp, np.dtype(dtype), volumes.shape)
             for index in range(len(volumes)):
                 stored[index] = volumes[index]
             stored.flush()
@@ -618,6 +631,56 @@ class VolumeStore:
         image.set_qform(self.affine, code=1)
         image.set_sform(self.affine, code=1)
         return image
+
+
+LOCK_NAME = ".store.lock"
+
+
+@contextlib.contextmanager
+def store_lock(cache_dir: Path, progress: bool = True) -> Iterator[None]:
+    """Hold the store folder's lock (an OS file lock: released by the kernel if the process dies).
+
+    Two runs sharing one store would otherwise interleave their builds: one removing the
+    other's temporary files as stale. The second run waits, then finds the first one's build
+    and reuses it. The folder is created here; one that cannot be (read-only, a file in the
+    way) is a one-line error naming it.
+    """
+    from filelock import FileLock, Timeout
+
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(cache_dir / LOCK_NAME))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if progress:
+                _stderr().print(f"waiting for another process building the store in {cache_dir} ...", highlight=False)
+            lock.acquire()
+    except FileExistsError:
+        raise OutputError(f"{cache_dir}: cannot hold the store: a file (not a folder) is in the way") from None
+    except OSError as error:
+        raise OutputError(f"{cache_dir}: cannot write the store here ({error.strerror or error})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _new_memmap(path: Path, dtype, shape: Sequence[int]) -> np.memmap:
+    """A ``.npy`` memory map whose disk blocks are reserved before any write (see :func:`preallocate`)."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+    try:
+        preallocate(path, os.path.getsize(path))
+    except BaseException:
+        del array
+        raise
+    return array
 
 
 def fits_in_budget(nbytes: int, budget_bytes: float) -> bool:
@@ -830,7 +893,11 @@ def _normalise(volume: np.ndarray, mask: np.ndarray, config: PreprocessConfig, e
 
 
 def _remove_stale(cache_dir: Path, keep: set[str]) -> None:
-    """Delete files of earlier builds (and temporaries of interrupted ones) that the record no longer names."""
+    """Delete files of earlier builds (and temporaries of interrupted ones) that the record no longer names.
+
+    Called with the store's lock held: every builder takes that lock, so a temporary file that is
+    not ours belongs to a build that was killed, never to one still running.
+    """
     prefixes = ("resampled-", "volumes-", "mask-", "manifest-", ".resampled-", ".volumes-", ".mask-", ".manifest-")
     for path in cache_dir.iterdir():
         if path.name.startswith(prefixes) and path.name not in keep:
