@@ -19,3 +19,7 @@ class TrainingError(NeuroclError):
 
 class OutputError(NeuroclError):
     """An output cannot be written (disk full, read-only or occupied destination); names the path."""
+
+
+class StoreError(NeuroclError):
+    """The preprocessed store cannot be written or read (disk space, a file, a lock); the message names the path."""

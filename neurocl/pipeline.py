@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rich.console import Console
 
 from neurocl.errors import ConfigError, NeuroclError, TrainingError
+from neurocl.harmonise import HarmoniseConfig
 from neurocl.io import read_tsv, torch_save, write_json, write_text, write_tsv
 from neurocl.maps import MapsConfig
 from neurocl.methods import MethodConfig, OptimConfig, TrainingData, build_method, method_from_checkpoint
@@ -127,12 +128,14 @@ class EvaluationConfig(_Section):
 class BaselineConfig(_Section):
     """One baseline compared with the main method (``pca``, ``cpca``, ``simclr`` or ``yaware``)."""
 
-    name: Literal["pca", "cpca", "simclr", "yaware"]
-    n_components: int = Field(16, gt=0, description="pca / cpca: components kept.")
+    name: Literal["pca", "cpca", "combat", "simclr", "yaware"]
+    n_components: int = Field(16, gt=0, description="pca / cpca / combat: components kept.")
     alpha: float | None = Field(None, gt=0, description="cpca: contrast strength alpha (None: chosen automatically).")
     attributes: list[str] = Field(["age"], description="yaware: attributes of the kernel prior.")
     sigma: float | list[float] = Field(5.0, description="yaware: kernel bandwidth per attribute (attribute units).")
     temperature: float = Field(0.1, gt=0, description="simclr / yaware: InfoNCE temperature.")
+    site: str = Field("site", description="combat: the site attribute (PCA of ComBat-harmonised voxels).")
+    protect: list[str] = Field(default_factory=list, description="combat: attributes whose effects ComBat keeps.")
 
 
 class OutputsConfig(_Section):
@@ -149,6 +152,9 @@ class PipelineConfig(_Section):
     name: str = Field("neurocl-run", description="A name for the run (shown in the report).")
     cohort: Path = Field(..., description="Cohort spec YAML.")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    harmonise: HarmoniseConfig | None = Field(
+        None, description="ComBat on the store, fitted on the training split's background subjects, applied to all."
+    )
     splits: SplitConfig = Field(default_factory=SplitConfig)
     views: ViewConfig = Field(default_factory=ViewConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -181,6 +187,7 @@ _PATH_FIELDS = [
     (None, "cohort"),
     ("preprocess", "reference"),
     ("preprocess", "mask"),
+    ("encoder", "weights"),
     ("splits", "file"),
     ("evaluation", "ground_truth"),
     ("maps", "atlas"),
@@ -687,6 +694,11 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
     _check_names(config, cohort)
     store = VolumeStore.build(cohort, config.outputs.store or run_dir / "store", config.preprocess, progress=True)
     splits = _splits(config, cohort, run_dir)
+    if config.harmonise is not None:
+        from neurocl.harmonise import harmonise_run_store
+
+        console.print(f"[bold]harmonising[/] {config.harmonise.site} with ComBat (protecting {config.harmonise.protect})")
+        store = harmonise_run_store(store, cohort, splits, config.harmonise, run_dir / "store-harmonised")
     write_json(_prepared_marker(run_dir), {"store": str(store.cache_dir), "volumes": store.record["volumes"]})
 
     modules = {}
@@ -704,7 +716,7 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
 
     for entry in config.baselines:
         out_dir = run_dir / "baselines" / entry.name
-        if entry.name in ("pca", "cpca"):
+        if entry.name in ("pca", "cpca", "combat"):
             baselines = _optional_module("baselines", f"baseline {entry.name}")
             if baselines is None:
                 continue
@@ -712,7 +724,7 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
             # Fitted on the training subjects only, like the trained networks.
             table = baselines.voxel_embeddings(store, cohort, method=entry.name, n_components=entry.n_components,
                                                splits=splits, alpha=entry.alpha, seed=config.training.seed,
-                                               progress=True)
+                                               progress=True, site=entry.site, protect=entry.protect)
         else:
             console.print(f"[bold]baseline[/] {entry.name}: embedding every subject")
             table = embeddings_table(modules[f"baselines/{entry.name}"], store, cohort, splits,
