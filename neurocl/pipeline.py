@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -219,7 +219,7 @@ def _format_validation(source: str, error: ValidationError) -> ConfigError:
     return ConfigError("\n".join(lines))
 
 
-def load_pipeline(path: str | os.PathLike, overrides: dict | None = None) -> PipelineConfig:
+def load_pipeline(path: str | os.PathLike, overrides: dict | None = None, settings: Sequence[str] = ()) -> PipelineConfig:
     """Read and validate a pipeline YAML; relative paths are taken from the YAML's folder.
 
     Parameters
@@ -228,6 +228,9 @@ def load_pipeline(path: str | os.PathLike, overrides: dict | None = None) -> Pip
         The pipeline YAML.
     overrides : dict, optional
         Top-level fields replacing the YAML's (e.g. ``{"cohort": ...}`` for the demo).
+    settings : list of str
+        Dotted ``SECTION.FIELD=VALUE`` settings (``neurocl run --set``) merged into the YAML
+        before validation (:mod:`neurocl.settings`); their paths are relative to the current folder.
 
     Raises
     ------
@@ -245,10 +248,16 @@ def load_pipeline(path: str | os.PathLike, overrides: dict | None = None) -> Pip
         raise ConfigError(f"{path}: a pipeline is a mapping of sections, got {type(raw).__name__}")
     raw.update(overrides or {})
     raw = _resolve_paths(raw, path.parent.absolute())
+    source = str(path)
+    if settings:
+        from neurocl.settings import merge_settings, parse_settings
+
+        raw = merge_settings(raw, _resolve_paths(parse_settings(settings), Path.cwd()))
+        source = f"{path} with --set {' --set '.join(settings)}"
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as error:
-        raise _format_validation(str(path), error) from None
+        raise _format_validation(source, error) from None
 
 
 def _config_yaml(config: PipelineConfig) -> str:
@@ -579,6 +588,9 @@ def _check_names(config: PipelineConfig, cohort) -> None:
         "splits.stratify": [name for name in config.splits.stratify if name != "group"],
         **{f"baselines.{entry.name}.attributes": entry.attributes for entry in config.baselines
            if entry.name == "yaware"},
+        **{"baselines.combat.site/protect": [entry.site, *entry.protect] for entry in config.baselines
+           if entry.name == "combat"},
+        "harmonise.site/protect": [config.harmonise.site, *config.harmonise.protect] if config.harmonise else [],
     }
     for field, names in fields.items():
         unknown = [name for name in names if name not in cohort.attribute_kinds]
@@ -655,7 +667,7 @@ def _train_as_worker(config: PipelineConfig, run_dir: Path, resume: bool) -> Pat
 
 
 def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool = False,
-                 overrides: dict | None = None) -> Path:
+                 overrides: dict | None = None, settings: Sequence[str] = ()) -> Path:
     """``neurocl run PIPELINE --out RUN``: every stage of a pipeline into the run directory.
 
     validate cohort -> store (reused when up to date) -> splits.tsv -> train (the method, then
@@ -673,6 +685,9 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
         checkpoint); the stages after training are recomputed.
     overrides : dict, optional
         Top-level pipeline fields replacing the YAML's.
+    settings : list of str
+        ``neurocl run --set SECTION.FIELD=VALUE`` settings, validated with the YAML (the run's
+        config.yaml records the result).
 
     Returns
     -------
@@ -682,7 +697,7 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
     from neurocl.cohort import Cohort
     from neurocl.store import VolumeStore
 
-    config = load_pipeline(path, overrides)
+    config = load_pipeline(path, overrides, settings)
     run_dir = Path(out).absolute()
     if not _is_primary_process():
         return _train_as_worker(config, run_dir, resume)
