@@ -83,13 +83,28 @@ def user_errors(func: Callable) -> Callable:
         except NeuroclError as error:
             if _state["debug"]:
                 raise
-            console.print(f"[bold red]error:[/] {error}", highlight=False)
+            _error_line(str(error))
             raise typer.Exit(1)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             raise typer.Exit(130)
+        except OSError as error:
+            # An operating-system refusal the library did not anticipate (permissions, a file where
+            # a folder should be, a full disk, ...): still one line naming the path, not a traceback.
+            if _state["debug"] or error.filename is None:
+                raise
+            path = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
+            _error_line(f"{path}: {error.strerror or error}")
+            raise typer.Exit(1)
 
     return wrapper
+
+
+def _error_line(message: str) -> None:
+    """Print an error as written: no wrapping at the terminal width, no rich markup in paths."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _synth_help(field: str) -> str:
@@ -282,7 +297,7 @@ def export(
 @app.command()
 @user_errors
 def probe(
-    embeddings: Path = typer.Argument(..., help="embeddings.tsv (participant_id, [session_id], columns per space)."),
+    embeddings: Path = typer.Argument(..., help="embeddings.tsv (participant_id, \\[session_id], columns per space)."),
     cohort: Path = typer.Option(..., "--cohort", help="Cohort spec YAML with the clinical attributes."),
     out: Path = typer.Option(..., "--out", help="Output folder for probes.tsv and separation.json."),
     attributes: Optional[str] = typer.Option(None, help="Comma-separated attributes to probe (default: all in the spec)."),
