@@ -371,6 +371,9 @@ def bench_data(
     """Views per second of neurocl's batched views against MONAI and TorchIO pipelines (same recipe).
 
     Example: neurocl bench data --shape mni2mm --device cuda --model densenet121
+
+    Without TorchIO (a plain `pip install -e .`) neurocl and MONAI are measured and the output says
+    how to add it (the "bench" extra of pyproject.toml, or: pip install torchio).
     """
     from neurocl.bench import MNI_2MM, DataBenchConfig, print_data_benchmark, run_data_benchmark
     from neurocl.errors import ConfigError
