@@ -580,7 +580,7 @@ def bench_separation(
         workdir=workdir, cohorts=[name.strip() for name in cohorts.split(",") if name.strip()] if cohorts else None,
     )
     results = run_separation_bench(config, log=lambda line: console.print(f"[bold]{line}[/]"))
-    print_separation(results, Console())
+    print_separation(results, results_console())
     if out is not None:
         from neurocl.io import write_json
 
