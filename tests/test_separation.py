@@ -149,3 +149,22 @@ def test_bench_separation_refuses_unknown_cohorts_and_bad_seeds(tmp_path):
     assert result.exit_code == 1 and "--seeds" in result.output
     result = CliRunner().invoke(app, ["bench", "separation", "--pipeline", str(tmp_path / "none.yaml")])
     assert result.exit_code == 1 and "does not exist" in " ".join(result.output.split())
+
+
+def test_the_table_gives_mean_and_sd_over_seeds():
+    from neurocl.validation.separation import aggregate, separation_markdown
+
+    def run(seed, value, separation):
+        row = {"attribute": "severity", "role": "specific", "subset": "target", "kind": "continuous",
+               "metric": "r2", "chance": 0.0, "values": {"common": 0.1, "salient": value}, "u": {}, "n_test": 20}
+        summary = {"specific_gap": value - 0.1, "shared_gap": None, "separation": separation,
+                   "separated": separation >= 0.1}
+        return {"cohort": "reference", "seed": seed, "rows": [row], "summary": summary}
+
+    table = aggregate([run(0, 0.2, 0.05), run(1, 0.4, 0.15)])
+    cell = table[0]["rows"][0]["values"]["salient"]
+    assert cell["mean"] == pytest.approx(0.3) and cell["sd"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    assert table[0]["summary"]["separated_seeds"] == 1 and table[0]["seeds"] == [0, 1]
+    markdown = separation_markdown({"table": table})
+    assert "| reference | severity | specific | target | r2 (0.00) | 0.10 ± 0.00 | 0.30 ± 0.14 |" in markdown
+    assert "| reference | 0,1 | 0.10 ± 0.07 |" in markdown and "1 of 2" in markdown

@@ -349,3 +349,27 @@ def print_separation(results: dict, console) -> None:
                       f"shared gap {_cell(summary['shared_gap'])}); separated in {summary['separated_seeds']} of "
                       f"{len(entry['seeds'])} seeds")
     console.print(f"bench separation: {len(results['runs'])} runs in {results['wall_s'] / 60:.1f} min")
+
+
+def separation_markdown(results: dict) -> str:
+    """The aggregated table as Markdown (one table for the panel: cohort, attribute, subjects, scores)."""
+    lines = []
+    representations = REPRESENTATIONS
+    header = ["cohort", "attribute", "role", "subjects", "metric (chance)", *representations]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + " --- |" * len(header))
+    for entry in results["table"]:
+        for row in entry["rows"]:
+            chance = "" if row["chance"] is None else f" ({row['chance']:.2f})"
+            cells = [_cell(row["values"][rep]) if rep in row["values"] else "" for rep in representations]
+            lines.append(f"| {entry['cohort']} | {row['attribute']} | {row['role']} | {row['subset']} | "
+                         f"{row['metric'] or 'n/a'}{chance} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("| cohort | seeds | separation | specific gap | shared gap | separated |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for entry in results["table"]:
+        summary = entry["summary"]
+        lines.append(f"| {entry['cohort']} | {','.join(map(str, entry['seeds']))} | {_cell(summary['separation'])} | "
+                     f"{_cell(summary['specific_gap'])} | {_cell(summary['shared_gap'])} | "
+                     f"{summary['separated_seeds']} of {len(entry['seeds'])} |")
+    return "\n".join(lines) + "\n"
