@@ -30,8 +30,42 @@ console = Console(stderr=True)
 _state = {"debug": False}
 
 
+def _typeless_flags() -> None:
+    """Show on/off flags (--resume, --debug, --help) without a ``<bool>`` type in help.
+
+    Typer 0.29 prints every option's type, flags included, where ``<bool>`` reads as if the flag
+    took a value; its ``display_type_rich`` is the one place that decides, so flags return none.
+    """
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_neurocl", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._neurocl = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_typeless_flags()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from neurocl import __version__
+
+        typer.echo(f"neurocl {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print neurocl's version and exit."),
+) -> None:
     """neurocl: contrastive analysis of brain MRI cohorts."""
     _state["debug"] = debug
 
@@ -89,34 +123,78 @@ def synth(
     workers: Optional[int] = typer.Option(
         None, help="Worker processes (default: one per CPU core); the cohort does not depend on it."
     ),
+    dims: int = typer.Option(3, help="3: volumes; 2: axial slab projections through the subtype regions (a 2D cohort)."),
+    image_format: str = typer.Option("png", help="With --dims 2: png or nifti (2D NIfTI)."),
 ) -> None:
     """Generate a synthetic cohort with known ground truth, offline (docs/synthetic.md).
 
     Example: neurocl synth synthetic --n-subjects 200 --subtypes 2 --seed 0
+
+    Example (2D, PNG slices): neurocl synth synthetic-2d --dims 2 --image-format png
     """
+    from neurocl.errors import ConfigError
     from neurocl.synth import SynthConfig, make_synthetic_cohort
 
+    if dims not in (2, 3) or image_format not in ("png", "nifti"):
+        raise ConfigError(f"--dims {dims} --image-format {image_format}: dims is 2 or 3, image-format png or nifti")
     given = dict(locals())
     # Only the options the user gave: SynthConfig holds every default.
     options = {name: given[name] for name in SynthConfig.model_fields if given.get(name) is not None}
     config = SynthConfig.from_options(**options)
-    spec_path = make_synthetic_cohort(out_dir, config, progress=True, workers=workers)
+    if dims == 2:
+        import tempfile
+
+        from neurocl.slices import slice_cohort
+        from neurocl.synth import _check_out_dir
+
+        _check_out_dir(out_dir)
+        with tempfile.TemporaryDirectory(prefix="neurocl-synth-3d-") as scratch:
+            volumes = make_synthetic_cohort(Path(scratch) / "cohort", config, progress=True, workers=workers)
+            spec_path = slice_cohort(volumes.parent, out_dir, image_format)
+    else:
+        spec_path = make_synthetic_cohort(out_dir, config, progress=True, workers=workers)
     console.print(f"wrote synthetic cohort: [bold]{spec_path}[/]")
 
 
 @app.command()
 @user_errors
 def validate(
-    cohort: Path = typer.Argument(..., help="Cohort spec YAML."),
+    cohort: Path = typer.Argument(..., help="Cohort spec YAML, or a pipeline YAML (checks it and its cohort)."),
     images: bool = typer.Option(True, help="Also open and check every image (slower)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", metavar="SECTION.FIELD=VALUE",
+                                             help="With a pipeline: override one field, as for run."),
 ) -> None:
     """Check a cohort and report every problem at once (row, participant_id, problem).
 
+    Given a pipeline YAML, checks it against the schema (with any --set), that the attributes it
+    names exist in its cohort, then the cohort; nothing is built or written.
+
     Example: neurocl validate cohorts/demo.yaml
+
+    Example: neurocl validate pipelines/demo.yaml --set training.lr=1e-3
     """
+    import yaml
+
     from neurocl.cohort import Cohort, print_problems
 
-    loaded = Cohort.from_yaml(cohort)
+    try:
+        raw = yaml.safe_load(cohort.read_text()) if cohort.is_file() else None
+    except yaml.YAMLError:
+        raw = None  # Cohort.from_yaml reports the YAML error with the file's name
+    if isinstance(raw, dict) and "cohort" in raw and "participants" not in raw:
+        from neurocl.pipeline import _check_names, load_pipeline
+
+        config = load_pipeline(cohort, settings=set_ or ())
+        loaded = Cohort.from_yaml(config.cohort)
+        _check_names(config, loaded)
+        Console().print(f"pipeline OK: {cohort} ({config.method.name}, {config.encoder.name}); cohort {config.cohort}",
+                        highlight=False, markup=False)
+    elif set_:
+        from neurocl.errors import ConfigError
+
+        raise ConfigError(f"--set applies to a pipeline YAML; {cohort} is a cohort spec")
+    else:
+        loaded = Cohort.from_yaml(cohort)
     problems = loaded.validate(check_images=images, progress=True)
     print_problems(problems, console=Console(), cohort=loaded)
     if problems:
@@ -129,14 +207,20 @@ def run(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML (see pipelines/ and docs/pipelines.md)."),
     out: Path = typer.Option(..., "--out", help="Run directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last complete checkpoint."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="SECTION.FIELD=VALUE", help="Override one field, SECTION.FIELD=VALUE (repeatable); validated like the YAML, "
+        "recorded in RUN/config.yaml."
+    ),
 ) -> None:
     """Validate, preprocess, train, embed, probe and report, as the pipeline says.
 
     Example: neurocl run pipelines/demo.yaml --out runs/demo
+
+    Example: neurocl run pipelines/demo.yaml --out runs/lr --set training.lr=1e-3 --set method.lam_mi=50
     """
     from neurocl.pipeline import run_pipeline
 
-    run_pipeline(pipeline, out, resume=resume)
+    run_pipeline(pipeline, out, resume=resume, settings=set_ or ())
 
 
 @app.command()
@@ -145,7 +229,7 @@ def demo(
     out: Path = typer.Option(Path("neurocl-demo"), "--out", help="Folder for the synthetic cohort and the run."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed demo run."),
 ) -> None:
-    """Synthetic cohort at 4 mm + small CNN + SepCLR, end to end (11 minutes measured on a shared 2-core CPU VM).
+    """Synthetic cohort at 4 mm + small CNN + SepCLR, end to end (2.5 min on 2 idle CPU cores, up to 11 min shared).
 
     Example: neurocl demo --out neurocl-demo
     """
@@ -168,6 +252,30 @@ def embed(
     from neurocl.pipeline import embed_cohort
 
     console.print(f"wrote embeddings: [bold]{embed_cohort(checkpoint, cohort, out)}[/]")
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder (its checkpoints/last.ckpt) or a checkpoint file."),
+    out: Path = typer.Option(..., "--out", help="The encoder state dict to write (e.g. encoder.pt); OUT.json beside it."),
+    checkpoint: str = typer.Option("last", help="Which checkpoint of a run folder: last or best."),
+) -> None:
+    """Write a trained run's encoder(s) as a plain state dict, with a JSON of their configuration.
+
+    Others start from it with `encoder: {name: ..., weights: encoder.pt}` in a pipeline.
+
+    Example: neurocl export runs/demo --out demo_encoder.pt
+    """
+    from neurocl.errors import ConfigError
+    from neurocl.pipeline import load_model
+    from neurocl.weights import write_export
+
+    if checkpoint not in ("last", "best"):
+        raise ConfigError(f"--checkpoint {checkpoint!r}: use last or best")
+    path = run_dir / "checkpoints" / f"{checkpoint}.ckpt" if run_dir.is_dir() else run_dir
+    weights, record = write_export(load_model(path), path, out)
+    console.print(f"wrote encoder weights: [bold]{weights}[/] and their record: [bold]{record}[/]", highlight=False)
 
 
 @app.command()
@@ -264,6 +372,34 @@ def bench_data(
         libraries=tuple(name.strip() for name in libraries.split(",") if name.strip()),
     )
     print_data_benchmark(run_data_benchmark(config), Console())
+
+
+@bench_app.command("epoch")
+@user_errors
+def bench_epoch(
+    method: str = typer.Option("sepclr", help="Method trained (half of the subjects are targets)."),
+    encoder: str = typer.Option("densenet121", help="Encoder (densenet121, small_cnn, resnet18, ...)."),
+    shape: str = typer.Option("121,145,121", help="Volume shape 'D,H,W'."),
+    subjects: int = typer.Option(256, help="Training subjects: an epoch is subjects // batch-size steps."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Subjects per step (two views each)."),
+    epochs: int = typer.Option(2, help="Epochs timed (the first is reported as warm-up)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    precision: str = typer.Option("auto", help="auto (bf16-mixed on a GPU), 32-true or bf16-mixed."),
+) -> None:
+    """Wall time of real training epochs (Lightning fit of the method) on a synthetic store.
+
+    Example: neurocl bench epoch --device cuda --subjects 1024 --batch-size 32
+    """
+    from neurocl.bench_epoch import EpochBenchConfig, print_epoch_benchmark, run_epoch_benchmark
+    from neurocl.errors import ConfigError
+
+    try:
+        spatial = tuple(int(n) for n in shape.split(","))
+    except ValueError:
+        raise ConfigError(f"--shape {shape!r}: expected comma-separated integers such as 121,145,121")
+    config = EpochBenchConfig(method=method, encoder=encoder, shape=spatial, n_subjects=subjects,
+                              batch_size=batch_size, epochs=epochs, device=device, precision=precision)
+    print_epoch_benchmark(run_epoch_benchmark(config), Console())
 
 
 @bench_app.command("patches")

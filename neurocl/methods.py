@@ -429,13 +429,37 @@ class BaseMethod(L.LightningModule):
             checkpoint["neurocl_patches"] = self.patches.model_dump(mode="json")
 
     def on_fit_start(self) -> None:
+        if self.data.store.spatial_dims != self.encoder_config.spatial_dims:
+            raise ConfigError(
+                f"encoder.spatial_dims is {self.encoder_config.spatial_dims} but the cohort's images are "
+                f"{self.data.store.spatial_dims}D; set encoder: {{spatial_dims: {self.data.store.spatial_dims}}}"
+            )
         self.data.store.to(self.device, memory_budget_gb=self.data.memory_budget_gb)
+        # Pretrained weights start a fresh training only: a resumed one restores its own (already
+        # loaded when this hook runs), and embedding never reaches here.
+        if self.encoder_config.weights is not None and self.trainer.ckpt_path is None:
+            self.load_pretrained()
         patches = getattr(getattr(self.data.sampler, "config", None), "patches", None)
         if patches is not None:
             from neurocl.patches import PatchSampler
 
             self.patches = patches
             self._patch_sampler = PatchSampler(patches, self.data.sampler, self.data.store)
+
+    def load_pretrained(self) -> list:
+        """Copy ``encoder.weights`` into the encoder(s); the report of each goes to stderr."""
+        from rich.console import Console
+
+        from neurocl.weights import load_pretrained
+
+        reports = load_pretrained(self.net, self.encoder_config.weights, strict=self.encoder_config.weights_strict)
+        trainer = self._trainer  # None outside a fit (self.trainer raises then)
+        if trainer is None or trainer.is_global_zero:
+            console = Console(stderr=True)
+            console.print(f"encoder weights from {self.encoder_config.weights}:", highlight=False, markup=False)
+            for report in reports:
+                console.print(f"  {report.describe()}", highlight=False, markup=False)
+        return reports
 
     def train_dataloader(self) -> EpochBatches:
         self._train_batches = self._batches(self.data.train_indices, self.data.batch_size, shuffle=True)

@@ -26,6 +26,7 @@ the space probed is the one the loss shapes (see :class:`SepCLRNet`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -60,6 +61,14 @@ class EncoderConfig(BaseModel):
     )
     head_batchnorm: bool = Field(True, description="BatchNorm in the projection heads' hidden layer.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the projection heads.")
+    weights: Path | None = Field(
+        None,
+        description="Start the encoder(s) from this local file: a neurocl checkpoint, a `neurocl export` file or a "
+        "MONAI/torch state dict of the backbone (see neurocl/weights.py). Shapes must match exactly.",
+    )
+    weights_strict: bool = Field(
+        True, description="With weights: an encoder tensor absent from the file is an error (false: keep its initialisation)."
+    )
 
     @model_validator(mode="after")
     def _options_exist_for_the_network(self) -> "EncoderConfig":

@@ -31,6 +31,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -858,11 +859,11 @@ class RowFile:
                 handle.truncate(self.offset + total)  # a file system without fallocate: sparse file
 
     def write(self, index: int, row: np.ndarray) -> None:
-        row = np.asarray(row, dtype=np.float64 if self.scales is not None else None)
         if self.scales is not None:
+            row = np.asarray(row, dtype=np.float32)
             peak = float(np.abs(row).max()) if row.size else 0.0
             self.scales[index] = peak if np.isfinite(peak) and peak > 0 else 1.0
-            row = row / self.scales[index]
+            row = row / np.float32(self.scales[index])
         data = np.ascontiguousarray(row, dtype=self.dtype)
         assert data.shape == self.row_shape, (data.shape, self.row_shape)
         try:
@@ -910,15 +911,24 @@ def _resample_all(entries, todo, shape, affine, keep, workers, bar, source: Sour
         # thread is paused meanwhile: a lock it held (stderr's) would stay locked in the children.
         bar.stop()
         try:
-            futures = [pool.submit(_preprocess_entry, jobs[0])]
+            pending = {pool.submit(_preprocess_entry, jobs[0])}
         finally:
             bar.start()
-        futures += [pool.submit(_preprocess_entry, job) for job in jobs[1:]]
+        # At most two images per worker in flight: a finished image is written and dropped before
+        # the next is submitted, so memory stays bounded whatever the cohort's size (a future
+        # keeps its result alive as long as anything refers to it).
+        queue = iter(jobs[1:])
+        pending |= {pool.submit(_preprocess_entry, job) for job in itertools.islice(queue, 2 * workers - 1)}
         try:
-            for future in concurrent.futures.as_completed(futures):
-                index, array = future.result()
-                keep(index, array)
-                bar.advance(task)
+            while pending:
+                done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    index, array = future.result()
+                    keep(index, array)
+                    del array
+                    bar.advance(task)
+                    pending |= {pool.submit(_preprocess_entry, job) for job in itertools.islice(queue, 1)}
+                del done, future
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # a failed image stops the build at once
             raise

@@ -586,6 +586,25 @@ def test_sepclr_null_term_is_zero_when_background_salient_is_zero():
     assert losses.sepclr_loss(c, s, is_target)[1]["null"].item() == pytest.approx(4.0 / 3.0)
 
 
+def test_sepclr_null_term_grows_with_the_salient_scale_at_a_fixed_collapse_ratio():
+    """Why the docs read separation from the background/target norm ratio and not from the null
+    curve: the null term is in absolute units, so it grows when every salient norm grows even
+    though the background sits just as close to the origin relative to the targets."""
+    c = random_views((2, 6, 4), seed=22)
+    s = random_views((2, 6, 4), seed=23)
+    is_target = torch.tensor([True, True, True, False, False, False])
+    s[:, ~is_target] *= 0.2
+
+    def ratio(salient):
+        norms = salient.norm(dim=-1).mean(0)
+        return (norms[~is_target].mean() / norms[is_target].mean()).item()
+
+    null = losses.sepclr_loss(c, s, is_target)[1]["null"].item()
+    scaled_null = losses.sepclr_loss(c, 3 * s, is_target)[1]["null"].item()
+    assert scaled_null == pytest.approx(9 * null, rel=1e-5)
+    assert ratio(3 * s) == pytest.approx(ratio(s), rel=1e-6)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sepclr_mi_term_rises_when_salient_copies_common(seed):
     c = random_views((2, 12, 4), seed=100 + seed)
