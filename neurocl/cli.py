@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
-from rich.console import Console
+from neurocl.logs import progress_console, quiet_libraries, results_console
 
 app = typer.Typer(
     name="neurocl",
@@ -26,7 +26,7 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks and validation experiments that print measured numbers.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-console = Console(stderr=True)
+console = progress_console()
 _state = {"debug": False}
 
 
@@ -68,6 +68,7 @@ def main(
 ) -> None:
     """neurocl: contrastive analysis of brain MRI cohorts."""
     _state["debug"] = debug
+    quiet_libraries()
 
 
 def user_errors(func: Callable) -> Callable:
@@ -82,13 +83,28 @@ def user_errors(func: Callable) -> Callable:
         except NeuroclError as error:
             if _state["debug"]:
                 raise
-            console.print(f"[bold red]error:[/] {error}", highlight=False)
+            _error_line(str(error))
             raise typer.Exit(1)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             raise typer.Exit(130)
+        except OSError as error:
+            # An operating-system refusal the library did not anticipate (permissions, a file where
+            # a folder should be, a full disk, ...): still one line naming the path, not a traceback.
+            if _state["debug"] or error.filename is None:
+                raise
+            path = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
+            _error_line(f"{path}: {error.strerror or error}")
+            raise typer.Exit(1)
 
     return wrapper
+
+
+def _error_line(message: str) -> None:
+    """Print an error as written: no wrapping at the terminal width, no rich markup in paths."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _synth_help(field: str) -> str:
@@ -187,7 +203,7 @@ def validate(
         config = load_pipeline(cohort, settings=set_ or ())
         loaded = Cohort.from_yaml(config.cohort)
         _check_names(config, loaded)
-        Console().print(f"pipeline OK: {cohort} ({config.method.name}, {config.encoder.name}); cohort {config.cohort}",
+        results_console().print(f"pipeline OK: {cohort} ({config.method.name}, {config.encoder.name}); cohort {config.cohort}",
                         highlight=False, markup=False)
     elif set_:
         from neurocl.errors import ConfigError
@@ -196,7 +212,7 @@ def validate(
     else:
         loaded = Cohort.from_yaml(cohort)
     problems = loaded.validate(check_images=images, progress=True)
-    print_problems(problems, console=Console(), cohort=loaded)
+    print_problems(problems, console=results_console(), cohort=loaded)
     if problems:
         raise typer.Exit(1)
 
@@ -281,7 +297,7 @@ def export(
 @app.command()
 @user_errors
 def probe(
-    embeddings: Path = typer.Argument(..., help="embeddings.tsv (participant_id, [session_id], columns per space)."),
+    embeddings: Path = typer.Argument(..., help="embeddings.tsv (participant_id, \\[session_id], columns per space)."),
     cohort: Path = typer.Option(..., "--cohort", help="Cohort spec YAML with the clinical attributes."),
     out: Path = typer.Option(..., "--out", help="Output folder for probes.tsv and separation.json."),
     attributes: Optional[str] = typer.Option(None, help="Comma-separated attributes to probe (default: all in the spec)."),
@@ -355,6 +371,9 @@ def bench_data(
     """Views per second of neurocl's batched views against MONAI and TorchIO pipelines (same recipe).
 
     Example: neurocl bench data --shape mni2mm --device cuda --model densenet121
+
+    Without TorchIO (a plain `pip install -e .`) neurocl and MONAI are measured and the output says
+    how to add it (the "bench" extra of pyproject.toml, or: pip install torchio).
     """
     from neurocl.bench import MNI_2MM, DataBenchConfig, print_data_benchmark, run_data_benchmark
     from neurocl.errors import ConfigError
@@ -371,7 +390,7 @@ def bench_data(
         recipes=("full", "light") if recipe == "both" else (recipe,),
         libraries=tuple(name.strip() for name in libraries.split(",") if name.strip()),
     )
-    print_data_benchmark(run_data_benchmark(config), Console())
+    print_data_benchmark(run_data_benchmark(config), results_console())
 
 
 @bench_app.command("epoch")
@@ -399,7 +418,7 @@ def bench_epoch(
         raise ConfigError(f"--shape {shape!r}: expected comma-separated integers such as 121,145,121")
     config = EpochBenchConfig(method=method, encoder=encoder, shape=spatial, n_subjects=subjects,
                               batch_size=batch_size, epochs=epochs, device=device, precision=precision)
-    print_epoch_benchmark(run_epoch_benchmark(config), Console())
+    print_epoch_benchmark(run_epoch_benchmark(config), results_console())
 
 
 @bench_app.command("patches")
@@ -444,7 +463,7 @@ def bench_patches(
         libraries=tuple(name.strip() for name in libraries.split(",") if name.strip()),
     )
     result = run_patch_benchmark(config)
-    print_patch_benchmark(result, Console())
+    print_patch_benchmark(result, results_console())
     if out is not None:
         from neurocl.io import write_json
 
@@ -485,7 +504,7 @@ def bench_identifiability(
     spaces = ("box", "sphere") if space == "both" else (space,)
     configs = [IdentifiabilityConfig.preset(name, quick=quick, **_validation_overrides(steps, seed)) for name in spaces]
     results = [run_identifiability(config) for config in configs]
-    print_identifiability(results, Console())
+    print_identifiability(results, results_console())
     _write_validation_json(out, "identifiability", results)
 
 
@@ -504,7 +523,7 @@ def bench_gmm(
     from neurocl.validation.gmm import GMMConfig, print_gmm, run_gmm
 
     result = run_gmm(GMMConfig.preset(quick=quick, **_validation_overrides(steps, seed)))
-    print_gmm(result, Console())
+    print_gmm(result, results_console())
     _write_validation_json(out, "gmm", [result])
 
 
@@ -523,7 +542,7 @@ def bench_vector(
     from neurocl.validation.vector import VectorConfig, print_vector, run_vector
 
     result = run_vector(VectorConfig.preset(quick=quick, **_validation_overrides(steps, seed)))
-    print_vector(result, Console())
+    print_vector(result, results_console())
     _write_validation_json(out, "vector", [result])
 
 

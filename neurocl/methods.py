@@ -561,6 +561,7 @@ class BaseMethod(L.LightningModule):
         """
         from rich.progress import Progress
 
+        from neurocl.logs import progress_console, transient_progress
         from neurocl.patches import sliding_window_features
 
         self.eval()
@@ -570,7 +571,7 @@ class BaseMethod(L.LightningModule):
             size = self.patches.sizes(store.spatial_dims)
             stride = tuple(max(1, round(self.patches.embed_stride * side)) for side in size)
         chunks: dict[str, list[np.ndarray]] = {}
-        with Progress(transient=True, disable=not progress) as bar:
+        with Progress(transient=True, disable=not transient_progress(progress), console=progress_console()) as bar:
             task = bar.add_task("embedding", total=len(indices))
             for batch_indices, volumes in store.batches(np.asarray(indices), batch_size):
                 volumes = volumes.to(self.device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,11 +28,11 @@ import numpy as np
 import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from rich.console import Console
 
 from neurocl.errors import ConfigError, NeuroclError, TrainingError
 from neurocl.harmonise import HarmoniseConfig
 from neurocl.io import read_tsv, torch_save, write_json, write_text, write_tsv
+from neurocl.logs import epoch_lines, is_terminal, progress_console, results_console
 from neurocl.maps import MapsConfig
 from neurocl.methods import MethodConfig, OptimConfig, TrainingData, build_method, method_from_checkpoint
 from neurocl.nets import EncoderConfig
@@ -58,7 +59,7 @@ __all__ = [
     "train",
 ]
 
-console = Console(stderr=True)
+console = progress_console()
 
 DEMO_PIPELINE = Path(__file__).parent / "pipelines" / "demo.yaml"
 
@@ -353,7 +354,11 @@ def _callbacks(run_dir: Path, every_n_steps: int, progress: bool) -> list:
         def load_state_dict(self, state: dict) -> None:
             self.best = state["best"]
 
-    return [MetricsTable(), RunCheckpoints()] + ([RichProgressBar(leave=True)] if progress else [])
+    if not progress:
+        return [MetricsTable(), RunCheckpoints()]
+    # A bar redrawn in place on a terminal; one line per epoch in a log file (logs.epoch_lines).
+    bar = RichProgressBar(leave=True, console_kwargs={"stderr": True}) if is_terminal(sys.stderr) else epoch_lines()
+    return [MetricsTable(), RunCheckpoints(), bar]
 
 
 def _on_gpu(training: TrainingConfig) -> bool:
@@ -388,7 +393,7 @@ def make_trainer(training: TrainingConfig, run_dir: Path, progress: bool = True,
         sync_batchnorm=training.sync_batchnorm and world > 1 and _on_gpu(training),
         deterministic="warn" if training.deterministic else False,
         callbacks=_callbacks(run_dir, training.checkpoint_every_n_steps, progress),
-        enable_progress_bar=progress,
+        enable_progress_bar=progress and is_terminal(sys.stderr),
         plugins=[_AtomicCheckpointIO.make()],
         logger=False,
         enable_checkpointing=False,
@@ -935,6 +940,7 @@ def _demo_cell(record: dict | None) -> str:
 def _print_demo_summary(summary: dict) -> None:
     from rich.table import Table
 
+    out = results_console()  # the demo's results go to stdout, its progress to stderr
     table = Table(title="neurocl demo: what is decodable from which space (cross-validated linear probes)")
     for column in ("attribute", "subjects", "metric", "common", "salient", "chance"):
         table.add_column(column)
@@ -944,16 +950,16 @@ def _print_demo_summary(summary: dict) -> None:
         first = next(iter(spaces.values()))
         cells = [_demo_cell(spaces.get(space)) for space in ("common", "salient")]
         table.add_row(attribute, first["subset"], first["metric"], *cells, _number(first["chance"], 2))
-    console.print(table)
+    out.print(table)
     maps = summary["maps"]
     if maps:
         aucs = ", ".join(f"{method} {_number(auc, 2)}" for method, auc in maps["mean_auc_subtype_map"].items())
-        console.print(f"maps: AUC vs true subtype masks: {aucs}; clusters: {maps['n_clusters']}, "
+        out.print(f"maps: AUC vs true subtype masks: {aucs}; clusters: {maps['n_clusters']}, "
                       f"ARI {_number(maps['ari'], 2)}")
     for target in summary["targets"]:
         mark = "[green]reached[/]" if target["reached"] else "[red]missed[/]"
-        console.print(f"  {mark}  {target['check']}")
-    console.print(f"demo finished in {summary['wall_time_s'] / 60:.1f} min; summary: demo_summary.json beside the run")
+        out.print(f"  {mark}  {target['check']}")
+    out.print(f"demo finished in {summary['wall_time_s'] / 60:.1f} min; summary: demo_summary.json beside the run")
 
 
 # ---------------------------------------------------------------- trained models

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from neurocl.errors import ConfigError
-from neurocl.io import atomic_path, read_tsv, write_text
+from neurocl.io import atomic_path, load_yaml, read_tsv, write_text
 from neurocl.maps.subtypes import STABILITY_CAUTION
 from neurocl.probe import PRIMARY_METRIC, embedding_spaces
 
@@ -216,12 +216,7 @@ def _read_json(path: Path) -> dict | None:
 def _read_yaml(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"report: cannot read {path} ({error})") from None
+    loaded = load_yaml(path, ConfigError, "run configuration")
     return loaded if isinstance(loaded, dict) else None
 
 
