@@ -772,11 +772,11 @@ def _site_column(table, config):
 
 
 def _progress(items, enabled, description, total=None):
-    if not enabled:
+    from neurocl.logs import progress_console, transient_progress
+
+    if not transient_progress(enabled):
         return items
     from rich.progress import track
-
-    from neurocl.logs import progress_console
 
     return track(items, description=description, transient=True, total=total, console=progress_console())
 
