@@ -83,6 +83,7 @@ def test_natural_images_are_sklearns_photographs_with_its_real_digits_blended_in
         volume = np.asarray(nib.load(spec.parent / "images" / f"{row.participant_id}.nii.gz").dataobj)
         assert volume.shape == (16, 16, 3) and np.all(volume == volume[:, :, :1])
         image, background = volume[:, :, 0], np.clip(_sklearn_background(row, 32), 0.02, 1.0)
+        assert background.std() > 0.01  # flat (black) crops are redrawn: every image has texture
         if row.group == "background":
             np.testing.assert_allclose(image, background, atol=1e-5)
             continue

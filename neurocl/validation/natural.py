@@ -20,7 +20,8 @@ target only (what a salient space should hold)
     * ``strength``: the blend weight ``s ~ U(0.3, 1)``.
 
 A patch is a ``patch`` x ``patch`` grey-level crop (mean of the RGB channels, /255) at a random
-place of a random photograph, downsampled 2x; a target image is then
+place of a random photograph (redrawn where the crop is nearly flat: grey-level SD < 0.05),
+downsampled 2x; a target image is then
 ``x = (1 - s m) x + s m``, ``m`` the digit (values /16) upscaled to half the patch and placed at the
 centre with a jitter of up to 2 pixels. Pixel values lie in [0.02, 1] (a floor keeps the images'
 automatic mask whole).
@@ -43,6 +44,7 @@ from neurocl.errors import ConfigError
 
 PHOTOS = ("china", "flower")
 FLOOR = 0.02
+MIN_CROP_SD = 0.05  # grey-level SD below which a crop is redrawn (flat black background)
 
 
 class NaturalConfig(BaseModel):
@@ -104,6 +106,12 @@ def draw_factors(config: NaturalConfig) -> pd.DataFrame:
     photo = rng.integers(0, len(PHOTOS), n)
     top = rng.integers(0, height - config.patch + 1, n)
     left = rng.integers(0, width - config.patch + 1, n)
+    # Parts of the photographs are flat black (the flower's background): such a crop holds no
+    # texture (a constant image, which the cohort check refuses), so it is drawn again.
+    for i in range(n):
+        while photos[photo[i]][top[i] : top[i] + config.patch, left[i] : left[i] + config.patch].std() < MIN_CROP_SD:
+            top[i] = rng.integers(0, height - config.patch + 1)
+            left[i] = rng.integers(0, width - config.patch + 1)
     gamma = np.exp(rng.uniform(np.log(0.5), np.log(2.0), n))
     digits = load_digits()
     digit = np.full(n, -1)
