@@ -277,6 +277,39 @@ def test_embed_command_reproduces_the_run_embeddings(reference, tiny_cohort, wor
     np.testing.assert_allclose(embedded[spaces].to_numpy(), expected[spaces].to_numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_patch_trained_run_embeds_by_sliding_window_and_embed_reproduces_it(tiny_cohort, workspace):
+    """views.patches end to end: training on patches, the run's embeddings (sliding-window means) and
+    `neurocl embed` from the checkpoint, which must carry the patch recipe to embed the same way."""
+    config = yaml.safe_load(PIPELINE.format(cohort=tiny_cohort, store=workspace / "store"))
+    config["views"]["patches"] = {"size": 8, "per_subject": 2, "positives": "same_location", "embed_stride": 0.5}
+    config["training"].update(epochs=1, checkpoint_every_n_steps=100)
+    config["baselines"] = []
+    path = workspace / "patches.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = pipeline.run_pipeline(path, workspace / "patches")
+    checkpoint = _checkpoint(run_dir)
+    assert checkpoint["neurocl_patches"]["size"] == 8 and checkpoint["neurocl_patches"]["embed"] == "sliding"
+    out = workspace / "patches-embedded.tsv"
+    result = CliRunner().invoke(app, ["embed", str(run_dir / "checkpoints" / "last.ckpt"), str(tiny_cohort), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    embedded, expected = read_tsv(out), read_tsv(run_dir / "embeddings.tsv")
+    spaces = [column for column in expected.columns if column.startswith(("common_", "salient_"))]
+    np.testing.assert_allclose(embedded[spaces].to_numpy(), expected[spaces].to_numpy(), rtol=1e-4, atol=1e-5)
+    # embed: whole runs the encoder on the whole volume instead.
+    from neurocl.cohort import Cohort
+    from neurocl.store import VolumeStore
+
+    model = pipeline.load_model(run_dir / "checkpoints" / "last.ckpt")
+    store = VolumeStore.open(workspace / "store")
+    rows = store.rows_for(Cohort.from_yaml(tiny_cohort))[:4]
+    salient = expected[[c for c in spaces if c.startswith("salient_")]].to_numpy()[:4]
+    np.testing.assert_allclose(model.embed_store(store, rows)["salient"], salient, rtol=1e-4, atol=1e-5)
+    model.patches = model.patches.model_copy(update={"embed": "whole"})
+    with torch.no_grad():
+        direct = model.embed(store.batch(rows))["salient"].double().numpy()
+    np.testing.assert_allclose(model.embed_store(store, rows)["salient"], direct, rtol=1e-4, atol=1e-5)
+
+
 def test_load_model_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     bad = tmp_path / "notes.ckpt"
     bad.write_text("not a checkpoint")
