@@ -38,9 +38,9 @@ def _typeless_flags() -> None:
     """
     from typer.core import TyperOption
 
-    shown = TyperOption.display_type_rich
-    if getattr(shown, "_neurocl", False):
-        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_neurocl", False):
+        return  # older Typer releases print no type for flags in the first place
 
     def display_type_rich(self, ctx):
         return None if self.is_flag else shown(self, ctx)
