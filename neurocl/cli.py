@@ -146,7 +146,7 @@ def demo(
 
     Example: neurocl demo --out neurocl-demo
     """
-    from neurocl.pipeline import run_demo
+    from neurocl.demo import run_demo
 
     run_demo(out, resume=resume)
 
@@ -162,7 +162,7 @@ def embed(
 
     Example: neurocl embed runs/demo/checkpoints/last.ckpt cohorts/new.yaml --out new_embeddings.tsv
     """
-    from neurocl.pipeline import embed_cohort
+    from neurocl.embed import embed_cohort
 
     console.print(f"wrote embeddings: [bold]{embed_cohort(checkpoint, cohort, out)}[/]")
 
@@ -180,6 +180,10 @@ def probe(
     n_bootstrap: int = typer.Option(1000, help="Bootstrap resamples for 95% CIs."),
     seed: int = typer.Option(0, help="Random seed."),
     jobs: int = typer.Option(-1, "--jobs", help="Parallel threads (-1: one per CPU core); results do not depend on it."),
+    other_cohort: bool = typer.Option(
+        False, "--other-cohort",
+        help="Probe embeddings made from another cohort than --cohort (refused by default: their sidecar says which).",
+    ),
 ) -> None:
     """Linear probes of clinical attributes from each embedding space, with CV, CIs and p-values.
 
@@ -198,6 +202,7 @@ def probe(
         n_bootstrap=n_bootstrap,
         seed=seed,
         n_jobs=jobs,
+        other_cohort=other_cohort,
     )
 
 

@@ -15,3 +15,20 @@ class ConfigError(NeuroclError):
 
 class TrainingError(NeuroclError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the term."""
+
+
+def validation_message(source: str, error) -> str:
+    """One line per problem of a pydantic ``ValidationError``: ``source: field.path: message (got value)``.
+
+    The one formatter of configuration errors (pipelines, cohort specs, command options), so that
+    every bad value is reported alike: the file or option group, the dotted field, pydantic's
+    message without its ``Value error, `` prefix, and the value given (omitted for a missing field
+    and for a validator's own message, which names the value itself).
+    """
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        given = "" if item["type"] in ("missing", "value_error") else f" (got {item.get('input')!r})"
+        lines.append(f"{source}: {where}: {message}{given}")
+    return "\n".join(lines)

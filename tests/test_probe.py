@@ -13,6 +13,7 @@ from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_sco
 from typer.testing import CliRunner
 
 import neurocl.probe as probe
+from neurocl.probe import solvers
 from neurocl.cohort import Cohort
 from neurocl.probe import (
     PROBE_COLUMNS,
@@ -110,7 +111,7 @@ def test_the_leakage_check_catches_standardising_on_the_whole_set(kind, monkeypa
         mean, scale = everything.mean(0), everything.std(0)
         return [(x - mean) / scale for x in (train, *others)]
 
-    monkeypatch.setattr(probe, "_standardise", whole_set)
+    monkeypatch.setattr(solvers, "standardise", whole_set)
     before, after = _leakage_probe(kind)
     assert np.abs(np.asarray(after) - np.asarray(before)).max() > 1e-3
 
