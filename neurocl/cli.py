@@ -57,47 +57,68 @@ def user_errors(func: Callable) -> Callable:
     return wrapper
 
 
+def _synth_help(field: str) -> str:
+    """An option's help from SynthConfig, the single source of its meaning and default."""
+    from neurocl.synth import SynthConfig
+
+    info = SynthConfig.model_fields[field]
+    return f"{info.description[0].upper()}{info.description[1:]} (default: {info.default})."
+
+
 @app.command()
 @user_errors
 def synth(
     out_dir: Path = typer.Argument(..., help="Output folder (created; must be empty or absent)."),
-    n_subjects: int = typer.Option(200, help="Number of subjects."),
-    patient_fraction: float = typer.Option(0.5, help="Fraction of patients (target group)."),
-    subtypes: int = typer.Option(2, help="Number of patient subtypes, each with its own region of GM loss."),
-    sites: int = typer.Option(3, help="Number of acquisition sites."),
-    resolution: float = typer.Option(4.0, help="Voxel size in mm (4 default; 2 and 3 for fuller studies)."),
-    confound: float = typer.Option(0.0, help="Site-diagnosis correlation, 0 (none) to 1 (site predicts diagnosis)."),
-    age_effect: float = typer.Option(1.0, help="Strength of age-related GM loss (1 = default)."),
-    sex_effect: float = typer.Option(1.0, help="Strength of the sex (head size) effect."),
-    site_effect: float = typer.Option(1.0, help="Strength of site effects (scale, smoothness, noise)."),
-    subtype_effect: float = typer.Option(1.0, help="Strength of the subtype-specific GM loss in patients."),
-    deformation: float = typer.Option(1.0, help="Strength of the individual smooth deformation (1 = 1-3 mm)."),
-    seed: int = typer.Option(0, help="Random seed: same seed, same cohort."),
+    n_subjects: Optional[int] = typer.Option(None, help=_synth_help("n_subjects"), show_default=False),
+    patient_fraction: Optional[float] = typer.Option(None, help=_synth_help("patient_fraction"), show_default=False),
+    subtypes: Optional[int] = typer.Option(None, help=_synth_help("subtypes"), show_default=False),
+    lesion_regions: Optional[int] = typer.Option(None, help=_synth_help("lesion_regions"), show_default=False),
+    lesion_size: Optional[float] = typer.Option(None, help=_synth_help("lesion_size"), show_default=False),
+    lesion_space: Optional[str] = typer.Option(None, help=_synth_help("lesion_space"), show_default=False),
+    sites: Optional[int] = typer.Option(None, help=_synth_help("sites"), show_default=False),
+    resolution: Optional[float] = typer.Option(None, help=_synth_help("resolution"), show_default=False),
+    confound: Optional[float] = typer.Option(None, help=_synth_help("confound"), show_default=False),
+    age_effect: Optional[float] = typer.Option(None, help=_synth_help("age_effect"), show_default=False),
+    age_pattern: Optional[str] = typer.Option(None, help=_synth_help("age_pattern"), show_default=False),
+    sex_effect: Optional[float] = typer.Option(None, help=_synth_help("sex_effect"), show_default=False),
+    head_size_noise: Optional[float] = typer.Option(None, help=_synth_help("head_size_noise"), show_default=False),
+    site_effect: Optional[float] = typer.Option(None, help=_synth_help("site_effect"), show_default=False),
+    subtype_effect: Optional[float] = typer.Option(None, help=_synth_help("subtype_effect"), show_default=False),
+    deformation: Optional[float] = typer.Option(None, help=_synth_help("deformation"), show_default=False),
+    seed: Optional[int] = typer.Option(None, help=_synth_help("seed"), show_default=False),
     workers: Optional[int] = typer.Option(
         None, help="Worker processes (default: one per CPU core); the cohort does not depend on it."
     ),
+    dims: int = typer.Option(3, help="3: volumes; 2: axial slab projections through the subtype regions (a 2D cohort)."),
+    image_format: str = typer.Option("png", help="With --dims 2: png or nifti (2D NIfTI)."),
 ) -> None:
-    """Generate a synthetic cohort with known ground truth, offline.
+    """Generate a synthetic cohort with known ground truth, offline (docs/synthetic.md).
 
     Example: neurocl synth synthetic --n-subjects 200 --subtypes 2 --seed 0
+
+    Example (2D, PNG slices): neurocl synth synthetic-2d --dims 2 --image-format png
     """
+    from neurocl.errors import ConfigError
     from neurocl.synth import SynthConfig, make_synthetic_cohort
 
-    config = SynthConfig.from_options(
-        n_subjects=n_subjects,
-        patient_fraction=patient_fraction,
-        subtypes=subtypes,
-        sites=sites,
-        resolution=resolution,
-        confound=confound,
-        age_effect=age_effect,
-        sex_effect=sex_effect,
-        site_effect=site_effect,
-        subtype_effect=subtype_effect,
-        deformation=deformation,
-        seed=seed,
-    )
-    spec_path = make_synthetic_cohort(out_dir, config, progress=True, workers=workers)
+    if dims not in (2, 3) or image_format not in ("png", "nifti"):
+        raise ConfigError(f"--dims {dims} --image-format {image_format}: dims is 2 or 3, image-format png or nifti")
+    given = dict(locals())
+    # Only the options the user gave: SynthConfig holds every default.
+    options = {name: given[name] for name in SynthConfig.model_fields if given.get(name) is not None}
+    config = SynthConfig.from_options(**options)
+    if dims == 2:
+        import tempfile
+
+        from neurocl.slices import slice_cohort
+        from neurocl.synth import _check_out_dir
+
+        _check_out_dir(out_dir)
+        with tempfile.TemporaryDirectory(prefix="neurocl-synth-3d-") as scratch:
+            volumes = make_synthetic_cohort(Path(scratch) / "cohort", config, progress=True, workers=workers)
+            spec_path = slice_cohort(volumes.parent, out_dir, image_format)
+    else:
+        spec_path = make_synthetic_cohort(out_dir, config, progress=True, workers=workers)
     console.print(f"wrote synthetic cohort: [bold]{spec_path}[/]")
 
 
@@ -142,7 +163,7 @@ def demo(
     out: Path = typer.Option(Path("neurocl-demo"), "--out", help="Folder for the synthetic cohort and the run."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed demo run."),
 ) -> None:
-    """Synthetic cohort at 4 mm + small CNN + SepCLR, end to end (11 minutes measured on a shared 2-core CPU VM).
+    """Synthetic cohort at 4 mm + small CNN + SepCLR, end to end (2.5 min on 2 idle CPU cores, up to 11 min shared).
 
     Example: neurocl demo --out neurocl-demo
     """
@@ -165,6 +186,31 @@ def embed(
     from neurocl.embed import embed_cohort
 
     console.print(f"wrote embeddings: [bold]{embed_cohort(checkpoint, cohort, out)}[/]")
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder (its checkpoints/last.ckpt) or a checkpoint file."),
+    out: Path = typer.Option(..., "--out", help="The encoder state dict to write (e.g. encoder.pt); OUT.json beside it."),
+    checkpoint: str = typer.Option("last", help="Which checkpoint of a run folder: last or best."),
+) -> None:
+    """Write a trained run's encoder(s) as a plain state dict, with a JSON of their configuration.
+
+    Others start from it with `encoder: {name: ..., weights: encoder.pt}` in a pipeline.
+
+    Example: neurocl export runs/demo --out demo_encoder.pt
+    """
+    from neurocl.embed import load_model
+    from neurocl.errors import ConfigError
+    from neurocl.rundir import RunDir
+    from neurocl.weights import write_export
+
+    if checkpoint not in ("last", "best"):
+        raise ConfigError(f"--checkpoint {checkpoint!r}: use last or best")
+    path = RunDir(run_dir).checkpoint(checkpoint) if run_dir.is_dir() else run_dir
+    weights, record = write_export(load_model(path), path, out)
+    console.print(f"wrote encoder weights: [bold]{weights}[/] and their record: [bold]{record}[/]", highlight=False)
 
 
 @app.command()
@@ -266,6 +312,84 @@ def bench_data(
         libraries=tuple(name.strip() for name in libraries.split(",") if name.strip()),
     )
     print_data_benchmark(run_data_benchmark(config), Console())
+
+
+@bench_app.command("epoch")
+@user_errors
+def bench_epoch(
+    method: str = typer.Option("sepclr", help="Method trained (half of the subjects are targets)."),
+    encoder: str = typer.Option("densenet121", help="Encoder (densenet121, small_cnn, resnet18, ...)."),
+    shape: str = typer.Option("121,145,121", help="Volume shape 'D,H,W'."),
+    subjects: int = typer.Option(256, help="Training subjects: an epoch is subjects // batch-size steps."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Subjects per step (two views each)."),
+    epochs: int = typer.Option(2, help="Epochs timed (the first is reported as warm-up)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    precision: str = typer.Option("auto", help="auto (bf16-mixed on a GPU), 32-true or bf16-mixed."),
+) -> None:
+    """Wall time of real training epochs (Lightning fit of the method) on a synthetic store.
+
+    Example: neurocl bench epoch --device cuda --subjects 1024 --batch-size 32
+    """
+    from neurocl.bench_epoch import EpochBenchConfig, print_epoch_benchmark, run_epoch_benchmark
+    from neurocl.errors import ConfigError
+
+    try:
+        spatial = tuple(int(n) for n in shape.split(","))
+    except ValueError:
+        raise ConfigError(f"--shape {shape!r}: expected comma-separated integers such as 121,145,121")
+    config = EpochBenchConfig(method=method, encoder=encoder, shape=spatial, n_subjects=subjects,
+                              batch_size=batch_size, epochs=epochs, device=device, precision=precision)
+    print_epoch_benchmark(run_epoch_benchmark(config), Console())
+
+
+@bench_app.command("patches")
+@user_errors
+def bench_patches(
+    shapes: str = typer.Option("121,145,121;182,218,182", help="Volume shapes 'D,H,W', separated by ';'."),
+    sizes: str = typer.Option("64,96", help="Patch sides in voxels, comma-separated."),
+    per_subject: int = typer.Option(8, "--per-subject", "-k", help="Patches per volume (TorchIO samples_per_volume)."),
+    batch_size: int = typer.Option(4, "--batch-size", "-b", help="Subjects per batch (a batch holds b * k patches)."),
+    batches: int = typer.Option(8, help="Measured batches per library and setting (after the warm-up)."),
+    subjects: int = typer.Option(16, help="Synthetic subjects that batches are drawn from."),
+    device: str = typer.Option("cpu", help="cpu or cuda (neurocl runs there; baselines copy their patches there)."),
+    workers: Optional[int] = typer.Option(None, help="Worker processes of TorchIO/MONAI, threads of neurocl on "
+                                          "the CPU (default: every core)."),
+    libraries: str = typer.Option("neurocl,torchio,monai", help="Comma-separated subset of neurocl,torchio,monai."),
+    model: Optional[bool] = typer.Option(None, "--model/--no-model", help="Also measure DenseNet121 bf16 steps "
+                                         "(GPU memory on patches vs whole volumes); default: on with cuda."),
+    budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="neurocl GPU residency budget (0: staging)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the measurements to this JSON file."),
+    quick: bool = typer.Option(False, help="Small run (< 1 min on 2 cores): 48x56x48 volumes, 16^3 and 24^3 patches."),
+) -> None:
+    """Patches per second of neurocl's batched patch gather against TorchIO's Queue and MONAI's
+    RandSpatialCropSamplesd (same patch size, same patches per volume).
+
+    Example: neurocl bench patches --device cuda --out patches-gpu.json
+    """
+    from neurocl.bench_patches import PatchBenchConfig, print_patch_benchmark, result_dict, run_patch_benchmark
+    from neurocl.errors import ConfigError
+
+    try:
+        shape_list = tuple(tuple(int(n) for n in part.split(",")) for part in shapes.split(";") if part.strip())
+        size_list = tuple(int(n) for n in sizes.split(",") if n.strip())
+    except ValueError:
+        raise ConfigError(f"--shapes {shapes!r} / --sizes {sizes!r}: expected integers such as 121,145,121;182,218,182 and 64,96")
+    settings = dict(shapes=shape_list, sizes=size_list, per_subject=per_subject, batch_size=batch_size,
+                    n_batches=batches, n_subjects=subjects)
+    if quick:
+        settings.update(shapes=((48, 56, 48),), sizes=(16, 24), per_subject=4, batch_size=2, n_batches=4, n_subjects=6)
+    config = PatchBenchConfig(
+        **settings, device=device, workers=workers, memory_budget_gb=budget_gb,
+        model=device == "cuda" if model is None else model,
+        libraries=tuple(name.strip() for name in libraries.split(",") if name.strip()),
+    )
+    result = run_patch_benchmark(config)
+    print_patch_benchmark(result, Console())
+    if out is not None:
+        from neurocl.io import write_json
+
+        write_json(out, result_dict(result))
+        console.print(f"wrote [bold]{out}[/]")
 
 
 def _validation_overrides(steps: Optional[int], seed: int) -> dict:

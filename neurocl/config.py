@@ -29,6 +29,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
                       field_validator, model_validator)
 
 from neurocl.errors import ConfigError, validation_message
+from neurocl.harmonise import HarmoniseConfig
 from neurocl.methods import MethodConfig, OptimConfig
 from neurocl.nets import EncoderConfig
 from neurocl.store import PreprocessConfig
@@ -160,15 +161,18 @@ class BaselineConfig(_Section):
     the pipeline's ``method`` section (``n_views``), ``encoder``, ``views`` and ``training``.
     """
 
-    name: Literal["pca", "cpca", "simclr", "yaware"] = Field(
+    name: Literal["pca", "cpca", "combat", "simclr", "yaware"] = Field(
         ..., description="`pca`, `cpca` (contrastive PCA of the stored voxels, fitted on the training subjects), "
-        "`simclr` or `yaware` (trained with this pipeline's encoder, views and training section).",
+        "`combat` (PCA of ComBat-harmonised voxels), `simclr` or `yaware` (trained with this pipeline's encoder, "
+        "views and training section).",
     )
-    n_components: int = Field(16, gt=0, description="`pca` / `cpca`: components kept.")
+    n_components: int = Field(16, gt=0, description="`pca` / `cpca` / `combat`: components kept.")
     alpha: float | None = Field(None, gt=0, description="`cpca`: contrast strength α (`null`: chosen automatically).")
     attributes: list[str] = Field(["age"], description="`yaware`: attributes of the kernel prior.")
     sigma: float | list[float] = Field(5.0, description="`yaware`: kernel bandwidth per attribute, in the attribute's units.")
     temperature: float = Field(0.1, gt=0, description="`simclr` / `yaware`: InfoNCE temperature.")
+    site: str = Field("site", description="`combat`: the site attribute (PCA of ComBat-harmonised voxels).")
+    protect: list[str] = Field(default_factory=list, description="`combat`: attributes whose effects ComBat keeps.")
 
     def method(self, main: MethodConfig) -> MethodConfig:
         """The method a trained baseline trains: this entry's settings over ``main``'s view count."""
@@ -255,6 +259,9 @@ class PipelineConfig(_Section):
     name: str = Field("neurocl-run", description="A name for the run (shown in the report).")
     cohort: Path = Field(..., description="Cohort spec YAML ([cohorts.md](cohorts.md)).")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    harmonise: HarmoniseConfig | None = Field(
+        None, description="ComBat on the store, fitted on the training split's background subjects, applied to all."
+    )
     splits: SplitConfig = Field(default_factory=SplitConfig)
     views: ViewConfig = Field(default_factory=ViewConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -416,6 +423,7 @@ def config_yaml(config: PipelineConfig) -> str:
 _DOC_SECTIONS = [
     ("top", PipelineConfig, "top level"),
     ("preprocess", PreprocessConfig, "`preprocess`"),
+    ("harmonise", HarmoniseConfig, "`harmonise`"),
     ("splits", SplitConfig, "`splits`"),
     ("views", ViewConfig, "`views`"),
     ("method", MethodConfig, "`method`"),

@@ -17,6 +17,10 @@ class TrainingError(NeuroclError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the term."""
 
 
+class StoreError(NeuroclError):
+    """The preprocessed store cannot be written or read (disk space, a file, a lock); the message names the path."""
+
+
 def validation_message(source: str, error) -> str:
     """One line per problem of a pydantic ``ValidationError``: ``source: field.path: message (got value)``.
 

@@ -26,6 +26,7 @@ from neurocl.config import PipelineConfig, load_pipeline
 from neurocl.console import console
 from neurocl.embed import embeddings_table, write_embeddings
 from neurocl.errors import ConfigError
+from neurocl.harmonise import harmonise_run_store
 from neurocl.io import write_json, write_tsv
 from neurocl.maps import run_maps
 from neurocl.probe import probe_embeddings, separation
@@ -71,8 +72,11 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
     cohort = Cohort.from_yaml(config.cohort)
     cohort.check(check_images=True)
     _check_names(config, cohort)
-    store = VolumeStore.build(cohort, run.store_folder(config), config.preprocess, progress=True)
+    store = VolumeStore.build(cohort, run.store_folder(config, harmonised=False), config.preprocess, progress=True)
     splits = _splits(config, cohort, run)
+    if config.harmonise is not None:
+        console.print(f"[bold]harmonising[/] {config.harmonise.site} with ComBat (protecting {config.harmonise.protect})")
+        store = harmonise_run_store(store, cohort, splits, config.harmonise, run.store_folder(config))
     run.record_inputs(store, cohort)
 
     modules = {}
@@ -99,7 +103,7 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
             # Fitted on the training subjects only, like the trained networks.
             table = baselines.voxel_embeddings(store, cohort, method=entry.name, n_components=entry.n_components,
                                                splits=splits, alpha=entry.alpha, seed=config.training.seed,
-                                               progress=True)
+                                               progress=True, site=entry.site, protect=entry.protect)
         write_embeddings(folder.embeddings, table, cohort)
         _probe(table, cohort, config, folder, ground_truth)
 

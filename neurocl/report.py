@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
@@ -41,6 +42,7 @@ from neurocl.cohort import Cohort
 from neurocl.embed import embedding_spaces
 from neurocl.errors import ConfigError, NeuroclError
 from neurocl.io import atomic_path, read_tsv, write_text
+from neurocl.maps.subtypes import STABILITY_CAUTION
 from neurocl.probe import PRIMARY_METRIC, separation_table
 from neurocl.rundir import RunDir
 _PRIMARY = set(PRIMARY_METRIC.values())
@@ -145,11 +147,23 @@ def write_report(run_dir) -> tuple[Path, Path]:
         )
         if section is not None
     ]
-    title = f"neurocl report: {run.name}"
+    title = f"neurocl report: pipeline '{run.name}' on cohort '{run.cohort_name}'"
     html_path = write_text(folder.report_html, _render_html(title, sections))
     md_path = write_text(folder.report_md, _render_md(title, sections))
     _remove_stale_figures(figures)
     return html_path, md_path
+
+
+def _cohort_name(spec_path) -> str:
+    """The ``name`` of the run's cohort spec, or its file name when the spec is gone or unnamed."""
+    if not spec_path:
+        return "unknown"
+    try:
+        spec = yaml.safe_load(Path(spec_path).read_text())
+    except (OSError, yaml.YAMLError):
+        spec = None
+    name = spec.get("name") if isinstance(spec, dict) else None
+    return str(name) if name else Path(spec_path).name
 
 
 class _RunFiles:
@@ -160,6 +174,7 @@ class _RunFiles:
         self.folder = folder
         self.config = folder.read_config_dict()
         self.name = str(self.config.get("name", folder.path.name)) if self.config else folder.path.name
+        self.cohort_name = _cohort_name((self.config or {}).get("cohort"))
         method = (self.config or {}).get("method")
         self.method = str(method.get("name", "run")) if isinstance(method, dict) else "run"
         self.embeddings = _read_table(folder.embeddings)
@@ -543,6 +558,10 @@ def _maps_section(run: _RunFiles, figures: _Figures) -> _Section | None:
         section.table(pd.DataFrame([(k, _fmt(v)) for k, v in summary.items()], columns=["subtypes", "value"]),
                       caption="Subtypes: clusters of target subjects in salient space (k chosen by the criterion; "
                               "stability = bootstrap agreement).")
+        stability = run.subtypes.get("stability")
+        if isinstance(stability, (int, float)) and stability < STABILITY_CAUTION:
+            section.text(f"Caution: subtype stability {stability:.2f} is below {STABILITY_CAUTION}: the clusters "
+                         "hinge on a few subjects; do not read them as subtypes without a second seed or more subjects.")
         scores = run.subtypes.get("scores")
         if isinstance(scores, list) and scores:
             section.table(_rounded(pd.DataFrame(scores)), caption="Score per number of clusters")
@@ -562,8 +581,11 @@ def _maps_section(run: _RunFiles, figures: _Figures) -> _Section | None:
             if png is None:
                 continue
             caption = f"{row.get('method', '')} map, {row.get('group', '')} (n={row.get('n_subjects', 'n/a')})"
+            if isinstance(row.get("peak_mm"), str):
+                where = row["peak_region"] if isinstance(row.get("peak_region"), str) else "no atlas region"
+                caption += f"; cut at the map's peak ({row['peak_mm']}) mm, in {where}"
             if isinstance(row.get("top_region"), str):
-                caption += f"; top region: {row['top_region']}"
+                caption += f"; top region by mean relevance: {row['top_region']}"
             figures.embed_file(section, png, caption)
             section.md[-1] = f"![{caption}]({png.relative_to(run.dir).as_posix()})"
     return section

@@ -40,7 +40,7 @@ __all__ = ["MapsFolder", "Run", "RunDir", "load_run", "store_fingerprint"]
 # What a resumed run must share with the run it continues: everything the trained weights depend
 # on. The other sections (evaluation, baselines, maps, outputs, name) only shape later stages,
 # which a resumed run recomputes, so they may change.
-_TRAINING_SECTIONS = ("cohort", "preprocess", "splits", "views", "method", "encoder", "training")
+_TRAINING_SECTIONS = ("cohort", "preprocess", "harmonise", "splits", "views", "method", "encoder", "training")
 _FREE_TRAINING_FIELDS = ("checkpoint_every_n_steps", "memory_budget_gb")
 
 
@@ -73,6 +73,7 @@ class RunDir:
         self.config = self.path / "config.yaml"
         self.splits = self.path / "splits.tsv"
         self.default_store = self.path / "store"
+        self.harmonised_store = self.path / "store-harmonised"
         self.checkpoints = self.path / "checkpoints"
         self.last_checkpoint = self.checkpoints / "last.ckpt"
         self.best_checkpoint = self.checkpoints / "best.ckpt"
@@ -107,8 +108,11 @@ class RunDir:
         """``checkpoints/<name>.ckpt`` (``last`` or ``best``; a file name ending in .ckpt is taken as is)."""
         return self.checkpoints / (name if name.endswith(".ckpt") else f"{name}.ckpt")
 
-    def store_folder(self, config: PipelineConfig) -> Path:
-        """The store the pipeline uses: ``outputs.store``, or ``RUN/store``."""
+    def store_folder(self, config: PipelineConfig, harmonised: bool = True) -> Path:
+        """The store the run trains on: ``RUN/store-harmonised`` when the pipeline harmonises (unless
+        ``harmonised`` is false: the store it is computed from), else ``outputs.store`` or ``RUN/store``."""
+        if harmonised and config.harmonise is not None:
+            return self.harmonised_store
         return config.outputs.store or self.default_store
 
     # ------------------------------------------------------------ config

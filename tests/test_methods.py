@@ -192,6 +192,40 @@ def test_embed_gives_the_representations_before_the_heads():
     assert set(_module("simclr").embed(x)) == {"emb"}
 
 
+@pytest.mark.parametrize("common_objective", ["sepclr", "yaware", "decoupled_uniformity"])
+def test_attribute_aware_sepclr_passes_the_batch_covariates_to_the_loss(common_objective):
+    module = _module("sepclr", attributes=["age"], sigma=10.0, common_objective=common_objective, lam_cov=2.0,
+                     temperature=0.3, null_weighting="reference", n_views=3)
+    views, indices = _views(3), np.array([5, 0, 3, 2, 1, 4])
+    total, terms = module.compute_loss(views, indices)
+    assert set(terms) == {"common", "salient", "null", "mi", "cov"}
+    outputs = [module.net(view) for view in views]
+    expected, _ = losses.sepclr_loss(
+        torch.stack([o["common"] for o in outputs]), torch.stack([o["salient"] for o in outputs]),
+        module.data.is_target[indices], attributes=module.data.attributes[indices], attribute_kinds=["continuous"],
+        sigma=10.0, common_objective=common_objective, temperature=0.3, lam_cov=2.0, null_weighting="reference",
+    )
+    torch.testing.assert_close(total, expected)
+
+
+def test_sepclr_covariate_options_need_attributes():
+    with pytest.raises(ValueError, match="lam_cov"):
+        MethodConfig(name="sepclr", lam_cov=1.0)
+    with pytest.raises(ValueError, match="common_objective 'yaware'"):
+        MethodConfig(name="sepclr", common_objective="yaware")
+    MethodConfig(name="sepclr", common_objective="decoupled_uniformity")  # no prior: plain decoupled uniformity
+
+
+def test_sepclr_can_embed_the_representation_before_the_mlp():
+    module = _module("sepclr", embed="representation")
+    x = _views()[0]
+    spaces, outputs = module.embed(x), module.net(x)
+    features = module.net.common_encoder(x)
+    torch.testing.assert_close(spaces["common"], module.net.common_branch.to_rep(features))
+    assert not torch.allclose(spaces["common"], outputs["common"])  # the loss still sees the MLP's output
+    torch.testing.assert_close(module.net.space(x, "salient"), spaces["salient"])
+
+
 def test_method_from_checkpoint_restores_config_and_weights(tmp_path):
     module = _module("yaware", temperature=0.3)
     with torch.no_grad():
