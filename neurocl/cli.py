@@ -38,9 +38,9 @@ def _typeless_flags() -> None:
     """
     from typer.core import TyperOption
 
-    shown = TyperOption.display_type_rich
-    if getattr(shown, "_neurocl", False):
-        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_neurocl", False):
+        return  # older Typer releases print no type for flags in the first place
 
     def display_type_rich(self, ctx):
         return None if self.is_flag else shown(self, ctx)
@@ -198,11 +198,11 @@ def validate(
     except yaml.YAMLError:
         raw = None  # Cohort.from_yaml reports the YAML error with the file's name
     if isinstance(raw, dict) and "cohort" in raw and "participants" not in raw:
-        from neurocl.pipeline import _check_names, load_pipeline
+        from neurocl.config import check_attribute_names, load_pipeline
 
         config = load_pipeline(cohort, settings=set_ or ())
         loaded = Cohort.from_yaml(config.cohort)
-        _check_names(config, loaded)
+        check_attribute_names(config, loaded)
         results_console().print(f"pipeline OK: {cohort} ({config.method.name}, {config.encoder.name}); cohort {config.cohort}",
                         highlight=False, markup=False)
     elif set_:
@@ -249,7 +249,7 @@ def demo(
 
     Example: neurocl demo --out neurocl-demo
     """
-    from neurocl.pipeline import run_demo
+    from neurocl.demo import run_demo
 
     run_demo(out, resume=resume)
 
@@ -265,7 +265,7 @@ def embed(
 
     Example: neurocl embed runs/demo/checkpoints/last.ckpt cohorts/new.yaml --out new_embeddings.tsv
     """
-    from neurocl.pipeline import embed_cohort
+    from neurocl.embed import embed_cohort
 
     console.print(f"wrote embeddings: [bold]{embed_cohort(checkpoint, cohort, out)}[/]")
 
@@ -283,13 +283,14 @@ def export(
 
     Example: neurocl export runs/demo --out demo_encoder.pt
     """
+    from neurocl.embed import load_model
     from neurocl.errors import ConfigError
-    from neurocl.pipeline import load_model
+    from neurocl.rundir import RunDir
     from neurocl.weights import write_export
 
     if checkpoint not in ("last", "best"):
         raise ConfigError(f"--checkpoint {checkpoint!r}: use last or best")
-    path = run_dir / "checkpoints" / f"{checkpoint}.ckpt" if run_dir.is_dir() else run_dir
+    path = RunDir(run_dir).checkpoint(checkpoint) if run_dir.is_dir() else run_dir
     weights, record = write_export(load_model(path), path, out)
     console.print(f"wrote encoder weights: [bold]{weights}[/] and their record: [bold]{record}[/]", highlight=False)
 
@@ -307,6 +308,10 @@ def probe(
     n_bootstrap: int = typer.Option(1000, help="Bootstrap resamples for 95% CIs."),
     seed: int = typer.Option(0, help="Random seed."),
     jobs: int = typer.Option(-1, "--jobs", help="Parallel threads (-1: one per CPU core); results do not depend on it."),
+    other_cohort: bool = typer.Option(
+        False, "--other-cohort",
+        help="Probe embeddings made from another cohort than --cohort (refused by default: their sidecar says which).",
+    ),
 ) -> None:
     """Linear probes of clinical attributes from each embedding space, with CV, CIs and p-values.
 
@@ -325,6 +330,7 @@ def probe(
         n_bootstrap=n_bootstrap,
         seed=seed,
         n_jobs=jobs,
+        other_cohort=other_cohort,
     )
 
 

@@ -378,7 +378,7 @@ class BaseMethod(L.LightningModule):
         self.net = self.build_net()
         self.data = data
         # The training store's grid, mask and preprocessing; saved with every checkpoint so that
-        # new subjects can be embedded on the same grid (see pipeline.embed_cohort).
+        # new subjects can be embedded on the same grid (see embed.embed_cohort).
         self.grid: dict | None = None
         # The patch recipe it was trained with (views.patches), saved with checkpoints: it decides
         # how whole volumes are embedded (embed_store).

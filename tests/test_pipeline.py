@@ -24,7 +24,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from neurocl import pipeline
+from neurocl import config, embed, pipeline, train
 from neurocl.cli import app
 from neurocl.errors import ConfigError, TrainingError
 from neurocl.io import read_tsv
@@ -86,8 +86,8 @@ class _KillAt(L.Callback):
 
 
 def _with_callback(monkeypatch, callback) -> None:
-    original = pipeline._callbacks
-    monkeypatch.setattr(pipeline, "_callbacks", lambda *args, **kwargs: original(*args, **kwargs) + [callback])
+    original = train.run_callbacks
+    monkeypatch.setattr(train, "run_callbacks", lambda *args, **kwargs: original(*args, **kwargs) + [callback])
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,8 @@ def test_voxel_baseline_gets_embeddings_and_probes_in_its_folder(reference):
 
 def test_config_yaml_is_the_resolved_pipeline(reference, pipeline_yaml, tiny_cohort):
     run_dir, _ = reference
-    saved = pipeline.PipelineConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    assert saved == pipeline.load_pipeline(pipeline_yaml)
+    saved = config.PipelineConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert saved == config.load_pipeline(pipeline_yaml)
     assert saved.cohort == Path(tiny_cohort).resolve()
     assert saved.training.seed == 0 and saved.views.p_cutout == 0.5  # defaults and values written out
 
@@ -314,7 +314,7 @@ def test_load_model_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     bad = tmp_path / "notes.ckpt"
     bad.write_text("not a checkpoint")
     with pytest.raises(ConfigError, match="cannot be read"):
-        pipeline.load_model(bad)
+        embed.load_model(bad)
 
 
 # ---------------------------------------------------------------- faults
@@ -329,43 +329,10 @@ class _NaNAtStepOne(SepCLR):
 
 
 def test_non_finite_loss_stops_the_run_naming_step_and_term(reference, pipeline_yaml, workspace, monkeypatch):
-    monkeypatch.setattr(pipeline, "build_method", lambda method, *args, **kwargs: _NaNAtStepOne(method, *args, **kwargs))
+    monkeypatch.setattr(train, "build_method", lambda method, *args, **kwargs: _NaNAtStepOne(method, *args, **kwargs))
     with pytest.raises(TrainingError, match=r"step 1 .*term 'null' = nan"):
         pipeline.run_pipeline(pipeline_yaml, workspace / "nan")
     assert not (workspace / "nan" / "embeddings.tsv").exists()
-
-
-def test_checkpoint_is_only_replaced_by_a_complete_one(tmp_path):
-    path = tmp_path / "last.ckpt"
-    checkpoint_io = pipeline._AtomicCheckpointIO.make()
-    checkpoint_io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
-    with pytest.raises(Exception):  # a lambda cannot be pickled: the write fails half-way
-        checkpoint_io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "bad": lambda: None}, path)
-    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
-
-
-# ---------------------------------------------------------------- the schema
-
-
-def test_pipeline_errors_name_the_file_and_every_bad_field(tmp_path, tiny_cohort):
-    path = tmp_path / "bad.yaml"
-    path.write_text(
-        f"cohort: {tiny_cohort}\ntraining: {{epochs: 0, batch_size: many}}\nmethod: {{nme: sepclr}}\n"
-    )
-    with pytest.raises(ConfigError) as error:
-        pipeline.load_pipeline(path)
-    message = str(error.value)
-    for field in ("training.epochs", "training.batch_size", "method.nme"):
-        assert f"{path}: {field}:" in message
-    assert "'many'" in message
-
-
-def test_missing_cohort_field_is_named(tmp_path):
-    path = tmp_path / "empty.yaml"
-    path.write_text("name: nothing\n")
-    with pytest.raises(ConfigError, match="empty.yaml: cohort: Field required"):
-        pipeline.load_pipeline(path)
 
 
 @pytest.mark.parametrize(
@@ -380,37 +347,3 @@ def test_attribute_missing_from_the_cohort_is_refused_before_any_work(section, f
     with pytest.raises(ConfigError, match=rf"{field}: \['IQ'\] not in the attributes of cohort .*'age'"):
         pipeline.run_pipeline(path, tmp_path / "run")
     assert not (tmp_path / "run" / "store").exists()
-
-
-SHIPPED = sorted((Path(__file__).parents[1] / "pipelines").glob("*.yaml")) + [pipeline.DEMO_PIPELINE]
-
-
-@pytest.mark.parametrize("path", SHIPPED, ids=[f"{p.parent.name}/{p.name}" for p in SHIPPED])
-def test_shipped_pipelines_are_valid(path):
-    config = pipeline.load_pipeline(path)
-    assert config.cohort.is_absolute()
-
-
-def test_study_template_trains_densenet_on_several_gpus_in_bf16():
-    config = pipeline.load_pipeline(Path(__file__).parents[1] / "pipelines" / "study_template.yaml")
-    assert config.encoder.name == "densenet121"
-    assert config.training.devices >= 2 and config.training.strategy == "ddp"
-    assert config.training.precision == "bf16-mixed"
-
-
-def test_trainer_takes_devices_nodes_and_strategy_from_the_config(tmp_path):
-    training = pipeline.TrainingConfig(accelerator="cpu", devices=2, num_nodes=1, strategy="ddp", epochs=1)
-    trainer = pipeline.make_trainer(training, tmp_path, progress=False)
-    assert trainer.world_size == 2 and trainer.num_devices == 2
-    assert type(trainer.strategy).__name__ == "DDPStrategy"
-    assert trainer.strategy._get_process_group_backend() == "gloo"  # CPU processes talk over gloo
-
-
-def test_auto_precision_is_bf16_on_a_gpu_that_supports_it(monkeypatch):
-    training = pipeline.TrainingConfig()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert pipeline._precision(training) == "32-true"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert pipeline._precision(training) == "bf16-mixed"
-    assert pipeline._precision(training.model_copy(update={"accelerator": "cpu"})) == "32-true"
