@@ -87,8 +87,9 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool |
     out : path
         Run directory (new, or the killed run's own with ``resume``).
     resume : bool or "auto"
-        ``"auto"``: resume when the run folder holds a checkpoint of any training, else start
-        (what a requeued cluster job needs: the same command every time). ``True``: continue
+        ``"auto"``: continue when the run folder is one neurocl made (its config.yaml), each
+        training from its checkpoint if any, else start (what a requeued cluster job needs: the
+        same command every time). ``True``: continue
         every training from its ``checkpoints/last.ckpt`` (the last complete checkpoint); the
         stages after training are recomputed.
     overrides : dict, optional
@@ -105,9 +106,12 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool |
     config = load_pipeline(path, overrides, settings)
     run = RunDir(Path(out).absolute())
     if resume == "auto":
-        # A requeued job runs its first command again: resume when any training left a checkpoint.
-        resume = run.path.is_dir() and any(run.path.glob("**/checkpoints/*.ckpt"))
-        console.print(f"--auto-resume: {'resuming the run in' if resume else 'starting a new run in'} {run.path}")
+        # A requeued job runs its first command again. A folder that neurocl made (config.yaml:
+        # prepared, or trained for a while) is continued, each training from its last checkpoint if
+        # it has one (the pipeline must match the recorded one); anything else starts a new run.
+        trained = run.path.is_dir() and any(run.path.glob("**/checkpoints/*.ckpt"))
+        resume = run.config.is_file()
+        console.print(f"--auto-resume: {'resuming the run in' if trained else 'starting a new run in'} {run.path}")
     if not is_primary_process():
         return train_as_worker(config, run, resume)
     run.prepare(config, resume)
