@@ -552,6 +552,48 @@ def bench_vector(
     _write_validation_json(out, "vector", [result])
 
 
+def _int_list(option: str, text: Optional[str]) -> Optional[list[int]]:
+    from neurocl.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: expected comma-separated integers such as 0,1,2") from None
+
+
+@bench_app.command("separation")
+@user_errors
+def bench_separation(
+    quick: bool = typer.Option(False, "--quick", help="96-subject cohorts at 8 mm, 8 epochs, seed 0 (minutes)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated training seeds (default 0,1,2; --quick: 0)."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Pipeline YAML (default: the shipped demo)."),
+    cohorts: Optional[str] = typer.Option(None, help="Comma-separated panel cohorts (default: all)."),
+    epochs: Optional[int] = typer.Option(None, help="Override the pipeline's training.epochs."),
+    n_subjects: Optional[int] = typer.Option(None, "--n-subjects", help="Subjects per cohort (default 160; --quick 96)."),
+    workdir: Optional[Path] = typer.Option(None, help="Keep cohorts and runs here (default: a temporary folder)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write every run and the table as JSON here."),
+) -> None:
+    """Separation across a panel of cohorts x seeds, on held-out subjects, beside PCA, cPCA and SimCLR.
+
+    Example: neurocl bench separation --quick --out separation.json
+    """
+    from neurocl.validation.separation import SeparationBenchConfig, print_separation, run_separation_bench
+
+    config = SeparationBenchConfig.preset(
+        quick, seeds=_int_list("--seeds", seeds), pipeline=pipeline, epochs=epochs, n_subjects=n_subjects,
+        workdir=workdir, cohorts=[name.strip() for name in cohorts.split(",") if name.strip()] if cohorts else None,
+    )
+    results = run_separation_bench(config, log=lambda line: console.print(f"[bold]{line}[/]"))
+    print_separation(results, results_console())
+    if out is not None:
+        from neurocl.io import write_json
+
+        write_json(out, results)
+        console.print(f"wrote [bold]{out}[/]")
+
+
 def _run() -> None:  # pragma: no cover - entry point for ``python -m neurocl``
     app()
 
