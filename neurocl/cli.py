@@ -290,6 +290,8 @@ def embed(
     checkpoint: Path = typer.Argument(..., help="Trained model checkpoint (RUN/checkpoints/*.ckpt)."),
     cohort: Path = typer.Argument(..., help="Cohort spec YAML of the subjects to embed."),
     out: Path = typer.Option(..., "--out", help="Output embeddings.tsv."),
+    device: str = typer.Option("auto", help="auto (a CUDA GPU when there is one), cpu or cuda[:N]."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Subjects per forward pass."),
 ) -> None:
     """Embed new subjects with a trained model.
 
@@ -297,7 +299,7 @@ def embed(
     """
     from neurocl.embed import embed_cohort
 
-    console.print(f"wrote embeddings: [bold]{embed_cohort(checkpoint, cohort, out)}[/]")
+    console.print(f"wrote embeddings: [bold]{embed_cohort(checkpoint, cohort, out, device, batch_size)}[/]")
 
 
 @app.command()

@@ -52,8 +52,19 @@ _SPACE_COLUMN = re.compile(r"^(?P<prefix>[A-Za-z][A-Za-z0-9]*)_(?P<index>\d+)$")
 # ---------------------------------------------------------------- trained models
 
 
-def load_model(checkpoint: str | os.PathLike) -> BaseMethod:
-    """The trained method of a checkpoint (CPU, eval mode), loaded with ``weights_only=True``.
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto``: the first CUDA GPU when there is one, else the CPU; otherwise ``device`` itself."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU on this machine (use cpu or auto)")
+    return resolved
+
+
+def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto") -> BaseMethod:
+    """The trained method of a checkpoint (eval mode, on ``device``: a GPU when there is one by
+    default), loaded with ``weights_only=True``.
 
     The module's ``grid`` holds the training store's affine, mask and preprocessing (for
     embedding new subjects on the same grid).
@@ -67,7 +78,7 @@ def load_model(checkpoint: str | os.PathLike) -> BaseMethod:
         raise ConfigError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from None
     if "hyper_parameters" not in state or "state_dict" not in state:
         raise ConfigError(f"checkpoint {path} is not a neurocl training checkpoint")
-    module = method_from_checkpoint(state)
+    module = method_from_checkpoint(state).to(resolve_device(device))
     module.grid = state.get("neurocl_grid")
     return module
 
@@ -102,13 +113,15 @@ def _split_labels(splits, cohort: Cohort) -> np.ndarray:
     return labels
 
 
-def embed_cohort(checkpoint: str | os.PathLike, cohort_yaml: str | os.PathLike, out_tsv: str | os.PathLike) -> Path:
+def embed_cohort(checkpoint: str | os.PathLike, cohort_yaml: str | os.PathLike, out_tsv: str | os.PathLike,
+                 device: str = "auto", batch_size: int = 16) -> Path:
     """``neurocl embed``: embeddings.tsv of new subjects, preprocessed onto the training store's grid.
 
     The images are resampled onto the stored (cropped) grid of the training run, masked with
     its brain mask and normalised the same way, in a temporary store that is removed after.
+    The network runs on ``device`` (a GPU when there is one by default), ``batch_size`` subjects at a time.
     """
-    module = load_model(checkpoint)
+    module = load_model(checkpoint, device)
     if not module.grid:
         raise ConfigError(f"checkpoint {checkpoint} has no training grid record; it was not written by neurocl run")
     cohort = Cohort.from_yaml(cohort_yaml)
@@ -123,7 +136,7 @@ def embed_cohort(checkpoint: str | os.PathLike, cohort_yaml: str | os.PathLike, 
             "crop_to_mask": False,
         })
         store = VolumeStore.build(cohort, scratch / "volumes", preprocess, progress=True)
-        embeddings = embeddings_table(module, store, cohort, batch_size=16)
+        embeddings = embeddings_table(module, store, cohort, batch_size=batch_size)
     return write_embeddings(out_tsv, embeddings, cohort)
 
 

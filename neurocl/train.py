@@ -277,7 +277,9 @@ def train(config: PipelineConfig, method: MethodConfig, run_dir: str | os.PathLi
     trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
     if trainer.interrupted:
         raise KeyboardInterrupt
-    return module.cpu().eval()
+    # Lightning hands the module back on the CPU; the stages after training (embedding, maps)
+    # run where it trained.
+    return module.to("cuda" if _on_gpu(config.training) else "cpu").eval()
 
 
 def training_jobs(config: PipelineConfig, run: RunDir) -> list[tuple[str, MethodConfig, RunDir]]:

@@ -402,6 +402,8 @@ def run_maps(
         ground_truth = find_ground_truth(run.cohort)
     out_dir = run.folder.maps.path
     # load_run gives the trained method (a Lightning module); its ``net`` returns the representations.
-    network = getattr(run.model, "net", run.model).to(run.store.device)
+    # Occlusion runs thousands of forward passes per subject: on the GPU the model is on, with the store there too.
+    network = getattr(run.model, "net", run.model)
+    run.store.to(next(network.parameters()).device)
     analyse_salient(network, run.store, run.cohort, run.embeddings, out_dir, config, ground_truth, progress)
     return out_dir
