@@ -243,26 +243,33 @@ def masked_voxels(store, rows: np.ndarray, progress: bool = False) -> np.ndarray
     """(len(rows), n_mask_voxels) float64 matrix of the store's masked volumes, read in chunks."""
     from rich.progress import track
 
+    from neurocl.logs import progress_console
+
     mask = np.asarray(store.mask, dtype=bool)
     out = np.empty((len(rows), int(mask.sum())), dtype=np.float64)
     chunk = 64
     starts = range(0, len(rows), chunk)
-    for start in track(starts, description="reading voxels", disable=not progress, transient=True):
+    for start in track(starts, description="reading voxels", disable=not progress, transient=True,
+                       console=progress_console()):
         block = np.asarray(store.volumes[rows[start:start + chunk]], dtype=np.float64)[:, 0]
         out[start:start + chunk] = block[:, mask]
     return out
 
 
 def voxel_embeddings(store, cohort, method: str = "pca", n_components: int = 16, splits=None,
-                     alpha: float | None = None, seed: int = 0, progress: bool = False) -> pd.DataFrame:
-    """PCA or cPCA of the masked voxels of every cohort row, as an embeddings table.
+                     alpha: float | None = None, seed: int = 0, progress: bool = False,
+                     site: str = "site", protect: Sequence[str] = ()) -> pd.DataFrame:
+    """PCA or cPCA of the masked voxels of every cohort row, or PCA after ComBat, as an embeddings table.
 
     Parameters
     ----------
     store : VolumeStore
         The cohort's preprocessed volumes (the same as the main method's).
     cohort : Cohort
-    method : "pca" or "cpca"
+    method : "pca", "cpca" or "combat"
+        ``combat``: the voxels are ComBat-harmonised over ``site`` (fitted on the background
+        subjects among those PCA is fitted on, protecting ``protect``; :mod:`neurocl.harmonise`),
+        then PCA: the classic harmonise-then-decompose pipeline the trained spaces are compared with.
     n_components : int
     splits : Splits or None
         With a holdout manifest, the decomposition is fitted on the ``train`` subjects only and
@@ -278,8 +285,8 @@ def voxel_embeddings(store, cohort, method: str = "pca", n_components: int = 16,
         embeddings.tsv format: ``participant_id``, [``session_id``], ``split``, ``group``, then
         ``emb_0 ... emb_{k-1}`` (single-space).
     """
-    if method not in ("pca", "cpca"):
-        raise ConfigError(f"method must be 'pca' or 'cpca', got {method!r}")
+    if method not in ("pca", "cpca", "combat"):
+        raise ConfigError(f"method must be 'pca', 'cpca' or 'combat', got {method!r}")
     voxels = masked_voxels(store, store.rows_for(cohort), progress=progress)
     group = cohort.table["group"]
     fit_rows = group.notna().to_numpy().copy()
@@ -288,7 +295,12 @@ def voxel_embeddings(store, cohort, method: str = "pca", n_components: int = 16,
         for name in ("train", "val", "test"):
             split[splits.rows(cohort, name)] = name
         fit_rows &= split == "train"
-    if method == "pca":
+    if method == "combat":
+        from neurocl.harmonise import HarmoniseConfig, harmonise_voxels
+
+        background = fit_rows & group.eq("background").to_numpy()
+        voxels = harmonise_voxels(voxels, cohort, background, HarmoniseConfig(site=site, protect=list(protect)))
+    if method in ("pca", "combat"):
         estimator = PCABaseline(n_components).fit(voxels[fit_rows])
     else:
         estimator = ContrastivePCA(n_components, alpha=alpha, random_state=seed)

@@ -39,6 +39,8 @@ from neurocl.views import ViewConfig, ViewSampler
 RECIPES = ("full", "light")
 LIBRARIES = ("neurocl", "monai", "torchio")
 MNI_2MM = (91, 109, 91)
+# How to add a baseline that is not installed (TorchIO is the optional extra "bench").
+INSTALL_HINTS = {"torchio": 'pip install -e ".[bench]"  (or: pip install torchio)'}
 
 
 @dataclass
@@ -351,11 +353,30 @@ def _measure_model_step(store, config) -> dict:
 # ---------------------------------------------------------------- the benchmark
 
 
+def installed(library: str) -> bool:
+    """Whether a baseline library imports (neurocl itself always does)."""
+    if library == "neurocl":
+        return True
+    import importlib
+
+    try:
+        importlib.import_module(library)
+    except ImportError:
+        return False
+    return True
+
+
 def run_data_benchmark(config: DataBenchConfig, progress: bool = True) -> dict:
-    """Measure every library on every recipe; returns the measurements and the ratios."""
+    """Measure every installed library on every recipe; returns the measurements, the ratios and
+    ``missing``: the requested libraries that are not installed, which are left out instead of
+    ending the run (a plain ``pip install -e .`` has no TorchIO)."""
     from rich.console import Console
 
     console = Console(stderr=True, quiet=not progress)
+    missing = [library for library in config.libraries if not installed(library)]
+    libraries = [library for library in config.libraries if library not in missing]
+    for library in missing:
+        console.print(f"{library} is not installed: not measured ({INSTALL_HINTS.get(library, f'pip install {library}')})", markup=False)
     volumes = synthetic_volumes(config.n_subjects, config.shape, seed=config.seed)
     measurements: list[Measurement] = []
     model = None
@@ -365,7 +386,7 @@ def run_data_benchmark(config: DataBenchConfig, progress: bool = True) -> dict:
         store = VolumeStore.from_array(volumes, Path(scratch) / "store").to(config.device, config.memory_budget_gb)
         threads = torch.get_num_threads()
         for recipe in config.recipes:
-            for library in config.libraries:
+            for library in libraries:
                 console.print(f"measuring {library} ({recipe} recipe) ...")
                 if library == "neurocl":
                     # On the CPU neurocl gets as many threads as the baselines get worker processes.
@@ -384,7 +405,7 @@ def run_data_benchmark(config: DataBenchConfig, progress: bool = True) -> dict:
         if "neurocl" in by_library:
             ratios[recipe] = {f"neurocl/{lib}": by_library["neurocl"] / rate for lib, rate in by_library.items()
                               if lib != "neurocl"}
-    return {"config": config, "measurements": measurements, "ratios": ratios, "model": model}
+    return {"config": config, "measurements": measurements, "ratios": ratios, "model": model, "missing": missing}
 
 
 def describe_machine(device: str) -> str:
@@ -420,6 +441,9 @@ def print_data_benchmark(result: dict, console=None) -> None:
         model = result["model"]
         console.print(f"{config.model} training step: data path {model['data_s'] * 1000:.1f} ms, "
                       f"step {model['step_s'] * 1000:.1f} ms, data share {100 * model['data_share']:.1f}%")
+    for library in result.get("missing", []):
+        console.print(f"{library}: not installed, not measured; add it with "
+                      f"{INSTALL_HINTS.get(library, f'pip install {library}')}", markup=False)
     console.print(f"machine: {describe_machine(config.device)}")
     for recipe in config.recipes:
         for note in recipe_notes(recipe):

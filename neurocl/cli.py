@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
-from rich.console import Console
+from neurocl.logs import progress_console, quiet_libraries, results_console
 
 app = typer.Typer(
     name="neurocl",
@@ -26,14 +26,49 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks and validation experiments that print measured numbers.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-console = Console(stderr=True)
+console = progress_console()
 _state = {"debug": False}
 
 
+def _typeless_flags() -> None:
+    """Show on/off flags (--resume, --debug, --help) without a ``<bool>`` type in help.
+
+    Typer 0.29 prints every option's type, flags included, where ``<bool>`` reads as if the flag
+    took a value; its ``display_type_rich`` is the one place that decides, so flags return none.
+    """
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_neurocl", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._neurocl = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_typeless_flags()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from neurocl import __version__
+
+        typer.echo(f"neurocl {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print neurocl's version and exit."),
+) -> None:
     """neurocl: contrastive analysis of brain MRI cohorts."""
     _state["debug"] = debug
+    quiet_libraries()
 
 
 def user_errors(func: Callable) -> Callable:
@@ -48,74 +83,136 @@ def user_errors(func: Callable) -> Callable:
         except NeuroclError as error:
             if _state["debug"]:
                 raise
-            console.print(f"[bold red]error:[/] {error}", highlight=False)
+            _error_line(str(error))
             raise typer.Exit(1)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             raise typer.Exit(130)
+        except OSError as error:
+            # An operating-system refusal the library did not anticipate (permissions, a file where
+            # a folder should be, a full disk, ...): still one line naming the path, not a traceback.
+            if _state["debug"] or error.filename is None:
+                raise
+            path = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
+            _error_line(f"{path}: {error.strerror or error}")
+            raise typer.Exit(1)
 
     return wrapper
+
+
+def _error_line(message: str) -> None:
+    """Print an error as written: no wrapping at the terminal width, no rich markup in paths."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _synth_help(field: str) -> str:
+    """An option's help from SynthConfig, the single source of its meaning and default."""
+    from neurocl.synth import SynthConfig
+
+    info = SynthConfig.model_fields[field]
+    return f"{info.description[0].upper()}{info.description[1:]} (default: {info.default})."
 
 
 @app.command()
 @user_errors
 def synth(
     out_dir: Path = typer.Argument(..., help="Output folder (created; must be empty or absent)."),
-    n_subjects: int = typer.Option(200, help="Number of subjects."),
-    patient_fraction: float = typer.Option(0.5, help="Fraction of patients (target group)."),
-    subtypes: int = typer.Option(2, help="Number of patient subtypes, each with its own region of GM loss."),
-    sites: int = typer.Option(3, help="Number of acquisition sites."),
-    resolution: float = typer.Option(4.0, help="Voxel size in mm (4 default; 2 and 3 for fuller studies)."),
-    confound: float = typer.Option(0.0, help="Site-diagnosis correlation, 0 (none) to 1 (site predicts diagnosis)."),
-    age_effect: float = typer.Option(1.0, help="Strength of age-related GM loss (1 = default)."),
-    sex_effect: float = typer.Option(1.0, help="Strength of the sex (head size) effect."),
-    site_effect: float = typer.Option(1.0, help="Strength of site effects (scale, smoothness, noise)."),
-    subtype_effect: float = typer.Option(1.0, help="Strength of the subtype-specific GM loss in patients."),
-    deformation: float = typer.Option(1.0, help="Strength of the individual smooth deformation (1 = 1-3 mm)."),
-    seed: int = typer.Option(0, help="Random seed: same seed, same cohort."),
+    n_subjects: Optional[int] = typer.Option(None, help=_synth_help("n_subjects"), show_default=False),
+    patient_fraction: Optional[float] = typer.Option(None, help=_synth_help("patient_fraction"), show_default=False),
+    subtypes: Optional[int] = typer.Option(None, help=_synth_help("subtypes"), show_default=False),
+    lesion_regions: Optional[int] = typer.Option(None, help=_synth_help("lesion_regions"), show_default=False),
+    lesion_size: Optional[float] = typer.Option(None, help=_synth_help("lesion_size"), show_default=False),
+    lesion_space: Optional[str] = typer.Option(None, help=_synth_help("lesion_space"), show_default=False),
+    sites: Optional[int] = typer.Option(None, help=_synth_help("sites"), show_default=False),
+    resolution: Optional[float] = typer.Option(None, help=_synth_help("resolution"), show_default=False),
+    confound: Optional[float] = typer.Option(None, help=_synth_help("confound"), show_default=False),
+    age_effect: Optional[float] = typer.Option(None, help=_synth_help("age_effect"), show_default=False),
+    age_pattern: Optional[str] = typer.Option(None, help=_synth_help("age_pattern"), show_default=False),
+    sex_effect: Optional[float] = typer.Option(None, help=_synth_help("sex_effect"), show_default=False),
+    head_size_noise: Optional[float] = typer.Option(None, help=_synth_help("head_size_noise"), show_default=False),
+    site_effect: Optional[float] = typer.Option(None, help=_synth_help("site_effect"), show_default=False),
+    subtype_effect: Optional[float] = typer.Option(None, help=_synth_help("subtype_effect"), show_default=False),
+    deformation: Optional[float] = typer.Option(None, help=_synth_help("deformation"), show_default=False),
+    seed: Optional[int] = typer.Option(None, help=_synth_help("seed"), show_default=False),
     workers: Optional[int] = typer.Option(
         None, help="Worker processes (default: one per CPU core); the cohort does not depend on it."
     ),
+    dims: int = typer.Option(3, help="3: volumes; 2: axial slab projections through the subtype regions (a 2D cohort)."),
+    image_format: str = typer.Option("png", help="With --dims 2: png or nifti (2D NIfTI)."),
 ) -> None:
-    """Generate a synthetic cohort with known ground truth, offline.
+    """Generate a synthetic cohort with known ground truth, offline (docs/synthetic.md).
 
     Example: neurocl synth synthetic --n-subjects 200 --subtypes 2 --seed 0
+
+    Example (2D, PNG slices): neurocl synth synthetic-2d --dims 2 --image-format png
     """
+    from neurocl.errors import ConfigError
     from neurocl.synth import SynthConfig, make_synthetic_cohort
 
-    config = SynthConfig.from_options(
-        n_subjects=n_subjects,
-        patient_fraction=patient_fraction,
-        subtypes=subtypes,
-        sites=sites,
-        resolution=resolution,
-        confound=confound,
-        age_effect=age_effect,
-        sex_effect=sex_effect,
-        site_effect=site_effect,
-        subtype_effect=subtype_effect,
-        deformation=deformation,
-        seed=seed,
-    )
-    spec_path = make_synthetic_cohort(out_dir, config, progress=True, workers=workers)
+    if dims not in (2, 3) or image_format not in ("png", "nifti"):
+        raise ConfigError(f"--dims {dims} --image-format {image_format}: dims is 2 or 3, image-format png or nifti")
+    given = dict(locals())
+    # Only the options the user gave: SynthConfig holds every default.
+    options = {name: given[name] for name in SynthConfig.model_fields if given.get(name) is not None}
+    config = SynthConfig.from_options(**options)
+    if dims == 2:
+        import tempfile
+
+        from neurocl.slices import slice_cohort
+        from neurocl.synth import _check_out_dir
+
+        _check_out_dir(out_dir)
+        with tempfile.TemporaryDirectory(prefix="neurocl-synth-3d-") as scratch:
+            volumes = make_synthetic_cohort(Path(scratch) / "cohort", config, progress=True, workers=workers)
+            spec_path = slice_cohort(volumes.parent, out_dir, image_format)
+    else:
+        spec_path = make_synthetic_cohort(out_dir, config, progress=True, workers=workers)
     console.print(f"wrote synthetic cohort: [bold]{spec_path}[/]")
 
 
 @app.command()
 @user_errors
 def validate(
-    cohort: Path = typer.Argument(..., help="Cohort spec YAML."),
+    cohort: Path = typer.Argument(..., help="Cohort spec YAML, or a pipeline YAML (checks it and its cohort)."),
     images: bool = typer.Option(True, help="Also open and check every image (slower)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", metavar="SECTION.FIELD=VALUE",
+                                             help="With a pipeline: override one field, as for run."),
 ) -> None:
     """Check a cohort and report every problem at once (row, participant_id, problem).
 
+    Given a pipeline YAML, checks it against the schema (with any --set), that the attributes it
+    names exist in its cohort, then the cohort; nothing is built or written.
+
     Example: neurocl validate cohorts/demo.yaml
+
+    Example: neurocl validate pipelines/demo.yaml --set training.lr=1e-3
     """
+    import yaml
+
     from neurocl.cohort import Cohort, print_problems
 
-    loaded = Cohort.from_yaml(cohort)
+    try:
+        raw = yaml.safe_load(cohort.read_text()) if cohort.is_file() else None
+    except yaml.YAMLError:
+        raw = None  # Cohort.from_yaml reports the YAML error with the file's name
+    if isinstance(raw, dict) and "cohort" in raw and "participants" not in raw:
+        from neurocl.pipeline import _check_names, load_pipeline
+
+        config = load_pipeline(cohort, settings=set_ or ())
+        loaded = Cohort.from_yaml(config.cohort)
+        _check_names(config, loaded)
+        results_console().print(f"pipeline OK: {cohort} ({config.method.name}, {config.encoder.name}); cohort {config.cohort}",
+                        highlight=False, markup=False)
+    elif set_:
+        from neurocl.errors import ConfigError
+
+        raise ConfigError(f"--set applies to a pipeline YAML; {cohort} is a cohort spec")
+    else:
+        loaded = Cohort.from_yaml(cohort)
     problems = loaded.validate(check_images=images, progress=True)
-    print_problems(problems, console=Console(), cohort=loaded)
+    print_problems(problems, console=results_console(), cohort=loaded)
     if problems:
         raise typer.Exit(1)
 
@@ -126,14 +223,20 @@ def run(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML (see pipelines/ and docs/pipelines.md)."),
     out: Path = typer.Option(..., "--out", help="Run directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last complete checkpoint."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="SECTION.FIELD=VALUE", help="Override one field, SECTION.FIELD=VALUE (repeatable); validated like the YAML, "
+        "recorded in RUN/config.yaml."
+    ),
 ) -> None:
     """Validate, preprocess, train, embed, probe and report, as the pipeline says.
 
     Example: neurocl run pipelines/demo.yaml --out runs/demo
+
+    Example: neurocl run pipelines/demo.yaml --out runs/lr --set training.lr=1e-3 --set method.lam_mi=50
     """
     from neurocl.pipeline import run_pipeline
 
-    run_pipeline(pipeline, out, resume=resume)
+    run_pipeline(pipeline, out, resume=resume, settings=set_ or ())
 
 
 @app.command()
@@ -142,7 +245,7 @@ def demo(
     out: Path = typer.Option(Path("neurocl-demo"), "--out", help="Folder for the synthetic cohort and the run."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed demo run."),
 ) -> None:
-    """Synthetic cohort at 4 mm + small CNN + SepCLR, end to end (11 minutes measured on a shared 2-core CPU VM).
+    """Synthetic cohort at 4 mm + small CNN + SepCLR, end to end (2.5 min on 2 idle CPU cores, up to 11 min shared).
 
     Example: neurocl demo --out neurocl-demo
     """
@@ -169,8 +272,32 @@ def embed(
 
 @app.command()
 @user_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder (its checkpoints/last.ckpt) or a checkpoint file."),
+    out: Path = typer.Option(..., "--out", help="The encoder state dict to write (e.g. encoder.pt); OUT.json beside it."),
+    checkpoint: str = typer.Option("last", help="Which checkpoint of a run folder: last or best."),
+) -> None:
+    """Write a trained run's encoder(s) as a plain state dict, with a JSON of their configuration.
+
+    Others start from it with `encoder: {name: ..., weights: encoder.pt}` in a pipeline.
+
+    Example: neurocl export runs/demo --out demo_encoder.pt
+    """
+    from neurocl.errors import ConfigError
+    from neurocl.pipeline import load_model
+    from neurocl.weights import write_export
+
+    if checkpoint not in ("last", "best"):
+        raise ConfigError(f"--checkpoint {checkpoint!r}: use last or best")
+    path = run_dir / "checkpoints" / f"{checkpoint}.ckpt" if run_dir.is_dir() else run_dir
+    weights, record = write_export(load_model(path), path, out)
+    console.print(f"wrote encoder weights: [bold]{weights}[/] and their record: [bold]{record}[/]", highlight=False)
+
+
+@app.command()
+@user_errors
 def probe(
-    embeddings: Path = typer.Argument(..., help="embeddings.tsv (participant_id, [session_id], columns per space)."),
+    embeddings: Path = typer.Argument(..., help="embeddings.tsv (participant_id, \\[session_id], columns per space)."),
     cohort: Path = typer.Option(..., "--cohort", help="Cohort spec YAML with the clinical attributes."),
     out: Path = typer.Option(..., "--out", help="Output folder for probes.tsv and separation.json."),
     attributes: Optional[str] = typer.Option(None, help="Comma-separated attributes to probe (default: all in the spec)."),
@@ -260,7 +387,85 @@ def bench_data(
         recipes=("full", "light") if recipe == "both" else (recipe,),
         libraries=tuple(name.strip() for name in libraries.split(",") if name.strip()),
     )
-    print_data_benchmark(run_data_benchmark(config), Console())
+    print_data_benchmark(run_data_benchmark(config), results_console())
+
+
+@bench_app.command("epoch")
+@user_errors
+def bench_epoch(
+    method: str = typer.Option("sepclr", help="Method trained (half of the subjects are targets)."),
+    encoder: str = typer.Option("densenet121", help="Encoder (densenet121, small_cnn, resnet18, ...)."),
+    shape: str = typer.Option("121,145,121", help="Volume shape 'D,H,W'."),
+    subjects: int = typer.Option(256, help="Training subjects: an epoch is subjects // batch-size steps."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Subjects per step (two views each)."),
+    epochs: int = typer.Option(2, help="Epochs timed (the first is reported as warm-up)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    precision: str = typer.Option("auto", help="auto (bf16-mixed on a GPU), 32-true or bf16-mixed."),
+) -> None:
+    """Wall time of real training epochs (Lightning fit of the method) on a synthetic store.
+
+    Example: neurocl bench epoch --device cuda --subjects 1024 --batch-size 32
+    """
+    from neurocl.bench_epoch import EpochBenchConfig, print_epoch_benchmark, run_epoch_benchmark
+    from neurocl.errors import ConfigError
+
+    try:
+        spatial = tuple(int(n) for n in shape.split(","))
+    except ValueError:
+        raise ConfigError(f"--shape {shape!r}: expected comma-separated integers such as 121,145,121")
+    config = EpochBenchConfig(method=method, encoder=encoder, shape=spatial, n_subjects=subjects,
+                              batch_size=batch_size, epochs=epochs, device=device, precision=precision)
+    print_epoch_benchmark(run_epoch_benchmark(config), results_console())
+
+
+@bench_app.command("patches")
+@user_errors
+def bench_patches(
+    shapes: str = typer.Option("121,145,121;182,218,182", help="Volume shapes 'D,H,W', separated by ';'."),
+    sizes: str = typer.Option("64,96", help="Patch sides in voxels, comma-separated."),
+    per_subject: int = typer.Option(8, "--per-subject", "-k", help="Patches per volume (TorchIO samples_per_volume)."),
+    batch_size: int = typer.Option(4, "--batch-size", "-b", help="Subjects per batch (a batch holds b * k patches)."),
+    batches: int = typer.Option(8, help="Measured batches per library and setting (after the warm-up)."),
+    subjects: int = typer.Option(16, help="Synthetic subjects that batches are drawn from."),
+    device: str = typer.Option("cpu", help="cpu or cuda (neurocl runs there; baselines copy their patches there)."),
+    workers: Optional[int] = typer.Option(None, help="Worker processes of TorchIO/MONAI, threads of neurocl on "
+                                          "the CPU (default: every core)."),
+    libraries: str = typer.Option("neurocl,torchio,monai", help="Comma-separated subset of neurocl,torchio,monai."),
+    model: Optional[bool] = typer.Option(None, "--model/--no-model", help="Also measure DenseNet121 bf16 steps "
+                                         "(GPU memory on patches vs whole volumes); default: on with cuda."),
+    budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="neurocl GPU residency budget (0: staging)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the measurements to this JSON file."),
+    quick: bool = typer.Option(False, help="Small run (< 1 min on 2 cores): 48x56x48 volumes, 16^3 and 24^3 patches."),
+) -> None:
+    """Patches per second of neurocl's batched patch gather against TorchIO's Queue and MONAI's
+    RandSpatialCropSamplesd (same patch size, same patches per volume).
+
+    Example: neurocl bench patches --device cuda --out patches-gpu.json
+    """
+    from neurocl.bench_patches import PatchBenchConfig, print_patch_benchmark, result_dict, run_patch_benchmark
+    from neurocl.errors import ConfigError
+
+    try:
+        shape_list = tuple(tuple(int(n) for n in part.split(",")) for part in shapes.split(";") if part.strip())
+        size_list = tuple(int(n) for n in sizes.split(",") if n.strip())
+    except ValueError:
+        raise ConfigError(f"--shapes {shapes!r} / --sizes {sizes!r}: expected integers such as 121,145,121;182,218,182 and 64,96")
+    settings = dict(shapes=shape_list, sizes=size_list, per_subject=per_subject, batch_size=batch_size,
+                    n_batches=batches, n_subjects=subjects)
+    if quick:
+        settings.update(shapes=((48, 56, 48),), sizes=(16, 24), per_subject=4, batch_size=2, n_batches=4, n_subjects=6)
+    config = PatchBenchConfig(
+        **settings, device=device, workers=workers, memory_budget_gb=budget_gb,
+        model=device == "cuda" if model is None else model,
+        libraries=tuple(name.strip() for name in libraries.split(",") if name.strip()),
+    )
+    result = run_patch_benchmark(config)
+    print_patch_benchmark(result, results_console())
+    if out is not None:
+        from neurocl.io import write_json
+
+        write_json(out, result_dict(result))
+        console.print(f"wrote [bold]{out}[/]")
 
 
 def _validation_overrides(steps: Optional[int], seed: int) -> dict:
@@ -296,7 +501,7 @@ def bench_identifiability(
     spaces = ("box", "sphere") if space == "both" else (space,)
     configs = [IdentifiabilityConfig.preset(name, quick=quick, **_validation_overrides(steps, seed)) for name in spaces]
     results = [run_identifiability(config) for config in configs]
-    print_identifiability(results, Console())
+    print_identifiability(results, results_console())
     _write_validation_json(out, "identifiability", results)
 
 
@@ -315,7 +520,7 @@ def bench_gmm(
     from neurocl.validation.gmm import GMMConfig, print_gmm, run_gmm
 
     result = run_gmm(GMMConfig.preset(quick=quick, **_validation_overrides(steps, seed)))
-    print_gmm(result, Console())
+    print_gmm(result, results_console())
     _write_validation_json(out, "gmm", [result])
 
 
@@ -334,7 +539,7 @@ def bench_vector(
     from neurocl.validation.vector import VectorConfig, print_vector, run_vector
 
     result = run_vector(VectorConfig.preset(quick=quick, **_validation_overrides(steps, seed)))
-    print_vector(result, Console())
+    print_vector(result, results_console())
     _write_validation_json(out, "vector", [result])
 
 

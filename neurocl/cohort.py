@@ -1,4 +1,7 @@
-"""Cohorts: a BIDS participants table, one 3D image per row, groups, attributes and splits.
+"""Cohorts: a BIDS participants table, one image per row, groups, attributes and splits.
+
+Images are 3D or 2D, as NIfTI, NumPy arrays (``.npy``, with the grid given once in the spec) or
+pictures (PNG/JPEG); :mod:`neurocl.images` reads them.
 
 A :class:`Cohort` is built from a cohort spec YAML (``docs/cohorts.md``) or from Python
 arguments. Loading is lenient: rows with a bad group value, a non-numeric continuous attribute
@@ -19,11 +22,11 @@ from typing import Any, Iterable, Literal, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from neurocl.errors import CohortError, ConfigError
-from neurocl.io import read_tsv, write_tsv
+from neurocl.images import Grid, GridSpec, ImageKind, image_kind, read_grid, read_voxels
+from neurocl.io import load_yaml, read_tsv, write_tsv
 
 GROUPS = ("background", "target")
 PLACEHOLDERS = ("participant_id", "session_id")
@@ -86,7 +89,12 @@ class CohortSpec(BaseModel):
     root : Path
         Folder the image template is relative to (itself relative to the YAML's folder).
     images : str
-        Image path template with ``{participant_id}`` and optionally ``{session_id}``.
+        Image path template with ``{participant_id}`` and optionally ``{session_id}``. Its
+        suffix says the kind: ``.npy`` arrays, ``.png``/``.jpg``/``.jpeg`` pictures, else NIfTI.
+    grid : GridSpec or None
+        The grid of array and picture cohorts (``affine`` 4x4 or ``voxel_size``): required for
+        ``.npy`` images, optional for pictures (pixel spacing 1), refused for NIfTI (the header
+        has it).
     group : GroupSpec
         The group column and its background / target values.
     attributes : dict
@@ -101,6 +109,7 @@ class CohortSpec(BaseModel):
     participants: Path | None = None
     root: Path = Path(".")
     images: str
+    grid: GridSpec | None = None
     group: GroupSpec
     attributes: dict[str, Literal["continuous", "categorical"]] = {}
     required: list[str] | None = None
@@ -129,6 +138,17 @@ class CohortSpec(BaseModel):
         return attributes
 
     @model_validator(mode="after")
+    def _grid_fits_the_kind(self) -> "CohortSpec":
+        if self.kind == "array" and self.grid is None:
+            raise ValueError(
+                "grid: required for .npy images (their files hold no affine); give grid: {affine: [[...4x4...]]} "
+                "or grid: {voxel_size: 1.0}"
+            )
+        if self.kind == "nifti" and self.grid is not None:
+            raise ValueError("grid: only for .npy and picture images; NIfTI headers carry their own grid")
+        return self
+
+    @model_validator(mode="after")
     def _required_are_attributes(self) -> "CohortSpec":
         unknown = [name for name in self.required or [] if name not in self.attributes]
         if unknown:
@@ -140,6 +160,11 @@ class CohortSpec(BaseModel):
         """Whether the image template contains ``{session_id}``."""
         return "{session_id}" in self.images
 
+    @property
+    def kind(self) -> ImageKind:
+        """``nifti``, ``array`` or ``picture``, from the template's suffix."""
+        return image_kind(self.images)
+
 
 class Problem(NamedTuple):
     """One validation finding; ``row`` is the participants.tsv line number (header = line 1)."""
@@ -147,12 +172,6 @@ class Problem(NamedTuple):
     row: int | None
     participant_id: str | None
     problem: str
-
-
-class _Grid(NamedTuple):
-    shape: tuple[int, ...]
-    affine: np.ndarray
-    zooms: tuple[float, ...]
 
 
 def _spec_error(source: str, error: ValidationError) -> CohortError:
@@ -181,12 +200,24 @@ def _read_participants(path: Path) -> pd.DataFrame:
             skip_blank_lines=False,
             encoding="utf-8-sig",  # spreadsheet exports often start with a byte-order mark
         )
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
+    except pd.errors.EmptyDataError:
+        raise CohortError(f"{path}: participants table is empty (expected a header line with participant_id)") from None
+    except OSError as error:
+        raise CohortError(f"{path}: cannot read participants table ({error.strerror or error})") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
         raise CohortError(f"{path}: cannot read participants table ({error})") from None
     table.columns = [str(column).strip() for column in table.columns]
     table = table.apply(lambda column: column.str.strip())
     table["row"] = np.arange(len(table)) + 2
     return table.dropna(how="all", subset=[c for c in table.columns if c != "row"]).reset_index(drop=True)
+
+
+def _resolved(path: Path, where: str) -> Path:
+    """``path`` made absolute with symlinks followed; a symlink loop is a one-line error, not a traceback."""
+    try:
+        return path.resolve(strict=False)
+    except (RuntimeError, OSError) as error:  # Python < 3.13 raises RuntimeError for a loop, later ones OSError
+        raise CohortError(f"{where}: {path} is a symbolic link loop ({error})") from None
 
 
 def _cell_text(value: Any) -> str | float:
@@ -204,12 +235,7 @@ def _cell_text(value: Any) -> str | float:
 
 
 def _load_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise CohortError(f"{path}: cohort spec not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise CohortError(f"{path}: not valid YAML ({error})") from None
+    raw = load_yaml(path, CohortError, "cohort spec")
     if not isinstance(raw, dict):
         raise CohortError(f"{path}: a cohort spec is a mapping of fields (name, participants, images, group, ...)")
     if "participants" not in raw:
@@ -237,6 +263,8 @@ class Cohort:
         Cohort name.
     required : list of str, optional
         Attributes that must be present in every row.
+    grid : GridSpec or dict, optional
+        Grid of ``.npy`` / picture images (``{"affine": 4x4}`` or ``{"voxel_size": v}``).
 
     Attributes
     ----------
@@ -260,6 +288,7 @@ class Cohort:
         root: str | os.PathLike = ".",
         name: str = "cohort",
         required: Sequence[str] | None = None,
+        grid: GridSpec | dict | None = None,
     ) -> None:
         fields = {
             "name": name,
@@ -269,6 +298,7 @@ class Cohort:
             "group": group.model_dump() if isinstance(group, GroupSpec) else group,
             "attributes": attributes or {},
             "required": list(required) if required is not None else None,
+            "grid": grid.model_dump() if isinstance(grid, GridSpec) else grid,
         }
         try:
             spec = CohortSpec(**fields)
@@ -300,7 +330,7 @@ class Cohort:
         self.spec = spec
         self.source = source
         if frame is None:
-            participants_path = (base_dir / spec.participants).resolve()
+            participants_path = _resolved(base_dir / spec.participants, f"{source}: participants")
             if not participants_path.is_file():
                 raise CohortError(f"{source}: participants: {participants_path} not found")
             raw = _read_participants(participants_path)
@@ -449,9 +479,10 @@ class Cohort:
         duplicate (participant_id, session_id), group value neither background nor target,
         required attribute missing, continuous attribute not a finite number, empty background or
         target group. Image checks (``check_images``): file missing, unreadable or corrupt, not
-        3D (a trailing singleton 4th dimension counts as 3D), NaN/Inf voxels, and shape, voxel
+        2D or 3D (singleton axes at the ends are dropped first), NaN/Inf voxels, and shape, voxel
         size or affine (tolerance 1e-3 mm) differing from the reference grid, which is the grid of
-        the first image in table order whose header reads and which is 3D.
+        the first image in table order whose header reads and which is 2D or 3D. The same checks
+        apply to ``.npy`` arrays and pictures (their grid comes from the spec).
 
         Parameters
         ----------
@@ -527,7 +558,7 @@ class Cohort:
         from rich.progress import track
 
         records = self.table[["participant_id", "image", "row"]].to_dict("records")
-        grids: list[tuple[dict, _Grid]] = []
+        reference: tuple[dict, Grid] | None = None
         problems: list[Problem] = []
         for record in track(
             records, description="validating images", disable=not progress, console=Console(stderr=True), transient=True
@@ -535,26 +566,40 @@ class Cohort:
             if not isinstance(record["image"], str):
                 continue
             pid = None if pd.isna(record["participant_id"]) else record["participant_id"]
-            grid, found = _inspect_image(Path(record["image"]))
-            problems += [Problem(record["row"], pid, text) for text in found]
-            if grid is not None:
-                grids.append((record, grid))
-        if grids:
-            reference_record, reference = grids[0]
-            where = f"line {reference_record['row']}, {reference_record['participant_id']}"
-            for record, grid in grids[1:]:
-                pid = None if pd.isna(record["participant_id"]) else record["participant_id"]
-                problems += [Problem(record["row"], pid, text) for text in _grid_differences(grid, reference, where)]
+            path = Path(record["image"])
+            # The header (and its claimed size) is checked against the file and the reference grid
+            # before any voxel is read: a forged header cannot make validate allocate gigabytes.
+            grid = _read_grid(path, self.spec)
+            if isinstance(grid, str):
+                problems.append(Problem(record["row"], pid, grid))
+                continue
+            if reference is None:
+                reference = (record, grid)
+            else:
+                where = f"line {reference[0]['row']}, {reference[0]['participant_id']}"
+                differences = _grid_differences(grid, reference[1], where)
+                problems += [Problem(record["row"], pid, text) for text in differences]
+                if grid.shape != reference[1].shape:
+                    continue
+            problems += [Problem(record["row"], pid, text) for text in _voxel_problems(path, self.spec)]
         return problems
 
-    def reference_grid(self) -> tuple[tuple[int, int, int], np.ndarray, tuple[float, float, float]]:
-        """(shape, affine, zooms) of the first image whose header reads and which is 3D."""
+    def reference_grid(self) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:
+        """(shape, affine, zooms) of the first image whose header reads and which is 2D or 3D.
+
+        ``shape`` and ``zooms`` have 2 values for a 2D cohort (the affine is 4x4 either way).
+        """
         for path in self.image_paths:
             if path is not None:
-                grid = _read_grid(path)
-                if isinstance(grid, _Grid):
+                grid = _read_grid(path, self.spec)
+                if isinstance(grid, Grid):
                     return grid.shape, grid.affine, grid.zooms
-        raise CohortError(f"{self.source}: no readable 3D image to take the reference grid from")
+        raise CohortError(f"{self.source}: no readable 2D or 3D image to take the reference grid from")
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 or 3: the dimensionality of the reference grid (reads one header)."""
+        return len(self.reference_grid()[0])
 
 
 def _where(problem: Problem) -> str:
@@ -563,49 +608,32 @@ def _where(problem: Problem) -> str:
     return f"line {problem.row} ({problem.participant_id or 'no participant_id'})"
 
 
-def _read_grid(path: Path) -> _Grid | str:
-    """The image's 3D grid from its header, or the problem that prevents reading it."""
-    import nibabel as nib
+def _read_grid(path: Path, spec: CohortSpec) -> Grid | str:
+    """The image's grid from its header (or the spec's grid), or the problem that prevents reading it."""
+    return read_grid(path, spec.kind, spec.grid)
 
-    if not path.is_file():
-        return f"image not found: {path}"
+
+def _voxel_problems(path: Path, spec: CohortSpec) -> list[str]:
+    """Problems of the voxels themselves: unreadable data, NaN/Inf, an all-zero or constant image."""
     try:
-        image = nib.load(path)
-        shape = tuple(int(n) for n in image.shape)
-        affine = np.asarray(image.affine, dtype=float)
-        zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
-    except Exception as error:  # nibabel raises many types for unreadable files; all are reported
-        return f"unreadable image {path.name}: {type(error).__name__}: {error}"
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) != 3:
-        return f"image is {len(shape)}D with shape {shape}, expected 3D"
-    return _Grid(shape, affine, zooms)
-
-
-def _inspect_image(path: Path) -> tuple[_Grid | None, list[str]]:
-    """Header checks, then the voxels for NaN/Inf; returns the grid (if any) and the problems."""
-    import nibabel as nib
-
-    grid = _read_grid(path)
-    if isinstance(grid, str):
-        if not grid.startswith("image is"):
-            return None, [grid]
-        problems, grid = [grid], None
-    else:
-        problems = []
-    try:
-        data = np.asanyarray(nib.load(path).dataobj)
+        data = read_voxels(path, spec.kind)
     except Exception as error:  # truncated or corrupt voxel data
-        return grid, problems + [f"corrupt image data in {path.name}: {type(error).__name__}: {error}"]
+        return [f"corrupt image data in {path.name}: {type(error).__name__}: {error}"]
+    if data.size == 0:
+        return ["image has no voxels"]
     if np.issubdtype(data.dtype, np.floating):
         n_nan, n_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
         if n_nan or n_inf:
-            problems.append(f"image has {n_nan} NaN and {n_inf} Inf voxels")
-    return grid, problems
+            return [f"image has {n_nan} NaN and {n_inf} Inf voxels"]
+    # An empty or constant image passes every header check but has no anatomy: preprocessing
+    # would fail on it later (zero variance inside the mask), or silently train on nothing.
+    first = data.flat[0]
+    if not np.any(data != first):
+        return ["image is all zeros" if first == 0 else f"image is constant (every voxel is {first})"]
+    return []
 
 
-def _grid_differences(grid: _Grid, reference: _Grid, where: str) -> list[str]:
+def _grid_differences(grid: Grid, reference: Grid, where: str) -> list[str]:
     if grid.shape != reference.shape:
         return [f"shape {grid.shape} differs from the reference grid {reference.shape} ({where})"]
     if np.max(np.abs(np.subtract(grid.zooms, reference.zooms))) > GRID_TOLERANCE_MM:

@@ -34,10 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from neurocl.errors import ConfigError, TrainingError
-from neurocl.kernels import rbf
+from neurocl.kernels import covariate_kernels, normalised_hsic, rbf
 
 __all__ = [
+    "COMMON_OBJECTIVES",
     "align_loss",
+    "covariate_independence",
     "decoupled_uniformity",
     "gather",
     "info_nce",
@@ -49,12 +51,16 @@ __all__ = [
 
 
 def _float32(loss: Callable) -> Callable:
-    """Run ``loss`` in float32 with autocast off (tensor arguments are upcast, others left alone)."""
+    """Run ``loss`` in at least float32 with autocast off.
+
+    Half-precision tensor arguments are upcast to float32; float64 ones stay float64 (so a
+    float64 gradient check tests the formula, not float32 rounding); others are left alone.
+    """
 
     @functools.wraps(loss)
     def wrapper(*args, **kwargs):
         def upcast(value):
-            if isinstance(value, Tensor) and value.is_floating_point():
+            if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != torch.float64:
                 return value.float()
             return value
 
@@ -403,6 +409,73 @@ def lp_info_nce(h1: Tensor, h2: Tensor, p: float = 1, temperature: float = 1.0) 
 
 
 @_float32
+def covariate_independence(
+    s: Tensor,
+    y: Tensor,
+    kinds,
+    sigma: float | list[float] = 1.0,
+    tau: float = 0.5,
+    distributed: bool = False,
+) -> Tensor:
+    r"""Dependence between embeddings and known covariates, by normalised HSIC (neurocl's own term).
+
+    For each view v and covariate a, over the rows R_a where a is present:
+    L_ij = exp(−‖s_{v,i} − s_{v,j}‖²/(2τ)), K^a_ij the covariate's kernel (RBF with σ_a,
+    exact match for a categorical one), and
+
+    .. math::
+        \mathcal{L}_{\mathrm{cov}} = \operatorname{mean}_v \operatorname{mean}_a
+            \mathrm{nHSIC}\big(L^v[R_a, R_a],\, K^a[R_a, R_a]\big)
+
+    (:func:`normalised_hsic`). A row with a missing covariate drops out of that
+    covariate's term only: it is never imputed. A covariate observed in fewer than 3
+    rows or constant over them is left out of the mean (no dependence is measurable);
+    with none left the term is 0. K carries no gradient.
+
+    SepCLR applies it to the salient embeddings of target rows, so that age, sex or site
+    cannot be read from the salient space among patients.
+
+    Parameters
+    ----------
+    s : Tensor, (V, B, D)
+        Embeddings of V >= 1 views of B samples.
+    y : Tensor, (B,) or (B, A)
+        Covariates, categorical ones as codes, NaN where missing.
+    kinds : sequence of A str
+        "continuous" or "categorical" per column.
+    sigma : float or sequence of A floats
+        RBF bandwidth per continuous covariate, in its units (ignored for categorical ones).
+    tau : float
+        Bandwidth of the embedding kernel L (SepCLR's τ).
+    distributed : bool
+        Gather s and y from all ranks first.
+
+    Returns
+    -------
+    Tensor
+        Scalar in [0, 1].
+    """
+    if s.dim() != 3:
+        raise ValueError(f"s must have shape (V, B, D), got {tuple(s.shape)}")
+    _check_positive("tau", tau)
+    if distributed:
+        s, y = gather(s, dim=1), gather(y)
+    if len(y) != s.shape[1]:
+        raise ValueError(f"y has {len(y)} rows for a batch of {s.shape[1]}")
+    values = []
+    for _, present, kernel in covariate_kernels(y, kinds, sigma):
+        for view in s:
+            rows = view[present]
+            values.append(normalised_hsic(torch.exp(-_sq_dists(rows) / (2 * tau)), kernel))
+    if not values:
+        return s.sum() * 0.0  # keeps the graph (and the device) for a batch with no usable covariate
+    return torch.stack(values).mean()
+
+
+COMMON_OBJECTIVES = ("sepclr", "yaware", "decoupled_uniformity")
+
+
+@_float32
 def sepclr_loss(
     c: Tensor,
     s: Tensor,
@@ -411,9 +484,21 @@ def sepclr_loss(
     beta_salient: float = 1.0,
     beta_null: float = 10.0,
     lam_mi: float = 10.0,
+    attributes: Tensor | None = None,
+    attribute_kinds=None,
+    sigma: float | list[float] = 1.0,
+    kernel_combine: str = "product",
+    common_objective: str = "sepclr",
+    temperature: float = 0.1,
+    lam: float = 0.01,
+    t: float = 2.0,
+    lam_cov: float = 0.0,
+    null_weighting: str = "plain",
+    view_weighting: str = "balanced",
     distributed: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    r"""SepCLR: common and salient spaces of a background / target contrast (Louiset et al., ICLR 2024).
+    r"""SepCLR: common and salient spaces of a background / target contrast (Louiset et al., ICLR 2024),
+    optionally attribute-aware (neurocl's own extension).
 
     ĉ = c/‖c‖ (common space on the sphere); s stays Euclidean; s̃ equals s on target
     rows and 0 on background rows. With k(a, b) = exp(−‖a − b‖²/(2τ)),
@@ -422,16 +507,33 @@ def sepclr_loss(
 
     .. math::
         \mathcal{L}_{\mathrm{common}} &= \operatorname{mean}_{v<v'} \mathrm{align}(\hat c^v, \hat c^{v'})
-            + \sum_v \mathrm{unif}(\hat c^v) \\
+            + \omega_V \sum_v \mathrm{unif}(\hat c^v) \\
         \mathcal{L}_{\mathrm{salient}} &= \operatorname{mean}_{v<v'} \mathrm{align}(s^v_T, s^{v'}_T)
-            + \sum_v \mathrm{unif}(\tilde s^v) \\
-        \mathcal{L}_{\mathrm{null}} &= \operatorname{mean}_v \operatorname{mean}_{i \in \mathrm{background}} \lVert s_{v,i} \rVert^2 \\
+            + \omega_V \sum_v \mathrm{unif}(\tilde s^v) \\
+        \mathcal{L}_{\mathrm{null}} &= \nu \operatorname{mean}_v \operatorname{mean}_{i \in \mathrm{background}} \lVert s_{v,i} \rVert^2 \\
         \mathcal{L}_{\mathrm{mi}} &= \operatorname{mean}_v \mathrm{JEM}(\hat c^v, \tilde s^v) \\
+        \mathcal{L}_{\mathrm{cov}} &= \mathrm{covariate\_independence}(s_T, y_T) \\
         \mathcal{L} &= \mathcal{L}_{\mathrm{common}} + \beta_{\mathrm{salient}} \mathcal{L}_{\mathrm{salient}}
             + \beta_{\mathrm{null}} \mathcal{L}_{\mathrm{null}} + \lambda_{\mathrm{mi}} \mathcal{L}_{\mathrm{mi}}
+            + \lambda_{\mathrm{cov}} \mathcal{L}_{\mathrm{cov}}
 
     T: target rows. The MI term is the kernel joint-entropy estimate (k-JEM) of the
     common/salient dependence: it falls when the two spaces stop sharing structure.
+
+    Options (``docs/methods.md`` gives the reasons):
+
+    - ``common_objective``: ``"sepclr"`` is the common term above; ``"yaware"`` replaces it
+      by :func:`yaware_info_nce` of c with the attribute kernel K (temperature
+      ``temperature``); ``"decoupled_uniformity"`` by :func:`decoupled_uniformity` of c with
+      α = (K + λI)⁻¹K (``lam``, ``t``). Both normalise c, so they act on ĉ.
+    - ``lam_cov`` > 0 adds :func:`covariate_independence` of the target rows' salient
+      embeddings and their attributes (missing values masked per attribute).
+    - ``null_weighting``: ``"plain"`` ν = 1; ``"reference"`` ν = 1/(2τ), the SepCLR code's
+      align(0, s). β_null(plain) = β_null(reference)/(2τ); at τ = 0.5 both agree.
+    - ``view_weighting``: ``"balanced"`` ω_V = 2/V, ``"reference"`` ω_V = 1. With V = 2 both
+      are the paper's loss; with V > 2 "reference" lets the uniformity terms grow with V
+      against the (averaged) alignment, null and MI terms, "balanced" keeps the balance.
+
     Paper: "Separating common from salient patterns with Contrastive Representation
     Learning", https://arxiv.org/abs/2402.11928
 
@@ -447,15 +549,32 @@ def sepclr_loss(
         Kernel bandwidth τ > 0.
     beta_salient, beta_null, lam_mi : float
         Weights of the salient, null and mutual-information terms.
+    attributes : Tensor, (B, A), optional
+        Covariates (NaN missing, categorical as codes) for the common kernel and the
+        covariate term; required by ``common_objective="yaware"`` and ``lam_cov > 0``.
+    attribute_kinds : sequence of A str
+        "continuous" or "categorical" per attribute column.
+    sigma, kernel_combine :
+        As in :func:`neurocl.kernels.attribute_kernel` (σ in the attributes' units).
+    common_objective : {"sepclr", "yaware", "decoupled_uniformity"}
+    temperature : float
+        y-Aware temperature.
+    lam, t : float
+        Decoupled uniformity's ridge λ and scale t.
+    lam_cov : float
+        Weight of the covariate-independence term.
+    null_weighting : {"plain", "reference"}
+    view_weighting : {"balanced", "reference"}
     distributed : bool
-        Gather c, s and is_target from all ranks first.
+        Gather c, s, is_target and attributes from all ranks first.
 
     Returns
     -------
     total : Tensor
         Scalar loss.
     terms : dict of str to Tensor
-        ``"common"``, ``"salient"``, ``"null"``, ``"mi"`` (unweighted scalars).
+        ``"common"``, ``"salient"``, ``"null"``, ``"mi"`` and, with ``lam_cov > 0``, ``"cov"``
+        (unweighted scalars; ``"null"`` includes ν).
 
     Raises
     ------
@@ -465,13 +584,27 @@ def sepclr_loss(
     _check_views(c, "c")
     _check_views(s, "s")
     _check_positive("tau", tau)
+    if common_objective not in COMMON_OBJECTIVES:
+        raise ConfigError(f"common_objective must be one of {COMMON_OBJECTIVES}, got {common_objective!r}")
+    if null_weighting not in ("plain", "reference"):
+        raise ConfigError(f"null_weighting must be 'plain' or 'reference', got {null_weighting!r}")
+    if view_weighting not in ("balanced", "reference"):
+        raise ConfigError(f"view_weighting must be 'balanced' or 'reference', got {view_weighting!r}")
+    if not lam_cov >= 0:
+        raise ConfigError(f"lam_cov must be >= 0, got {lam_cov}")
+    needs_attributes = common_objective == "yaware" or lam_cov > 0
+    if needs_attributes and (attributes is None or attribute_kinds is None):
+        raise ConfigError("common_objective 'yaware' and lam_cov > 0 need attributes and attribute_kinds")
     if c.shape[:2] != s.shape[:2] or is_target.shape != (c.shape[1],):
         raise ValueError(
             f"c {tuple(c.shape)}, s {tuple(s.shape)} and is_target {tuple(is_target.shape)} must share V and B"
         )
+    if attributes is not None and len(attributes) != c.shape[1]:
+        raise ValueError(f"attributes has {len(attributes)} rows for a batch of {c.shape[1]}")
     if distributed:
         c, s = gather(c, dim=1), gather(s, dim=1)
         is_target = gather(is_target)
+        attributes = gather(attributes) if attributes is not None else None
     is_target = is_target.to(device=c.device, dtype=torch.bool)
     n_target = int(is_target.sum())
     if n_target == 0 or n_target == len(is_target):
@@ -483,6 +616,7 @@ def sepclr_loss(
     c_hat = F.normalize(c, dim=-1)
     s_tilde = s * is_target[None, :, None].to(s.dtype)
     view_pairs = [(v, w) for v in range(n_views) for w in range(v + 1, n_views)]
+    view_weight = 2.0 / n_views if view_weighting == "balanced" else 1.0
 
     def align(x: Tensor, y: Tensor) -> Tensor:
         return (x - y).square().sum(dim=-1).mean() / (2 * tau)
@@ -494,14 +628,31 @@ def sepclr_loss(
         joint = -(_sq_dists(common) + _sq_dists(salient)) / (2 * tau)
         return _log_mean_exp(joint, dim=1).mean()
 
+    if common_objective == "sepclr":
+        common = torch.stack([align(c_hat[v], c_hat[w]) for v, w in view_pairs]).mean() + view_weight * sum(
+            unif(c_hat[v]) for v in range(n_views)
+        )
+    else:
+        from neurocl.kernels import attribute_kernel
+
+        prior = None
+        if attributes is not None:
+            prior = attribute_kernel(attributes, attribute_kinds, sigma=sigma, combine=kernel_combine).to(c.dtype)
+        if common_objective == "yaware":
+            common = yaware_info_nce(c, kernel=prior, temperature=temperature)
+        else:
+            common = decoupled_uniformity(c, kernel=prior, lam=lam, t=t)
     s_target = s[:, is_target]
+    null_scale = 1.0 / (2 * tau) if null_weighting == "reference" else 1.0
     terms = {
-        "common": torch.stack([align(c_hat[v], c_hat[w]) for v, w in view_pairs]).mean()
-        + sum(unif(c_hat[v]) for v in range(n_views)),
+        "common": common,
         "salient": torch.stack([align(s_target[v], s_target[w]) for v, w in view_pairs]).mean()
-        + sum(unif(s_tilde[v]) for v in range(n_views)),
-        "null": s[:, ~is_target].square().sum(dim=-1).mean(),
+        + view_weight * sum(unif(s_tilde[v]) for v in range(n_views)),
+        "null": null_scale * s[:, ~is_target].square().sum(dim=-1).mean(),
         "mi": torch.stack([jem(c_hat[v], s_tilde[v]) for v in range(n_views)]).mean(),
     }
     total = terms["common"] + beta_salient * terms["salient"] + beta_null * terms["null"] + lam_mi * terms["mi"]
+    if lam_cov > 0:
+        terms["cov"] = covariate_independence(s_target, attributes[is_target], attribute_kinds, sigma=sigma, tau=tau)
+        total = total + lam_cov * terms["cov"]
     return total, terms

@@ -75,7 +75,9 @@ class MethodConfig(BaseModel):
     shared_trunk: bool = Field(False, description="SepCLR: one encoder for both spaces (True) or two encoders.")
     temperature: float = Field(0.1, gt=0, description="InfoNCE / y-Aware temperature.")
     attributes: list[str] = Field(
-        default_factory=list, description="y-Aware / decoupled uniformity: attributes of the kernel prior."
+        default_factory=list,
+        description="y-Aware / decoupled uniformity: attributes of the kernel prior; SepCLR: the known covariates "
+        "(common kernel, covariate independence).",
     )
     sigma: float | list[float] = Field(
         1.0, description="Kernel bandwidth per continuous attribute, in the attribute's units (or SDs, see standardise)."
@@ -93,11 +95,36 @@ class MethodConfig(BaseModel):
     target_fraction: float = Field(
         0.5, gt=0, lt=1, description="SepCLR: fraction of target subjects in every batch (both groups always present)."
     )
+    common_objective: Literal["sepclr", "yaware", "decoupled_uniformity"] = Field(
+        "sepclr",
+        description="SepCLR: the common term: SepCLR's alignment + uniformity, y-Aware InfoNCE or decoupled uniformity, "
+        "the last two with the kernel of method.attributes.",
+    )
+    lam_cov: float = Field(
+        0.0, ge=0, description="SepCLR: weight of the independence of the targets' salient space from method.attributes "
+        "(normalised HSIC; missing values masked).",
+    )
+    null_weighting: Literal["plain", "reference"] = Field(
+        "plain", description="SepCLR: null term mean ||s||^2 (plain) or the reference code's mean ||s||^2/(2 tau)."
+    )
+    view_weighting: Literal["balanced", "reference"] = Field(
+        "balanced", description="SepCLR, more than 2 views: uniformity terms averaged (x2/V, balanced) or summed over "
+        "views (reference). Same loss for 2 views.",
+    )
+    embed: Literal["loss_space", "representation"] = Field(
+        "loss_space", description="SepCLR: the spaces probed and mapped: the ones the loss shapes (after the MLP) or the "
+        "representation before it (what the SepCLR paper probes).",
+    )
 
     @model_validator(mode="after")
     def _kernel_is_usable(self) -> "MethodConfig":
         if self.name == "yaware" and not self.attributes:
             raise ValueError("method 'yaware' needs at least one attribute in method.attributes (e.g. [age])")
+        if self.name == "sepclr" and not self.attributes:
+            if self.common_objective == "yaware":
+                raise ValueError("method.common_objective 'yaware' needs at least one attribute in method.attributes")
+            if self.lam_cov > 0:
+                raise ValueError("method.lam_cov > 0 needs the covariates in method.attributes (e.g. [age, sex, site])")
         sigmas = self.sigma if isinstance(self.sigma, list) else [self.sigma]
         if any(value <= 0 for value in sigmas):
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
@@ -389,7 +416,31 @@ class BaseMethod(L.LightningModule):
             checkpoint["neurocl_grid"] = self.grid
 
     def on_fit_start(self) -> None:
+        if self.data.store.spatial_dims != self.encoder_config.spatial_dims:
+            raise ConfigError(
+                f"encoder.spatial_dims is {self.encoder_config.spatial_dims} but the cohort's images are "
+                f"{self.data.store.spatial_dims}D; set encoder: {{spatial_dims: {self.data.store.spatial_dims}}}"
+            )
         self.data.store.to(self.device, memory_budget_gb=self.data.memory_budget_gb)
+        # Pretrained weights start a fresh training only: a resumed one restores its own (already
+        # loaded when this hook runs), and embedding never reaches here.
+        if self.encoder_config.weights is not None and self.trainer.ckpt_path is None:
+            self.load_pretrained()
+
+    def load_pretrained(self) -> list:
+        """Copy ``encoder.weights`` into the encoder(s); the report of each goes to stderr."""
+        from rich.console import Console
+
+        from neurocl.weights import load_pretrained
+
+        reports = load_pretrained(self.net, self.encoder_config.weights, strict=self.encoder_config.weights_strict)
+        trainer = self._trainer  # None outside a fit (self.trainer raises then)
+        if trainer is None or trainer.is_global_zero:
+            console = Console(stderr=True)
+            console.print(f"encoder weights from {self.encoder_config.weights}:", highlight=False, markup=False)
+            for report in reports:
+                console.print(f"  {report.describe()}", highlight=False, markup=False)
+        return reports
 
     def train_dataloader(self) -> EpochBatches:
         self._train_batches = self._batches(self.data.train_indices, self.data.batch_size, shuffle=True)
@@ -482,10 +533,12 @@ class BaseMethod(L.LightningModule):
         """Representations of the store's volumes at ``indices``, per space: {name: (n, d)} in float64."""
         from rich.progress import Progress
 
+        from neurocl.logs import progress_console
+
         self.eval()
         store.to(self.device)
         chunks: dict[str, list[np.ndarray]] = {}
-        with Progress(transient=True, disable=not progress) as bar:
+        with Progress(transient=True, disable=not progress, console=progress_console()) as bar:
             task = bar.add_task("embedding", total=len(indices))
             for batch_indices, volumes in store.batches(np.asarray(indices), batch_size):
                 for name, value in self.embed(volumes.to(self.device)).items():
@@ -557,22 +610,33 @@ class DecoupledUniformity(SimCLR):
 
 
 class SepCLR(BaseMethod):
-    """SepCLR (Louiset et al., ICLR 2024): common + β_s·salient + β_n·null + λ·mi over a two-space network."""
+    """SepCLR (Louiset et al., ICLR 2024): common + β_s·salient + β_n·null + λ·mi over a two-space network.
+
+    With ``method.attributes`` the common term can use their kernel (``common_objective``) and
+    ``lam_cov``·cov keeps them out of the targets' salient space (:func:`neurocl.losses.sepclr_loss`).
+    """
 
     def build_net(self) -> torch.nn.Module:
         from neurocl.nets import SepCLRNet
 
         config = self.method_config
         return SepCLRNet(self.encoder_config, common_dim=config.common_dim, salient_dim=config.salient_dim,
-                         shared_trunk=config.shared_trunk)
+                         shared_trunk=config.shared_trunk, embed=config.embed)
 
     def compute_loss(self, views: Tensor, indices: np.ndarray) -> tuple[Tensor, dict[str, Tensor]]:
         config = self.method_config
         outputs = self.encode_views(views)
-        is_target = self.data.is_target[torch.as_tensor(indices)].to(self.device)
+        rows = torch.as_tensor(indices)
+        is_target = self.data.is_target[rows].to(self.device)
+        # Local rows: the loss gathers them over ranks with the embeddings.
+        attributes = self.data.attributes[rows].to(self.device) if config.attributes else None
         return losses.sepclr_loss(
             outputs["common"], outputs["salient"], is_target, tau=config.tau, beta_salient=config.beta_salient,
-            beta_null=config.beta_null, lam_mi=config.lam_mi, distributed=_distributed(),
+            beta_null=config.beta_null, lam_mi=config.lam_mi, attributes=attributes,
+            attribute_kinds=self.data.attribute_kinds if config.attributes else None, sigma=config.sigma,
+            kernel_combine=config.kernel_combine, common_objective=config.common_objective,
+            temperature=config.temperature, lam=config.lam, t=config.t, lam_cov=config.lam_cov,
+            null_weighting=config.null_weighting, view_weighting=config.view_weighting, distributed=_distributed(),
         )
 
     def embed(self, x: Tensor) -> dict[str, Tensor]:

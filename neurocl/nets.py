@@ -26,6 +26,7 @@ the space probed is the one the loss shapes (see :class:`SepCLRNet`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -60,6 +61,14 @@ class EncoderConfig(BaseModel):
     )
     head_batchnorm: bool = Field(True, description="BatchNorm in the projection heads' hidden layer.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the projection heads.")
+    weights: Path | None = Field(
+        None,
+        description="Start the encoder(s) from this local file: a neurocl checkpoint, a `neurocl export` file or a "
+        "MONAI/torch state dict of the backbone (see neurocl/weights.py). Shapes must match exactly.",
+    )
+    weights_strict: bool = Field(
+        True, description="With weights: an encoder tensor absent from the file is an error (false: keep its initialisation)."
+    )
 
     @model_validator(mode="after")
     def _options_exist_for_the_network(self) -> "EncoderConfig":
@@ -310,8 +319,10 @@ class SepCLRNet(nn.Module):
     """Common and salient encoders (or one shared trunk), each ending in its own MLP.
 
     ``forward(x)`` returns ``common_rep`` (B, common_dim) and ``salient_rep`` (B, salient_dim), the
-    spaces that are probed and mapped, and ``common``/``salient``, what the SepCLR loss sees: the
-    same tensors. Unlike SimCLR's projection head, which is discarded because it throws away
+    spaces that are probed and mapped, and ``common``/``salient``, what the SepCLR loss sees: by
+    default (``embed="loss_space"``) the same tensors; with ``embed="representation"`` the
+    ``*_rep`` outputs are the linear representation before the MLP, as the SepCLR paper probes
+    (kept as an option for comparison with it). Unlike SimCLR's projection head, which is discarded because it throws away
     information useful downstream, SepCLR's constraints (background salient = 0, common and
     salient independent) define the spaces, so the probed space must be the constrained one. In a
     prototype on the demo cohort (100 steps), probing the features before the MLP instead left age decodable from salient
@@ -324,10 +335,13 @@ class SepCLRNet(nn.Module):
     """
 
     def __init__(self, encoder_config: EncoderConfig | dict, common_dim: int = 32, salient_dim: int = 32,
-                 shared_trunk: bool = False) -> None:
+                 shared_trunk: bool = False, embed: str = "loss_space") -> None:
         super().__init__()
         config = EncoderConfig.model_validate(encoder_config)
+        if embed not in ("loss_space", "representation"):
+            raise ValueError(f"embed must be 'loss_space' or 'representation', got {embed!r}")
         self.shared_trunk = shared_trunk
+        self.embed_output = 0 if embed == "representation" else 1
         self.common_encoder, features = make_encoder(config)
         self.salient_encoder = None if shared_trunk else make_encoder(config)[0]
         self.common_branch = _Branch(features, common_dim, common_dim, config)
@@ -336,9 +350,10 @@ class SepCLRNet(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         common_features = self.common_encoder(x)
         salient_features = common_features if self.shared_trunk else self.salient_encoder(x)
-        common = self.common_branch(common_features)[1]
-        salient = self.salient_branch(salient_features)[1]
-        return {"common_rep": common, "salient_rep": salient, "common": common, "salient": salient}
+        common = self.common_branch(common_features)
+        salient = self.salient_branch(salient_features)
+        return {"common_rep": common[self.embed_output], "salient_rep": salient[self.embed_output],
+                "common": common[1], "salient": salient[1]}
 
     def space(self, x: Tensor, space: str) -> Tensor:
         """One space's embedding of ``x`` (``space``: "common" or "salient").
@@ -352,7 +367,7 @@ class SepCLRNet(nn.Module):
         else:
             features = self.salient_encoder(x)
         branch = self.common_branch if space == "common" else self.salient_branch
-        return branch(features)[1]
+        return branch(features)[self.embed_output]
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -17,20 +17,22 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from rich.console import Console
 
 from neurocl.errors import ConfigError, NeuroclError, TrainingError
+from neurocl.harmonise import HarmoniseConfig
 from neurocl.io import read_tsv, torch_save, write_json, write_text, write_tsv
+from neurocl.logs import epoch_lines, is_terminal, progress_console, results_console
 from neurocl.maps import MapsConfig
 from neurocl.methods import MethodConfig, OptimConfig, TrainingData, build_method, method_from_checkpoint
 from neurocl.nets import EncoderConfig
@@ -57,7 +59,7 @@ __all__ = [
     "train",
 ]
 
-console = Console(stderr=True)
+console = progress_console()
 
 DEMO_PIPELINE = Path(__file__).parent / "pipelines" / "demo.yaml"
 
@@ -127,12 +129,14 @@ class EvaluationConfig(_Section):
 class BaselineConfig(_Section):
     """One baseline compared with the main method (``pca``, ``cpca``, ``simclr`` or ``yaware``)."""
 
-    name: Literal["pca", "cpca", "simclr", "yaware"]
-    n_components: int = Field(16, gt=0, description="pca / cpca: components kept.")
+    name: Literal["pca", "cpca", "combat", "simclr", "yaware"]
+    n_components: int = Field(16, gt=0, description="pca / cpca / combat: components kept.")
     alpha: float | None = Field(None, gt=0, description="cpca: contrast strength alpha (None: chosen automatically).")
     attributes: list[str] = Field(["age"], description="yaware: attributes of the kernel prior.")
     sigma: float | list[float] = Field(5.0, description="yaware: kernel bandwidth per attribute (attribute units).")
     temperature: float = Field(0.1, gt=0, description="simclr / yaware: InfoNCE temperature.")
+    site: str = Field("site", description="combat: the site attribute (PCA of ComBat-harmonised voxels).")
+    protect: list[str] = Field(default_factory=list, description="combat: attributes whose effects ComBat keeps.")
 
 
 class OutputsConfig(_Section):
@@ -149,6 +153,9 @@ class PipelineConfig(_Section):
     name: str = Field("neurocl-run", description="A name for the run (shown in the report).")
     cohort: Path = Field(..., description="Cohort spec YAML.")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    harmonise: HarmoniseConfig | None = Field(
+        None, description="ComBat on the store, fitted on the training split's background subjects, applied to all."
+    )
     splits: SplitConfig = Field(default_factory=SplitConfig)
     views: ViewConfig = Field(default_factory=ViewConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -181,6 +188,7 @@ _PATH_FIELDS = [
     (None, "cohort"),
     ("preprocess", "reference"),
     ("preprocess", "mask"),
+    ("encoder", "weights"),
     ("splits", "file"),
     ("evaluation", "ground_truth"),
     ("maps", "atlas"),
@@ -212,7 +220,7 @@ def _format_validation(source: str, error: ValidationError) -> ConfigError:
     return ConfigError("\n".join(lines))
 
 
-def load_pipeline(path: str | os.PathLike, overrides: dict | None = None) -> PipelineConfig:
+def load_pipeline(path: str | os.PathLike, overrides: dict | None = None, settings: Sequence[str] = ()) -> PipelineConfig:
     """Read and validate a pipeline YAML; relative paths are taken from the YAML's folder.
 
     Parameters
@@ -221,6 +229,9 @@ def load_pipeline(path: str | os.PathLike, overrides: dict | None = None) -> Pip
         The pipeline YAML.
     overrides : dict, optional
         Top-level fields replacing the YAML's (e.g. ``{"cohort": ...}`` for the demo).
+    settings : list of str
+        Dotted ``SECTION.FIELD=VALUE`` settings (``neurocl run --set``) merged into the YAML
+        before validation (:mod:`neurocl.settings`); their paths are relative to the current folder.
 
     Raises
     ------
@@ -238,10 +249,16 @@ def load_pipeline(path: str | os.PathLike, overrides: dict | None = None) -> Pip
         raise ConfigError(f"{path}: a pipeline is a mapping of sections, got {type(raw).__name__}")
     raw.update(overrides or {})
     raw = _resolve_paths(raw, path.parent.absolute())
+    source = str(path)
+    if settings:
+        from neurocl.settings import merge_settings, parse_settings
+
+        raw = merge_settings(raw, _resolve_paths(parse_settings(settings), Path.cwd()))
+        source = f"{path} with --set {' --set '.join(settings)}"
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as error:
-        raise _format_validation(str(path), error) from None
+        raise _format_validation(source, error) from None
 
 
 def _config_yaml(config: PipelineConfig) -> str:
@@ -337,7 +354,11 @@ def _callbacks(run_dir: Path, every_n_steps: int, progress: bool) -> list:
         def load_state_dict(self, state: dict) -> None:
             self.best = state["best"]
 
-    return [MetricsTable(), RunCheckpoints()] + ([RichProgressBar(leave=True)] if progress else [])
+    if not progress:
+        return [MetricsTable(), RunCheckpoints()]
+    # A bar redrawn in place on a terminal; one line per epoch in a log file (logs.epoch_lines).
+    bar = RichProgressBar(leave=True, console_kwargs={"stderr": True}) if is_terminal(sys.stderr) else epoch_lines()
+    return [MetricsTable(), RunCheckpoints(), bar]
 
 
 def _on_gpu(training: TrainingConfig) -> bool:
@@ -372,7 +393,7 @@ def make_trainer(training: TrainingConfig, run_dir: Path, progress: bool = True,
         sync_batchnorm=training.sync_batchnorm and world > 1 and _on_gpu(training),
         deterministic="warn" if training.deterministic else False,
         callbacks=_callbacks(run_dir, training.checkpoint_every_n_steps, progress),
-        enable_progress_bar=progress,
+        enable_progress_bar=progress and is_terminal(sys.stderr),
         plugins=[_AtomicCheckpointIO.make()],
         logger=False,
         enable_checkpointing=False,
@@ -572,6 +593,9 @@ def _check_names(config: PipelineConfig, cohort) -> None:
         "splits.stratify": [name for name in config.splits.stratify if name != "group"],
         **{f"baselines.{entry.name}.attributes": entry.attributes for entry in config.baselines
            if entry.name == "yaware"},
+        **{"baselines.combat.site/protect": [entry.site, *entry.protect] for entry in config.baselines
+           if entry.name == "combat"},
+        "harmonise.site/protect": [config.harmonise.site, *config.harmonise.protect] if config.harmonise else [],
     }
     for field, names in fields.items():
         unknown = [name for name in names if name not in cohort.attribute_kinds]
@@ -648,7 +672,7 @@ def _train_as_worker(config: PipelineConfig, run_dir: Path, resume: bool) -> Pat
 
 
 def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool = False,
-                 overrides: dict | None = None) -> Path:
+                 overrides: dict | None = None, settings: Sequence[str] = ()) -> Path:
     """``neurocl run PIPELINE --out RUN``: every stage of a pipeline into the run directory.
 
     validate cohort -> store (reused when up to date) -> splits.tsv -> train (the method, then
@@ -666,6 +690,9 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
         checkpoint); the stages after training are recomputed.
     overrides : dict, optional
         Top-level pipeline fields replacing the YAML's.
+    settings : list of str
+        ``neurocl run --set SECTION.FIELD=VALUE`` settings, validated with the YAML (the run's
+        config.yaml records the result).
 
     Returns
     -------
@@ -675,7 +702,7 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
     from neurocl.cohort import Cohort
     from neurocl.store import VolumeStore
 
-    config = load_pipeline(path, overrides)
+    config = load_pipeline(path, overrides, settings)
     run_dir = Path(out).absolute()
     if not _is_primary_process():
         return _train_as_worker(config, run_dir, resume)
@@ -687,6 +714,11 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
     _check_names(config, cohort)
     store = VolumeStore.build(cohort, config.outputs.store or run_dir / "store", config.preprocess, progress=True)
     splits = _splits(config, cohort, run_dir)
+    if config.harmonise is not None:
+        from neurocl.harmonise import harmonise_run_store
+
+        console.print(f"[bold]harmonising[/] {config.harmonise.site} with ComBat (protecting {config.harmonise.protect})")
+        store = harmonise_run_store(store, cohort, splits, config.harmonise, run_dir / "store-harmonised")
     write_json(_prepared_marker(run_dir), {"store": str(store.cache_dir), "volumes": store.record["volumes"]})
 
     modules = {}
@@ -704,7 +736,7 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
 
     for entry in config.baselines:
         out_dir = run_dir / "baselines" / entry.name
-        if entry.name in ("pca", "cpca"):
+        if entry.name in ("pca", "cpca", "combat"):
             baselines = _optional_module("baselines", f"baseline {entry.name}")
             if baselines is None:
                 continue
@@ -712,7 +744,7 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
             # Fitted on the training subjects only, like the trained networks.
             table = baselines.voxel_embeddings(store, cohort, method=entry.name, n_components=entry.n_components,
                                                splits=splits, alpha=entry.alpha, seed=config.training.seed,
-                                               progress=True)
+                                               progress=True, site=entry.site, protect=entry.protect)
         else:
             console.print(f"[bold]baseline[/] {entry.name}: embedding every subject")
             table = embeddings_table(modules[f"baselines/{entry.name}"], store, cohort, splits,
@@ -908,6 +940,7 @@ def _demo_cell(record: dict | None) -> str:
 def _print_demo_summary(summary: dict) -> None:
     from rich.table import Table
 
+    out = results_console()  # the demo's results go to stdout, its progress to stderr
     table = Table(title="neurocl demo: what is decodable from which space (cross-validated linear probes)")
     for column in ("attribute", "subjects", "metric", "common", "salient", "chance"):
         table.add_column(column)
@@ -917,16 +950,16 @@ def _print_demo_summary(summary: dict) -> None:
         first = next(iter(spaces.values()))
         cells = [_demo_cell(spaces.get(space)) for space in ("common", "salient")]
         table.add_row(attribute, first["subset"], first["metric"], *cells, _number(first["chance"], 2))
-    console.print(table)
+    out.print(table)
     maps = summary["maps"]
     if maps:
         aucs = ", ".join(f"{method} {_number(auc, 2)}" for method, auc in maps["mean_auc_subtype_map"].items())
-        console.print(f"maps: AUC vs true subtype masks: {aucs}; clusters: {maps['n_clusters']}, "
+        out.print(f"maps: AUC vs true subtype masks: {aucs}; clusters: {maps['n_clusters']}, "
                       f"ARI {_number(maps['ari'], 2)}")
     for target in summary["targets"]:
         mark = "[green]reached[/]" if target["reached"] else "[red]missed[/]"
-        console.print(f"  {mark}  {target['check']}")
-    console.print(f"demo finished in {summary['wall_time_s'] / 60:.1f} min; summary: demo_summary.json beside the run")
+        out.print(f"  {mark}  {target['check']}")
+    out.print(f"demo finished in {summary['wall_time_s'] / 60:.1f} min; summary: demo_summary.json beside the run")
 
 
 # ---------------------------------------------------------------- trained models

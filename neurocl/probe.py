@@ -728,11 +728,16 @@ def probe_embeddings(
             attribute == config.leave_site_out,
         ))
     rows = []
+    skipped: dict[tuple[str, str, str], list[str]] = {}
     for (space, attribute, subset), task, (results, note) in zip(jobs, tasks, _run_tasks(tasks, config, progress)):
         if not results:
-            logger.warning("skipped %s/%s/%s: %s", space, attribute, subset, note)
+            skipped.setdefault((attribute, subset, note), []).append(space)
             results = [dict(metric="none", value=np.nan, ci_low=np.nan, ci_high=np.nan, p_value=np.nan, chance=np.nan, n=len(task[2]))]
         rows.extend({"space": space, "attribute": attribute, "subset": subset, **result, "note": note} for result in results)
+    # One line per reason, not per space: an attribute absent from a group by design (a patients-only
+    # score in controls) is skipped in every space alike.
+    for (attribute, subset, note), skipped_spaces in skipped.items():
+        logger.warning("not probed: %s in %s (%s), spaces %s", attribute, subset, note, ", ".join(skipped_spaces))
     return pd.DataFrame(rows, columns=PROBE_COLUMNS)
 
 
@@ -771,7 +776,9 @@ def _progress(items, enabled, description, total=None):
         return items
     from rich.progress import track
 
-    return track(items, description=description, transient=True, total=total)
+    from neurocl.logs import progress_console
+
+    return track(items, description=description, transient=True, total=total, console=progress_console())
 
 
 # ----------------------------------------------------------------------------- separation
@@ -992,9 +999,9 @@ def probe_command(
     (probes_path, separation_path)
     """
     from pydantic import ValidationError
-    from rich.console import Console
 
     from neurocl.cohort import Cohort
+    from neurocl.logs import results_console
     from neurocl.io import read_tsv, write_json, write_tsv
 
     embeddings_tsv, out_dir = Path(embeddings_tsv), Path(out_dir)
@@ -1014,7 +1021,7 @@ def probe_command(
     probes_path = write_tsv(out_dir / "probes.tsv", probes)
     separation_path = write_json(out_dir / "separation.json", result)
     write_tsv(out_dir / "separation.tsv", separation_table(result))
-    console = Console()
+    console = results_console()
     console.print(probes_table(probes))
     console.print(f"wrote [bold]{probes_path}[/], [bold]{separation_path}[/]")
     return probes_path, separation_path

@@ -36,7 +36,8 @@ import numpy as np
 import pandas as pd
 
 from neurocl.errors import ConfigError
-from neurocl.io import atomic_path, read_tsv, write_text
+from neurocl.io import atomic_path, load_yaml, read_tsv, write_text
+from neurocl.maps.subtypes import STABILITY_CAUTION
 from neurocl.probe import PRIMARY_METRIC, embedding_spaces
 
 FIGURE_DIR = "report_files"
@@ -142,11 +143,20 @@ def write_report(run_dir) -> tuple[Path, Path]:
         )
         if section is not None
     ]
-    title = f"neurocl report: {run.name}"
+    title = f"neurocl report: pipeline '{run.name}' on cohort '{run.cohort_name}'"
     html_path = write_text(run_dir / "report.html", _render_html(title, sections))
     md_path = write_text(run_dir / "report.md", _render_md(title, sections))
     _remove_stale_figures(figures)
     return html_path, md_path
+
+
+def _cohort_name(spec_path) -> str:
+    """The ``name`` of the run's cohort spec, or its file name when the spec is gone or unnamed."""
+    if not spec_path:
+        return "unknown"
+    spec = _read_yaml(Path(spec_path))
+    name = spec.get("name") if isinstance(spec, dict) else None
+    return str(name) if name else Path(spec_path).name
 
 
 class _RunFiles:
@@ -156,6 +166,7 @@ class _RunFiles:
         self.dir = run_dir
         self.config = _read_yaml(run_dir / "config.yaml")
         self.name = str(self.config.get("name", run_dir.name)) if self.config else run_dir.name
+        self.cohort_name = _cohort_name((self.config or {}).get("cohort"))
         method = (self.config or {}).get("method")
         self.method = str(method.get("name", "run")) if isinstance(method, dict) else "run"
         self.embeddings = _read_table(run_dir / "embeddings.tsv")
@@ -205,12 +216,7 @@ def _read_json(path: Path) -> dict | None:
 def _read_yaml(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"report: cannot read {path} ({error})") from None
+    loaded = load_yaml(path, ConfigError, "run configuration")
     return loaded if isinstance(loaded, dict) else None
 
 
@@ -564,6 +570,10 @@ def _maps_section(run: _RunFiles, figures: _Figures) -> _Section | None:
                       caption="Subtypes: clusters of target subjects in salient space (k chosen by the criterion; "
                               "k = 1, no subtypes, unless the one-cluster gap test rejects it; "
                               "stability = bootstrap agreement, undefined for k = 1).")
+        stability = run.subtypes.get("stability")
+        if isinstance(stability, (int, float)) and stability < STABILITY_CAUTION:
+            section.text(f"Caution: subtype stability {stability:.2f} is below {STABILITY_CAUTION}: the clusters "
+                         "hinge on a few subjects; do not read them as subtypes without a second seed or more subjects.")
         scores = run.subtypes.get("scores")
         if isinstance(scores, list) and scores:
             section.table(_rounded(pd.DataFrame(scores)), caption="Score per number of clusters")
@@ -590,8 +600,11 @@ def _maps_section(run: _RunFiles, figures: _Figures) -> _Section | None:
             if png is None:
                 continue
             caption = f"{row.get('method', '')} map, {row.get('group', '')} (n={row.get('n_subjects', 'n/a')})"
+            if isinstance(row.get("peak_mm"), str):
+                where = row["peak_region"] if isinstance(row.get("peak_region"), str) else "no atlas region"
+                caption += f"; cut at the map's peak ({row['peak_mm']}) mm, in {where}"
             if isinstance(row.get("top_region"), str):
-                caption += f"; top region: {row['top_region']}"
+                caption += f"; top region by mean relevance: {row['top_region']}"
             figures.embed_file(section, png, caption)
             section.md[-1] = f"![{caption}]({png.relative_to(run.dir).as_posix()})"
     return section

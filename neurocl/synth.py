@@ -5,27 +5,37 @@ Every subject's grey-matter (GM) map is nilearn's packaged MNI152 GM template
 latent factors whose values are written to ``ground_truth.tsv``:
 
 Common to all subjects (what a contrastive "common" space should capture)
-    * age ``a ~ U(20, 80)`` years: global GM loss
-      ``l_age = age_effect * 0.025 * (a - 20) / 10`` (3 % per decade) and a
+    * age ``a ~ U(20, 80)`` years: GM loss ``l_age = age_effect * 0.03 * (a - 20) / 10``
+      (3 % per decade), global, or with ``age_pattern="gradient"`` weighted by
+      ``2 r(x)`` (``r`` 0 at the brain's back, 1 at its front: an anterior-posterior gradient), and a
       ventricle-like enlargement, a radial warp about the ventricles
       ``y = c_v + (x - c_v) * (1 - e * exp(-||(x - c_v) / rho||^2 / 2))`` with
       ``e = age_effect * 0.005 * (a - 20)`` (0.3 at 80 years);
-    * sex: head size, an isotropic scaling ``s = exp(±0.025 * sex_effect + 0.015 * N(0, 1))``
-      (+ for M, - for F; about 5 % between sexes);
+    * sex: head size, an isotropic scaling
+      ``s = exp(±0.025 * sex_effect + 0.015 * head_size_noise * N(0, 1))`` (+ for M, - for F;
+      about 5 % between sexes);
     * site ``k``: intensity scale, extra Gaussian smoothing and noise level;
     * an individual smooth deformation: displacements ``N(0, d^2)`` mm per axis on a
       20 mm control grid, cubic-spline interpolated, ``d = deformation * U(1, 3)`` mm.
 
 Specific to patients (what a "salient" space should capture)
-    * subtype ``k in 1..K``: a distinct anatomical region of GM loss per subtype;
-    * severity ``v = 2 + 8 * Beta(2, 2)`` on a 0-10 clinical scale: the local loss is
+    * subtype ``k in 1..K``: ``lesion_regions`` distinct anatomical regions of GM loss per
+      subtype (``subtypes=0``: no subtypes, every patient has subtype 1's regions);
+    * severity ``v = 2 + 8 * Beta(2, 2)`` on a 0-10 clinical scale (``subtypes=0``:
+      ``v ~ U(0, 10)``, a continuum down to control-like patients): the local loss is
       ``l_sub(x) = subtype_effect * 0.4 * v / 10 * w_k(x)`` (8 % to 40 % at the region's core),
-      ``w_k`` a flat-topped raised-cosine blob around the region's centre.
+      ``w_k`` flat-topped raised-cosine blobs around the regions' centres (radii scaled by
+      ``lesion_size``).
 
 The image of a subject is, with ``phi`` the composed warp (deformation, head scale,
 ventricles) and ``T`` the template::
 
     G(x) = clip(scale_k * (S_k * [T * (1 - l_age) * (1 - l_sub)])(phi(x)) + n(x), 0, 1)
+
+or, with ``lesion_space="subject"``, the loss planted after the warp, at fixed image
+coordinates (it does not follow the subject's anatomy)::
+
+    G(x) = clip(scale_k * (S_k * [(T * (1 - l_age))(phi(x)) * (1 - l_sub(x))]) + n(x), 0, 1)
 
 where ``S_k`` is the site's Gaussian smoothing and ``n ~ N(0, sigma_k^2)`` noise inside the
 brain. See ``docs/synthetic.md`` for the full description.
@@ -40,7 +50,7 @@ from concurrent.futures import ProcessPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -88,12 +98,31 @@ class SynthConfig(BaseModel):
 
     n_subjects: int = Field(200, ge=4, le=99999, description="number of subjects")
     patient_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of patients (target group)")
-    subtypes: int = Field(2, ge=1, le=len(REGIONS), description="patient subtypes, one region of GM loss each")
+    subtypes: int = Field(
+        2, ge=0, le=len(REGIONS),
+        description="patient subtypes, each with its own regions of GM loss; 0: no subtypes, one pattern "
+        "shared by all patients with a continuous severity U(0, 10)",
+    )
+    lesion_regions: int = Field(1, ge=1, le=len(REGIONS), description="regions of GM loss per subtype")
+    lesion_size: float = Field(
+        1.0, ge=0.25, le=1.0, description="multiplier of a region's radii (full loss within 8 mm, none beyond 16 mm)"
+    )
+    lesion_space: Literal["template", "subject"] = Field(
+        "template",
+        description="where the loss is planted: template (before the warp, it follows the anatomy) or subject "
+        "(after the warp, at fixed image coordinates)",
+    )
+    age_pattern: Literal["global", "gradient"] = Field(
+        "global", description="age GM loss: global (uniform) or gradient (anterior-posterior, none at the back)"
+    )
     sites: int = Field(3, ge=1, le=50, description="acquisition sites")
     resolution: float = Field(4.0, ge=1.0, le=16.0, description="isotropic voxel size in mm")
     confound: float = Field(0.0, ge=0.0, le=1.0, description="site-diagnosis dependence, 0 (none) to 1 (total)")
     age_effect: float = Field(1.0, ge=0.0, le=3.0, description="multiplier of the age effects")
     sex_effect: float = Field(1.0, ge=0.0, le=5.0, description="multiplier of the sex head-size difference")
+    head_size_noise: float = Field(
+        1.0, ge=0.0, le=5.0, description="multiplier of the individual head-size SD; 0: head size set by sex alone"
+    )
     site_effect: float = Field(1.0, ge=0.0, le=5.0, description="multiplier of site scale, smoothing and noise")
     subtype_effect: float = Field(1.0, ge=0.0, le=2.5, description="multiplier of the subtype GM loss")
     deformation: float = Field(1.0, ge=0.0, le=5.0, description="multiplier of the individual deformation")
@@ -109,9 +138,24 @@ class SynthConfig(BaseModel):
             )
         if n_patients < self.subtypes:
             raise ValueError(f"subtypes={self.subtypes} but only {n_patients} patients; each subtype needs one")
+        if self.n_patterns * self.lesion_regions > len(REGIONS):
+            raise ValueError(
+                f"subtypes={self.subtypes} with lesion_regions={self.lesion_regions} needs "
+                f"{self.n_patterns * self.lesion_regions} distinct regions; there are {len(REGIONS)}"
+            )
         if self.confound > 0 and self.sites < 2:
             raise ValueError(f"confound={self.confound} needs at least 2 sites (sites={self.sites})")
         return self
+
+    @property
+    def n_patterns(self) -> int:
+        """Distinct lesion patterns: one per subtype, or one shared by all patients when ``subtypes=0``."""
+        return max(self.subtypes, 1)
+
+    def pattern_regions(self) -> list[list[tuple[str, tuple[float, float, float]]]]:
+        """The regions (name, MNI centre) of each pattern: consecutive runs of :data:`REGIONS`."""
+        m = self.lesion_regions
+        return [list(REGIONS[k * m : (k + 1) * m]) for k in range(self.n_patterns)]
 
     @classmethod
     def from_options(cls, **options: Any) -> "SynthConfig":
@@ -251,21 +295,50 @@ def template_grid(resolution: float) -> Grid:
     return grid
 
 
-def region_weight(world: np.ndarray, centre: tuple[float, float, float]) -> np.ndarray:
-    """Flat-topped blob: 1 within 8 mm of ``centre``, raised-cosine taper to 0 at 16 mm.
+def region_weight(world: np.ndarray, centre: tuple[float, float, float], size: float = 1.0) -> np.ndarray:
+    """Flat-topped blob: 1 within ``8 size`` mm of ``centre``, raised-cosine taper to 0 at ``16 size`` mm.
 
-    ``w(d) = 1`` for ``d <= 8``, ``(1 + cos(pi (d - 8) / 8)) / 2`` for ``8 < d < 16``, 0 beyond.
+    ``w(d) = 1`` for ``d <= c``, ``(1 + cos(pi (d - c) / c)) / 2`` for ``c < d < 2c``, 0 beyond,
+    with ``c = 8 size`` mm.
     """
     distance = np.sqrt(((world - np.asarray(centre, dtype=np.float32).reshape(3, 1, 1, 1)) ** 2).sum(0))
-    taper = (distance - REGION_CORE_MM) / (REGION_RADIUS_MM - REGION_CORE_MM)
+    taper = (distance - size * REGION_CORE_MM) / (size * (REGION_RADIUS_MM - REGION_CORE_MM))
     weight = 0.5 * (1.0 + np.cos(np.pi * np.clip(taper, 0.0, 1.0)))
     return weight.astype(np.float32)
 
 
-def subtype_masks(grid: Grid, subtypes: int) -> list[np.ndarray]:
-    """Binary masks (bool, grid shape) of where each subtype's loss is planted: GM in the brain with ``w_k >= 0.5``."""
+def pattern_weights(grid: Grid, config: SynthConfig) -> list[np.ndarray]:
+    """Weight ``w_k`` (grid shape) of each lesion pattern: the sum of its regions' blobs (they never overlap)."""
+    return [
+        np.sum([region_weight(grid.world, centre, config.lesion_size) for _, centre in regions], axis=0).astype(np.float32)
+        for regions in config.pattern_regions()
+    ]
+
+
+def subtype_masks(grid: Grid, config: SynthConfig) -> list[np.ndarray]:
+    """Binary masks (bool, grid shape) of where each pattern's loss is planted: GM in the brain with ``w_k >= 0.5``.
+
+    With ``lesion_size`` below 1 at a coarse resolution a mask can hold very few voxels (or
+    none: a region smaller than a voxel); ``regions.tsv`` says how many.
+    """
     tissue = (grid.gm >= MASK_GM_THRESHOLD) & (grid.brain >= 0.5)
-    return [(region_weight(grid.world, centre) >= REGION_MASK_WEIGHT) & tissue for _, centre in REGIONS[:subtypes]]
+    return [(weight >= REGION_MASK_WEIGHT) & tissue for weight in pattern_weights(grid, config)]
+
+
+def age_weight(grid: Grid, config: SynthConfig) -> np.ndarray | None:
+    """Spatial weight of the age GM loss: None (global) or ``2 r(x)``, ``r`` the brain's posterior-to-anterior ramp.
+
+    ``r(x) = (y - y_back) / (y_front - y_back)`` clipped to [0, 1], with ``y_back``/``y_front`` the
+    extreme MNI y (mm) of the template's brain mask; the loss averages about the global one
+    but is none at the occipital pole and twice it at the frontal pole, so it survives the
+    per-subject intensity normalisation that removes a global loss.
+    """
+    if config.age_pattern == "global":
+        return None
+    y = grid.world[1]
+    inside = y[grid.brain >= 0.5]
+    ramp = np.clip((y - inside.min()) / (inside.max() - inside.min()), 0.0, 1.0)
+    return (2.0 * ramp).astype(np.float32)
 
 
 def _site_parameters(config: SynthConfig, rng: np.random.Generator) -> pd.DataFrame:
@@ -311,11 +384,16 @@ def draw_latents(config: SynthConfig) -> pd.DataFrame:
     site_index = _assign_sites(diagnosis, config, rng)
     age = rng.uniform(20.0, 80.0, n)
     sex = np.where(rng.random(n) < 0.5, "F", "M")
-    head_scale = np.exp(np.where(sex == "M", 1.0, -1.0) * SEX_HEAD_LOG_SCALE * config.sex_effect + HEAD_LOG_SCALE_SD * rng.standard_normal(n))
+    head_noise = HEAD_LOG_SCALE_SD * config.head_size_noise * rng.standard_normal(n)
+    head_scale = np.exp(np.where(sex == "M", 1.0, -1.0) * SEX_HEAD_LOG_SCALE * config.sex_effect + head_noise)
     # Balanced subtypes (as equal as the count allows) keep every subtype recoverable.
     subtype = np.zeros(n, dtype=int)
-    subtype[is_patient] = rng.permutation(np.arange(n_patients) % config.subtypes + 1)
-    severity = np.where(is_patient, 2.0 + 8.0 * rng.beta(2.0, 2.0, n), 0.0)
+    subtype[is_patient] = rng.permutation(np.arange(n_patients) % config.n_patterns + 1)
+    if config.subtypes == 0:
+        # One pattern and a continuum of severity reaching 0: no gap between mild patients and controls.
+        severity = np.where(is_patient, rng.uniform(0.0, 10.0, n), 0.0)
+    else:
+        severity = np.where(is_patient, 2.0 + 8.0 * rng.beta(2.0, 2.0, n), 0.0)
     deformation = config.deformation * rng.uniform(1.0, 3.0, n)
     width = max(4, len(str(n)))
     latents = pd.DataFrame(
@@ -354,20 +432,38 @@ def _warp(grid: Grid, subject: Any, rng: np.random.Generator) -> np.ndarray:
     return VENTRICLE_CENTRE_MM.reshape(3, 1, 1, 1) + offset * (1.0 - subject.ventricle_expansion * falloff)
 
 
-def subject_volume(grid: Grid, subject: Any, region_weights: list[np.ndarray], seed: np.random.SeedSequence) -> np.ndarray:
+def subject_volume(
+    grid: Grid,
+    subject: Any,
+    region_weights: list[np.ndarray],
+    seed: np.random.SeedSequence,
+    age_weights: np.ndarray | None = None,
+    lesion_space: str = "template",
+) -> np.ndarray:
     """One subject's GM map (float32, grid shape, values in [0, 1]) from its latent factors.
 
     ``subject`` is a row of :func:`draw_latents` (attribute access, e.g. from ``itertuples``);
     ``seed`` drives its deformation and noise, so a subject does not depend on the others.
+    ``region_weights`` are :func:`pattern_weights`, ``age_weights`` :func:`age_weight` (None:
+    global loss); ``lesion_space`` "subject" plants the loss after the warp.
     """
     from scipy import ndimage
 
     rng = np.random.default_rng(seed)
-    tissue = grid.gm * np.float32(1.0 - subject.age_gm_loss)
+    if age_weights is None:
+        tissue = grid.gm * np.float32(1.0 - subject.age_gm_loss)
+    else:
+        tissue = grid.gm * np.clip(1.0 - np.float32(subject.age_gm_loss) * age_weights, 0.0, 1.0)
+    lesion = None
     if subject.subtype > 0:
-        tissue = tissue * (1.0 - np.float32(subject.subtype_gm_loss) * region_weights[subject.subtype - 1])
+        lesion = 1.0 - np.float32(subject.subtype_gm_loss) * region_weights[subject.subtype - 1]
+        lesion = np.clip(lesion, 0.0, 1.0)
+        if lesion_space == "template":
+            tissue = tissue * lesion
     index = _to_index(np.linalg.inv(grid.affine), _warp(grid, subject, rng))
     volume = _sample(tissue, index, grid.shape)
+    if lesion is not None and lesion_space == "subject":
+        volume = volume * lesion
     brain = _sample(grid.brain, index, grid.shape) >= 0.5
     sigma_voxels = subject.site_smoothing * FWHM_TO_SIGMA / (grid.affine[0, 0])
     if sigma_voxels > 0:
@@ -421,8 +517,8 @@ def _check_out_dir(out_dir: Path) -> None:
         raise ConfigError(f"output folder {out_dir} is {kind}; give a new or empty folder")
 
 
-# (resolution, subtypes) -> (grid, region weights), filled by the parent before forking workers.
-_SUBJECT_CONTEXT: dict[tuple[float, int], tuple[Grid, list[np.ndarray]]] = {}
+# Config JSON -> (grid, pattern weights, age weights, lesion space), filled by the parent before forking workers.
+_SUBJECT_CONTEXT: dict[str, tuple[Grid, list[np.ndarray], np.ndarray | None, str]] = {}
 
 
 def _worker_count(workers: int | None, n_jobs: int) -> int:
@@ -437,9 +533,9 @@ def _worker_count(workers: int | None, n_jobs: int) -> int:
 
 
 def _write_subject(job) -> None:
-    resolution, subtypes, subject, seed, out_dir = job
-    grid, region_weights = _SUBJECT_CONTEXT[resolution, subtypes]
-    volume = subject_volume(grid, subject, region_weights, seed)
+    key, subject, seed, out_dir = job
+    grid, region_weights, age_weights, lesion_space = _SUBJECT_CONTEXT[key]
+    volume = subject_volume(grid, subject, region_weights, seed, age_weights, lesion_space)
     path = Path(out_dir) / subject.participant_id / "anat" / f"{subject.participant_id}_desc-gm.nii.gz"
     io.save_nifti(_nifti(volume, grid.affine), path)
 
@@ -476,45 +572,53 @@ def make_synthetic_cohort(
     _check_out_dir(out_dir)
     grid = template_grid(config.resolution)
     latents = draw_latents(config)
-    region_weights = [region_weight(grid.world, centre) for _, centre in REGIONS[: config.subtypes]]
+    key = config.model_dump_json()
+    _SUBJECT_CONTEXT.clear()  # one cohort's arrays at a time
+    _SUBJECT_CONTEXT[key] = (grid, pattern_weights(grid, config), age_weight(grid, config), config.lesion_space)
     subject_seeds = np.random.SeedSequence(config.seed).spawn(config.n_subjects + 1)[1:]
     jobs = [
-        (config.resolution, config.subtypes, SimpleNamespace(**subject), seed, str(out_dir))
+        (key, SimpleNamespace(**subject), seed, str(out_dir))
         for subject, seed in zip(latents.to_dict("records"), subject_seeds)
     ]
     workers = _worker_count(workers, len(jobs))
 
     from rich.progress import Progress
 
-    with Progress(disable=not progress, transient=False) as bar:
+    
+
+    from neurocl.logs import progress_console
+
+    with Progress(disable=not progress, transient=False, console=progress_console()) as bar:
         task = bar.add_task("synthesising subjects", total=len(latents))
         if workers == 1:
-            _SUBJECT_CONTEXT[config.resolution, config.subtypes] = (grid, region_weights)
             for job in jobs:
                 _write_subject(job)
                 bar.advance(task)
         else:
-            # Forked workers inherit the template grid built above instead of rebuilding it.
-            _SUBJECT_CONTEXT[config.resolution, config.subtypes] = (grid, region_weights)
+            # Forked workers inherit the template grid and weights built above instead of rebuilding them.
             context = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(workers, mp_context=context) as pool:
                 for _ in pool.map(_write_subject, jobs, chunksize=4):
                     bar.advance(task)
 
     io.save_nifti(_nifti((grid.brain >= 0.5).astype(np.uint8), grid.affine), out_dir / "brain_mask.nii.gz")
-    masks = subtype_masks(grid, config.subtypes)
+    masks = subtype_masks(grid, config)
     for k, mask in enumerate(masks, start=1):
         io.save_nifti(_nifti(mask.astype(np.uint8), grid.affine), out_dir / "masks" / f"subtype-{k}_mask.nii.gz")
-    regions = pd.DataFrame(
+    tissue = (grid.gm >= MASK_GM_THRESHOLD) & (grid.brain >= 0.5)
+    rows = [
         {
-            "subtype": np.arange(1, config.subtypes + 1),
-            "region": [name for name, _ in REGIONS[: config.subtypes]],
-            "x_mm": [centre[0] for _, centre in REGIONS[: config.subtypes]],
-            "y_mm": [centre[1] for _, centre in REGIONS[: config.subtypes]],
-            "z_mm": [centre[2] for _, centre in REGIONS[: config.subtypes]],
-            "n_voxels": [int(mask.sum()) for mask in masks],
+            "subtype": k,
+            "region": name,
+            "x_mm": centre[0],
+            "y_mm": centre[1],
+            "z_mm": centre[2],
+            "n_voxels": int(((region_weight(grid.world, centre, config.lesion_size) >= REGION_MASK_WEIGHT) & tissue).sum()),
         }
-    )
+        for k, regions in enumerate(config.pattern_regions(), start=1)
+        for name, centre in regions
+    ]
+    regions = pd.DataFrame(rows, columns=["subtype", "region", "x_mm", "y_mm", "z_mm", "n_voxels"])
     io.write_tsv(out_dir / "masks" / "regions.tsv", regions)
     io.write_tsv(out_dir / "ground_truth.tsv", latents)
     io.write_tsv(out_dir / "participants.tsv", _participants(latents))

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from neurocl.errors import ConfigError
+from neurocl.patches import PatchConfig, gather_boxes
 
 if TYPE_CHECKING:
     from neurocl.store import VolumeStore
@@ -92,6 +93,9 @@ class ViewConfig(BaseModel):
     blur_sigma: tuple[float, float] = (0.1, 1.0)
     p_cutout: float = Probability(default=0.5)
     cutout_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
+    # Patch-batched training: the recipe above is applied to K random patches per subject instead
+    # of the whole volumes (see neurocl.patches); None trains on whole volumes.
+    patches: PatchConfig | None = None
 
     @field_validator("crop_scale")
     @classmethod
@@ -209,6 +213,14 @@ class ViewSampler:
             raise ConfigError(f"n_views must be >= 1, got {n_views}")
         if not x.is_floating_point():
             x = x.float()
+        # Views are made in the input's precision whatever autocast says: under bf16/fp16 autocast
+        # the matrix products of the blur (and grid_sample, interpolate) would return half
+        # precision and could not be written back into the float32 batch. The network's own
+        # forward pass still runs under the caller's autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._make_views(x, n_views, generator)
+
+    def _make_views(self, x: torch.Tensor, n_views: int, generator: torch.Generator | None) -> torch.Tensor:
         draw = _Draw(generator, x.device)
         # _geometry always returns a new tensor (never a view of x): the later steps work in place.
         views = self._geometry(x, n_views, draw)
@@ -250,12 +262,12 @@ class ViewSampler:
             views = x[source]
             chosen = selected.nonzero().flatten()
             if len(chosen):
-                cropped = _gather_box(x, source[chosen], random_start[chosen], crop)
+                cropped = gather_boxes(x, source[chosen], random_start[chosen], crop)
                 mode = _LINEAR[self.spatial_dims]
                 views[chosen] = F.interpolate(cropped, size=spatial, mode=mode, align_corners=False)
             return views
         start = torch.where(selected[:, None], random_start, room // 2)
-        return _gather_box(x, source, start, crop)
+        return gather_boxes(x, source, start, crop)
 
     def _theta(self, n_samples: int, spatial: tuple[int, ...], draw: "_Draw", with_crop: bool) -> torch.Tensor:
         """Per-sample ``(N, D, D+1)`` maps from output to input normalised coordinates (array axis order).
@@ -425,19 +437,6 @@ def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
     return values.view(values.shape[0], *([1] * (ndim - 1)))
 
 
-def _gather_box(x: torch.Tensor, source: torch.Tensor, start: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Boxes of ``size`` at per-sample ``start`` corners of ``x[source]`` in one gather: ``(N, C, *size)``.
-
-    ``unfold`` along each axis is a view (no copy) holding every box of ``size``; indexing it with
-    the per-sample (source, corner) pairs copies just the chosen boxes.
-    """
-    windows = x
-    for axis, length in enumerate(size):
-        windows = windows.unfold(2 + axis, length, 1)  # (B, C, *positions, *size)
-    corners = [start[:, axis] for axis in range(len(size))]
-    return windows[(source, slice(None), *corners)]
-
-
 def _grid_sample(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Resample ``x`` ``(N, C, *S)`` with per-sample affine maps ``theta`` given in array-axis order."""
     dims = theta.shape[1]
@@ -525,111 +524,3 @@ def _mirror_index(position: torch.Tensor, length: int) -> torch.Tensor:
     period = 2 * length  # the mirrored signal repeats every 2 * length voxels
     position = position % period
     return torch.where(position >= length, period - 1 - position, position)
-
-
-# ---------------------------------------------------------------- grid patches
-
-
-def _patch_starts(length: int, size: int, stride: int) -> list[int]:
-    """Start positions that step by ``stride`` and end with a patch flush with the border."""
-    starts = list(range(0, length - size + 1, stride))
-    if starts[-1] != length - size:
-        starts.append(length - size)
-    return starts
-
-
-def _patch_voxel_index(coords: torch.Tensor, size: Sequence[int], spatial_shape: Sequence[int]) -> torch.Tensor:
-    """Flat voxel index of every voxel of every patch: ``(L * prod(size),)``, patch-major."""
-    flat = torch.zeros((coords.shape[0],) + (1,) * len(size), dtype=torch.long, device=coords.device)
-    for axis, (length, patch) in enumerate(zip(spatial_shape, size)):
-        shape = [coords.shape[0]] + [1] * len(size)
-        shape[1 + axis] = patch
-        along = (coords[:, axis, None] + torch.arange(patch, device=coords.device)).view(shape)
-        flat = flat * length + along
-    return flat.reshape(-1)
-
-
-def _as_tuple(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...]:
-    values = (value,) * dims if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(values) != dims or any(v < 1 for v in values):
-        raise ConfigError(f"patch {name} must be a positive int or {dims} positive ints, got {value}")
-    return values
-
-
-def extract_patches(
-    x: torch.Tensor, size: int | Sequence[int], stride: int | Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All patches of ``size`` on a ``stride`` grid of a batch, in one gather.
-
-    The same patches as ``unfold`` along each axis (``x.unfold(2, p, t).unfold(3, ...)``) taken
-    in one ``index_select``; in addition the grid covers the whole volume: when ``stride`` does
-    not land on the far border, one more patch flush with it is added, so every voxel lies in at
-    least one patch (``unfold`` would drop the border voxels).
-
-    Parameters
-    ----------
-    x : (B, C, *S) tensor
-    size, stride : int or one int per spatial axis
-
-    Returns
-    -------
-    patches : (B, L, C, *size) tensor
-        ``patches[b, l] == x[b, :, c0:c0 + p0, c1:c1 + p1, ...]`` with ``(c0, c1, ...) = coords[l]``.
-    coords : (L, D) long tensor
-        Start corner (voxel index) of each patch, patches ordered with the last axis fastest
-        (the Cartesian product of the start positions along each axis); what
-        :func:`aggregate_patches` takes.
-    """
-    batch, channels, *spatial = x.shape
-    dims = len(spatial)
-    size = _as_tuple(size, dims, "size")
-    stride = _as_tuple(stride, dims, "stride")
-    if any(p > s for p, s in zip(size, spatial)):
-        raise ConfigError(f"patch size {size} is larger than the volume {tuple(spatial)}")
-    axes = [torch.tensor(_patch_starts(s, p, t), device=x.device) for s, p, t in zip(spatial, size, stride)]
-    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, dims)
-    voxels = _patch_voxel_index(coords, size, spatial)
-    patches = x.reshape(batch, channels, -1).index_select(2, voxels)
-    patches = patches.view(batch, channels, coords.shape[0], *size).transpose(1, 2)
-    return patches, coords
-
-
-def aggregate_patches(
-    values: torch.Tensor, coords: torch.Tensor, size: int | Sequence[int], spatial_shape: Sequence[int]
-) -> torch.Tensor:
-    """Put patch-level values back on the volume, averaging where patches overlap.
-
-    ``out[b, c, v] = sum_{l: v in patch l} values[b, l, c, v - coords_l] / #{l: v in patch l}``;
-    voxels that no patch covers are 0.
-
-    Parameters
-    ----------
-    values : (B, L, C, *size), (B, L, C) or (B, L) tensor
-        Voxel-wise values per patch, or one value per patch (and channel) spread over the patch.
-    coords : (L, D) long tensor of patch start corners, as returned by :func:`extract_patches`
-    size : int or one int per spatial axis
-    spatial_shape : the volume's spatial shape
-
-    Returns
-    -------
-    (B, C, *spatial_shape) tensor
-    """
-    dims = len(spatial_shape)
-    size = _as_tuple(size, dims, "size")
-    if values.ndim == 2:
-        values = values[:, :, None]
-    if values.ndim == 3:
-        values = values.view(*values.shape, *([1] * dims)).expand(*values.shape, *size)
-    batch, n_patches, channels = values.shape[:3]
-    if n_patches != coords.shape[0]:
-        raise ConfigError(f"aggregate_patches: {n_patches} patch values but {coords.shape[0]} coordinates")
-    voxels = _patch_voxel_index(coords.to(values.device), size, spatial_shape)
-    # Sums in float64: k equal float32 copies add up exactly, so extract-then-aggregate gives
-    # back the volume bit for bit.
-    flat = values.transpose(1, 2).reshape(batch, channels, -1).double()
-    n_voxels = math.prod(spatial_shape)
-    total = torch.zeros(batch, channels, n_voxels, device=values.device, dtype=torch.float64)
-    total.index_add_(2, voxels, flat)
-    counts = torch.zeros(n_voxels, device=values.device, dtype=torch.float64)
-    counts.index_add_(0, voxels, torch.ones_like(voxels, dtype=torch.float64))
-    return (total / counts.clamp_min(1)).float().view(batch, channels, *spatial_shape)

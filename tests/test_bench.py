@@ -32,3 +32,22 @@ def test_monai_baseline_makes_the_asked_views_in_worker_processes():
     volumes = np.random.default_rng(0).standard_normal((4, 1, 12, 12, 12)).astype(np.float32)
     measured = bench._measure_baseline("monai", "full", volumes, config)
     assert measured.views == 8 and measured.seconds > 0 and measured.note == "2 workers"
+
+
+def test_data_benchmark_without_torchio_measures_the_rest_and_says_how_to_add_it(monkeypatch):
+    import io
+    import sys
+
+    from rich.console import Console
+
+    # None in sys.modules makes `import torchio` raise ImportError, as on a plain `pip install -e .`.
+    monkeypatch.setitem(sys.modules, "torchio", None)
+    config = DataBenchConfig(shape=(8, 8, 8), batch_size=2, n_views=2, n_batches=1, n_subjects=4, workers=1,
+                             recipes=("light",))
+    result = bench.run_data_benchmark(config, progress=False)
+    assert [m.library for m in result["measurements"]] == ["neurocl", "monai"]
+    assert result["missing"] == ["torchio"]
+    assert set(result["ratios"]["light"]) == {"neurocl/monai"}
+    out = io.StringIO()
+    bench.print_data_benchmark(result, Console(file=out, width=200))
+    assert 'torchio: not installed, not measured; add it with pip install -e ".[bench]"' in out.getvalue()

@@ -111,3 +111,44 @@ def test_demo_summary_checks_each_target(fake_run):
     assert subtype["salient"]["value"] > 0.9 and subtype["salient"]["metric"] == "balanced_accuracy"
     assert summary["probes"]["severity"]["salient"]["subset"] == "target"
     assert summary["maps"]["ari"] == 0.7
+
+
+# ---------------------------------------------------------------- what the docs say about the demo
+
+_MINUTES = r"(\d+(?:\.\d+)?) min"
+
+
+def _demo_minutes(text: str) -> list[float]:
+    import re
+
+    return [float(value) for value in re.findall(_MINUTES, text)]
+
+
+def _time_paragraph() -> str:
+    text = (REPO / "docs" / "getting-started.md").read_text()
+    return text[text.index("**Time**"):].split("\n\n")[0]
+
+
+def test_readme_and_demo_help_quote_the_measured_demo_time_first():
+    """The set-up line, the results section and ``neurocl demo --help`` lead with the same time:
+    the one getting-started measured on idle cores (a shared VM's time may follow, as such)."""
+    from neurocl.cli import demo
+
+    measured = _demo_minutes(_time_paragraph())[0]
+    readme = (REPO / "README.md").read_text()
+    set_up = readme[readme.index("## Set-up"):readme.index("## What you get")]
+    results = readme[readme.index("## Demo results"):readme.index("## Citing")]
+    for where, text in (("README set-up", set_up), ("README results", results), ("demo --help", demo.__doc__)):
+        quoted = _demo_minutes(text)
+        assert quoted and quoted[0] == measured, f"{where} quotes {quoted}, getting-started measured {measured} min"
+        assert set(quoted) <= set(_demo_minutes(_time_paragraph())), where
+
+
+def test_getting_started_lists_the_demo_embedding_columns():
+    import re
+
+    config = load_pipeline(DEMO_PIPELINE, overrides={"cohort": "cohort.yaml"})
+    text = (REPO / "docs" / "getting-started.md").read_text()
+    listed = re.search(r"embeddings\.tsv\s+participant_id, split, group, common_0\.\.(\d+), salient_0\.\.(\d+)", text)
+    assert listed, "getting-started no longer lists embeddings.tsv's columns"
+    assert (int(listed[1]), int(listed[2])) == (config.method.common_dim - 1, config.method.salient_dim - 1)

@@ -138,3 +138,44 @@ def test_standardise_makes_sigma_a_number_of_standard_deviations():
 def test_invalid_kernel_arguments_raise_clear_errors(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+# ---------------------------------------------------------------- normalised HSIC and per-covariate kernels
+
+
+def loop_centred_alignment(l, k):
+    """tr(LHKH)/sqrt(tr(LHLH) tr(KHKH)) with H = I − 11ᵀ/n, entry by entry."""
+    n = len(l)
+    h = [[(1.0 if i == j else 0.0) - 1.0 / n for j in range(n)] for i in range(n)]
+
+    def trace(a, b):
+        return sum(a[i][j] * h[j][m] * b[m][q] * h[q][i] for i in range(n) for j in range(n) for m in range(n) for q in range(n))
+
+    return trace(l, k) / math.sqrt(trace(l, l) * trace(k, k))
+
+
+def test_normalised_hsic_equals_loop_and_is_one_for_a_rescaled_kernel():
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 2, generator=generator, dtype=torch.float64), torch.randn(6, generator=generator, dtype=torch.float64)
+    l, k = kernels.rbf(x, 1.0), kernels.rbf(y, 0.5)
+    assert kernels.normalised_hsic(l, k).item() == pytest.approx(loop_centred_alignment(l.tolist(), k.tolist()), rel=1e-9)
+    assert kernels.normalised_hsic(l, 3.0 * l).item() == pytest.approx(1.0, rel=1e-9)
+
+
+def test_normalised_hsic_of_a_constant_kernel_is_zero_not_nan():
+    k = kernels.rbf(torch.arange(5.0), 1.0)
+    assert kernels.normalised_hsic(torch.ones(5, 5), k).item() == 0.0
+
+
+def test_covariate_kernels_drop_missing_rows_and_uninformative_covariates():
+    y = torch.tensor([[50.0, 1.0, 2.0], [NAN, 0.0, 2.0], [70.0, 1.0, 2.0], [60.0, NAN, NAN], [55.0, 0.0, 2.0]])
+    found = kernels.covariate_kernels(y, ["continuous", "categorical", "continuous"], sigma=[10.0, 1.0, 1.0])
+    assert [column for column, _, _ in found] == [0, 1]  # column 2 is constant where present
+    _, present, age_kernel = found[0]
+    assert present.tolist() == [True, False, True, True, True]
+    assert_close(age_kernel, kernels.rbf(torch.tensor([50.0, 70.0, 60.0, 55.0]), 10.0))
+    _, present, sex_kernel = found[1]
+    assert present.tolist() == [True, True, True, False, True]
+    assert_close(sex_kernel, kernels.categorical(torch.tensor([1.0, 0.0, 1.0, 0.0])))
+    with pytest.raises(ConfigError, match="sigma"):
+        kernels.covariate_kernels(y, ["continuous", "categorical", "continuous"], sigma=[0.0, 1.0, 1.0])

@@ -107,8 +107,10 @@ def loop_lp_info_nce(h1, h2, p, temperature):
     return total / len(h1)
 
 
-def loop_sepclr(c, s, is_target, tau):
+def loop_sepclr(c, s, is_target, tau, view_weighting="balanced", null_weighting="plain"):
     n_views, batch, _ = c.shape
+    view_weight = 2.0 / n_views if view_weighting == "balanced" else 1.0
+    null_scale = 1.0 / (2 * tau) if null_weighting == "reference" else 1.0
     target = [bool(flag) for flag in is_target]
     c_hat = [[unit(c[v, i].double().tolist()) for i in range(batch)] for v in range(n_views)]
     s_raw = [[s[v, i].double().tolist() for i in range(batch)] for v in range(n_views)]
@@ -132,14 +134,66 @@ def loop_sepclr(c, s, is_target, tau):
         return [row for row, flag in zip(rows, target) if flag]
 
     view_pairs = [(v, w) for v in range(n_views) for w in range(v + 1, n_views)]
-    common = sum(align(c_hat[v], c_hat[w]) for v, w in view_pairs) / len(view_pairs) + sum(unif(c_hat[v]) for v in range(n_views))
-    salient = sum(align(targets_of(s_raw[v]), targets_of(s_raw[w])) for v, w in view_pairs) / len(view_pairs) + sum(
-        unif(s_tilde[v]) for v in range(n_views)
+    common = sum(align(c_hat[v], c_hat[w]) for v, w in view_pairs) / len(view_pairs) + view_weight * sum(
+        unif(c_hat[v]) for v in range(n_views)
+    )
+    salient = sum(align(targets_of(s_raw[v]), targets_of(s_raw[w])) for v, w in view_pairs) / len(view_pairs) + (
+        view_weight * sum(unif(s_tilde[v]) for v in range(n_views))
     )
     background = [i for i in range(batch) if not target[i]]
-    null = sum(sum(sum(value**2 for value in s_raw[v][i]) for i in background) / len(background) for v in range(n_views)) / n_views
+    null = null_scale * sum(
+        sum(sum(value**2 for value in s_raw[v][i]) for i in background) / len(background) for v in range(n_views)
+    ) / n_views
     mi = sum(jem(c_hat[v], s_tilde[v]) for v in range(n_views)) / n_views
     return {"common": common, "salient": salient, "null": null, "mi": mi}
+
+
+def loop_attribute_kernel(rows, kinds, sigmas):
+    """Product kernel over attributes; a missing value gives factor 1 (as neurocl.kernels)."""
+    n = len(rows)
+    out = [[1.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            for a, kind in enumerate(kinds):
+                u, w = rows[i][a], rows[j][a]
+                if math.isnan(u) or math.isnan(w):
+                    continue
+                out[i][j] *= float(u == w) if kind == "categorical" else math.exp(-((u - w) ** 2) / (2 * sigmas[a] ** 2))
+    return out
+
+
+def loop_hsic(l, k):
+    """tr(L H K H) / (n − 1)² with H = I − 11ᵀ/n, summed index by index."""
+    n = len(l)
+    h = [[(1.0 if i == j else 0.0) - 1.0 / n for j in range(n)] for i in range(n)]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            for m in range(n):
+                for q in range(n):
+                    total += l[i][j] * h[j][m] * k[m][q] * h[q][i]
+    return total / (n - 1) ** 2
+
+
+def loop_nhsic(l, k):
+    return loop_hsic(l, k) / math.sqrt(loop_hsic(l, l) * loop_hsic(k, k))
+
+
+def loop_covariate_independence(s, y, kinds, sigmas, tau):
+    """mean over views and usable covariates of nHSIC(L over present rows, K over present rows)."""
+    y = y.double().tolist()
+    values = []
+    for a, kind in enumerate(kinds):
+        rows = [i for i in range(len(y)) if not math.isnan(y[i][a])]
+        present = [y[i][a] for i in rows]
+        if len(rows) < 3 or len(set(present)) == 1:
+            continue
+        k = loop_attribute_kernel([[value] for value in present], [kind], [sigmas[a]])
+        for v in range(s.shape[0]):
+            points = [s[v, i].double().tolist() for i in rows]
+            l = [[math.exp(-sq_dist(p, q) / (2 * tau)) for q in points] for p in points]
+            values.append(loop_nhsic(l, k))
+    return sum(values) / len(values)
 
 
 # ---------------------------------------------------------------- agreement with the loops
@@ -232,6 +286,129 @@ def test_sepclr_terms_and_total_equal_loops(shape, salient_dim, tau):
         assert terms[name].item() == pytest.approx(value, rel=1e-5, abs=1e-6), name
     expected_total = expected["common"] + 2.0 * expected["salient"] + 3.0 * expected["null"] + 4.0 * expected["mi"]
     assert total.item() == pytest.approx(expected_total, rel=1e-5)
+
+
+COVARIATE_KINDS = ["continuous", "categorical", "continuous"]
+COVARIATE_SIGMAS = [5.0, 1.0, 0.7]
+
+
+def covariates(batch, seed):
+    """age (years), sex (codes) and a third score, with missing values in two columns."""
+    generator = torch.Generator().manual_seed(seed)
+    age = 60 + 10 * torch.randn(batch, generator=generator, dtype=torch.float64)
+    sex = torch.randint(0, 2, (batch,), generator=generator).double()
+    score = torch.randn(batch, generator=generator, dtype=torch.float64)
+    age[1] = float("nan")
+    score[[0, 3]] = float("nan")
+    return torch.stack([age, sex, score], dim=1)
+
+
+@pytest.mark.parametrize(("shape", "tau"), [((2, 7, 3), 0.5), ((3, 8, 2), 1.3)])
+def test_covariate_independence_equals_loop_and_masks_missing_rows(shape, tau):
+    s = random_views(shape, seed=80 + sum(shape)).double()
+    y = covariates(shape[1], seed=81)
+    value = losses.covariate_independence(s, y, COVARIATE_KINDS, sigma=COVARIATE_SIGMAS, tau=tau)
+    expected = loop_covariate_independence(s, y, COVARIATE_KINDS, COVARIATE_SIGMAS, tau)
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    # Reading a missing age as 0 (imputing) would change the value: the mask is what the loop does.
+    imputed = torch.nan_to_num(y, nan=0.0)
+    assert abs(losses.covariate_independence(s, imputed, COVARIATE_KINDS, COVARIATE_SIGMAS, tau).item() - expected) > 1e-3
+
+
+def test_covariate_independence_is_high_when_the_embedding_encodes_the_covariate():
+    generator = torch.Generator().manual_seed(3)
+    age = 40 + 30 * torch.rand(32, generator=generator, dtype=torch.float64)
+    encoded = torch.stack([(age - 55) / 10, 0.01 * torch.randn(32, generator=generator, dtype=torch.float64)], -1)
+    unrelated = torch.randn(32, 2, generator=generator, dtype=torch.float64)
+    dependent = losses.covariate_independence(encoded[None], age[:, None], ["continuous"], sigma=5.0).item()
+    independent = losses.covariate_independence(unrelated[None], age[:, None], ["continuous"], sigma=5.0).item()
+    assert dependent > 0.8 and independent < 0.3
+
+
+def test_covariate_independence_is_zero_without_a_usable_covariate():
+    s = random_views((2, 5, 3), seed=4).requires_grad_()
+    constant = torch.tensor([[1.0], [1.0], [1.0], [float("nan")], [1.0]])
+    value = losses.covariate_independence(s, constant, ["categorical"])
+    assert value.item() == 0.0
+    value.backward()  # still part of the graph
+    assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+def _attribute_case(shape, salient_dim, seed):
+    c = random_views(shape, seed=seed).double()
+    s = random_views((*shape[:2], salient_dim), seed=seed + 1, scale=0.7).double()
+    is_target = torch.tensor([True, False, True, True, False, True, False, True, False][: shape[1]])
+    return c, s, is_target, covariates(shape[1], seed=seed + 2)
+
+
+@pytest.mark.parametrize("common_objective", losses.COMMON_OBJECTIVES)
+@pytest.mark.parametrize(("shape", "view_weighting"), [((2, 8, 4), "balanced"), ((3, 9, 3), "reference")])
+def test_attribute_aware_sepclr_terms_equal_loops(common_objective, shape, view_weighting):
+    c, s, is_target, y = _attribute_case(shape, 2, seed=90 + shape[0])
+    tau, temperature, lam, t = 0.7, 0.2, 0.05, 2.0
+    total, terms = losses.sepclr_loss(
+        c, s, is_target, tau=tau, beta_salient=2.0, beta_null=3.0, lam_mi=4.0, attributes=y,
+        attribute_kinds=COVARIATE_KINDS, sigma=COVARIATE_SIGMAS, common_objective=common_objective,
+        temperature=temperature, lam=lam, t=t, lam_cov=5.0, null_weighting="reference", view_weighting=view_weighting,
+    )
+    expected = loop_sepclr(c, s, is_target, tau, view_weighting=view_weighting, null_weighting="reference")
+    prior = loop_attribute_kernel(y.tolist(), COVARIATE_KINDS, COVARIATE_SIGMAS)
+    if common_objective == "yaware":
+        expected["common"] = loop_yaware(c, prior, temperature)
+    elif common_objective == "decoupled_uniformity":
+        expected["common"] = loop_decoupled(c, t, prior=prior, lam=lam)
+    targets = [i for i in range(shape[1]) if is_target[i]]
+    expected["cov"] = loop_covariate_independence(s[:, targets], y[targets], COVARIATE_KINDS, COVARIATE_SIGMAS, tau)
+    for name, value in expected.items():
+        assert terms[name].item() == pytest.approx(value, rel=1e-6, abs=1e-9), name
+    weights = {"common": 1.0, "salient": 2.0, "null": 3.0, "mi": 4.0, "cov": 5.0}
+    assert total.item() == pytest.approx(sum(weights[name] * value for name, value in expected.items()), rel=1e-6)
+
+
+def test_sepclr_reference_null_weighting_is_plain_divided_by_2tau():
+    c, s, is_target, _ = _attribute_case((2, 6, 3), 2, seed=7)
+    plain = losses.sepclr_loss(c, s, is_target, tau=0.2)[1]["null"]
+    reference = losses.sepclr_loss(c, s, is_target, tau=0.2, null_weighting="reference")[1]["null"]
+    assert reference.item() == pytest.approx(plain.item() / 0.4, rel=1e-9)
+
+
+def test_sepclr_view_weightings_agree_for_two_views_and_differ_for_more():
+    for n_views, same in ((2, True), (4, False)):
+        c, s, is_target, _ = _attribute_case((n_views, 6, 3), 2, seed=8)
+        balanced = losses.sepclr_loss(c, s, is_target)[0].item()
+        reference = losses.sepclr_loss(c, s, is_target, view_weighting="reference")[0].item()
+        assert (balanced == pytest.approx(reference, rel=1e-12)) is same
+
+
+@pytest.mark.parametrize("common_objective", losses.COMMON_OBJECTIVES)
+def test_combined_attribute_aware_sepclr_passes_float64_gradcheck(common_objective):
+    c, s, is_target, y = _attribute_case((3, 7, 3), 2, seed=12)
+    c.requires_grad_()
+    s.requires_grad_()
+
+    def loss(c, s):
+        return losses.sepclr_loss(
+            c, s, is_target, tau=0.7, beta_null=2.0, lam_mi=3.0, attributes=y, attribute_kinds=COVARIATE_KINDS,
+            sigma=COVARIATE_SIGMAS, common_objective=common_objective, temperature=0.3, lam=0.1, lam_cov=4.0,
+            null_weighting="reference",
+        )[0]
+
+    assert loss(c, s).dtype == torch.float64
+    assert torch.autograd.gradcheck(loss, (c, s), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_sepclr_options_are_validated_with_one_clear_error():
+    c, s, is_target, y = _attribute_case((2, 6, 3), 2, seed=13)
+    with pytest.raises(ConfigError, match="common_objective"):
+        losses.sepclr_loss(c, s, is_target, common_objective="simclr")
+    with pytest.raises(ConfigError, match="need attributes"):
+        losses.sepclr_loss(c, s, is_target, lam_cov=1.0)
+    with pytest.raises(ConfigError, match="need attributes"):
+        losses.sepclr_loss(c, s, is_target, common_objective="yaware")
+    with pytest.raises(ConfigError, match="null_weighting"):
+        losses.sepclr_loss(c, s, is_target, null_weighting="paper")
+    with pytest.raises(ValueError, match="rows for a batch"):
+        losses.sepclr_loss(c, s, is_target, attributes=y[:4], attribute_kinds=COVARIATE_KINDS, lam_cov=1.0)
 
 
 # ---------------------------------------------------------------- hand-computed cases
@@ -409,6 +586,25 @@ def test_sepclr_null_term_is_zero_when_background_salient_is_zero():
     assert losses.sepclr_loss(c, s, is_target)[1]["null"].item() == pytest.approx(4.0 / 3.0)
 
 
+def test_sepclr_null_term_grows_with_the_salient_scale_at_a_fixed_collapse_ratio():
+    """Why the docs read separation from the background/target norm ratio and not from the null
+    curve: the null term is in absolute units, so it grows when every salient norm grows even
+    though the background sits just as close to the origin relative to the targets."""
+    c = random_views((2, 6, 4), seed=22)
+    s = random_views((2, 6, 4), seed=23)
+    is_target = torch.tensor([True, True, True, False, False, False])
+    s[:, ~is_target] *= 0.2
+
+    def ratio(salient):
+        norms = salient.norm(dim=-1).mean(0)
+        return (norms[~is_target].mean() / norms[is_target].mean()).item()
+
+    null = losses.sepclr_loss(c, s, is_target)[1]["null"].item()
+    scaled_null = losses.sepclr_loss(c, 3 * s, is_target)[1]["null"].item()
+    assert scaled_null == pytest.approx(9 * null, rel=1e-5)
+    assert ratio(3 * s) == pytest.approx(ratio(s), rel=1e-6)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sepclr_mi_term_rises_when_salient_copies_common(seed):
     c = random_views((2, 12, 4), seed=100 + seed)
@@ -477,6 +673,17 @@ def _distributed_losses():
         "yaware": lambda z, y, t, d: losses.yaware_info_nce(z, y, sigma=1.0, distributed=d),
         "decoupled": lambda z, y, t, d: losses.decoupled_uniformity(z, y=y, distributed=d),
         "sepclr": lambda z, y, t, d: losses.sepclr_loss(z[..., :3], z[..., 3:], t, distributed=d)[0],
+        "sepclr_attributes": lambda z, y, t, d: losses.sepclr_loss(
+            z[..., :3], z[..., 3:], t, attributes=torch.stack([y, (y > 0).float()], dim=1),
+            attribute_kinds=["continuous", "categorical"], common_objective="yaware", lam_cov=2.0, distributed=d,
+        )[0],
+        "sepclr_decoupled": lambda z, y, t, d: losses.sepclr_loss(
+            z[..., :3], z[..., 3:], t, attributes=y[:, None], attribute_kinds=["continuous"],
+            common_objective="decoupled_uniformity", distributed=d,
+        )[0],
+        "covariate_independence": lambda z, y, t, d: losses.covariate_independence(
+            z, y[:, None], ["continuous"], distributed=d
+        ),
     }
 
 

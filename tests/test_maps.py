@@ -702,6 +702,7 @@ def test_the_maps_stage_of_a_run_writes_maps_on_the_cohort_grid_with_plots_and_s
         assert (maps_dir / row.png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         regions = pd.read_csv(maps_dir / row.regions, sep="\t")
         assert regions["name"].iloc[0] == row.top_region and len(regions) == 8
+        assert isinstance(row.peak_region, str) and len(row.peak_mm.split(",")) == 3
 
     clusters = pd.read_csv(maps_dir / "clusters.tsv", sep="\t")
     targets = cohort.table.loc[cohort.is_target, "participant_id"]
@@ -718,3 +719,84 @@ def test_the_maps_stage_of_a_run_writes_maps_on_the_cohort_grid_with_plots_and_s
     # The model-free difference map finds the planted regions (well above chance, 0.5): the true
     # masks were resampled onto the grid the maps are scored on.
     assert evaluation["reference_summary"]["mean_auc_difference_map"] > 0.7
+
+
+# ---------------------------------------------------------------- map figures
+
+# A 4 mm grid in MNI space (the template's field of view), as the demo's store.
+MNI_4MM = np.array([[4.0, 0, 0, -90], [0, 4.0, 0, -126], [0, 0, 4.0, -72], [0, 0, 0, 1]])
+MNI_4MM_SHAPE = (46, 55, 46)
+LESION_MM = (-30.0, -18.0, -18.0)  # left medial temporal, where the demo's cluster-2 lesion is
+
+
+def _voxel_of(point_mm) -> np.ndarray:
+    return np.rint(np.linalg.solve(MNI_4MM, [*point_mm, 1.0])[:3]).astype(int)
+
+
+def _lesion_map(seed: int = 0) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """What a gradient map of a trained model looks like: a focal peak (a 3-voxel-radius ball,
+    value 1 at its centre), a broad weak patch (0.15 over a 10-voxel cube in the right frontal
+    lobe: the largest area) and speckle of 1/250 of the peak everywhere. Returns the image and
+    the ball's voxels."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in MNI_4MM_SHAPE], indexing="ij"), axis=-1)
+    distance = np.linalg.norm(grid - _voxel_of(LESION_MM), axis=-1)
+    ball = distance <= 3
+    data = np.where(ball, 1.0 - distance / 4, 0.0)
+    frontal = _voxel_of((30.0, 30.0, 20.0))
+    data[tuple(slice(c - 5, c + 5) for c in frontal)] += 0.15
+    data += np.random.default_rng(seed).choice([-1, 1], size=data.shape) / 250
+    return nib.Nifti1Image(data.astype(np.float32), MNI_4MM), ball
+
+
+def test_map_figure_cuts_through_the_peak_not_the_largest_area():
+    from neurocl.maps.regions import map_figure
+
+    image, _ = _lesion_map()
+    figure, shown = map_figure(image, "test")
+    np.testing.assert_allclose(shown["cut_mm"], LESION_MM, atol=4.0)  # within one voxel
+    assert shown["clusters"][0]["peak_mm"] == shown["cut_mm"]
+
+
+def test_map_display_shows_the_lesion_and_not_the_speckle():
+    from scipy import ndimage
+
+    from neurocl.maps.regions import display_map
+
+    image, ball = _lesion_map()
+    shown = display_map(image)
+    relative = np.asarray(shown["image"].dataobj)
+    visible = np.abs(relative) >= shown["threshold"]
+    near_ball = ndimage.binary_dilation(ball, iterations=2)
+    assert visible.sum() >= 10 and not (visible & ~near_ball).any()
+    assert np.abs(relative).max() == pytest.approx(1.0)
+    # The raw map is left as it was: smoothing is for the display only.
+    assert np.asarray(image.dataobj).max() == pytest.approx(1.0, abs=0.01)
+
+
+def test_map_figure_colour_bar_labels_do_not_overlap():
+    import matplotlib.pyplot as plt
+
+    from neurocl.maps.regions import map_figure
+
+    figure, _ = map_figure(_lesion_map()[0], "test")
+    figure.canvas.draw()
+    colour_bars = [axes for axes in figure.axes if axes.get_ylabel() == "fraction of peak"]
+    assert len(colour_bars) == 1
+    labels = [label for label in colour_bars[0].get_yticklabels() if label.get_text()]
+    boxes = sorted((label.get_window_extent() for label in labels), key=lambda box: box.y0)
+    assert len(boxes) >= 3
+    assert all(lower.y1 <= upper.y0 for lower, upper in zip(boxes, boxes[1:]))
+    plt.close(figure)
+
+
+def test_region_at_names_the_atlas_label_under_a_point():
+    from neurocl.maps.regions import region_at
+
+    labels = np.zeros(MNI_4MM_SHAPE, dtype=np.int32)
+    lesion = _voxel_of(LESION_MM)
+    labels[tuple(slice(c - 1, c + 2) for c in lesion)] = 7
+    atlas = nib.Nifti1Image(labels, MNI_4MM)
+    names = pd.DataFrame({"index": [7], "name": ["left hippocampus"]})
+    assert region_at(atlas, names, LESION_MM) == "left hippocampus"
+    assert region_at(atlas, names, (40.0, 30.0, 20.0)) is None
+    assert region_at(atlas, names, (500.0, 0.0, 0.0)) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,6 +192,40 @@ def test_embed_gives_the_representations_before_the_heads():
     assert set(_module("simclr").embed(x)) == {"emb"}
 
 
+@pytest.mark.parametrize("common_objective", ["sepclr", "yaware", "decoupled_uniformity"])
+def test_attribute_aware_sepclr_passes_the_batch_covariates_to_the_loss(common_objective):
+    module = _module("sepclr", attributes=["age"], sigma=10.0, common_objective=common_objective, lam_cov=2.0,
+                     temperature=0.3, null_weighting="reference", n_views=3)
+    views, indices = _views(3), np.array([5, 0, 3, 2, 1, 4])
+    total, terms = module.compute_loss(views, indices)
+    assert set(terms) == {"common", "salient", "null", "mi", "cov"}
+    outputs = [module.net(view) for view in views]
+    expected, _ = losses.sepclr_loss(
+        torch.stack([o["common"] for o in outputs]), torch.stack([o["salient"] for o in outputs]),
+        module.data.is_target[indices], attributes=module.data.attributes[indices], attribute_kinds=["continuous"],
+        sigma=10.0, common_objective=common_objective, temperature=0.3, lam_cov=2.0, null_weighting="reference",
+    )
+    torch.testing.assert_close(total, expected)
+
+
+def test_sepclr_covariate_options_need_attributes():
+    with pytest.raises(ValueError, match="lam_cov"):
+        MethodConfig(name="sepclr", lam_cov=1.0)
+    with pytest.raises(ValueError, match="common_objective 'yaware'"):
+        MethodConfig(name="sepclr", common_objective="yaware")
+    MethodConfig(name="sepclr", common_objective="decoupled_uniformity")  # no prior: plain decoupled uniformity
+
+
+def test_sepclr_can_embed_the_representation_before_the_mlp():
+    module = _module("sepclr", embed="representation")
+    x = _views()[0]
+    spaces, outputs = module.embed(x), module.net(x)
+    features = module.net.common_encoder(x)
+    torch.testing.assert_close(spaces["common"], module.net.common_branch.to_rep(features))
+    assert not torch.allclose(spaces["common"], outputs["common"])  # the loss still sees the MLP's output
+    torch.testing.assert_close(module.net.space(x, "salient"), spaces["salient"])
+
+
 def test_method_from_checkpoint_restores_config_and_weights(tmp_path):
     module = _module("yaware", temperature=0.3)
     with torch.no_grad():
@@ -228,3 +263,52 @@ def test_batches_larger_than_a_group_are_refused_rather_than_repeating_subjects(
         EpochBatches(np.arange(30), batch_size=12, is_target=_groups(5, 25), target_fraction=0.5)
     with pytest.raises(ConfigError, match="exceeds the 10 subjects"):
         EpochBatches(np.arange(10), batch_size=6, world_size=2)
+
+
+# ---------------------------------------------------------------- one training step in bf16
+
+def _shipped_view_recipes() -> dict[str, dict]:
+    """The ``views`` section of every shipped pipeline, by file name."""
+    import yaml
+
+    root = Path(__file__).parents[1]
+    paths = sorted((root / "pipelines").glob("*.yaml")) + [root / "neurocl" / "pipelines" / "demo.yaml"]
+    return {f"{path.parent.name}/{path.stem}": yaml.safe_load(path.read_text()).get("views", {}) for path in paths}
+
+
+VIEW_RECIPES = {
+    **_shipped_view_recipes(),
+    "defaults": {},
+    # Every transform on, crop at a varying scale (one grid_sample) and a blur every time.
+    "every_transform": dict(p_crop=1.0, crop_scale=(0.6, 0.9), p_flip=1.0, p_affine=1.0, p_intensity=1.0,
+                            p_gamma=1.0, p_noise=1.0, p_blur=1.0, p_cutout=1.0),
+    "crop_without_resize": dict(p_crop=1.0, crop_scale=(0.75, 0.75), crop_resize=False, p_blur=1.0),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Total length of `list` across ranks is zero")
+@pytest.mark.parametrize("recipe", sorted(VIEW_RECIPES))
+@pytest.mark.parametrize("name", sorted(EXPECTED_TERMS))
+def test_one_training_step_runs_under_cpu_bf16_autocast(name, recipe, tmp_path):
+    """bf16-mixed is the study template's precision and what ``precision: auto`` picks on GPUs:
+    a training step must run under autocast for every method and every shipped view recipe."""
+    import lightning as L
+
+    from neurocl.store import VolumeStore
+    from neurocl.views import ViewConfig, ViewSampler
+
+    volumes = np.random.default_rng(0).normal(size=(BATCH, *SHAPE)).astype(np.float32)
+    store = VolumeStore.from_array(volumes, tmp_path / "store")
+    module = _module(name)
+    module.data.store = store
+    module.data.sampler = ViewSampler(ViewConfig(**VIEW_RECIPES[recipe]), spatial_dims=3, store=store)
+    before = [p.detach().clone() for p in module.parameters()]
+    autocast_in_forward = []
+    module.net.register_forward_hook(lambda *_: autocast_in_forward.append(torch.is_autocast_enabled("cpu")))
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(module.train())
+    assert trainer.global_step == 1 and autocast_in_forward == [True]
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert any(not torch.equal(b, p.detach()) for b, p in zip(before, module.parameters()))

@@ -127,6 +127,16 @@ def test_report_has_every_section_in_html_and_markdown(run_dir):
         assert f"## {title}" in md_text
 
 
+def test_report_title_names_the_pipeline_and_the_cohort(run_dir, tiny_cohort):
+    import yaml
+
+    _, html_text, md_text = run_dir
+    cohort_name = yaml.safe_load(tiny_cohort.read_text())["name"]
+    title = f"neurocl report: pipeline 'report-test' on cohort '{cohort_name}'"
+    assert f"<h1>{title}</h1>" in html_text.replace("&#x27;", "'")
+    assert md_text.startswith(f"# {title}")
+
+
 def test_report_html_is_self_contained_with_decodable_images(run_dir):
     _, html_text, _ = run_dir
     sources = re.findall(r'<img [^>]*src="([^"]+)"', html_text)
@@ -197,3 +207,28 @@ def test_collapsed_space_is_reported_not_blown_up_into_noise(method):
     coordinates = _projection(live, method)
     assert coordinates.shape == (40, 2) and np.isfinite(coordinates).all()
     assert np.allclose(coordinates[0], coordinates[1], atol=1e-3) and not np.allclose(coordinates[0], coordinates[4], atol=1e-3)
+
+
+@pytest.mark.parametrize(("stability", "cautioned"), [(0.45, True), (0.59, True), (0.94, False)])
+def test_report_cautions_about_subtypes_below_the_stability_line(tmp_path, stability, cautioned):
+    write_json(tmp_path / "maps" / "subtypes.json", {"n_clusters": 2, "cluster_sizes": [30, 20],
+                                                    "stability": stability, "stability_ci": [0.3, 1.0]})
+    _, md_path = write_report(tmp_path)
+    assert ("Caution: subtype stability" in md_path.read_text()) == cautioned
+
+
+def test_the_maps_doc_quotes_the_stability_line_the_report_uses():
+    from pathlib import Path
+
+    from neurocl.maps.subtypes import STABILITY_CAUTION
+
+    text = (Path(__file__).parents[1] / "docs" / "maps.md").read_text()
+    assert f"below {STABILITY_CAUTION:g}, the report cautions" in " ".join(text.split())
+
+
+def test_map_captions_name_the_peak_they_cut_through_and_the_top_region(run_dir):
+    run, _, md_text = run_dir
+    index = read_tsv(run / "maps" / "index.tsv")
+    for row in index.itertuples():
+        assert f"cut at the map's peak ({row.peak_mm}) mm, in {row.peak_region}" in md_text
+        assert f"top region by mean relevance: {row.top_region}" in md_text

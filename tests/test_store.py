@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import namedtuple
 import os
 from pathlib import Path
 
@@ -287,3 +288,52 @@ def test_from_array_stores_given_volumes_with_a_manifest(tmp_path):
     assert VolumeStore.open(tmp_path / "array").spatial_shape == (4, 5, 6) and store.mask.all()
     with pytest.raises(ConfigError, match="expected \\(N, 1, \\*spatial\\)"):
         VolumeStore.from_array(volumes[:, 0], tmp_path / "bad")
+
+
+# ---------------------------------------------------------------- streaming, disk space, prepared stores
+
+
+def test_row_file_round_trips_rows_and_is_a_plain_npy(tmp_path):
+    rows = np.random.default_rng(0).normal(size=(5, 3, 4)).astype(np.float32)
+    writer = store_module.RowFile(tmp_path / "rows.npy", np.float32, 5, (3, 4), create=True)
+    for index in (3, 0, 4, 1, 2):  # any order, as worker results arrive
+        writer.write(index, rows[index])
+    writer.close()
+    np.testing.assert_array_equal(np.load(tmp_path / "rows.npy"), rows)
+    reader = store_module.RowFile.open(tmp_path / "rows.npy")
+    np.testing.assert_array_equal(reader.read(2), rows[2])
+
+
+def test_float16_stage_one_keeps_intensities_beyond_the_float16_range(tiny_cohort_copy, tmp_path):
+    # Raw scanner intensities can exceed float16's largest value (65504); stage 1 stores each row
+    # scaled by its peak, so the float16 store equals the float32 one to float16 precision.
+    for image_file in sorted(tiny_cohort_copy.parent.glob("sub-*/anat/*.nii.gz")):
+        image = nib.load(image_file)
+        nib.save(nib.Nifti1Image(image.get_fdata().astype(np.float32) * 1e6, image.affine), image_file)
+    half = build(tiny_cohort_copy, tmp_path / "half")
+    full = build(tiny_cohort_copy, tmp_path / "full", PreprocessConfig(dtype="float32"))
+    assert half.record["resampled"] != full.record["resampled"] and "scales" in half.record
+    np.testing.assert_array_equal(half.mask, full.mask)  # the auto mask comes from unrounded images
+    assert np.isfinite(np.asarray(half.volumes, dtype=np.float32)).all()
+    np.testing.assert_allclose(np.asarray(half.volumes, dtype=np.float32), full.volumes, atol=0.02)
+
+
+def test_not_enough_disk_space_is_one_clear_error_before_any_work(tiny_cohort, tmp_path, monkeypatch):
+    from neurocl.errors import StoreError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(store_module.shutil, "disk_usage", lambda path: usage(total=10**9, used=0, free=1000))
+    with pytest.raises(StoreError, match=r"not enough free disk space.*GB needed"):
+        build(tiny_cohort, tmp_path / "store")
+    assert not any((tmp_path / "store").glob("*.npy*"))  # nothing half-written left behind
+
+
+def test_a_prepared_store_is_opened_without_reading_the_images_again(tiny_cohort, tmp_path, monkeypatch):
+    first = build(tiny_cohort, tmp_path / "store")
+
+    def no_hashing(path, *args, **kwargs):
+        raise AssertionError(f"{path} was hashed again although its size and mtime are unchanged")
+
+    monkeypatch.setattr(store_module, "sha256_file", no_hashing)
+    again = build(tiny_cohort, tmp_path / "store")
+    assert again.rebuilt == [] and again.record == first.record

@@ -236,3 +236,125 @@ def test_cli_synth_reports_a_bad_option_without_traceback(tmp_path):
     assert result.exit_code == 1
     assert "patient_fraction=1.5" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()
+
+
+# --- the stress options (docs/synthetic.md "Stress options") -----------------------------------------------------
+
+STILL = dict(site_effect=0.0, sex_effect=0.0, head_size_noise=0.0)  # no smoothing, scale 1, one head size
+
+
+def _world_distance(affine: np.ndarray, shape, centre) -> np.ndarray:
+    index = np.indices(shape).reshape(3, -1)
+    world = affine[:3, :3] @ index + affine[:3, 3:4]
+    return np.sqrt(((world - np.asarray(centre)[:, None]) ** 2).sum(0)).reshape(shape)
+
+
+def test_a_subject_space_lesion_sits_at_the_same_voxels_whatever_the_warp(tmp_path):
+    """Same seed with and without the loss: the ratio is 1 - loss at the region's core, in every patient."""
+    common = dict(n_subjects=8, subtypes=1, sites=1, resolution=6.0, deformation=4.0, seed=2, **STILL)
+    ratios = {}
+    for space in ("subject", "template"):
+        lesioned = make_synthetic_cohort(tmp_path / space, SynthConfig(**common, lesion_space=space)).parent
+        intact = make_synthetic_cohort(tmp_path / f"{space}0", SynthConfig(**common, lesion_space=space, subtype_effect=0.0)).parent
+        truth = read_tsv(lesioned / "ground_truth.tsv")
+        patients = truth[truth.subtype == 1]
+        image = nib.load(lesioned / "brain_mask.nii.gz")
+        core = _world_distance(image.affine, image.shape, (-26.0, -18.0, -16.0)) <= 7.0
+        a, b = _images(lesioned, patients.participant_id), _images(intact, patients.participant_id)
+        # Noise is the same draw in both cohorts, so compare the noiseless part: voxels well inside tissue.
+        ok = (b > 0.3) & core
+        ratio = np.where(ok, (a + 1e-6) / (b + 1e-6), np.nan)
+        ratios[space] = (ratio, patients.subtype_gm_loss.to_numpy())
+    ratio, loss = ratios["subject"]
+    for r, expected in zip(ratio, loss):
+        values = r[np.isfinite(r)]
+        assert values.size >= 1
+        # The noise (SD 0.01 on tissue > 0.3) moves the ratio by a few percent at most.
+        np.testing.assert_allclose(np.median(values), 1.0 - expected, atol=0.05)
+    # Planted in template space, the core drifts with a 4x deformation: the same voxels lose less on average.
+    spread_template = np.nanmean(np.abs(ratios["template"][0] - (1.0 - ratios["template"][1])[:, None, None, None]))
+    spread_subject = np.nanmean(np.abs(ratio - (1.0 - loss)[:, None, None, None]))
+    assert spread_subject < spread_template
+
+
+def test_an_age_gradient_takes_more_gm_at_the_front_than_at_the_back(tmp_path):
+    options = dict(n_subjects=12, subtypes=1, sites=1, resolution=8.0, deformation=0.0, seed=4, **STILL)
+    slopes = {}
+    for pattern in ("gradient", "global"):
+        folder = make_synthetic_cohort(tmp_path / pattern, SynthConfig(**options, age_pattern=pattern)).parent
+        truth = read_tsv(folder / "ground_truth.tsv")
+        controls = truth[truth.subtype == 0]
+        images = _images(folder, controls.participant_id)
+        image = nib.load(folder / "brain_mask.nii.gz")
+        y_mm = (image.affine @ np.vstack([np.indices(image.shape).reshape(3, -1), np.ones(np.prod(image.shape))]))[1]
+        y_mm = y_mm.reshape(image.shape)
+        brain = np.asarray(image.dataobj).astype(bool)
+        front, back = brain & (y_mm > 30), brain & (y_mm < -60)
+        ratio = images[:, front].mean(1) / images[:, back].mean(1)
+        slopes[pattern] = np.polyfit(controls.age, ratio, 1)[0]
+    # 2x the mean loss at the front pole, none at the back: the front/back ratio falls ~0.4 % a year or more.
+    assert slopes["gradient"] < -0.003
+    assert abs(slopes["global"]) < abs(slopes["gradient"]) / 3
+
+
+def test_head_size_noise_zero_ties_head_size_to_sex_alone():
+    latents = draw_latents(SynthConfig(n_subjects=50, sex_effect=4.0, head_size_noise=0.0, seed=1))
+    expected = np.exp(np.where(latents.sex == "M", 0.1, -0.1))
+    np.testing.assert_allclose(latents.head_scale, expected)
+    loose = draw_latents(SynthConfig(n_subjects=50, sex_effect=4.0, head_size_noise=2.0, seed=1))
+    assert loose.head_scale.groupby(loose.sex).std().min() > 0.02
+
+
+def test_no_subtypes_gives_one_pattern_and_a_severity_continuum(tmp_path):
+    latents = draw_latents(SynthConfig(n_subjects=400, subtypes=0, seed=3))
+    patients = latents[latents.diagnosis == "patient"]
+    assert set(patients.subtype) == {1} and set(latents.subtype[latents.diagnosis == "control"]) == {0}
+    # U(0, 10): the mild end reaches the controls (the default Beta draw never goes below 2).
+    assert patients.severity.min() < 0.5 and patients.severity.max() > 9.5
+    assert abs(patients.severity.mean() - 5.0) < 0.6
+    folder = make_synthetic_cohort(tmp_path / "c", SynthConfig(n_subjects=6, subtypes=0, sites=1, resolution=10.0)).parent
+    assert sorted(path.name for path in (folder / "masks").iterdir()) == ["regions.tsv", "subtype-1_mask.nii.gz"]
+
+
+def test_several_small_regions_per_subtype_are_listed_and_masked(tmp_path):
+    config = SynthConfig(n_subjects=6, subtypes=2, lesion_regions=3, lesion_size=0.75, sites=1, resolution=4.0)
+    folder = make_synthetic_cohort(tmp_path / "c", config).parent
+    regions = read_tsv(folder / "masks" / "regions.tsv")
+    assert regions.subtype.tolist() == [1, 1, 1, 2, 2, 2] and regions.region.is_unique
+    from scipy import ndimage
+
+    full = make_synthetic_cohort(tmp_path / "full", SynthConfig(n_subjects=6, subtypes=2, sites=1, resolution=4.0)).parent
+    one_region = _mask(full / "masks" / "subtype-1_mask.nii.gz").sum()
+    for k in (1, 2):
+        mask = _mask(folder / "masks" / f"subtype-{k}_mask.nii.gz").astype(bool)
+        assert ndimage.label(mask)[1] >= 3  # separate blobs (GM thresholding can split one)
+        image = nib.load(folder / "masks" / f"subtype-{k}_mask.nii.gz")
+        centres = regions[regions.subtype == k][["x_mm", "y_mm", "z_mm"]].to_numpy()
+        nearest = np.min([_world_distance(image.affine, image.shape, centre) for centre in centres], axis=0)
+        assert nearest[mask].max() <= 0.75 * 16.0  # w >= 0.5 lies within the scaled taper
+        for centre in centres:
+            assert (_world_distance(image.affine, image.shape, centre)[mask] <= 0.75 * 12.0).any()
+        assert mask.sum() == regions.n_voxels[regions.subtype == k].sum()
+        # Radii x 0.75: each blob holds about 0.75^3 of a full one's voxels.
+        assert regions.n_voxels[regions.subtype == k].max() < 0.7 * one_region
+    with pytest.raises(ConfigError, match=r"lesion_regions=3 needs 9 distinct regions"):
+        SynthConfig.from_options(subtypes=3, lesion_regions=3)
+
+
+def test_cli_synth_takes_every_default_from_synthconfig(tmp_path, monkeypatch):
+    import neurocl.synth
+
+    seen = {}
+
+    def capture(out_dir, config, progress, workers):
+        seen["config"] = config
+        return Path(out_dir) / "cohort.yaml"
+
+    monkeypatch.setattr(neurocl.synth, "make_synthetic_cohort", capture)
+    options = ["--lesion-space", "subject", "--age-pattern", "gradient", "--subtypes", "0", "--head-size-noise", "0"]
+    result = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), *options])
+    assert result.exit_code == 0, result.output
+    expected = SynthConfig(lesion_space="subject", age_pattern="gradient", subtypes=0, head_size_noise=0.0)
+    assert seen["config"] == expected
+    bad = CliRunner().invoke(app, ["synth", str(tmp_path / "y"), "--lesion-space", "native"])
+    assert bad.exit_code == 1 and "lesion_space='native'" in bad.output

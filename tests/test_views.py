@@ -1,4 +1,4 @@
-"""Tests for neurocl.views: each batched transform against a plain reference, seeds, 2D, grid patches."""
+"""Tests for neurocl.views: each batched transform against a plain reference, seeds, 2D."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from scipy import ndimage, optimize
 
 from neurocl.errors import ConfigError
-from neurocl.views import ViewConfig, ViewSampler, aggregate_patches, extract_patches
+from neurocl.views import ViewConfig, ViewSampler
 
 SHAPE = (10, 12, 9)
 OFF = dict(p_crop=0.0, p_flip=0.0, p_affine=0.0, p_intensity=0.0, p_gamma=0.0, p_noise=0.0, p_blur=0.0, p_cutout=0.0)
@@ -318,48 +318,15 @@ def test_sample_reads_the_store_and_follows_the_seed():
         ViewSampler(ViewConfig()).sample([0])
 
 
-# ---------------------------------------------------------------- grid patches
-
-
-def test_patches_equal_slices_at_their_coordinates_and_cover_the_border():
-    x = volumes(batch=2, shape=(10, 12, 9))
-    patches, coords = extract_patches(x, size=4, stride=3)
-    starts = [sorted({int(c) for c in coords[:, axis]}) for axis in range(3)]
-    assert starts == [[0, 3, 6], [0, 3, 6, 8], [0, 3, 5]]  # the last patch is flush with the border
-    assert coords.dtype == torch.long and patches.shape == (2, len(coords), 1, 4, 4, 4)
-    assert coords.tolist() == [list(c) for c in itertools.product(*starts)]  # last axis fastest
-    for position, (a, b, c) in enumerate(coords.tolist()):
-        assert torch.equal(patches[:, position], x[:, :, a:a + 4, b:b + 4, c:c + 4])
-
-
-def test_patches_match_unfold_when_the_stride_tiles_the_volume():
-    x = volumes(batch=2, shape=(8, 12, 10))
-    patches, _ = extract_patches(x, size=(4, 4, 2), stride=(4, 4, 2))
-    unfolded = x.unfold(2, 4, 4).unfold(3, 4, 4).unfold(4, 2, 2)  # (B, C, nD, nH, nW, 4, 4, 2)
-    expected = unfolded.flatten(2, 4).transpose(1, 2)
-    assert torch.equal(patches, expected)
-
-
-def test_aggregate_of_extract_reconstructs_the_volume_exactly():
-    x = volumes(batch=2, shape=(10, 12, 9))
-    for size, stride in [(4, 3), (3, 3), ((5, 4, 3), (2, 3, 1))]:
-        patches, coords = extract_patches(x, size, stride)
-        assert torch.equal(aggregate_patches(patches, coords, size, x.shape[2:]), x)
-
-
-def test_aggregate_of_patch_values_is_the_mean_over_overlaps():
-    shape = (7, 6)
-    patches, coords = extract_patches(torch.zeros(1, 1, *shape), size=3, stride=2)
-    values = torch.arange(len(coords), dtype=torch.float32)[None] + 1
-    total, count = np.zeros(shape), np.zeros(shape)
-    for value, (a, b) in zip(values[0].tolist(), coords.tolist()):
-        total[a:a + 3, b:b + 3] += value
-        count[a:a + 3, b:b + 3] += 1
-    result = aggregate_patches(values, coords, 3, shape)
-    assert result.shape == (1, 1, *shape)
-    np.testing.assert_allclose(result[0, 0].numpy(), total / count, rtol=1e-6)
-
-
-def test_patches_larger_than_the_volume_are_refused():
-    with pytest.raises(ConfigError, match="larger than the volume"):
-        extract_patches(torch.zeros(1, 1, 4, 4, 4), size=5, stride=1)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_views_under_autocast_are_the_float32_views(dtype):
+    """Autocast (bf16-mixed training) must not change the views' precision: the blur's matrix
+    products would otherwise come back in half precision."""
+    config = ViewConfig(p_crop=1.0, crop_scale=(0.6, 0.9), p_affine=1.0, p_intensity=1.0, p_gamma=1.0,
+                        p_noise=1.0, p_blur=1.0, p_cutout=1.0)
+    x = volumes()
+    expected = views_of(config, x, seed=3)
+    with torch.autocast(device_type="cpu", dtype=dtype):
+        under_autocast = views_of(config, x, seed=3)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, expected, rtol=0, atol=0)

@@ -119,7 +119,7 @@ def occlusion(
 ) -> torch.Tensor:
     """Occlusion sensitivity of each subject's representation (Zeiler & Fergus, 2014).
 
-    The grid patches of the data path (:func:`neurocl.views.extract_patches`, side ``patch``,
+    The grid patches of the data path (:func:`neurocl.patches.extract_patches`, side ``patch``,
     step ``stride``, the last patch of each axis flush with the border) are replaced one at a
     time by the reference volume x₀; the effect of patch P on subject x is how far its
     representation moves,
@@ -127,7 +127,7 @@ def occlusion(
         e(P) = ‖r(x with P ← x₀) − r(x)‖₂,
 
     and each voxel gets the mean effect of the patches that cover it
-    (:func:`neurocl.views.aggregate_patches`). The occluded copies of all subjects go through
+    (:func:`neurocl.patches.aggregate_patches`). The occluded copies of all subjects go through
     the network together, ``batch_size`` at a time. A patch where a subject's volume already
     equals x₀ (e.g. outside a masked brain with x₀ = 0) leaves the input unchanged: its effect
     is exactly 0 and it is not run.
@@ -156,7 +156,9 @@ def occlusion(
     """
     from rich.progress import track
 
-    from neurocl.views import aggregate_patches, extract_patches
+    from neurocl.logs import progress_console
+
+    from neurocl.patches import aggregate_patches, extract_patches
 
     if len(volumes) == 0:
         raise ConfigError("occlusion: no volumes given")
@@ -177,7 +179,7 @@ def occlusion(
             [_representation(model, volumes[first : first + batch_size], space) for first in range(0, len(volumes), batch_size)]
         )
         batches = range(0, len(pairs), batch_size)
-        for first in track(batches, "occlusion", total=len(batches), disable=not progress):
+        for first in track(batches, "occlusion", total=len(batches), disable=not progress, console=progress_console()):
             subject, which = pairs[first : first + batch_size].unbind(1)
             cubes = _cube_masks(starts[which], size, spatial_shape)[:, None]
             occluded = torch.where(cubes, reference[None], volumes[subject])

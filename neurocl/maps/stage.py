@@ -14,7 +14,15 @@ from neurocl.errors import ConfigError
 from neurocl.io import save_nifti, write_json, write_tsv
 from neurocl.maps.attribution import _eval_mode, _representation, gradient_x_input, occlusion
 from neurocl.maps.evaluation import evaluate_subtypes, find_ground_truth, load_brain_mask, load_ground_truth
-from neurocl.maps.regions import _as_image, coarse_parcellation, plot_map, rank_regions, read_atlas_names
+from neurocl.maps.regions import (
+    _as_image,
+    coarse_parcellation,
+    display_map,
+    plot_map,
+    rank_regions,
+    read_atlas_names,
+    region_at,
+)
 from neurocl.maps.subtypes import SubtypeClustering, cluster_associations
 
 
@@ -285,8 +293,14 @@ def _write_maps(group_maps: dict, counts: dict, groups: list[str], store, atlas:
         regions = rank_regions(image, atlas_img, names, brain_mask=brain)
         write_tsv(out_dir / f"regions_{name}.tsv", regions)
         n_subjects = counts[method][group]
+        peak = display_map(image)["clusters"]
+        peak_mm = peak[0]["peak_mm"] if peak else None
+        peak_region = None if peak_mm is None else region_at(atlas_img, names, peak_mm)
         if config.plots:
-            plot_map(image, out_dir / f"{name}.png", f"{method.replace('_', ' ')}, {group} (n={n_subjects})")
+            title = f"{method.replace('_', ' ')}, {group} (n={n_subjects})"
+            if peak_region is not None:
+                title += f": peak in {peak_region}"
+            plot_map(image, out_dir / f"{name}.png", title)
         rows.append(
             {
                 "map": name,
@@ -297,6 +311,8 @@ def _write_maps(group_maps: dict, counts: dict, groups: list[str], store, atlas:
                 "png": f"{name}.png" if config.plots else None,
                 "regions": f"regions_{name}.tsv",
                 "top_region": regions["name"].iloc[0] if len(regions) else None,
+                "peak_mm": None if peak_mm is None else ", ".join(f"{v:+.0f}" for v in peak_mm),
+                "peak_region": peak_region,
             }
         )
     return pd.DataFrame(rows)

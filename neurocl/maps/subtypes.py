@@ -8,6 +8,10 @@ import pandas as pd
 
 from neurocl.errors import ConfigError
 
+# Below this mean bootstrap ARI the report cautions that the subtypes hinge on a few subjects
+# (docs/maps.md quotes it; a test keeps the two equal).
+STABILITY_CAUTION = 0.6
+
 
 class SubtypeClustering:
     """Cluster subjects into subtypes, choosing the number of clusters over a range that may include "none".

@@ -1,0 +1,189 @@
+"""Encoder weights in and out: start an encoder from a local file, export a trained one.
+
+``encoder.weights: PATH`` in a pipeline starts training from a file on disk (never a download):
+
+* a neurocl training checkpoint (``checkpoints/last.ckpt``): its ``net.encoder.*`` (single-space
+  methods) or ``net.common_encoder.*`` / ``net.salient_encoder.*`` (SepCLR) tensors;
+* a file written by ``neurocl export`` (the same keys without ``net.``);
+* a MONAI / plain torch state dict of the backbone itself (``conv1.weight``, ``features.0...``),
+  bare or under a ``state_dict`` or ``model`` key, with or without DataParallel's ``module.``.
+
+Each encoder of the network takes the tensors under the prefix that matches most of its keys
+(a single-space file starts both SepCLR encoders; a SepCLR file starts a single-space encoder from
+its common encoder). Shapes must agree exactly (any difference is an error naming the key); keys
+the encoder has and the file lacks are an error unless ``weights_strict: false``; keys the file
+has under the chosen prefix and the encoder lacks (a classifier's last layer) are reported.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from neurocl.errors import ConfigError
+
+# Prefixes a file may hold each encoder's tensors under, in order of preference.
+_PREFIXES = {
+    "encoder": ("net.encoder.", "encoder.", "net.common_encoder.", "common_encoder."),
+    "common_encoder": ("net.common_encoder.", "common_encoder.", "net.encoder.", "encoder."),
+    "salient_encoder": ("net.salient_encoder.", "salient_encoder.", "net.common_encoder.", "common_encoder.",
+                        "net.encoder.", "encoder."),
+}
+# Buffers that older files may lack and that carry no learned information.
+_HARMLESS_MISSING = ("num_batches_tracked",)
+EXPORT_FORMAT = "neurocl-encoder"
+EXPORT_VERSION = 1
+
+
+class LoadReport(NamedTuple):
+    """What one encoder took from a weights file."""
+
+    encoder: str
+    prefix: str
+    loaded: int
+    missing: list[str]
+    unexpected: list[str]
+
+    def describe(self) -> str:
+        where = f"keys under '{self.prefix}'" if self.prefix else "top-level keys"
+        text = f"{self.encoder}: {self.loaded} tensors loaded from the file's {where}"
+        if self.missing:
+            text += f"; missing (kept at initialisation): {_preview(self.missing)}"
+        if self.unexpected:
+            text += f"; unexpected (ignored): {_preview(self.unexpected)}"
+        return text
+
+
+def _preview(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint or state-dict file, loaded safely (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"encoder.weights: {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for damaged or unsafe files
+        raise ConfigError(f"encoder.weights: {path} cannot be read as a torch file ({type(error).__name__}: {error})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not any(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ConfigError(f"encoder.weights: {path} holds no state dict (a mapping of names to tensors)")
+    tensors = {str(key): value for key, value in state.items() if isinstance(value, torch.Tensor)}
+    if all(key.startswith("module.") for key in tensors):  # saved from DataParallel/DDP
+        tensors = {key.removeprefix("module."): value for key, value in tensors.items()}
+    return tensors
+
+
+def _interpretations(tensors: dict[str, torch.Tensor], name: str, own_keys: set[str]):
+    """(prefix, tensors renamed to the encoder's keys) for every way the file may hold ``name``."""
+    # A MONAI backbone's own keys sit under "network." in neurocl's pooled wrapper.
+    inner = {key.split(".", 1)[0] + "." for key in own_keys if "." in key}
+    wrappers = [""] + sorted(prefix for prefix in inner if prefix == "network.")
+    for prefix in (*_PREFIXES[name], ""):
+        selected = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        for wrapper in wrappers:
+            yield prefix, {wrapper + key: value for key, value in selected.items()}
+
+
+def load_encoder_weights(encoder: nn.Module, tensors: dict[str, torch.Tensor], name: str, source: str,
+                         strict: bool = True) -> LoadReport:
+    """Copy the matching tensors of a loaded file into ``encoder`` (named ``name`` in the network).
+
+    Raises
+    ------
+    ConfigError
+        No key matches, a shape differs, or (``strict``) the file lacks some of the encoder's keys.
+    """
+    own = encoder.state_dict()
+    own_keys = set(own)
+    prefix, renamed = max(_interpretations(tensors, name, own_keys), key=lambda option: len(own_keys & set(option[1])))
+    matched = own_keys & set(renamed)
+    if not matched:
+        raise ConfigError(
+            f"encoder.weights: no tensor of {source} matches the {name} "
+            f"(file keys: {_preview(sorted(tensors))}; encoder keys: {_preview(sorted(own_keys))})"
+        )
+    mismatched = [f"{key}: file {tuple(renamed[key].shape)} vs encoder {tuple(own[key].shape)}"
+                  for key in own if key in matched and renamed[key].shape != own[key].shape]  # network order
+    if mismatched:
+        raise ConfigError(
+            f"encoder.weights: {source} does not fit the {name} ({len(mismatched)} shape(s) differ; is it the "
+            f"same network, spatial_dims, in_channels and width?): {_preview(mismatched, 4)}"
+        )
+    missing = [key for key in own if key not in matched]
+    unexpected = sorted(set(renamed) - own_keys)
+    serious = [key for key in missing if not key.endswith(_HARMLESS_MISSING)]
+    if strict and serious:
+        raise ConfigError(
+            f"encoder.weights: {source} lacks {len(serious)} tensor(s) of the {name}: {_preview(serious)} "
+            "(set encoder.weights_strict: false to keep them at their initialisation)"
+        )
+    encoder.load_state_dict({key: renamed[key] for key in matched}, strict=False)
+    return LoadReport(name, prefix, len(matched), missing, unexpected)
+
+
+def encoders_of(net: nn.Module) -> dict[str, nn.Module]:
+    """The network's encoders by attribute name (a shared-trunk SepCLR network has one)."""
+    names = ("encoder", "common_encoder", "salient_encoder")
+    return {name: getattr(net, name) for name in names if isinstance(getattr(net, name, None), nn.Module)}
+
+
+def load_pretrained(net: nn.Module, path: str | os.PathLike, strict: bool = True) -> list[LoadReport]:
+    """Start every encoder of ``net`` from the file at ``path``; one report per encoder."""
+    tensors = read_state_dict(path)
+    return [load_encoder_weights(encoder, tensors, name, str(path), strict) for name, encoder in encoders_of(net).items()]
+
+
+def export_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The encoders' tensors as a plain state dict (``encoder.*`` or ``common_encoder.*``/``salient_encoder.*``)."""
+    return {f"{name}.{key}": value.detach().cpu().clone()
+            for name, encoder in encoders_of(net).items() for key, value in encoder.state_dict().items()}
+
+
+def export_record(module, checkpoint: str | os.PathLike) -> dict:
+    """The JSON written beside an export: what the encoders are and where they came from."""
+    from neurocl import __version__
+
+    encoder = module.encoder_config.model_dump(mode="json")
+    encoder.pop("weights", None)
+    encoder.pop("weights_strict", None)
+    grid = getattr(module, "grid", None) or {}
+    mask = grid.get("mask")
+    return {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "neurocl": __version__,
+        "method": module.method_config.name,
+        "encoders": list(encoders_of(module.net)),
+        "encoder": encoder,
+        "spatial_shape": list(mask.shape) if mask is not None else None,
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "use": "pipeline YAML: encoder: {name: ..., weights: THIS_FILE} with the same encoder settings",
+    }
+
+
+def write_export(module, checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``module``'s encoders to ``out`` (a plain state dict) and ``out`` with ``.json`` (its record).
+
+    Both files are written atomically; the state dict loads with ``torch.load(weights_only=True)``.
+    """
+    from neurocl.io import atomic_path, write_json
+
+    out = Path(out)
+    if out.suffix == ".json":
+        raise ConfigError(f"--out {out}: the weights file needs its own name (the record is written beside it as .json)")
+    with atomic_path(out) as tmp:
+        torch.save(export_state(module.net), tmp)
+    record = out.with_suffix(".json")
+    write_json(record, export_record(module, checkpoint))
+    return out, record
