@@ -721,6 +721,34 @@ def test_the_maps_stage_of_a_run_writes_maps_on_the_cohort_grid_with_plots_and_s
     assert evaluation["reference_summary"]["mean_auc_difference_map"] > 0.7
 
 
+def test_run_maps_scores_untrained_and_permuted_label_networks_of_a_real_run(trained_run, tmp_path):
+    import shutil
+
+    from neurocl.maps import run_maps
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)  # the module's fixture stays as the other tests expect it
+    config = MapsConfig(k_min=2, k_max=2, n_bootstrap=0, methods=["gradient_x_input"], plots=False, n_regions=8,
+                        null_references=["untrained", "permuted_labels"])
+    run_maps(run_dir, config=config, progress=False)
+    evaluation = json.loads((run_dir / "maps" / "evaluation.json").read_text())
+    assert evaluation["null_references"] == ["permuted_labels", "untrained"]
+    for row in evaluation["map_auc"]:
+        for null in ("untrained", "permuted_labels"):
+            assert 0 <= row[f"auc_subtype_map_{null}"] <= 1
+    summary = evaluation["summary"]["gradient_x_input"]
+    assert summary["passes"] == (summary["margin_over_untrained"] >= 0.1 and summary["margin_over_permuted_labels"] > 0)
+    null_dir = run_dir / "maps" / "null_permuted_labels"
+    groups = pd.read_csv(null_dir / "permuted_groups.tsv", sep="\t")
+    original = pd.read_csv(run_dir / "embeddings.tsv", sep="\t").set_index("participant_id")["group"]
+    assert (groups["group"].value_counts() == original.value_counts()).all()  # sizes kept
+    assert (groups.set_index("participant_id")["group"] != original).any()  # labels moved
+    checkpoint = null_dir / "checkpoints" / "last.ckpt"
+    written = checkpoint.stat().st_mtime_ns
+    run_maps(run_dir, config=config, progress=False)  # the finished null network is reused
+    assert checkpoint.stat().st_mtime_ns == written
+
+
 # ---------------------------------------------------------------- map figures
 
 # A 4 mm grid in MNI space (the template's field of view), as the demo's store.

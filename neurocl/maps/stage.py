@@ -74,10 +74,12 @@ class MapsConfig(BaseModel):
     atlas: Path | None = Field(None, description="Atlas labels NIfTI (integer labels, 0 = background).")
     atlas_names: Path | None = Field(None, description="Atlas names TSV (columns index, name).")
     plots: bool = Field(True, description="Write PNG views over the MNI152 template.")
-    null_references: list[Literal["untrained"]] = Field(
+    null_references: list[Literal["untrained", "permuted_labels"]] = Field(
         default_factory=lambda: ["untrained"],
         description="Networks whose maps are computed beside the trained one's, as what learning must beat: "
-        "'untrained' is the same architecture at the training seed's initialisation. [] for none.",
+        "'untrained' is the same architecture at the training seed's initialisation; 'permuted_labels' is the "
+        "same method trained again (same settings, seed and splits) with the background/target labels "
+        "permuted (costs one more training). [] for none.",
     )
     significance: Literal["none", "fwe", "fdr"] = Field(
         "none",
@@ -559,8 +561,49 @@ def run_maps(
     if "untrained" in config.null_references:
         untrained = untrained_method(run.model)
         null_models["untrained"] = getattr(untrained, "net", untrained).to(run.store.device)
+    if "permuted_labels" in config.null_references:
+        permuted = permuted_label_method(run, out_dir / "null_permuted_labels", progress)
+        null_models["permuted_labels"] = getattr(permuted, "net", permuted).to(run.store.device)
     analyse_salient(network, run.store, run.cohort, run.embeddings, out_dir, config, ground_truth, progress, null_models)
     return out_dir
+
+
+def permuted_label_method(run, folder: Path, progress: bool = True):
+    """The run's method trained again with the background/target labels permuted among the labelled subjects.
+
+    Same configuration, seed, store and splits; only which subjects are called "target" is
+    shuffled (group sizes kept), drawn from the training seed. Whatever this network's maps find
+    is what training finds without the group contrast, e.g. anatomy or the (x − x₀) factor.
+    Checkpoints and logs go to ``folder``; a finished one (``checkpoints/last.ckpt`` there, made
+    from the same permutation) is reused.
+    """
+    import copy
+
+    from neurocl.cohort import Splits
+    from neurocl.methods import MethodConfig
+    from neurocl.pipeline import load_model, train
+
+    cohort = copy.copy(run.cohort)
+    cohort.table = run.cohort.table.copy()
+    labelled = cohort.table["group"].notna().to_numpy()
+    rng = np.random.default_rng(run.config.training.seed)
+    cohort.table.loc[labelled, "group"] = rng.permutation(cohort.table.loc[labelled, "group"].to_numpy())
+    folder = Path(folder)
+    record = folder / "permuted_groups.tsv"
+    keys = _key_columns(cohort)
+    permutation = cohort.table[keys + ["group"]]
+    last = folder / "checkpoints" / "last.ckpt"
+    if last.is_file() and record.is_file() and pd.read_csv(record, sep="\t", dtype=str).equals(permutation.astype(str)):
+        return load_model(last)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tsv(record, permutation)
+    splits = Splits.load(run.run_dir / "splits.tsv", cohort)
+    method = MethodConfig.model_validate(run.model.hparams["method"])
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print("[bold]maps[/] training the permuted-label null network")
+    return train(run.config, method, folder, cohort, run.store, splits, resume=False)
 
 
 def untrained_method(module):
