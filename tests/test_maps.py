@@ -738,12 +738,14 @@ def test_run_maps_scores_untrained_and_permuted_label_networks_of_a_real_run(tra
             assert 0 <= row[f"auc_subtype_map_{null}"] <= 1
     summary = evaluation["summary"]["gradient_x_input"]
     assert summary["passes"] == (summary["margin_over_untrained"] >= 0.1 and summary["margin_over_permuted_labels"] > 0)
-    null_dir = run_dir / "maps" / "null_permuted_labels"
-    groups = pd.read_csv(null_dir / "permuted_groups.tsv", sep="\t")
+    from neurocl.rundir import RunDir
+
+    maps = RunDir(run_dir).maps
+    groups = pd.read_csv(maps.permuted_groups, sep="\t")
     original = pd.read_csv(run_dir / "embeddings.tsv", sep="\t").set_index("participant_id")["group"]
     assert (groups["group"].value_counts() == original.value_counts()).all()  # sizes kept
     assert (groups.set_index("participant_id")["group"] != original).any()  # labels moved
-    checkpoint = null_dir / "checkpoints" / "last.ckpt"
+    checkpoint = RunDir(maps.permuted_labels_network).last_checkpoint
     written = checkpoint.stat().st_mtime_ns
     run_maps(run_dir, config=config, progress=False)  # the finished null network is reused
     assert checkpoint.stat().st_mtime_ns == written
