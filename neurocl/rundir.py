@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from neurocl.cohort import Cohort
 from neurocl.config import PipelineConfig, config_yaml, validated
 from neurocl.embed import cohort_fingerprint, load_model
 from neurocl.errors import ConfigError, NeuroclError
-from neurocl.io import read_tsv, write_json, write_text
+from neurocl.io import load_yaml, read_tsv, write_json, write_text
 from neurocl.store import VolumeStore
 
 __all__ = ["MapsFolder", "Run", "RunDir", "load_run", "store_fingerprint"]
@@ -121,16 +120,13 @@ class RunDir:
         """The resolved pipeline of this run (config.yaml)."""
         if not self.config.is_file():
             raise ConfigError(f"{self.path} is not a run directory (config.yaml missing)")
-        return validated(PipelineConfig, yaml.safe_load(self.config.read_text()), str(self.config))
+        return validated(PipelineConfig, load_yaml(self.config, ConfigError, "run configuration"), str(self.config))
 
     def read_config_dict(self) -> dict | None:
         """config.yaml as a plain mapping (None when absent or not a mapping): for readers that tolerate old runs."""
         if not self.config.is_file():
             return None
-        try:
-            loaded = yaml.safe_load(self.config.read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"cannot read {self.config} ({error})") from None
+        loaded = load_yaml(self.config, ConfigError, "run configuration")
         return loaded if isinstance(loaded, dict) else None
 
     def prepare(self, config: PipelineConfig, resume: bool) -> None:
@@ -138,7 +134,7 @@ class RunDir:
         if resume:
             if not self.config.is_file():
                 raise ConfigError(f"--resume: {self.path} holds no run (config.yaml missing); start it without --resume")
-            before = _training_part(yaml.safe_load(self.config.read_text()))
+            before = _training_part(load_yaml(self.config, ConfigError, "run configuration"))
             now = _training_part(config.model_dump(mode="json"))
             changed = [section for section in _TRAINING_SECTIONS if before[section] != now[section]]
             if changed:

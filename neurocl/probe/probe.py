@@ -14,12 +14,14 @@ import pandas as pd
 from rich.progress import track
 
 from neurocl.config import ProbeConfig
-from neurocl.console import console
+from neurocl.logs import is_terminal, progress_console
 from neurocl.embed import embedding_spaces, join_embeddings
 from neurocl.errors import CohortError, ConfigError
 from neurocl.probe.cv import bootstrap_weights, cross_validated_predictions, outer_folds, permutation_indices
 from neurocl.probe.metrics import METRICS, PRIMARY_METRIC, chance_level, score
 from neurocl.probe.permutations import n_extreme, sequential_predictions
+
+console = progress_console()
 
 PROBE_COLUMNS = ["space", "attribute", "subset", "metric", "value", "ci_low", "ci_high", "p_value", "n_permutations",
                  "chance", "n", "note"]
@@ -157,12 +159,18 @@ def probe_embeddings(
             attribute == config.leave_site_out,
         ))
     rows = []
+    skipped: dict[tuple[str, str, str], list[str]] = {}
     for (space, attribute, subset), task, (results, note) in zip(jobs, tasks, _run_tasks(jobs, tasks, config, progress)):
         if not results:
-            console.print(f"[yellow]skipped[/] {space}/{attribute}/{subset}: {note}")
+            skipped.setdefault((attribute, subset, note), []).append(space)
             results = [dict(metric="none", value=np.nan, ci_low=np.nan, ci_high=np.nan, p_value=np.nan,
                             n_permutations=0, chance=np.nan, n=len(task[2]))]
         rows.extend({"space": space, "attribute": attribute, "subset": subset, **result, "note": note} for result in results)
+    # One line per reason, not per space: an attribute absent from a group by design (a patients-only
+    # score in controls) is skipped in every space alike.
+    for (attribute, subset, note), skipped_spaces in skipped.items():
+        console.print(f"not probed: {attribute} in {subset} ({note}), spaces {', '.join(skipped_spaces)}",
+                      highlight=False, markup=False)
     return pd.DataFrame(rows, columns=PROBE_COLUMNS)
 
 
@@ -211,7 +219,7 @@ def _progress(results, jobs, enabled, description):
     if not enabled:
         yield from results
         return
-    if _is_terminal(sys.stderr):
+    if is_terminal(sys.stderr):
         yield from track(results, description=description, transient=True, total=len(jobs), console=console)
         return
     remaining = Counter(attribute for _, attribute, _ in jobs)
@@ -224,9 +232,3 @@ def _progress(results, jobs, enabled, description):
                           f"{time.monotonic() - started:.0f} s)", highlight=False, markup=False)
         yield result
 
-
-def _is_terminal(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # closed or replaced streams (pytest's capture) are files
-        return False
