@@ -304,7 +304,7 @@ def probe(
     attributes: Optional[str] = typer.Option(None, help="Comma-separated attributes to probe (default: all in the spec)."),
     ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="ground_truth.tsv of a synthetic cohort."),
     leave_site_out: Optional[str] = typer.Option(None, help="Column to hold out in outer CV (e.g. site)."),
-    n_permutations: int = typer.Option(200, help="Permutations for p-values."),
+    n_permutations: int = typer.Option(1000, help="Permutations for p-values, at most (fewer once p is clearly above or below 0.05)."),
     n_bootstrap: int = typer.Option(1000, help="Bootstrap resamples for 95% CIs."),
     seed: int = typer.Option(0, help="Random seed."),
     jobs: int = typer.Option(-1, "--jobs", help="Parallel threads (-1: one per CPU core); results do not depend on it."),

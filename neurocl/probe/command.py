@@ -28,7 +28,7 @@ def probe_command(
     attributes=None,
     ground_truth=None,
     leave_site_out=None,
-    n_permutations: int = 200,
+    n_permutations: int = 1000,
     n_bootstrap: int = 1000,
     seed: int = 0,
     n_jobs: int = -1,
