@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,7 @@ import pandas as pd
 from rich.progress import track
 
 from neurocl.config import ProbeConfig
-from neurocl.logs import is_terminal, progress_console
+from neurocl.logs import progress_console, transient_progress
 from neurocl.embed import embedding_spaces, join_embeddings
 from neurocl.errors import CohortError, ConfigError
 from neurocl.probe.cv import bootstrap_weights, cross_validated_predictions, outer_folds, permutation_indices
@@ -219,7 +218,7 @@ def _progress(results, jobs, enabled, description):
     if not enabled:
         yield from results
         return
-    if is_terminal(sys.stderr):
+    if transient_progress(enabled):
         yield from track(results, description=description, transient=True, total=len(jobs), console=console)
         return
     remaining = Counter(attribute for _, attribute, _ in jobs)

@@ -221,18 +221,17 @@ def _bench_pipeline(raw: dict, cohort_yaml: Path, seed: int, epochs: int | None)
 def _representations(run_dir: Path) -> dict[str, pd.DataFrame]:
     """Embedding tables of the run: common / salient (or main) and every baseline, keyed for scoring."""
     from neurocl.probe import embedding_spaces
+    from neurocl.rundir import RunDir
 
-    def load(path: Path) -> pd.DataFrame:
-        return io.read_tsv(path)
-
-    main = load(run_dir / "embeddings.tsv")
+    folder = RunDir(run_dir)
+    main = io.read_tsv(folder.embeddings)
     keys = ["participant_id", "split"]
     out = {}
     spaces = embedding_spaces(main)
     for space, columns in spaces.items():
         out[space if space in ("common", "salient") else "main"] = main[keys + columns]
     for name in BASELINES:
-        table = load(run_dir / "baselines" / name / "embeddings.tsv")
+        table = io.read_tsv(folder.baseline(name).embeddings)
         columns = [c for columns in embedding_spaces(table).values() for c in columns]
         out[name] = table[keys + columns]
     return out
