@@ -383,7 +383,7 @@ def run_data_benchmark(config: DataBenchConfig, progress: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="neurocl-bench-") as scratch:
         from neurocl.store import VolumeStore
 
-        store = VolumeStore.from_array(volumes, Path(scratch) / "store").to(config.device, config.memory_budget_gb)
+        store = VolumeStore.from_array(volumes, Path(scratch) / "volumes").to(config.device, config.memory_budget_gb)
         threads = torch.get_num_threads()
         for recipe in config.recipes:
             for library in libraries:

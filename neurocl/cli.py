@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
-from rich.console import Console
+from neurocl.logs import progress_console, quiet_libraries, results_console
 
 app = typer.Typer(
     name="neurocl",
@@ -26,7 +26,7 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks and validation experiments that print measured numbers.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-console = Console(stderr=True)
+console = progress_console()
 _state = {"debug": False}
 
 
@@ -38,9 +38,9 @@ def _typeless_flags() -> None:
     """
     from typer.core import TyperOption
 
-    shown = TyperOption.display_type_rich
-    if getattr(shown, "_neurocl", False):
-        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_neurocl", False):
+        return  # older Typer releases print no type for flags in the first place
 
     def display_type_rich(self, ctx):
         return None if self.is_flag else shown(self, ctx)
@@ -68,6 +68,7 @@ def main(
 ) -> None:
     """neurocl: contrastive analysis of brain MRI cohorts."""
     _state["debug"] = debug
+    quiet_libraries()
 
 
 def user_errors(func: Callable) -> Callable:
@@ -197,12 +198,12 @@ def validate(
     except yaml.YAMLError:
         raw = None  # Cohort.from_yaml reports the YAML error with the file's name
     if isinstance(raw, dict) and "cohort" in raw and "participants" not in raw:
-        from neurocl.pipeline import _check_names, load_pipeline
+        from neurocl.config import check_attribute_names, load_pipeline
 
         config = load_pipeline(cohort, settings=set_ or ())
         loaded = Cohort.from_yaml(config.cohort)
-        _check_names(config, loaded)
-        Console().print(f"pipeline OK: {cohort} ({config.method.name}, {config.encoder.name}); cohort {config.cohort}",
+        check_attribute_names(config, loaded)
+        results_console().print(f"pipeline OK: {cohort} ({config.method.name}, {config.encoder.name}); cohort {config.cohort}",
                         highlight=False, markup=False)
     elif set_:
         from neurocl.errors import ConfigError
@@ -211,7 +212,7 @@ def validate(
     else:
         loaded = Cohort.from_yaml(cohort)
     problems = loaded.validate(check_images=images, progress=True)
-    print_problems(problems, console=Console(), cohort=loaded)
+    print_problems(problems, console=results_console(), cohort=loaded)
     if problems:
         raise typer.Exit(1)
 
@@ -248,7 +249,7 @@ def demo(
 
     Example: neurocl demo --out neurocl-demo
     """
-    from neurocl.pipeline import run_demo
+    from neurocl.demo import run_demo
 
     run_demo(out, resume=resume)
 
@@ -264,7 +265,7 @@ def embed(
 
     Example: neurocl embed runs/demo/checkpoints/last.ckpt cohorts/new.yaml --out new_embeddings.tsv
     """
-    from neurocl.pipeline import embed_cohort
+    from neurocl.embed import embed_cohort
 
     console.print(f"wrote embeddings: [bold]{embed_cohort(checkpoint, cohort, out)}[/]")
 
@@ -282,13 +283,14 @@ def export(
 
     Example: neurocl export runs/demo --out demo_encoder.pt
     """
+    from neurocl.embed import load_model
     from neurocl.errors import ConfigError
-    from neurocl.pipeline import load_model
+    from neurocl.rundir import RunDir
     from neurocl.weights import write_export
 
     if checkpoint not in ("last", "best"):
         raise ConfigError(f"--checkpoint {checkpoint!r}: use last or best")
-    path = run_dir / "checkpoints" / f"{checkpoint}.ckpt" if run_dir.is_dir() else run_dir
+    path = RunDir(run_dir).checkpoint(checkpoint) if run_dir.is_dir() else run_dir
     weights, record = write_export(load_model(path), path, out)
     console.print(f"wrote encoder weights: [bold]{weights}[/] and their record: [bold]{record}[/]", highlight=False)
 
@@ -306,6 +308,10 @@ def probe(
     n_bootstrap: int = typer.Option(1000, help="Bootstrap resamples for 95% CIs."),
     seed: int = typer.Option(0, help="Random seed."),
     jobs: int = typer.Option(-1, "--jobs", help="Parallel threads (-1: one per CPU core); results do not depend on it."),
+    other_cohort: bool = typer.Option(
+        False, "--other-cohort",
+        help="Probe embeddings made from another cohort than --cohort (refused by default: their sidecar says which).",
+    ),
 ) -> None:
     """Linear probes of clinical attributes from each embedding space, with CV, CIs and p-values.
 
@@ -324,6 +330,7 @@ def probe(
         n_bootstrap=n_bootstrap,
         seed=seed,
         n_jobs=jobs,
+        other_cohort=other_cohort,
     )
 
 
@@ -370,6 +377,9 @@ def bench_data(
     """Views per second of neurocl's batched views against MONAI and TorchIO pipelines (same recipe).
 
     Example: neurocl bench data --shape mni2mm --device cuda --model densenet121
+
+    Without TorchIO (a plain `pip install -e .`) neurocl and MONAI are measured and the output says
+    how to add it (the "bench" extra of pyproject.toml, or: pip install torchio).
     """
     from neurocl.bench import MNI_2MM, DataBenchConfig, print_data_benchmark, run_data_benchmark
     from neurocl.errors import ConfigError
@@ -386,7 +396,7 @@ def bench_data(
         recipes=("full", "light") if recipe == "both" else (recipe,),
         libraries=tuple(name.strip() for name in libraries.split(",") if name.strip()),
     )
-    print_data_benchmark(run_data_benchmark(config), Console())
+    print_data_benchmark(run_data_benchmark(config), results_console())
 
 
 @bench_app.command("epoch")
@@ -414,7 +424,7 @@ def bench_epoch(
         raise ConfigError(f"--shape {shape!r}: expected comma-separated integers such as 121,145,121")
     config = EpochBenchConfig(method=method, encoder=encoder, shape=spatial, n_subjects=subjects,
                               batch_size=batch_size, epochs=epochs, device=device, precision=precision)
-    print_epoch_benchmark(run_epoch_benchmark(config), Console())
+    print_epoch_benchmark(run_epoch_benchmark(config), results_console())
 
 
 @bench_app.command("patches")
@@ -459,7 +469,7 @@ def bench_patches(
         libraries=tuple(name.strip() for name in libraries.split(",") if name.strip()),
     )
     result = run_patch_benchmark(config)
-    print_patch_benchmark(result, Console())
+    print_patch_benchmark(result, results_console())
     if out is not None:
         from neurocl.io import write_json
 
@@ -500,7 +510,7 @@ def bench_identifiability(
     spaces = ("box", "sphere") if space == "both" else (space,)
     configs = [IdentifiabilityConfig.preset(name, quick=quick, **_validation_overrides(steps, seed)) for name in spaces]
     results = [run_identifiability(config) for config in configs]
-    print_identifiability(results, Console())
+    print_identifiability(results, results_console())
     _write_validation_json(out, "identifiability", results)
 
 
@@ -519,7 +529,7 @@ def bench_gmm(
     from neurocl.validation.gmm import GMMConfig, print_gmm, run_gmm
 
     result = run_gmm(GMMConfig.preset(quick=quick, **_validation_overrides(steps, seed)))
-    print_gmm(result, Console())
+    print_gmm(result, results_console())
     _write_validation_json(out, "gmm", [result])
 
 
@@ -538,8 +548,50 @@ def bench_vector(
     from neurocl.validation.vector import VectorConfig, print_vector, run_vector
 
     result = run_vector(VectorConfig.preset(quick=quick, **_validation_overrides(steps, seed)))
-    print_vector(result, Console())
+    print_vector(result, results_console())
     _write_validation_json(out, "vector", [result])
+
+
+def _int_list(option: str, text: Optional[str]) -> Optional[list[int]]:
+    from neurocl.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: expected comma-separated integers such as 0,1,2") from None
+
+
+@bench_app.command("separation")
+@user_errors
+def bench_separation(
+    quick: bool = typer.Option(False, "--quick", help="96-subject cohorts at 8 mm, 8 epochs, seed 0 (minutes)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated training seeds (default 0,1,2; --quick: 0)."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Pipeline YAML (default: the shipped demo)."),
+    cohorts: Optional[str] = typer.Option(None, help="Comma-separated panel cohorts (default: all)."),
+    epochs: Optional[int] = typer.Option(None, help="Override the pipeline's training.epochs."),
+    n_subjects: Optional[int] = typer.Option(None, "--n-subjects", help="Subjects per cohort (default 160; --quick 96)."),
+    workdir: Optional[Path] = typer.Option(None, help="Keep cohorts and runs here (default: a temporary folder)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write every run and the table as JSON here."),
+) -> None:
+    """Separation across a panel of cohorts x seeds, on held-out subjects, beside PCA, cPCA and SimCLR.
+
+    Example: neurocl bench separation --quick --out separation.json
+    """
+    from neurocl.validation.separation import SeparationBenchConfig, print_separation, run_separation_bench
+
+    config = SeparationBenchConfig.preset(
+        quick, seeds=_int_list("--seeds", seeds), pipeline=pipeline, epochs=epochs, n_subjects=n_subjects,
+        workdir=workdir, cohorts=[name.strip() for name in cohorts.split(",") if name.strip()] if cohorts else None,
+    )
+    results = run_separation_bench(config, log=lambda line: console.print(f"[bold]{line}[/]"))
+    print_separation(results, results_console())
+    if out is not None:
+        from neurocl.io import write_json
+
+        write_json(out, results)
+        console.print(f"wrote [bold]{out}[/]")
 
 
 def _run() -> None:  # pragma: no cover - entry point for ``python -m neurocl``

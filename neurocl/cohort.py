@@ -28,6 +28,15 @@ from neurocl.errors import CohortError, ConfigError
 from neurocl.images import Grid, GridSpec, ImageKind, image_kind, read_grid, read_voxels
 from neurocl.io import load_yaml, read_tsv, write_tsv
 
+# The subject key: a row of a cohort, a store manifest, an embeddings table or a splits manifest is
+# one image of one participant (and session). Every table is matched on these columns, never on position.
+KEY_COLUMNS = ("participant_id", "session_id")
+
+
+def key_columns(table: pd.DataFrame) -> list[str]:
+    """The key columns ``table`` has: ``participant_id``, then ``session_id`` when present."""
+    return [column for column in KEY_COLUMNS if column in table.columns]
+
 GROUPS = ("background", "target")
 PLACEHOLDERS = ("participant_id", "session_id")
 RESERVED_COLUMNS = ("participant_id", "session_id", "group", "image", "row")
@@ -440,10 +449,12 @@ class Cohort:
 
     def keys(self) -> pd.DataFrame:
         """``participant_id`` and (when present) ``session_id`` of each row."""
-        return self.table[self._key_columns()].copy()
+        return self.table[self.key_columns].copy()
 
-    def _key_columns(self) -> list[str]:
-        return ["participant_id", "session_id"] if self.has_sessions else ["participant_id"]
+    @property
+    def key_columns(self) -> list[str]:
+        """The subject key of this cohort's rows (:data:`KEY_COLUMNS` present in its table)."""
+        return key_columns(self.table)
 
     def attribute_matrix(self, names: Sequence[str] | None = None) -> np.ndarray:
         """Attributes as a float matrix (n_images, len(names)), NaN where missing.
@@ -515,7 +526,7 @@ class Cohort:
         first_line: dict[tuple, int] = {}
         for position, record in enumerate(self.table.to_dict("records")):
             pid = None if pd.isna(record["participant_id"]) else record["participant_id"]
-            key = tuple("n/a" if pd.isna(record.get(c)) else record.get(c) for c in self._key_columns())
+            key = tuple("n/a" if pd.isna(record.get(c)) else record.get(c) for c in self.key_columns)
             if pid is not None and key in first_line:
                 problems.append(Problem(record["row"], pid, f"duplicate of line {first_line[key]} ({', '.join(key)})"))
             first_line.setdefault(key, record["row"])
@@ -557,11 +568,14 @@ class Cohort:
         from rich.console import Console
         from rich.progress import track
 
+        from neurocl.logs import transient_progress
+
         records = self.table[["participant_id", "image", "row"]].to_dict("records")
         reference: tuple[dict, Grid] | None = None
         problems: list[Problem] = []
         for record in track(
-            records, description="validating images", disable=not progress, console=Console(stderr=True), transient=True
+            records, description="validating images", disable=not transient_progress(progress), console=Console(stderr=True),
+            transient=True
         ):
             if not isinstance(record["image"], str):
                 continue

@@ -34,13 +34,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
 
-from neurocl.errors import ConfigError
+from neurocl.cohort import Cohort
+from neurocl.embed import embedding_spaces
+from neurocl.errors import ConfigError, NeuroclError
 from neurocl.io import atomic_path, load_yaml, read_tsv, write_text
 from neurocl.maps.subtypes import STABILITY_CAUTION
-from neurocl.probe import PRIMARY_METRIC, embedding_spaces
-
-FIGURE_DIR = "report_files"
+from neurocl.probe import PRIMARY_METRIC, separation_table
+from neurocl.rundir import RunDir
 _PRIMARY = set(PRIMARY_METRIC.values())
 _SUBSET_ORDER = {"all": 0, "target": 1, "background": 2}
 _MAX_EMBEDDING_POINTS = 2000  # t-SNE cost; larger cohorts are subsampled (seeded) for the views only
@@ -66,8 +69,8 @@ class _Section:
 class _Figures:
     """Saves each figure as PNG (report_files/) and hands back its base64 for the HTML."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.folder = run_dir / FIGURE_DIR
+    def __init__(self, run: RunDir) -> None:
+        self.folder = run.report_figures
         self.names: set[str] = set()
 
     def add(self, section: _Section, figure, name: str, caption: str) -> None:
@@ -85,7 +88,7 @@ class _Figures:
             f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{encoded}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
-        section.md.append(f"![{caption}]({FIGURE_DIR}/{name}.png)")
+        section.md.append(f"![{caption}]({self.folder.name}/{name}.png)")
 
     def embed_file(self, section: _Section, path: Path, caption: str) -> None:
         """An existing PNG (maps): embedded in the HTML, linked from the Markdown by its run-relative path."""
@@ -121,15 +124,15 @@ def write_report(run_dir) -> tuple[Path, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"report: no folder {run_dir}")
-    run = _RunFiles(run_dir)
+    folder = RunDir(run_dir)
+    if not folder.path.is_dir():
+        raise ConfigError(f"report: no folder {folder.path}")
+    run = _RunFiles(folder)
     if not run.any():
         raise ConfigError(
-            f"report: {run_dir} holds none of embeddings.tsv, probes.tsv, separation.json, logs/metrics.csv, baselines/, maps/"
+            f"report: {folder.path} holds none of embeddings.tsv, probes.tsv, separation.json, logs/metrics.csv, baselines/, maps/"
         )
-    figures = _Figures(run_dir)
+    figures = _Figures(folder)
     sections = [
         section
         for section in (
@@ -144,8 +147,8 @@ def write_report(run_dir) -> tuple[Path, Path]:
         if section is not None
     ]
     title = f"neurocl report: pipeline '{run.name}' on cohort '{run.cohort_name}'"
-    html_path = write_text(run_dir / "report.html", _render_html(title, sections))
-    md_path = write_text(run_dir / "report.md", _render_md(title, sections))
+    html_path = write_text(folder.report_html, _render_html(title, sections))
+    md_path = write_text(folder.report_md, _render_md(title, sections))
     _remove_stale_figures(figures)
     return html_path, md_path
 
@@ -154,7 +157,10 @@ def _cohort_name(spec_path) -> str:
     """The ``name`` of the run's cohort spec, or its file name when the spec is gone or unnamed."""
     if not spec_path:
         return "unknown"
-    spec = _read_yaml(Path(spec_path))
+    try:
+        spec = load_yaml(Path(spec_path), ConfigError, "cohort spec")
+    except ConfigError:
+        spec = None
     name = spec.get("name") if isinstance(spec, dict) else None
     return str(name) if name else Path(spec_path).name
 
@@ -162,31 +168,32 @@ def _cohort_name(spec_path) -> str:
 class _RunFiles:
     """The run directory's files, each read once (None when absent)."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.dir = run_dir
-        self.config = _read_yaml(run_dir / "config.yaml")
-        self.name = str(self.config.get("name", run_dir.name)) if self.config else run_dir.name
+    def __init__(self, folder: RunDir) -> None:
+        self.dir = folder.path
+        self.folder = folder
+        self.config = folder.read_config_dict()
+        self.name = str(self.config.get("name", folder.path.name)) if self.config else folder.path.name
         self.cohort_name = _cohort_name((self.config or {}).get("cohort"))
         method = (self.config or {}).get("method")
         self.method = str(method.get("name", "run")) if isinstance(method, dict) else "run"
-        self.embeddings = _read_table(run_dir / "embeddings.tsv")
-        self.probes = _read_table(run_dir / "probes.tsv")
-        self.splits = _read_table(run_dir / "splits.tsv")
-        self.separation = _read_json(run_dir / "separation.json")
-        self.metrics = _read_table(run_dir / "logs" / "metrics.csv", sep=",")
+        self.embeddings = _read_table(folder.embeddings)
+        self.probes = _read_table(folder.probes)
+        self.splits = _read_table(folder.splits)
+        self.separation = _read_json(folder.separation)
+        self.metrics = _read_table(folder.metrics, sep=",")
         self.baselines = {
-            folder.name: _read_table(folder / "probes.tsv")
-            for folder in sorted((run_dir / "baselines").glob("*"))
-            if (folder / "probes.tsv").is_file()
+            name: _read_table(folder.baseline(name).probes)
+            for name in folder.baseline_names()
+            if folder.baseline(name).probes.is_file()
         }
-        maps = run_dir / "maps"
-        self.maps_dir = maps
-        self.maps_index = _read_table(maps / "index.tsv")
-        self.subtypes = _read_json(maps / "subtypes.json")
-        self.evaluation = _read_json(maps / "evaluation.json")
-        self.associations = _read_table(maps / "associations.tsv")
-        self.clusters = _read_table(maps / "clusters.tsv")
-        self.cohort_table, self.ground_truth, self.cohort_note = _cohort_tables(self.config, run_dir)
+        maps = folder.maps
+        self.maps_dir = maps.path
+        self.maps_index = _read_table(maps.index)
+        self.subtypes = _read_json(maps.subtypes)
+        self.evaluation = _read_json(maps.evaluation)
+        self.associations = _read_table(maps.associations)
+        self.clusters = _read_table(maps.clusters)
+        self.cohort_table, self.ground_truth, self.cohort_note = _cohort_tables(self.config, folder.path)
 
     def any(self) -> bool:
         return any(
@@ -213,20 +220,10 @@ def _read_json(path: Path) -> dict | None:
         raise ConfigError(f"report: cannot read {path} ({error})") from None
 
 
-def _read_yaml(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    loaded = load_yaml(path, ConfigError, "run configuration")
-    return loaded if isinstance(loaded, dict) else None
-
-
 def _cohort_tables(config: dict | None, run_dir: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None, str]:
     """The cohort named by config.yaml (attributes and raw group labels, for colouring) and ground_truth.tsv beside it."""
     if not config or not config.get("cohort"):
         return None, None, ""
-    from neurocl.cohort import Cohort
-    from neurocl.errors import NeuroclError
-
     cohort_yaml = Path(config["cohort"])
     if not cohort_yaml.is_absolute() and not cohort_yaml.is_file():
         cohort_yaml = run_dir / cohort_yaml
@@ -275,7 +272,7 @@ def _run_section(run: _RunFiles) -> _Section:
     if run.splits is not None:
         column = "split" if "split" in run.splits else "fold" if "fold" in run.splits else None
         if column:
-            rows.append(("splits.tsv", f"{len(run.splits)} participants, {run.splits[column].nunique()} {column}s"))
+            rows.append((run.folder.splits.name, f"{len(run.splits)} participants, {run.splits[column].nunique()} {column}s"))
     if run.cohort_note:
         rows.append(("note", run.cohort_note))
     section.table(pd.DataFrame(rows, columns=["", "value"]))
@@ -362,8 +359,6 @@ def _forest_figure(rows: pd.DataFrame, label_column: str):
 def _separation_section(run: _RunFiles) -> _Section | None:
     if run.separation is None:
         return None
-    from neurocl.probe import separation_table
-
     section = _Section("Separation")
     table = separation_table(run.separation)
     if not table.empty:
@@ -477,11 +472,7 @@ def _projection(values: np.ndarray, method: str) -> np.ndarray | None:
     if values.shape[1] < 2:
         return np.column_stack([values[:, 0], np.zeros(len(values))])
     if method == "PCA":
-        from sklearn.decomposition import PCA
-
         return PCA(2, random_state=0).fit_transform(values)
-    from sklearn.manifold import TSNE
-
     perplexity = float(min(30, max(2, (len(values) - 1) // 3)))
     return TSNE(2, perplexity=perplexity, init="pca", max_iter=500, random_state=0).fit_transform(values)
 

@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from neurocl.cohort import key_columns
 from neurocl.errors import CohortError, ConfigError, StoreError
 from neurocl.images import ImageKind, as_volume, read_voxels
 from neurocl.io import atomic_path, preallocate, read_tsv, write_json, write_tsv
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
 
 STORE_FORMAT = 1
 PARALLEL_MIN_IMAGES = 64  # below this many images to preprocess, worker start-up costs more than it saves
-_KEY_COLUMNS = ("participant_id", "session_id")
 
 
 class PreprocessConfig(BaseModel):
@@ -625,8 +625,8 @@ class VolumeStore:
 
     def rows_for(self, cohort: "Cohort") -> np.ndarray:
         """Store index of each row of ``cohort`` (matched on participant_id and session_id)."""
-        keys = [column for column in _KEY_COLUMNS if column in self.manifest.columns]
-        cohort_keys = [column for column in _KEY_COLUMNS if column in cohort.table.columns]
+        keys = key_columns(self.manifest)
+        cohort_keys = key_columns(cohort.table)
         if keys != cohort_keys:
             raise CohortError(f"cohort keys {cohort_keys} differ from the store's {keys} ({self.cache_dir})")
         lookup = {tuple(row): int(index) for index, *row in self.manifest[["index", *keys]].itertuples(index=False)}
@@ -782,7 +782,7 @@ def _entries(cohort: "Cohort", params: str, known: dict | None = None) -> pd.Dat
     """
     known = known or {}
     table = cohort.table
-    keys = [column for column in _KEY_COLUMNS if column in table.columns]
+    keys = key_columns(table)
     rows = []
     for position, (_, row) in enumerate(table.iterrows()):
         source = Path(row["image"])
@@ -833,7 +833,7 @@ def _reusable(entries: pd.DataFrame, previous: dict | None) -> dict[int, int]:
     """New index -> old index of entries whose content hash and stage-1 parameters are unchanged."""
     if previous is None:
         return {}
-    keys = [column for column in _KEY_COLUMNS if column in entries.columns]
+    keys = key_columns(entries)
     old = previous["manifest"]
     if any(key not in old.columns for key in keys):
         return {}
@@ -849,7 +849,7 @@ def _reusable(entries: pd.DataFrame, previous: dict | None) -> dict[int, int]:
 
 
 def _same_order(previous: dict, entries: pd.DataFrame) -> bool:
-    keys = [column for column in _KEY_COLUMNS if column in entries.columns]
+    keys = key_columns(entries)
     old = previous["manifest"]
     return len(old) == len(entries) and all(
         old[key].astype(str).tolist() == entries[key].astype(str).tolist() for key in keys

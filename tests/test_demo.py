@@ -12,7 +12,8 @@ import yaml
 
 from neurocl.errors import ConfigError
 from neurocl.io import read_tsv, write_tsv
-from neurocl.pipeline import DEMO_COHORT, DEMO_PIPELINE, _demo_cohort, demo_summary, load_pipeline
+from neurocl.config import load_pipeline
+from neurocl.demo import DEMO_COHORT, DEMO_PIPELINE, _demo_cohort, demo_summary
 from neurocl.synth import SynthConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from neurocl import pipeline
+from neurocl import config, embed, pipeline, train
 from neurocl.cli import app
 from neurocl.errors import ConfigError, TrainingError
 from neurocl.io import read_tsv
@@ -86,8 +86,8 @@ class _KillAt(L.Callback):
 
 
 def _with_callback(monkeypatch, callback) -> None:
-    original = pipeline._callbacks
-    monkeypatch.setattr(pipeline, "_callbacks", lambda *args, **kwargs: original(*args, **kwargs) + [callback])
+    original = train.run_callbacks
+    monkeypatch.setattr(train, "run_callbacks", lambda *args, **kwargs: original(*args, **kwargs) + [callback])
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,8 @@ def test_voxel_baseline_gets_embeddings_and_probes_in_its_folder(reference):
 
 def test_config_yaml_is_the_resolved_pipeline(reference, pipeline_yaml, tiny_cohort):
     run_dir, _ = reference
-    saved = pipeline.PipelineConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    assert saved == pipeline.load_pipeline(pipeline_yaml)
+    saved = config.PipelineConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert saved == config.load_pipeline(pipeline_yaml)
     assert saved.cohort == Path(tiny_cohort).resolve()
     assert saved.training.seed == 0 and saved.views.p_cutout == 0.5  # defaults and values written out
 
@@ -277,11 +277,44 @@ def test_embed_command_reproduces_the_run_embeddings(reference, tiny_cohort, wor
     np.testing.assert_allclose(embedded[spaces].to_numpy(), expected[spaces].to_numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_patch_trained_run_embeds_by_sliding_window_and_embed_reproduces_it(tiny_cohort, workspace):
+    """views.patches end to end: training on patches, the run's embeddings (sliding-window means) and
+    `neurocl embed` from the checkpoint, which must carry the patch recipe to embed the same way."""
+    config = yaml.safe_load(PIPELINE.format(cohort=tiny_cohort, store=workspace / "store"))
+    config["views"]["patches"] = {"size": 8, "per_subject": 2, "positives": "same_location", "embed_stride": 0.5}
+    config["training"].update(epochs=1, checkpoint_every_n_steps=100)
+    config["baselines"] = []
+    path = workspace / "patches.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = pipeline.run_pipeline(path, workspace / "patches")
+    checkpoint = _checkpoint(run_dir)
+    assert checkpoint["neurocl_patches"]["size"] == 8 and checkpoint["neurocl_patches"]["embed"] == "sliding"
+    out = workspace / "patches-embedded.tsv"
+    result = CliRunner().invoke(app, ["embed", str(run_dir / "checkpoints" / "last.ckpt"), str(tiny_cohort), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    embedded, expected = read_tsv(out), read_tsv(run_dir / "embeddings.tsv")
+    spaces = [column for column in expected.columns if column.startswith(("common_", "salient_"))]
+    np.testing.assert_allclose(embedded[spaces].to_numpy(), expected[spaces].to_numpy(), rtol=1e-4, atol=1e-5)
+    # embed: whole runs the encoder on the whole volume instead.
+    from neurocl.cohort import Cohort
+    from neurocl.store import VolumeStore
+
+    model = pipeline.load_model(run_dir / "checkpoints" / "last.ckpt")
+    store = VolumeStore.open(workspace / "store")
+    rows = store.rows_for(Cohort.from_yaml(tiny_cohort))[:4]
+    salient = expected[[c for c in spaces if c.startswith("salient_")]].to_numpy()[:4]
+    np.testing.assert_allclose(model.embed_store(store, rows)["salient"], salient, rtol=1e-4, atol=1e-5)
+    model.patches = model.patches.model_copy(update={"embed": "whole"})
+    with torch.no_grad():
+        direct = model.embed(store.batch(rows))["salient"].double().numpy()
+    np.testing.assert_allclose(model.embed_store(store, rows)["salient"], direct, rtol=1e-4, atol=1e-5)
+
+
 def test_load_model_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     bad = tmp_path / "notes.ckpt"
     bad.write_text("not a checkpoint")
     with pytest.raises(ConfigError, match="cannot be read"):
-        pipeline.load_model(bad)
+        embed.load_model(bad)
 
 
 # ---------------------------------------------------------------- faults
@@ -296,43 +329,10 @@ class _NaNAtStepOne(SepCLR):
 
 
 def test_non_finite_loss_stops_the_run_naming_step_and_term(reference, pipeline_yaml, workspace, monkeypatch):
-    monkeypatch.setattr(pipeline, "build_method", lambda method, *args, **kwargs: _NaNAtStepOne(method, *args, **kwargs))
+    monkeypatch.setattr(train, "build_method", lambda method, *args, **kwargs: _NaNAtStepOne(method, *args, **kwargs))
     with pytest.raises(TrainingError, match=r"step 1 .*term 'null' = nan"):
         pipeline.run_pipeline(pipeline_yaml, workspace / "nan")
     assert not (workspace / "nan" / "embeddings.tsv").exists()
-
-
-def test_checkpoint_is_only_replaced_by_a_complete_one(tmp_path):
-    path = tmp_path / "last.ckpt"
-    checkpoint_io = pipeline._AtomicCheckpointIO.make()
-    checkpoint_io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
-    with pytest.raises(Exception):  # a lambda cannot be pickled: the write fails half-way
-        checkpoint_io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "bad": lambda: None}, path)
-    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
-
-
-# ---------------------------------------------------------------- the schema
-
-
-def test_pipeline_errors_name_the_file_and_every_bad_field(tmp_path, tiny_cohort):
-    path = tmp_path / "bad.yaml"
-    path.write_text(
-        f"cohort: {tiny_cohort}\ntraining: {{epochs: 0, batch_size: many}}\nmethod: {{nme: sepclr}}\n"
-    )
-    with pytest.raises(ConfigError) as error:
-        pipeline.load_pipeline(path)
-    message = str(error.value)
-    for field in ("training.epochs", "training.batch_size", "method.nme"):
-        assert f"{path}: {field}:" in message
-    assert "'many'" in message
-
-
-def test_missing_cohort_field_is_named(tmp_path):
-    path = tmp_path / "empty.yaml"
-    path.write_text("name: nothing\n")
-    with pytest.raises(ConfigError, match="empty.yaml: cohort: Field required"):
-        pipeline.load_pipeline(path)
 
 
 @pytest.mark.parametrize(
@@ -347,37 +347,3 @@ def test_attribute_missing_from_the_cohort_is_refused_before_any_work(section, f
     with pytest.raises(ConfigError, match=rf"{field}: \['IQ'\] not in the attributes of cohort .*'age'"):
         pipeline.run_pipeline(path, tmp_path / "run")
     assert not (tmp_path / "run" / "store").exists()
-
-
-SHIPPED = sorted((Path(__file__).parents[1] / "pipelines").glob("*.yaml")) + [pipeline.DEMO_PIPELINE]
-
-
-@pytest.mark.parametrize("path", SHIPPED, ids=[f"{p.parent.name}/{p.name}" for p in SHIPPED])
-def test_shipped_pipelines_are_valid(path):
-    config = pipeline.load_pipeline(path)
-    assert config.cohort.is_absolute()
-
-
-def test_study_template_trains_densenet_on_several_gpus_in_bf16():
-    config = pipeline.load_pipeline(Path(__file__).parents[1] / "pipelines" / "study_template.yaml")
-    assert config.encoder.name == "densenet121"
-    assert config.training.devices >= 2 and config.training.strategy == "ddp"
-    assert config.training.precision == "bf16-mixed"
-
-
-def test_trainer_takes_devices_nodes_and_strategy_from_the_config(tmp_path):
-    training = pipeline.TrainingConfig(accelerator="cpu", devices=2, num_nodes=1, strategy="ddp", epochs=1)
-    trainer = pipeline.make_trainer(training, tmp_path, progress=False)
-    assert trainer.world_size == 2 and trainer.num_devices == 2
-    assert type(trainer.strategy).__name__ == "DDPStrategy"
-    assert trainer.strategy._get_process_group_backend() == "gloo"  # CPU processes talk over gloo
-
-
-def test_auto_precision_is_bf16_on_a_gpu_that_supports_it(monkeypatch):
-    training = pipeline.TrainingConfig()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert pipeline._precision(training) == "32-true"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert pipeline._precision(training) == "bf16-mixed"
-    assert pipeline._precision(training.model_copy(update={"accelerator": "cpu"})) == "32-true"

@@ -13,6 +13,7 @@ from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_sco
 from typer.testing import CliRunner
 
 import neurocl.probe as probe
+from neurocl.probe import solvers
 from neurocl.cohort import Cohort
 from neurocl.probe import (
     PROBE_COLUMNS,
@@ -110,7 +111,7 @@ def test_the_leakage_check_catches_standardising_on_the_whole_set(kind, monkeypa
         mean, scale = everything.mean(0), everything.std(0)
         return [(x - mean) / scale for x in (train, *others)]
 
-    monkeypatch.setattr(probe, "_standardise", whole_set)
+    monkeypatch.setattr(solvers, "standardise", whole_set)
     before, after = _leakage_probe(kind)
     assert np.abs(np.asarray(after) - np.asarray(before)).max() > 1e-3
 
@@ -277,3 +278,22 @@ def test_parallel_probes_equal_serial_ones(two_space_cohort):
     serial = probe_embeddings(embeddings, cohort, attributes=["age", "sex"], subsets=["all"], config=ProbeConfig(n_jobs=1, **settings))
     parallel = probe_embeddings(embeddings, cohort, attributes=["age", "sex"], subsets=["all"], config=ProbeConfig(n_jobs=2, **settings))
     pd.testing.assert_frame_equal(serial, parallel)
+
+
+def test_a_skip_expected_in_every_space_is_reported_once(tiny_cohort, capsys):
+    from neurocl.cohort import Cohort
+    from neurocl.probe import ProbeConfig, probe_embeddings
+
+    cohort = Cohort.from_yaml(tiny_cohort)
+    rng = np.random.default_rng(0)
+    embeddings = cohort.keys().assign(split="train", group=cohort.table["group"].to_numpy())
+    for space in ("common", "salient"):
+        for i in range(2):
+            embeddings[f"{space}_{i}"] = rng.standard_normal(len(cohort))
+    config = ProbeConfig(n_permutations=0, n_bootstrap=0, n_splits=2)
+    capsys.readouterr()
+    probes = probe_embeddings(embeddings, cohort, attributes=["severity"], config=config)
+    skipped = probes[(probes["metric"] == "none") & (probes["subset"] == "background")]
+    assert sorted(skipped["space"]) == ["common", "salient"]
+    messages = [line for line in capsys.readouterr().err.splitlines() if "severity in background" in line]
+    assert len(messages) == 1 and messages[0].endswith("spaces common, salient")

@@ -25,7 +25,8 @@ from neurocl.io import read_tsv, write_json, write_text, write_tsv
 from neurocl.losses import sepclr_loss
 from neurocl.maps import MapsConfig, analyse_salient
 from neurocl.probe import ProbeConfig, probe_embeddings, separation
-from neurocl.report import FIGURE_DIR, write_report
+from neurocl.report import write_report
+from neurocl.rundir import RunDir
 
 N_COMPONENTS = 3
 PROBE_CONFIG = ProbeConfig(n_splits=3, inner_splits=2, n_permutations=9, n_bootstrap=50, n_jobs=1)
@@ -151,7 +152,7 @@ def test_report_html_is_self_contained_with_decodable_images(run_dir):
 def test_report_markdown_links_figures_that_exist(run_dir):
     run, _, md_text = run_dir
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md_text)
-    assert any(link.startswith(f"{FIGURE_DIR}/") for link in links)
+    assert any(link.startswith(f"{RunDir(run).report_figures.name}/") for link in links)
     assert any(link.startswith("maps/") for link in links)
     for link in links:
         assert (run / link).is_file(), link
@@ -178,14 +179,14 @@ def test_report_of_a_probe_folder_has_only_its_sections_and_drops_stale_figures(
     run, _, _ = run_dir
     for name in ("probes.tsv", "separation.json"):
         (tmp_path / name).write_bytes((run / name).read_bytes())
-    stale = tmp_path / FIGURE_DIR / "from_an_earlier_report.png"
+    stale = RunDir(tmp_path).report_figures / "from_an_earlier_report.png"
     stale.parent.mkdir()
     stale.write_bytes(b"old")
     _, md_path = write_report(tmp_path)
     md_text = md_path.read_text()
     assert "## Probes: which attribute lives in which space" in md_text and "## Separation" in md_text
     assert "## Training curves" not in md_text and "## Maps and subtypes" not in md_text
-    assert not stale.exists() and (tmp_path / FIGURE_DIR / "probes.png").is_file()
+    assert not stale.exists() and (RunDir(tmp_path).report_figures / "probes.png").is_file()
 
 
 def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from neurocl.errors import ConfigError
-from neurocl.pipeline import load_pipeline
+from neurocl.config import load_pipeline
 from neurocl.settings import merge_settings, parse_settings
 
 DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"

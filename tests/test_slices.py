@@ -58,6 +58,11 @@ def test_2d_demo_pipeline_trains_embeds_and_probes_a_png_cohort(png_cohort, tmp_
     command = ["run", str(DEMO_2D), "--out", str(tmp_path / "run")] + [f"--set={s}" for s in settings]
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
+    # Not a terminal: one progress line per epoch and per stage on stderr, no Lightning banner or tip.
+    assert [line.split(",")[0] for line in result.stderr.splitlines() if line.startswith("epoch ")] == [
+        "epoch 1/2", "epoch 2/2"]
+    assert sum("normalising" in line for line in result.stderr.splitlines()) == 1
+    assert "Tip" not in result.output and "GPU available" not in result.output
     run_dir = tmp_path / "run"
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert recorded["training"]["epochs"] == 2 and recorded["training"]["lr"] == 0.003  # the YAML's, kept

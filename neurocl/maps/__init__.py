@@ -13,8 +13,8 @@ Four pieces, each usable on its own (model- and array-level), chained by :func:`
 * :mod:`~neurocl.maps.evaluation`: on synthetic cohorts, :func:`map_auc` of each subtype's
   map against its true mask and the adjusted Rand index of clusters vs true subtypes.
 
-:mod:`~neurocl.maps.stage` holds :class:`MapsConfig` (the pipeline's ``maps`` section),
-:func:`analyse_salient` and :func:`run_maps`. See ``docs/maps.md``.
+:mod:`~neurocl.maps.stage` holds :func:`analyse_salient` and :func:`run_maps`; the pipeline's
+``maps`` section, :class:`MapsConfig`, is in :mod:`neurocl.config`. See ``docs/maps.md``.
 """
 
 from neurocl.maps.attribution import gradient_x_input, occlusion
@@ -27,7 +27,8 @@ from neurocl.maps.evaluation import (
     match_clusters,
 )
 from neurocl.maps.regions import coarse_parcellation, plot_map, rank_regions, read_atlas_names
-from neurocl.maps.stage import MapsConfig, analyse_salient, run_maps
+from neurocl.config import MapsConfig
+from neurocl.maps.stage import analyse_salient, run_maps
 from neurocl.maps.subtypes import SubtypeClustering, cluster_associations, fdr_bh
 
 __all__ = [

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from rich.progress import track
 
+from neurocl.config import MapsConfig
+from neurocl.embed import join_embeddings
 from neurocl.errors import ConfigError
 from neurocl.io import save_nifti, write_json, write_tsv
 from neurocl.maps.attribution import _eval_mode, _representation, gradient_x_input, occlusion
@@ -24,61 +26,7 @@ from neurocl.maps.regions import (
     region_at,
 )
 from neurocl.maps.subtypes import SubtypeClustering, cluster_associations
-
-
-ATTRIBUTION_METHODS = ("gradient_x_input", "occlusion")
-
-
-class MapsConfig(BaseModel):
-    """The ``maps`` section of a pipeline: attribution maps, regions and subtypes.
-
-    The pipeline runs :func:`run_maps` as a stage when ``enabled`` is true; ``neurocl maps RUN``
-    runs it on any finished run with the run's section (or these defaults).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = Field(False, description="Run the maps stage at the end of `neurocl run`.")
-    methods: list[Literal["gradient_x_input", "occlusion"]] = Field(
-        default_factory=lambda: list(ATTRIBUTION_METHODS), min_length=1, description="Attribution methods to compute."
-    )
-    baseline: Literal["background_mean", "zero"] = Field(
-        "background_mean",
-        description="Reference volume x0: the mean background (control) volume, or zeros. Gradient x input uses "
-        "(x - x0); occlusion fills the occluded patch with x0.",
-    )
-    split: Literal["all", "train", "val", "test"] = Field(
-        "all", description="Which rows of embeddings.tsv to analyse (their `split` column)."
-    )
-    batch_size: PositiveInt = Field(16, description="Volumes (or occluded copies) per forward pass.")
-    occlusion_patch_mm: PositiveFloat = Field(16.0, description="Side of the occluded cube, in mm.")
-    occlusion_stride_mm: PositiveFloat = Field(
-        16.0,
-        description="Step between occluded cubes, in mm. Below the patch side the cubes overlap and the map is "
-        "smoother, at (patch/stride)^3 times the cost.",
-    )
-    occlusion_max_subjects: PositiveInt | None = Field(
-        8, description="Occlusion uses at most this many target subjects per cluster (seeded draw); None: all."
-    )
-    k_min: PositiveInt = Field(2, description="Smallest number of subtypes tried.")
-    k_max: PositiveInt = Field(6, description="Largest number of subtypes tried.")
-    cluster_method: Literal["kmeans", "gmm"] = "kmeans"
-    criterion: Literal["silhouette", "bic"] = Field("silhouette", description="How k is chosen over k_min..k_max.")
-    n_bootstrap: NonNegativeInt = Field(100, description="Bootstrap resamples for cluster stability (0: skip).")
-    continuous_test: Literal["kruskal", "anova"] = "kruskal"
-    n_regions: int = Field(48, ge=2, description="Parcels of the coarse parcellation used when no atlas is given.")
-    atlas: Path | None = Field(None, description="Atlas labels NIfTI (integer labels, 0 = background).")
-    atlas_names: Path | None = Field(None, description="Atlas names TSV (columns index, name).")
-    plots: bool = Field(True, description="Write PNG views over the MNI152 template.")
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _check_k_range(self) -> "MapsConfig":
-        if self.k_min > self.k_max:
-            raise ValueError(f"k_min ({self.k_min}) must not exceed k_max ({self.k_max})")
-        if self.criterion == "silhouette" and self.k_min < 2:
-            raise ValueError(f"k_min = {self.k_min}: the silhouette needs at least 2 clusters (use criterion: bic)")
-        return self
+from neurocl.rundir import MapsFolder, load_run
 
 
 class _GroupMeans:
@@ -112,28 +60,13 @@ def _salient_columns(embeddings: pd.DataFrame) -> list[str]:
     return columns
 
 
-def _key_columns(cohort) -> list[str]:
-    return [column for column in ("participant_id", "session_id") if column in cohort.table.columns]
-
-
 def _embedding_rows(embeddings: pd.DataFrame, cohort, config: MapsConfig) -> pd.DataFrame:
-    """The analysed rows of embeddings.tsv with their cohort row and store-independent group."""
-    keys = _key_columns(cohort)
-    missing = [column for column in [*keys, "group"] if column not in embeddings.columns]
-    if missing:
-        raise ConfigError(f"embeddings.tsv: missing column(s) {missing}")
-    rows = embeddings.copy()
+    """The analysed rows of embeddings.tsv with their cohort row and group (:func:`neurocl.embed.join_embeddings`)."""
+    if config.split != "all" and "split" not in embeddings.columns:
+        raise ConfigError(f"maps.split = {config.split!r} but embeddings.tsv has no split column")
+    rows = join_embeddings(embeddings, cohort, source="embeddings", strict=True)
     if config.split != "all":
-        if "split" not in rows.columns:
-            raise ConfigError(f"maps.split = {config.split!r} but embeddings.tsv has no split column")
         rows = rows[rows["split"].astype(str) == config.split]
-    lookup = cohort.table[keys].astype(str).assign(cohort_row=np.arange(len(cohort.table)))
-    rows = rows.astype({key: str for key in keys}).merge(lookup, on=keys, how="left", validate="one_to_one")
-    unknown = rows["cohort_row"].isna()
-    if unknown.any():
-        first = rows.loc[unknown, keys].iloc[0].tolist()
-        raise ConfigError(f"embeddings.tsv: {int(unknown.sum())} row(s) not in the cohort, first {first}")
-    rows["cohort_row"] = rows["cohort_row"].astype(int)
     return rows.reset_index(drop=True)
 
 
@@ -178,7 +111,7 @@ def _occlusion_subset(clusters: np.ndarray, limit: int | None, seed: int) -> np.
     return np.sort(np.concatenate(chosen))
 
 
-def _subtypes(targets: pd.DataFrame, salient: list[str], keys: list[str], cohort, config: MapsConfig, out_dir: Path):
+def _subtypes(targets: pd.DataFrame, salient: list[str], keys: list[str], cohort, config: MapsConfig, folder: MapsFolder):
     """Cluster the targets in salient space; write clusters.tsv and associations.tsv; return clusters (1..k) and summary."""
     clustering = SubtypeClustering(
         k_range=(config.k_min, config.k_max),
@@ -188,11 +121,11 @@ def _subtypes(targets: pd.DataFrame, salient: list[str], keys: list[str], cohort
         random_state=config.seed,
     ).fit(targets[salient].to_numpy())
     clusters = clustering.labels_ + 1
-    write_tsv(out_dir / "clusters.tsv", targets[keys].assign(cluster=clusters))
+    write_tsv(folder.clusters, targets[keys].assign(cluster=clusters))
     kinds = cohort.attribute_kinds
     attributes = cohort.table.loc[targets["cohort_row"].to_numpy(), list(kinds)].reset_index(drop=True)
     write_tsv(
-        out_dir / "associations.tsv",
+        folder.associations,
         cluster_associations(clusters, attributes, kinds, continuous_test=config.continuous_test),
     )
     summary = {
@@ -224,8 +157,6 @@ def _attribution_maps(model, store, subjects: np.ndarray, memberships: list[list
                       baseline, center, config: MapsConfig, progress: bool) -> tuple[dict, dict]:
     """Per-subject attribution maps averaged over each group: {method: {group: (*S) mean map}}, and the
     number of subjects behind each mean: {method: {group: n}}."""
-    from rich.progress import track
-
     group_maps, counts = {}, {}
     if "gradient_x_input" in config.methods:
         means = _GroupMeans(store.spatial_shape)
@@ -250,20 +181,19 @@ def _attribution_maps(model, store, subjects: np.ndarray, memberships: list[list
 
 
 def _write_maps(group_maps: dict, counts: dict, groups: list[str], store, atlas: tuple, config: MapsConfig,
-                out_dir: Path, progress: bool) -> pd.DataFrame:
+                folder: MapsFolder, progress: bool) -> pd.DataFrame:
     """NIfTI (masked to the brain, on the store grid), region table and PNG of each map; returns index.tsv's rows."""
-    from rich.progress import track
-
     brain = np.asarray(store.mask, dtype=bool)
     atlas_img, names = atlas
     rows = []
     jobs = [(method, group) for method in group_maps for group in groups]
     for method, group in track(jobs, "writing maps", disable=not progress):
         name = f"{method}_{group}"
+        files = folder.map_names(name)
         image = store.to_nifti((group_maps[method][group] * brain).astype(np.float32))
-        save_nifti(image, out_dir / f"{name}.nii.gz")
+        save_nifti(image, folder.path / files["nifti"])
         regions = rank_regions(image, atlas_img, names, brain_mask=brain)
-        write_tsv(out_dir / f"regions_{name}.tsv", regions)
+        write_tsv(folder.path / files["regions"], regions)
         n_subjects = counts[method][group]
         peak = display_map(image)["clusters"]
         peak_mm = peak[0]["peak_mm"] if peak else None
@@ -272,16 +202,16 @@ def _write_maps(group_maps: dict, counts: dict, groups: list[str], store, atlas:
             title = f"{method.replace('_', ' ')}, {group} (n={n_subjects})"
             if peak_region is not None:
                 title += f": peak in {peak_region}"
-            plot_map(image, out_dir / f"{name}.png", title)
+            plot_map(image, folder.path / files["png"], title)
         rows.append(
             {
                 "map": name,
                 "method": method,
                 "group": group,
                 "n_subjects": n_subjects,
-                "nifti": f"{name}.nii.gz",
-                "png": f"{name}.png" if config.plots else None,
-                "regions": f"regions_{name}.tsv",
+                "nifti": files["nifti"],
+                "png": files["png"] if config.plots else None,
+                "regions": files["regions"],
                 "top_region": regions["name"].iloc[0] if len(regions) else None,
                 "peak_mm": None if peak_mm is None else ", ".join(f"{v:+.0f}" for v in peak_mm),
                 "peak_region": peak_region,
@@ -332,10 +262,10 @@ def analyse_salient(
         The content of subtypes.json, plus ``evaluation`` (evaluation.json) when ground truth is given.
     """
     config = config or MapsConfig()
-    out_dir = Path(out_dir)
+    folder = MapsFolder(out_dir)
     atlas = _atlas(config, store)  # a bad atlas fails before any work
     rows = _embedding_rows(embeddings, cohort, config)
-    keys = _key_columns(cohort)
+    keys = cohort.key_columns
     salient = _salient_columns(embeddings)
     store_index = store.rows_for(cohort)[rows["cohort_row"].to_numpy()]
     is_target = (rows["group"] == "target").to_numpy()
@@ -345,7 +275,7 @@ def analyse_salient(
             f"the analysed rows hold {int(is_target.sum())} target and {int((~is_target).sum())} background"
         )
     targets = rows[is_target].reset_index(drop=True)
-    clusters, summary = _subtypes(targets, salient, keys, cohort, config, out_dir)
+    clusters, summary = _subtypes(targets, salient, keys, cohort, config, folder)
 
     truth = true_masks = None
     if ground_truth is not None:
@@ -363,16 +293,16 @@ def analyse_salient(
         model, store, store_index[is_target], memberships, clusters, baseline, center, config, progress
     )
     groups = ["all"] + [f"cluster-{c}" for c in range(1, summary["n_clusters"] + 1)]
-    _remove_previous_maps(out_dir)
-    write_tsv(out_dir / "index.tsv", _write_maps(group_maps, counts, groups, store, atlas, config, out_dir, progress))
-    write_json(out_dir / "subtypes.json", _json_ready(summary))
+    _remove_previous_maps(folder)
+    write_tsv(folder.index, _write_maps(group_maps, counts, groups, store, atlas, config, folder, progress))
+    write_json(folder.subtypes, _json_ready(summary))
     if truth is not None:
         evaluation = _evaluate(store, store_index[is_target], memberships, clusters, truth, true_masks, group_maps,
                                control_mean, ground_truth, config.batch_size)
-        write_json(out_dir / "evaluation.json", evaluation)
+        write_json(folder.evaluation, evaluation)
         summary = {**summary, "evaluation": evaluation}
     else:
-        _remove_listed(out_dir, ["evaluation.json"])  # a previous run's, which no longer applies
+        _remove_listed(folder.path, [folder.evaluation.name])  # a previous run's, which no longer applies
     return summary
 
 
@@ -404,12 +334,11 @@ def _remove_listed(out_dir: Path, names) -> None:
             (out_dir / name).unlink()
 
 
-def _remove_previous_maps(out_dir: Path) -> None:
+def _remove_previous_maps(folder: MapsFolder) -> None:
     """Delete the map files a previous index.tsv lists (e.g. a cluster that no longer exists), nothing else."""
-    index = out_dir / "index.tsv"
-    if index.is_file():
-        previous = pd.read_csv(index, sep="\t", keep_default_na=False)
-        _remove_listed(out_dir, [name for column in ("nifti", "png", "regions") if column in previous
+    if folder.index.is_file():
+        previous = pd.read_csv(folder.index, sep="\t", keep_default_na=False)
+        _remove_listed(folder.path, [name for column in ("nifti", "png", "regions") if column in previous
                                  for name in previous[column]])
 
 
@@ -448,7 +377,7 @@ def run_maps(
     Parameters
     ----------
     run_dir : path
-        A finished run (``pipeline.load_run`` reads its config, cohort, store, model and embeddings).
+        A finished run (:func:`neurocl.rundir.load_run` reads its config, cohort, store, model and embeddings).
     atlas, atlas_names : path, optional
         Atlas labels NIfTI and names TSV (index, name); override the run's ``maps`` section.
     config : MapsConfig, optional
@@ -463,9 +392,6 @@ def run_maps(
     Path
         The maps folder.
     """
-    from neurocl.pipeline import load_run
-
-    run_dir = Path(run_dir)
     run = load_run(run_dir)
     config = config or run.config.maps
     if atlas is not None or atlas_names is not None:
@@ -474,7 +400,7 @@ def run_maps(
         )
     if ground_truth is None:
         ground_truth = find_ground_truth(run.cohort)
-    out_dir = run_dir / "maps"
+    out_dir = run.folder.maps.path
     # load_run gives the trained method (a Lightning module); its ``net`` returns the representations.
     network = getattr(run.model, "net", run.model).to(run.store.device)
     analyse_salient(network, run.store, run.cohort, run.embeddings, out_dir, config, ground_truth, progress)

@@ -1,0 +1,221 @@
+"""``neurocl demo``: the demo synthetic cohort, the demo pipeline, and the checks of its scientific targets.
+
+The cohort is :data:`DEMO_COHORT`, the pipeline ``neurocl/pipelines/demo.yaml``; after the run,
+:func:`demo_summary` measures what is decodable from which space, how well the maps and clusters
+recover the true subtypes, and whether each target of :data:`DEMO_EXPECTED` is reached
+(``docs/getting-started.md`` says what the demo reaches).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.table import Table
+
+from neurocl.cohort import Cohort
+from neurocl.config import ProbeConfig
+from neurocl.logs import progress_console, results_console
+from neurocl.errors import ConfigError
+from neurocl.io import read_tsv, write_json
+from neurocl.pipeline import run_pipeline
+from neurocl.probe import PRIMARY_METRIC, probe_attribute
+from neurocl.rundir import RunDir
+from neurocl.synth import SynthConfig, make_synthetic_cohort
+
+console = progress_console()
+
+__all__ = ["DEMO_COHORT", "DEMO_EXPECTED", "DEMO_PIPELINE", "demo_summary", "run_demo"]
+
+DEMO_PIPELINE = Path(__file__).parent / "pipelines" / "demo.yaml"
+
+# The demo cohort: 200 subjects at 4 mm, 2 subtypes, 3 sites. The subtype loss is set stronger and
+# the individual deformation weaker than the generator's defaults so that a small CNN trained for a
+# few minutes on 2 CPU cores finds the subtypes (docs/getting-started.md says what the demo reaches).
+DEMO_COHORT = {"n_subjects": 200, "resolution": 4.0, "subtypes": 2, "sites": 3, "subtype_effect": 2.5,
+               "deformation": 0.25, "seed": 0}
+# What `neurocl demo` checks on its run: attribute -> (space it should be decodable from, space it should not).
+DEMO_EXPECTED = {
+    "subtype": ("salient", "common"),
+    "severity": ("salient", "common"),
+    "age": ("common", "salient"),
+    "sex": ("common", "salient"),
+    "site": ("common", "salient"),
+}
+DEMO_MAP_AUC = 0.8
+DEMO_ARI = 0.5
+
+
+def run_demo(out: str | os.PathLike = "neurocl-demo", resume: bool = False) -> Path:
+    """``neurocl demo``: the demo synthetic cohort into ``OUT/cohort``, the demo pipeline into ``OUT/run``.
+
+    The cohort is :data:`DEMO_COHORT` (made once; a later call reuses it after checking it was
+    made with the same options), the pipeline ``neurocl/pipelines/demo.yaml``. At the end the
+    demo checks its scientific targets on the run (:func:`demo_summary`), prints them and writes
+    ``OUT/demo_summary.json``.
+
+    Parameters
+    ----------
+    out : path
+        Folder for ``cohort/``, ``run/`` and ``demo_summary.json``.
+    resume : bool
+        Continue a killed demo from ``OUT/run/checkpoints/last.ckpt``.
+
+    Returns
+    -------
+    Path
+        The run directory ``OUT/run``.
+    """
+    started = time.monotonic()
+    out = Path(out)
+    cohort_yaml = _demo_cohort(out / "cohort")
+    run_dir = run_pipeline(DEMO_PIPELINE, out / "run", resume=resume,
+                           overrides={"cohort": str(cohort_yaml.absolute())})
+    summary = demo_summary(run_dir, cohort_yaml.parent)
+    summary["wall_time_s"] = round(time.monotonic() - started, 1)
+    summary["resumed"] = resume
+    write_json(out / "demo_summary.json", summary)
+    _print_demo_summary(summary)
+    return run_dir
+
+
+def _demo_cohort(folder: Path) -> Path:
+    """``folder/cohort.yaml`` of the demo cohort, generated unless a complete one made alike is there."""
+    config = SynthConfig(**DEMO_COHORT)
+    cohort_yaml = folder / "cohort.yaml"
+    if cohort_yaml.is_file():
+        description = folder / "dataset_description.json"
+        made_with = json.loads(description.read_text()).get("SynthConfig") if description.is_file() else None
+        if made_with != config.model_dump():
+            raise ConfigError(
+                f"{folder} holds a synthetic cohort made with other options ({made_with}) than the demo's "
+                f"({config.model_dump()}); give `neurocl demo` another --out"
+            )
+        console.print(f"[bold]synthetic cohort[/] reusing {folder}")
+        return cohort_yaml
+    if folder.exists() and any(folder.iterdir()):
+        raise ConfigError(
+            f"{folder} is an incomplete synthetic cohort (no cohort.yaml: its generation was interrupted); "
+            "delete it and run `neurocl demo` again"
+        )
+    console.print(f"[bold]synthetic cohort[/] {config.n_subjects} subjects at {config.resolution:g} mm into {folder}")
+    return make_synthetic_cohort(folder, config, progress=True)
+
+
+def demo_summary(run_dir: str | os.PathLike, cohort_dir: str | os.PathLike) -> dict:
+    """The demo's targets measured on a finished run of a synthetic cohort.
+
+    * ``probes``: for each attribute of :data:`DEMO_EXPECTED` and each space, the primary probe
+      score (balanced accuracy or R^2), its 95% CI, permutation p-value and chance, from
+      ``probes.tsv`` (subset ``target`` for severity, ``all`` for age, sex and site). The subtype is
+      not a cohort attribute (a real study does not know it): it is probed here, on target subjects,
+      from ``ground_truth.tsv`` with the run's probe settings.
+    * ``maps``: the mean AUC of the subtype maps against the true masks per attribution method
+      and the adjusted Rand index of the clusters, from ``maps/evaluation.json``.
+    * ``targets``: each check and whether it holds (decodable = p < 0.05 and score above chance).
+    """
+    run, cohort_dir = RunDir(run_dir), Path(cohort_dir)
+    config = run.read_config()
+    probes = run.read_table(run.probes)
+    embeddings = run.read_table(run.embeddings)
+    truth = read_tsv(cohort_dir / "ground_truth.tsv")
+    kinds = Cohort.from_yaml(cohort_dir / "cohort.yaml").attribute_kinds
+    results: dict[str, dict] = {}
+    for attribute in DEMO_EXPECTED:
+        if attribute == "subtype":
+            results[attribute] = _probe_subtype(embeddings, truth, config.evaluation.probe)
+            continue
+        subset = "target" if attribute == "severity" else "all"
+        rows = probes[(probes["attribute"] == attribute) & (probes["subset"] == subset)
+                      & (probes["metric"] == PRIMARY_METRIC[kinds[attribute]])]
+        results[attribute] = {row["space"]: _probe_record(row, subset) for _, row in rows.iterrows()}
+    targets = []
+    for attribute, (wanted, unwanted) in DEMO_EXPECTED.items():
+        for space, expected in ((wanted, True), (unwanted, False)):
+            record = results[attribute].get(space)
+            reached = record is not None and record["decodable"] == expected
+            targets.append({"check": f"{attribute} {'decodable' if expected else 'not decodable'} from {space}",
+                            "reached": reached})
+    maps = _demo_maps(run)
+    for method, auc in maps.get("mean_auc_subtype_map", {}).items():
+        targets.append({"check": f"{method} map AUC >= {DEMO_MAP_AUC}", "reached": auc is not None and auc >= DEMO_MAP_AUC})
+    if "ari" in maps:
+        targets.append({"check": f"cluster ARI >= {DEMO_ARI}", "reached": maps["ari"] is not None and maps["ari"] >= DEMO_ARI})
+    return {"run": str(run.path), "probes": results, "maps": maps, "targets": targets,
+            "all_reached": all(target["reached"] for target in targets)}
+
+
+def _probe_record(row, subset: str) -> dict:
+    def number(value):
+        return None if pd.isna(value) else float(value)
+
+    value, p_value, chance = number(row["value"]), number(row["p_value"]), number(row["chance"])
+    decodable = value is not None and p_value is not None and p_value < 0.05 and value > (chance or 0.0)
+    return {"subset": subset, "metric": row["metric"], "value": value, "ci": [number(row["ci_low"]), number(row["ci_high"])],
+            "p_value": p_value, "chance": chance, "n": number(row.get("n")), "decodable": decodable}
+
+
+def _probe_subtype(embeddings: pd.DataFrame, truth: pd.DataFrame, probe_config: ProbeConfig) -> dict:
+    """Subtype (1..K) of the target subjects probed from each space (balanced accuracy)."""
+    table = embeddings.merge(truth[["participant_id", "subtype"]], on="participant_id", how="inner")
+    table = table[table["group"] == "target"]
+    records = {}
+    for space in ("common", "salient"):
+        columns = [c for c in table.columns if c.startswith(f"{space}_")]
+        rows, _ = probe_attribute(table[columns].to_numpy(dtype=np.float64), table["subtype"].astype(int).to_numpy(),
+                                  table["participant_id"].to_numpy(), "categorical", probe_config)
+        primary = [row for row in rows if row["metric"] == "balanced_accuracy"]
+        if primary:
+            records[space] = _probe_record(pd.Series(primary[0]), "target")
+    return records
+
+
+def _demo_maps(run: RunDir) -> dict:
+    path = run.maps.evaluation
+    if not path.is_file():
+        return {}
+    evaluation = json.loads(path.read_text())
+    summary = evaluation.get("summary", {})
+    return {
+        "ari": evaluation.get("ari"),
+        "n_clusters": evaluation.get("n_clusters"),
+        "mean_auc_subtype_map": {method: values.get("mean_auc_subtype_map") for method, values in summary.items()},
+        "mean_auc_cluster_map": {method: values.get("mean_auc_cluster_map") for method, values in summary.items()},
+    }
+
+
+def _number(value, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _demo_cell(record: dict | None) -> str:
+    if record is None:
+        return "n/a"
+    return f"{_number(record['value'], 2)} (p={_number(record['p_value'], 3)})" + (" *" if record["decodable"] else "")
+
+
+def _print_demo_summary(summary: dict) -> None:
+    out = results_console()  # the demo's results go to stdout, its progress to stderr
+    table = Table(title="neurocl demo: what is decodable from which space (cross-validated linear probes)")
+    for column in ("attribute", "subjects", "metric", "common", "salient", "chance"):
+        table.add_column(column)
+    for attribute, spaces in summary["probes"].items():
+        if not spaces:
+            continue
+        first = next(iter(spaces.values()))
+        cells = [_demo_cell(spaces.get(space)) for space in ("common", "salient")]
+        table.add_row(attribute, first["subset"], first["metric"], *cells, _number(first["chance"], 2))
+    out.print(table)
+    maps = summary["maps"]
+    if maps:
+        aucs = ", ".join(f"{method} {_number(auc, 2)}" for method, auc in maps["mean_auc_subtype_map"].items())
+        out.print(f"maps: AUC vs true subtype masks: {aucs}; clusters: {maps['n_clusters']}, "
+                  f"ARI {_number(maps['ari'], 2)}")
+    for target in summary["targets"]:
+        mark = "[green]reached[/]" if target["reached"] else "[red]missed[/]"
+        out.print(f"  {mark}  {target['check']}")
+    out.print(f"demo finished in {summary['wall_time_s'] / 60:.1f} min; summary: demo_summary.json beside the run")

@@ -1,0 +1,196 @@
+"""One probe (an attribute from a feature matrix) and every probe of an embeddings table."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from rich.progress import track
+
+from neurocl.config import ProbeConfig
+from neurocl.logs import progress_console
+from neurocl.embed import embedding_spaces, join_embeddings
+from neurocl.errors import CohortError, ConfigError
+from neurocl.probe.cv import bootstrap_weights, cross_validated_predictions, outer_folds, permutation_indices
+from neurocl.probe.metrics import LOWER_IS_BETTER, METRICS, chance_level, score
+
+console = progress_console()
+
+PROBE_COLUMNS = ["space", "attribute", "subset", "metric", "value", "ci_low", "ci_high", "p_value", "chance", "n", "note"]
+SUBSETS = ("all", "target", "background")
+GROUP_ATTRIBUTE = "group"
+
+
+def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, sites=None) -> tuple[list[dict], str]:
+    """Probe one attribute from one feature matrix: scores, 95% CIs, p-values and chance.
+
+    Parameters
+    ----------
+    features : (n, d) ; labels : (n,) values, or category labels of any type (categorical)
+    groups : (n,) participant ids ; sites : (n,) for leave-site-out or None
+
+    Returns
+    -------
+    rows : list of dicts with metric, value, ci_low, ci_high, p_value, chance, n (empty when skipped)
+    note : str, why it was skipped or anything unusual (fewer folds), else empty.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    groups = np.asarray(groups)
+    if len(groups) < config.min_samples:
+        return [], f"{len(groups)} labelled rows (< min_samples={config.min_samples})"
+    if kind == "categorical":
+        classes, codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
+        n_classes = len(classes)
+        if n_classes < 2:
+            return [], f"constant label ({classes[0] if n_classes else 'none'})"
+    else:
+        codes = np.asarray(labels, dtype=np.float64)
+        n_classes = None
+        if np.ptp(codes) == 0:
+            return [], f"constant label ({codes[0]:g})"
+    if not np.isfinite(features).all():
+        return [], "non-finite embedding values"
+    folds, note = outer_folds(codes, groups, kind, config, sites=sites)
+    if not folds:
+        return [], note
+    rng = np.random.default_rng(config.seed)
+    test_fold = np.full(len(codes), -1)
+    for fold, (_, test) in enumerate(folds):
+        test_fold[test] = fold
+    permuted = codes[permutation_indices(groups, config.n_permutations, rng, blocks=test_fold)]
+    predictions = cross_validated_predictions(features, permuted, groups, kind, folds, config, n_classes)
+    tested = np.concatenate([test for _, test in folds])
+    observed_codes, observed = codes[tested], predictions[0, tested]
+    resample_weights = bootstrap_weights(groups[tested], config.n_bootstrap, rng)
+    rows = []
+    for metric in METRICS[kind]:
+        scores = score(metric, permuted[:, tested], predictions[:, tested])
+        value = float(scores[0])
+        p_value = np.nan
+        if config.n_permutations:
+            null = scores[1:]
+            extreme = null <= value if metric in LOWER_IS_BETTER else null >= value
+            p_value = (1 + int(np.sum(extreme))) / (1 + config.n_permutations)
+        ci = (np.nan, np.nan)
+        if resample_weights is not None:
+            ci = tuple(np.nanpercentile(score(metric, observed_codes, observed, resample_weights), [2.5, 97.5]))
+        chance = chance_level(metric, codes, folds, n_classes)
+        rows.append(dict(metric=metric, value=value, ci_low=ci[0], ci_high=ci[1], p_value=p_value, chance=chance, n=len(tested)))
+    return rows, note
+
+
+def probe_embeddings(
+    embeddings: pd.DataFrame,
+    cohort,
+    attributes: Sequence[str] | None = None,
+    subsets: Iterable[str] = SUBSETS,
+    config: ProbeConfig | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Probe every attribute from every embedding space, in every subset of subjects.
+
+    Parameters
+    ----------
+    embeddings : DataFrame
+        ``participant_id``, [``session_id``], then ``<space>_<i>`` columns (embeddings.tsv).
+    cohort : neurocl.cohort.Cohort
+        Gives the group and the attributes (and their kinds); joined by participant (and session).
+    attributes : list of str or None
+        Attribute names of the cohort; ``"group"`` (background vs target) is also accepted.
+        Default: every cohort attribute, plus ``group`` in the ``all`` subset.
+    subsets : iterable of "all", "target", "background"
+
+    Returns
+    -------
+    DataFrame in the probes.tsv format (``PROBE_COLUMNS``): one row per space x attribute x
+    subset x metric; a skipped combination is one row with ``metric`` "none" and its reason in ``note``.
+    """
+    config = config or ProbeConfig()
+    subsets = list(subsets)
+    unknown_subsets = [s for s in subsets if s not in SUBSETS]
+    if unknown_subsets:
+        raise ConfigError(f"subsets: unknown {unknown_subsets} (choose from {list(SUBSETS)})")
+    kinds = dict(cohort.attribute_kinds)
+    if attributes is None:
+        attributes = list(kinds) + [GROUP_ATTRIBUTE]
+    unknown = [a for a in attributes if a not in kinds and a != GROUP_ATTRIBUTE]
+    if unknown:
+        raise ConfigError(f"attributes: {unknown} not in the cohort (it has {sorted(kinds)})")
+    kinds[GROUP_ATTRIBUTE] = "categorical"
+    table = join_embeddings(embeddings, cohort)
+    spaces = embedding_spaces(embeddings)
+    if not spaces:
+        raise CohortError(f"embeddings: no '<space>_<i>' numeric columns (columns: {list(embeddings.columns)})")
+    sites = _site_column(table, config)
+    jobs = [
+        (space, attribute, subset)
+        for space in spaces
+        for attribute in attributes
+        for subset in subsets
+        if not (attribute == GROUP_ATTRIBUTE and subset != "all")
+    ]
+    tasks = []
+    for space, attribute, subset in jobs:
+        in_subset = table["group"].notna() if subset == "all" else table["group"].eq(subset)
+        keep = (in_subset & table[attribute].notna()).to_numpy()
+        if sites is not None:
+            # pandas 3 may hand back a read-only view: combine into a new array, never in place
+            keep = keep & pd.notna(sites)
+        tasks.append((
+            table.loc[keep, spaces[space]].to_numpy(),
+            table.loc[keep, attribute].to_numpy(),
+            table.loc[keep, "participant_id"].to_numpy(),
+            kinds[attribute],
+            None if sites is None else sites[keep],
+            attribute == config.leave_site_out,
+        ))
+    rows = []
+    skipped: dict[tuple[str, str, str], list[str]] = {}
+    for (space, attribute, subset), task, (results, note) in zip(jobs, tasks, _run_tasks(tasks, config, progress)):
+        if not results:
+            skipped.setdefault((attribute, subset, note), []).append(space)
+            results = [dict(metric="none", value=np.nan, ci_low=np.nan, ci_high=np.nan, p_value=np.nan, chance=np.nan, n=len(task[2]))]
+        rows.extend({"space": space, "attribute": attribute, "subset": subset, **result, "note": note} for result in results)
+    # One line per reason, not per space: an attribute absent from a group by design (a patients-only
+    # score in controls) is skipped in every space alike.
+    for (attribute, subset, note), skipped_spaces in skipped.items():
+        console.print(f"not probed: {attribute} in {subset} ({note}), spaces {', '.join(skipped_spaces)}",
+                      highlight=False, markup=False)
+    return pd.DataFrame(rows, columns=PROBE_COLUMNS)
+
+
+def _probe_task(features, labels, groups, kind, sites, is_site_column, config):
+    if is_site_column:
+        return [], "the attribute is the held-out site column"
+    return probe_attribute(features, labels, groups, kind, config, sites=sites)
+
+
+def _run_tasks(tasks, config, progress):
+    """Results of :func:`_probe_task` in task order, on ``config.n_jobs`` threads.
+
+    Threads, not processes: the heavy parts (BLAS, batched Cholesky, SVD) release the GIL, and
+    threads start instantly and share the data.
+    """
+    n_jobs = min(os.cpu_count() or 1, len(tasks)) if config.n_jobs == -1 else min(config.n_jobs, len(tasks))
+    if n_jobs <= 1:
+        return [_probe_task(*task, config) for task in _progress(tasks, progress, "probing")]
+    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+        results = pool.map(lambda task: _probe_task(*task, config), tasks)
+        return list(_progress(results, progress, f"probing ({n_jobs} threads)", total=len(tasks)))
+
+
+def _site_column(table, config):
+    if config.leave_site_out is None:
+        return None
+    if config.leave_site_out not in table.columns:
+        raise ConfigError(f"leave_site_out: no column {config.leave_site_out!r} in the cohort (columns: {list(table.columns)})")
+    return table[config.leave_site_out].to_numpy()
+
+
+def _progress(items, enabled, description, total=None):
+    if not enabled:
+        return items
+    return track(items, description=description, transient=True, total=total, console=console)

@@ -1,0 +1,256 @@
+"""The run folder: every path of it, and a finished run loaded back as objects.
+
+:class:`RunDir` is the one place a run folder's file names are spelled (a test checks that no
+other module spells them); every stage asks it for its paths. Layout (``docs/pipelines.md``)::
+
+    RUN/config.yaml        the resolved pipeline          RUN/splits.tsv       the split manifest
+    RUN/store/             the preprocessed cohort (unless outputs.store points elsewhere)
+    RUN/checkpoints/       last.ckpt, best.ckpt           RUN/logs/            metrics.csv, prepared.json
+    RUN/embeddings.tsv     + its cohort sidecar           RUN/probes.tsv  RUN/separation.json
+    RUN/baselines/<name>/  a run folder of its own         RUN/maps/            see :class:`MapsFolder`
+    RUN/report.html  RUN/report.md  RUN/report_files/
+
+``logs/prepared.json`` records the inputs the run trained on: the store folder, its volume file
+and the fingerprints of the store's content and of the cohort. :func:`load_run` compares them with
+what is there now and refuses a run whose shared store was since rebuilt for other volumes (two
+runs sharing ``outputs.store``), or whose cohort changed, instead of analysing the wrong images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from neurocl.cohort import Cohort
+from neurocl.config import PipelineConfig, config_yaml, validated
+from neurocl.embed import cohort_fingerprint, load_model
+from neurocl.errors import ConfigError, NeuroclError
+from neurocl.io import load_yaml, read_tsv, write_json, write_text
+from neurocl.store import VolumeStore
+
+__all__ = ["MapsFolder", "Run", "RunDir", "load_run", "store_fingerprint"]
+
+# What a resumed run must share with the run it continues: everything the trained weights depend
+# on. The other sections (evaluation, baselines, maps, outputs, name) only shape later stages,
+# which a resumed run recomputes, so they may change.
+_TRAINING_SECTIONS = ("cohort", "preprocess", "harmonise", "splits", "views", "method", "encoder", "training")
+_FREE_TRAINING_FIELDS = ("checkpoint_every_n_steps", "memory_budget_gb")
+
+
+class MapsFolder:
+    """``RUN/maps/``: what the maps stage writes (``docs/maps.md``)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.index = self.path / "index.tsv"
+        self.subtypes = self.path / "subtypes.json"
+        self.evaluation = self.path / "evaluation.json"
+        self.clusters = self.path / "clusters.tsv"
+        self.associations = self.path / "associations.tsv"
+
+    @staticmethod
+    def map_names(name: str) -> dict[str, str]:
+        """File names (relative to the folder) of one map: ``nifti``, ``png``, ``regions`` (index.tsv's columns)."""
+        return {"nifti": f"{name}.nii.gz", "png": f"{name}.png", "regions": f"regions_{name}.tsv"}
+
+
+class RunDir:
+    """Every path of a run folder (nothing is created or read here but by the methods that say so).
+
+    A trained baseline's folder ``RUN/baselines/<name>/`` is a run folder of its own
+    (:meth:`baseline`): checkpoints, logs, embeddings and probes, under the same names.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.splits = self.path / "splits.tsv"
+        self.default_store = self.path / "store"
+        self.harmonised_store = self.path / "store-harmonised"
+        self.checkpoints = self.path / "checkpoints"
+        self.last_checkpoint = self.checkpoints / "last.ckpt"
+        self.best_checkpoint = self.checkpoints / "best.ckpt"
+        self.logs = self.path / "logs"
+        self.metrics = self.logs / "metrics.csv"
+        self.prepared = self.logs / "prepared.json"
+        self.embeddings = self.path / "embeddings.tsv"
+        self.probes = self.path / "probes.tsv"
+        self.separation = self.path / "separation.json"
+        self.separation_table = self.path / "separation.tsv"
+        self.report_html = self.path / "report.html"
+        self.report_md = self.path / "report.md"
+        self.report_figures = self.path / "report_files"
+        self.baselines = self.path / "baselines"
+        self.maps = MapsFolder(self.path / "maps")
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def baseline(self, name: str) -> "RunDir":
+        """The run folder of baseline ``name``."""
+        return RunDir(self.baselines / name)
+
+    def baseline_names(self) -> list[str]:
+        """Baselines with a folder here, sorted."""
+        return sorted(folder.name for folder in self.baselines.glob("*") if folder.is_dir())
+
+    def checkpoint(self, name: str = "last") -> Path:
+        """``checkpoints/<name>.ckpt`` (``last`` or ``best``; a file name ending in .ckpt is taken as is)."""
+        return self.checkpoints / (name if name.endswith(".ckpt") else f"{name}.ckpt")
+
+    def store_folder(self, config: PipelineConfig, harmonised: bool = True) -> Path:
+        """The store the run trains on: ``RUN/store-harmonised`` when the pipeline harmonises (unless
+        ``harmonised`` is false: the store it is computed from), else ``outputs.store`` or ``RUN/store``."""
+        if harmonised and config.harmonise is not None:
+            return self.harmonised_store
+        return config.outputs.store or self.default_store
+
+    # ------------------------------------------------------------ config
+
+    def read_config(self) -> PipelineConfig:
+        """The resolved pipeline of this run (config.yaml)."""
+        if not self.config.is_file():
+            raise ConfigError(f"{self.path} is not a run directory (config.yaml missing)")
+        return validated(PipelineConfig, load_yaml(self.config, ConfigError, "run configuration"), str(self.config))
+
+    def read_config_dict(self) -> dict | None:
+        """config.yaml as a plain mapping (None when absent or not a mapping): for readers that tolerate old runs."""
+        if not self.config.is_file():
+            return None
+        loaded = load_yaml(self.config, ConfigError, "run configuration")
+        return loaded if isinstance(loaded, dict) else None
+
+    def prepare(self, config: PipelineConfig, resume: bool) -> None:
+        """Check the folder (new, or the same training's with ``resume``) and save config.yaml."""
+        if resume:
+            if not self.config.is_file():
+                raise ConfigError(f"--resume: {self.path} holds no run (config.yaml missing); start it without --resume")
+            before = _training_part(load_yaml(self.config, ConfigError, "run configuration"))
+            now = _training_part(config.model_dump(mode="json"))
+            changed = [section for section in _TRAINING_SECTIONS if before[section] != now[section]]
+            if changed:
+                raise ConfigError(
+                    f"--resume: the pipeline differs from the run's {self.config} in section(s) {', '.join(changed)}, "
+                    "which the trained weights depend on; resume with the same pipeline or start a new run"
+                )
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise ConfigError(f"--out {self.path} exists and is not empty; choose a new folder or pass --resume")
+        write_text(self.config, config_yaml(config))
+
+    # ------------------------------------------------------------ inputs record
+
+    def record_inputs(self, store: VolumeStore, cohort: Cohort) -> None:
+        """logs/prepared.json: the store and cohort this run trains on (see the module docstring)."""
+        write_json(self.prepared, {
+            "store": str(store.cache_dir),
+            "volumes": store.record["volumes"],
+            "store_fingerprint": store_fingerprint(store),
+            "cohort": str(cohort.source),
+            "cohort_fingerprint": cohort_fingerprint(cohort),
+        })
+
+    def read_inputs(self) -> dict | None:
+        """logs/prepared.json, or None when the run has none (yet, or from an older neurocl)."""
+        if not self.prepared.is_file():
+            return None
+        try:
+            return json.loads(self.prepared.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def check_inputs(self, store: VolumeStore, cohort: Cohort) -> None:
+        """Refuse a store or cohort other than the ones the run trained on (both named in the message)."""
+        record = self.read_inputs()
+        if record is None:
+            return
+        expected = record.get("store_fingerprint")
+        if expected is not None and expected != store_fingerprint(store):
+            raise NeuroclError(
+                f"{self.path}: the store {store.cache_dir} now holds other volumes than the ones this run was trained "
+                f"on (another run sharing outputs.store rebuilt it for another cohort or preprocessing); give each "
+                f"cohort its own outputs.store and rebuild this run's store with `neurocl run PIPELINE --out "
+                f"{self.path} --resume`"
+            )
+        expected = record.get("cohort_fingerprint")
+        if expected is not None and expected != cohort_fingerprint(cohort):
+            raise NeuroclError(
+                f"{self.path}: the cohort {cohort.source} changed since this run was trained (other rows, groups or "
+                "attributes); its embeddings describe the cohort as it was. Rerun the pipeline on the new cohort"
+            )
+
+    # ------------------------------------------------------------ tables
+
+    def read_table(self, path: Path) -> pd.DataFrame:
+        if not path.is_file():
+            raise NeuroclError(f"{self.path}: no {path.relative_to(self.path)} yet; finish the run first "
+                               "(neurocl run ... --resume)")
+        return read_tsv(path)
+
+
+def _training_part(config: dict) -> dict:
+    part = {section: config.get(section) for section in _TRAINING_SECTIONS}
+    if isinstance(part["training"], dict):
+        part["training"] = {k: v for k, v in part["training"].items() if k not in _FREE_TRAINING_FIELDS}
+    return part
+
+
+def store_fingerprint(store: VolumeStore) -> str:
+    """sha256 of what a store holds: each row's subject key, image content hash and preprocessing parameters.
+
+    Two builds of the same images with the same preprocessing agree (whatever the volume file's
+    name); a rebuild for another cohort, other images or other settings does not.
+    """
+    manifest = store.manifest
+    columns = [column for column in ("index", "participant_id", "session_id", "sha256", "params") if column in manifest]
+    text = manifest[columns].astype(str).to_csv(sep="\t", index=False)
+    text += json.dumps(store.config.model_dump(mode="json"), sort_keys=True) + repr(store.spatial_shape)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class Run:
+    """A finished run as objects: what ``neurocl maps`` and notebooks work from."""
+
+    run_dir: Path
+    config: PipelineConfig
+    cohort: Any
+    store: Any
+    model: Any
+    embeddings: pd.DataFrame
+
+    @property
+    def folder(self) -> RunDir:
+        return RunDir(self.run_dir)
+
+
+def load_run(run_dir: str | os.PathLike, checkpoint: str = "last.ckpt") -> Run:
+    """Open a run directory: resolved config, cohort, store, trained model (CPU, eval) and embeddings.
+
+    Raises
+    ------
+    NeuroclError
+        When the run is unfinished, or its store or cohort are no longer the ones it was trained on.
+    """
+    folder = RunDir(run_dir)
+    config = folder.read_config()
+    embeddings = folder.read_table(folder.embeddings)
+    cohort = Cohort.from_yaml(config.cohort)
+    store = VolumeStore.open(folder.store_folder(config))
+    folder.check_inputs(store, cohort)
+    return Run(
+        run_dir=folder.path,
+        config=config,
+        cohort=cohort,
+        store=store,
+        model=load_model(folder.checkpoint(checkpoint)),
+        embeddings=embeddings,
+    )

@@ -1,0 +1,298 @@
+"""Training: the Lightning Trainer of a pipeline, its callbacks, and the DDP handshake.
+
+:func:`train` trains one method into one run folder (``checkpoints/``, ``logs/metrics.csv``).
+Checkpoints go through :class:`AtomicCheckpointIO` (temporary file + rename), so ``--resume``
+always restarts from a complete one. Under DDP only the primary process prepares the store and the
+splits; the other processes wait for ``logs/prepared.json`` (:func:`wait_until_prepared`) and
+then train the same networks in the same order (:func:`train_as_worker`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from neurocl.cohort import Cohort, Splits
+from neurocl.config import PipelineConfig, TrainingConfig
+from neurocl.logs import epoch_lines, is_terminal, progress_console
+from neurocl.embed import grid_record
+from neurocl.errors import ConfigError, NeuroclError, TrainingError
+from neurocl.io import torch_save, write_text
+from neurocl.methods import MethodConfig, TrainingData, build_method
+from neurocl.rundir import RunDir
+from neurocl.store import VolumeStore
+from neurocl.views import ViewSampler
+
+console = progress_console()
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "MetricsTable",
+    "RunCheckpoints",
+    "is_primary_process",
+    "make_trainer",
+    "run_callbacks",
+    "train",
+    "train_as_worker",
+    "training_jobs",
+    "wait_until_prepared",
+]
+
+# How long an extra DDP process waits for the primary to build the store and the splits.
+PREPARE_TIMEOUT_S = 6 * 3600
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O through :func:`neurocl.io.torch_save` (temporary file + rename)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        torch_save(checkpoint, path)
+
+
+class MetricsTable(L.Callback):
+    """``logs/metrics.csv``: step, epoch, then each logged term; rows travel in the checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        row = {"step": trainer.global_step - 1, "epoch": trainer.current_epoch, "train/loss": float(outputs["loss"])}
+        row.update({f"train/{name}": float(value) for name, value in outputs["terms"].items()})
+        self.rows.append(row)
+
+    def on_validation_end(self, trainer, module) -> None:
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if values:
+            self.rows.append({"step": trainer.global_step - 1, "epoch": trainer.current_epoch, **values})
+
+    def write(self, trainer) -> None:
+        if trainer.is_global_zero and self.rows:
+            table = pd.DataFrame(self.rows)
+            # step, epoch, then train/loss, the train terms, val/loss, the val terms (first-logged order)
+            order = {"train/loss": 0, "val/loss": 2}
+            terms = sorted(table.columns[2:], key=lambda c: order.get(c, 1 if c.startswith("train/") else 3))
+            write_text(self.path, table[["step", "epoch", *terms]].to_csv(index=False))
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        self.write(trainer)
+
+    def on_train_end(self, trainer, module) -> None:
+        self.write(trainer)
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = list(state["rows"])
+
+
+class RunCheckpoints(L.Callback):
+    """``checkpoints/last.ckpt`` every N steps and at each epoch's end; ``best.ckpt`` at the lowest val loss.
+
+    Epoch-end checkpoints are written after the last batch and again after validation,
+    never in ``on_train_epoch_end``: Lightning does not restore the train loader's position
+    from a checkpoint written there, and resuming would repeat the epoch's batch order.
+    """
+
+    def __init__(self, run: RunDir, every_n_steps: int) -> None:
+        self.run, self.every_n_steps = run, every_n_steps
+        self.best = float("inf")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
+        if trainer.global_step % self.every_n_steps == 0 or last_of_epoch:
+            trainer.save_checkpoint(self.run.last_checkpoint, weights_only=False)
+
+    def on_validation_end(self, trainer, module) -> None:
+        if trainer.sanity_checking:
+            return
+        val_loss = trainer.callback_metrics.get("val/loss")
+        if val_loss is not None and float(val_loss) < self.best:
+            self.best = float(val_loss)
+            trainer.save_checkpoint(self.run.best_checkpoint, weights_only=False)
+        trainer.save_checkpoint(self.run.last_checkpoint, weights_only=False)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state["best"]
+
+
+def run_callbacks(run: RunDir, every_n_steps: int, progress: bool) -> list:
+    """The callbacks of a run's Trainer: metrics table, checkpoints, and progress when asked."""
+    callbacks = [MetricsTable(run.metrics), RunCheckpoints(run, every_n_steps)]
+    if not progress:
+        return callbacks
+    # A bar redrawn in place on a terminal; one line per epoch in a log file (logs.epoch_lines).
+    bar = RichProgressBar(leave=True, console_kwargs={"stderr": True}) if is_terminal(sys.stderr) else epoch_lines()
+    return callbacks + [bar]
+
+
+def _on_gpu(training: TrainingConfig) -> bool:
+    return training.accelerator == "gpu" or (training.accelerator == "auto" and torch.cuda.is_available())
+
+
+def precision(training: TrainingConfig) -> str:
+    """The Lightning precision of a training section (``auto``: bf16-mixed on a GPU that supports it)."""
+    if training.precision != "auto":
+        return training.precision
+    return "bf16-mixed" if _on_gpu(training) and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def make_trainer(training: TrainingConfig, run_dir: str | os.PathLike | RunDir, progress: bool = True, **overrides):
+    """The Lightning Trainer of a pipeline's training section (atomic checkpoints, metrics table, progress).
+
+    ``overrides`` are passed to :class:`lightning.Trainer` over the ones the section gives.
+    """
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    world = (training.devices if isinstance(training.devices, int) else 1) * training.num_nodes
+    options = dict(
+        max_epochs=training.epochs,
+        accelerator=training.accelerator,
+        devices=training.devices,
+        num_nodes=training.num_nodes,
+        strategy=training.strategy,
+        precision=precision(training),
+        sync_batchnorm=training.sync_batchnorm and world > 1 and _on_gpu(training),
+        deterministic="warn" if training.deterministic else False,
+        callbacks=run_callbacks(run, training.checkpoint_every_n_steps, progress),
+        enable_progress_bar=progress and is_terminal(sys.stderr),
+        plugins=[AtomicCheckpointIO()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        log_every_n_steps=1,
+        default_root_dir=str(run.path),
+    )
+    options.update(overrides)
+    return L.Trainer(**options)
+
+
+# ---------------------------------------------------------------- training data
+
+
+def _attribute_columns(cohort: Cohort, names: list[str], rows: np.ndarray, standardise: bool) -> tuple[np.ndarray, list[str]]:
+    """The kernel attributes of every cohort row; continuous ones divided by their training SD when asked."""
+    unknown = [name for name in names if name not in cohort.attribute_kinds]
+    if unknown:
+        raise ConfigError(
+            f"method.attributes: {unknown} not in the cohort's attributes {sorted(cohort.attribute_kinds)}"
+        )
+    values = cohort.attribute_matrix(names) if names else np.zeros((len(cohort), 0))
+    kinds = [cohort.attribute_kinds[name] for name in names]
+    if standardise:
+        for column, kind in enumerate(kinds):
+            if kind == "continuous":
+                values[:, column] /= np.nanstd(values[rows, column]) or 1.0
+    return values, kinds
+
+
+def training_data(config: PipelineConfig, method: MethodConfig, cohort: Cohort, store: VolumeStore,
+                  splits: Splits) -> TrainingData:
+    """What a method trains on: the store, views, train/val store rows, groups and kernel attributes."""
+    store_rows = store.rows_for(cohort)
+    has_group = cohort.table["group"].notna().to_numpy()
+
+    def indices(split: str) -> np.ndarray:
+        rows = splits.rows(cohort, split)
+        return store_rows[rows[has_group[rows]]]
+
+    train_rows = splits.rows(cohort, "train")
+    values, kinds = _attribute_columns(cohort, method.attributes, train_rows, method.standardise)
+    attributes = np.full((len(store), values.shape[1]), np.nan)
+    attributes[store_rows] = values
+    is_target = np.zeros(len(store), dtype=bool)
+    is_target[store_rows] = cohort.is_target
+    return TrainingData(
+        store=store,
+        sampler=ViewSampler(config.views, spatial_dims=store.spatial_dims, store=store),
+        train_indices=indices("train"),
+        val_indices=indices("val"),
+        is_target=torch.as_tensor(is_target),
+        attributes=torch.as_tensor(attributes, dtype=torch.float32),
+        attribute_kinds=kinds,
+        batch_size=config.training.batch_size,
+        memory_budget_gb=config.training.memory_budget_gb,
+    )
+
+
+def train(config: PipelineConfig, method: MethodConfig, run_dir: str | os.PathLike | RunDir, cohort: Cohort,
+          store: VolumeStore, splits: Splits, resume: bool):
+    """Train ``method`` into ``run_dir`` (checkpoints/, logs/); returns the module (CPU, eval mode)."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    L.seed_everything(config.training.seed, workers=False, verbose=False)
+    data = training_data(config, method, cohort, store, splits)
+    module = build_method(method, config.encoder, config.training.optim(), seed=config.training.seed, data=data)
+    module.grid = grid_record(store)
+    trainer = make_trainer(config.training, run)
+    ckpt_path = run.last_checkpoint if resume and run.last_checkpoint.is_file() else None
+    if ckpt_path is not None:
+        console.print(f"resuming from [bold]{ckpt_path}[/]")
+    trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    return module.cpu().eval()
+
+
+def training_jobs(config: PipelineConfig, run: RunDir) -> list[tuple[str, MethodConfig, RunDir]]:
+    """Every network the pipeline trains, in order: (name, method, run folder)."""
+    jobs = [("main", config.method, run)]
+    for entry in config.baselines:
+        if entry.trained:
+            jobs.append((f"baselines/{entry.name}", entry.method(config.method), run.baseline(entry.name)))
+    return jobs
+
+
+# ---------------------------------------------------------------- DDP handshake
+
+
+def is_primary_process() -> bool:
+    """False in every DDP process but the first (those Lightning launches, or torchrun / SLURM ranks > 0)."""
+    ranks = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
+    return all(os.environ.get(name, "0") == "0" for name in ranks)
+
+
+def wait_until_prepared(run: RunDir, cohort: Cohort) -> tuple[VolumeStore, Splits]:
+    """The store and splits the primary process prepared (extra DDP processes never build them).
+
+    The primary writes ``logs/prepared.json`` naming the store's volume file once the store and
+    ``splits.tsv`` are complete; a store rebuilt since (new file name) is waited for again.
+    """
+    deadline = time.monotonic() + PREPARE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            record = json.loads(run.prepared.read_text())
+            store = VolumeStore.open(record["store"])
+            if store.record["volumes"] == record["volumes"]:
+                return store, Splits.load(run.splits, cohort)
+        except (OSError, ValueError, KeyError, NeuroclError):
+            pass  # not written yet, or being replaced by the primary
+        time.sleep(2.0)
+    raise TrainingError(f"DDP process: no prepared store and splits in {run.path} after {PREPARE_TIMEOUT_S} s")
+
+
+def train_as_worker(config: PipelineConfig, run: RunDir, resume: bool) -> Path:
+    """A DDP process other than the primary: train the same networks, in the same order, nothing else.
+
+    Lightning launches these processes (re-running the command) at the primary's first
+    ``Trainer.fit`` and they join each later fit; torchrun or SLURM start them with the primary.
+    """
+    cohort = Cohort.from_yaml(config.cohort)
+    store, splits = wait_until_prepared(run, cohort)
+    for _, method, folder in training_jobs(config, run):
+        train(config, method, folder, cohort, store, splits, resume)
+    return run.path

@@ -1,0 +1,112 @@
+"""The shape of the code: no import cycle inside neurocl/, and one owner of the run folder's file names."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from neurocl.rundir import MapsFolder, RunDir
+
+PACKAGE = Path(__file__).resolve().parents[1] / "neurocl"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """neurocl modules imported by ``path`` at module level (function-level imports run later, so they cannot cycle)."""
+    tree = ast.parse(path.read_text())
+    found = set()
+    nodes = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    nodes += [inner for node in tree.body if isinstance(node, ast.If) for inner in node.body  # not TYPE_CHECKING
+              if isinstance(inner, (ast.Import, ast.ImportFrom)) and "TYPE_CHECKING" not in ast.unparse(node.test)]
+    for node in nodes:
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names += [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    paths = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    modules = set(paths)
+    graph = {}
+    for name, path in paths.items():
+        edges = _imports(path, modules)
+        # Importing a.b.c runs a/__init__ and a/b/__init__ first.
+        edges |= {parent for edge in edges for parent in _parents(edge) if parent in modules}
+        graph[name] = edges - {name} - set(_parents(name))
+    return graph
+
+
+def _parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for edge in sorted(graph.get(node, ())):
+            if state.get(edge) == 1:
+                return stack[stack.index(edge):] + [edge]
+            if edge not in state and (cycle := visit(edge)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_neurocl_import_graph_has_no_cycle():
+    cycle = _find_cycle(_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _run_folder_names() -> set[str]:
+    """Every file and folder name RunDir and MapsFolder spell (their paths' last parts)."""
+    run, maps = RunDir("RUN"), MapsFolder("RUN/maps")
+    names = {value.name for value in vars(run).values() if isinstance(value, Path) and value != run.path}
+    names |= {value.name for value in vars(maps).values() if isinstance(value, Path)}
+    return names | {"maps", "regions_"}
+
+
+def test_run_folder_file_names_are_spelled_in_rundir_only():
+    """A file name (``embeddings.tsv``) as a string of its own, or a folder name joined as a path (``/ "maps"``)."""
+    names = _run_folder_names()
+    assert {"config.yaml", "embeddings.tsv", "last.ckpt", "metrics.csv", "evaluation.json", "index.tsv"} <= names
+    files = [name for name in names if "." in name]
+    # "store" is also what a scratch store in a temporary folder is called (benchmarks, embed): not a run's.
+    folders = [name for name in names if "." not in name and name != "store"]
+    file_literal = re.compile(r"""["'](?:[^"'\n]*/)?(%s)["']""" % "|".join(map(re.escape, files)))
+    folder_join = re.compile(r"""/\s*["'](%s)["']|["'](%s)["']\s*/""" % (("|".join(map(re.escape, folders)),) * 2))
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "rundir.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            code = line.split("#", 1)[0]
+            if file_literal.search(code) or folder_join.search(code):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
+    assert not offenders, "run-folder file names outside rundir.py:\n" + "\n".join(offenders)
