@@ -29,6 +29,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
                       field_validator, model_validator)
 
 from neurocl.errors import ConfigError, validation_message
+from neurocl.io import load_yaml
 from neurocl.harmonise import HarmoniseConfig
 from neurocl.io import load_yaml
 from neurocl.methods import MethodConfig, OptimConfig

@@ -450,7 +450,7 @@ cohort: {cohort}
 views: {{p_crop: 0.5, p_flip: 0.5, p_noise: 0.5, p_blur: 0.0, p_cutout: 0.5}}
 method: {{name: sepclr, common_dim: 4, salient_dim: 4, target_fraction: 0.5}}
 encoder: {{name: small_cnn, width: 4}}
-training: {{epochs: {epochs}, batch_size: 4, lr: 0.003, warmup_steps: 2, accelerator: cpu, checkpoint_every_n_steps: 2}}
+training: {{epochs: {epochs}, batch_size: {batch_size}, lr: 0.003, warmup_steps: 2, accelerator: cpu, checkpoint_every_n_steps: 2}}
 evaluation:
   attributes: [age]
   subsets: [all]
@@ -461,10 +461,11 @@ outputs: {{store: {store}, report: false}}
 PROBE_OPTIONS = ["--attributes", "age", "--n-permutations", "5", "--n-bootstrap", "10", "--jobs", "1"]
 
 
-def _pipeline(folder: Path, cohort: Path, epochs: int = 1, store: Path | None = None) -> Path:
+def _pipeline(folder: Path, cohort: Path, epochs: int = 1, store: Path | None = None, batch_size: int = 4) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"pipeline-{epochs}.yaml"
-    path.write_text(RUN_PIPELINE.format(cohort=cohort, epochs=epochs, store=store or folder / "store"))
+    path.write_text(RUN_PIPELINE.format(cohort=cohort, epochs=epochs, store=store or folder / "store",
+                                        batch_size=batch_size))
     return path
 
 
@@ -533,7 +534,7 @@ def test_embed_and_probe_refuse_to_replace_existing_outputs_without_overwrite(tr
     before = tree_digest(run)
     checkpoint = run / "checkpoints" / "last.ckpt"
     result = neurocl_cli("embed", checkpoint, tiny_cohort, "--out", run / "embeddings.tsv")
-    one_error(result, str(run / "embeddings.tsv"), "exists", "--overwrite")
+    one_error(result, str(run / "embeddings.tsv"), "already exist", "--overwrite")
     result = neurocl_cli("probe", run / "embeddings.tsv", "--cohort", tiny_cohort, "--out", run, *PROBE_OPTIONS)
     one_error(result, str(run), "--overwrite")
     assert tree_digest(run) == before
@@ -663,8 +664,10 @@ def test_a_single_target_subject_is_warned_and_the_embeddings_checkpoint_named(t
     targets = [i for i, line in enumerate(table[1:], start=1) if line.split("\t")[dx] not in ("control", "HC", "CN")]
     kept = [table[0]] + [line for i, line in enumerate(table[1:], start=1) if i not in targets[1:]]
     (cohort_dir / "participants.tsv").write_text("\n".join(kept) + "\n")
-    pipeline = _pipeline(tmp_path, cohort_dir / tiny_cohort.name, store=tmp_path / "store")
+    # Batches of 2 take one target subject per step (target_fraction 0.5): training can run.
+    pipeline = _pipeline(tmp_path, cohort_dir / tiny_cohort.name, store=tmp_path / "store", batch_size=2)
     result = neurocl_cli("run", pipeline, "--out", tmp_path / "run", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
     said = " ".join(result.stderr.split())
     assert "warning:" in said and "1 target subject" in said, said[-3000:]
     assert "embeddings come from" in said and "last.ckpt" in said, said[-3000:]
