@@ -31,7 +31,6 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
 from neurocl.errors import ConfigError, validation_message
 from neurocl.io import load_yaml
 from neurocl.harmonise import HarmoniseConfig
-from neurocl.io import load_yaml
 from neurocl.methods import MethodConfig, OptimConfig
 from neurocl.nets import EncoderConfig
 from neurocl.settings import merge_settings, parse_settings
