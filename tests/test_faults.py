@@ -354,19 +354,23 @@ def test_a_build_waits_for_the_lock_held_on_its_store(tiny_cohort, tmp_path):
 
     store_dir = tmp_path / "store"
     store_dir.mkdir()
+    log = tmp_path / "build.log"
     lock = FileLock(str(store_dir / LOCK_NAME))
     lock.acquire()
     try:
-        process = subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(tiny_cohort), str(store_dir)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-        time.sleep(5)  # long enough to build the tiny store several times over if it did not wait
-        assert process.poll() is None, process.communicate()
-        assert not (store_dir / "store.json").exists()
+        with open(log, "w") as stderr:
+            process = subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(tiny_cohort), str(store_dir)],
+                                       stdout=subprocess.PIPE, stderr=stderr, text=True, env=_env())
+        deadline = time.time() + 300
+        while "waiting for another process building the store" not in log.read_text():
+            assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(2)  # still waiting: nothing is built while the lock is held
+        assert process.poll() is None and not (store_dir / "store.json").exists()
     finally:
         lock.release()
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err
-    assert "waiting for another process building the store" in err
+    process.communicate(timeout=300)
+    assert process.returncode == 0, log.read_text()[-3000:]
     assert (store_dir / "store.json").exists()
 
 
