@@ -239,6 +239,10 @@ def run(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML (see pipelines/ and docs/pipelines.md)."),
     out: Path = typer.Option(..., "--out", help="Run directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last complete checkpoint."),
+    auto_resume: bool = typer.Option(
+        False, "--auto-resume", help="Resume when --out holds a trained checkpoint, else start: the same command for "
+        "the first start and every requeue of a cluster job (pipelines/slurm/)."
+    ),
     set_: Optional[list[str]] = typer.Option(
         None, "--set", metavar="SECTION.FIELD=VALUE", help="Override one field, SECTION.FIELD=VALUE (repeatable); validated like the YAML, "
         "recorded in RUN/config.yaml."
@@ -249,11 +253,37 @@ def run(
     Example: neurocl run pipelines/demo.yaml --out runs/demo
 
     Example: neurocl run pipelines/demo.yaml --out runs/lr --set training.lr=1e-3 --set method.lam_mi=50
+
+    Example (a cluster job, requeued any number of times): neurocl run my.yaml --out runs/x --auto-resume
     """
+    from neurocl.errors import ConfigError
     from neurocl.pipeline import run_pipeline
 
+    if resume and auto_resume:
+        raise ConfigError("--resume and --auto-resume: give one (--auto-resume decides by itself)")
     again = " ".join(["neurocl run", str(pipeline), "--out", str(out), *[f"--set {s}" for s in set_ or ()], "--resume"])
-    _resumable(again, run_pipeline, pipeline, out, resume=resume, settings=set_ or ())
+    _resumable(again, run_pipeline, pipeline, out, resume="auto" if auto_resume else resume, settings=set_ or ())
+
+
+@app.command()
+@user_errors
+def prepare(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML (the same one the training job runs)."),
+    out: Path = typer.Option(..., "--out", help="Run directory (the store goes to outputs.store or RUN/store)."),
+    workers: Optional[int] = typer.Option(None, help="Preprocessing worker processes (default: one per core, at most 16)."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="SECTION.FIELD=VALUE", help="Override one field, as for neurocl run."
+    ),
+) -> None:
+    """Validate the cohort and build + verify the run's preprocessed store, nothing else (e.g. on a CPU node).
+
+    The training job (`neurocl run` with the same pipeline and --out) then only opens it.
+
+    Example: neurocl prepare pipelines/my_study.yaml --out runs/my_study --workers 16
+    """
+    from neurocl.pipeline import prepare_store
+
+    prepare_store(pipeline, out, settings=set_ or (), workers=workers)
 
 
 @app.command()

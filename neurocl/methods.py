@@ -448,14 +448,13 @@ class BaseMethod(L.LightningModule):
 
     def load_pretrained(self) -> list:
         """Copy ``encoder.weights`` into the encoder(s); the report of each goes to stderr."""
-        from rich.console import Console
-
+        from neurocl.logs import progress_console
         from neurocl.weights import load_pretrained
 
         reports = load_pretrained(self.net, self.encoder_config.weights, strict=self.encoder_config.weights_strict)
         trainer = self._trainer  # None outside a fit (self.trainer raises then)
         if trainer is None or trainer.is_global_zero:
-            console = Console(stderr=True)
+            console = progress_console()  # unwrapped in a log file
             console.print(f"encoder weights from {self.encoder_config.weights}:", highlight=False, markup=False)
             for report in reports:
                 console.print(f"  {report.describe()}", highlight=False, markup=False)

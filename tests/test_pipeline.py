@@ -10,6 +10,7 @@ OpenMP pool.
 from __future__ import annotations
 
 import importlib.util
+import json
 import multiprocessing
 import os
 import shutil
@@ -347,3 +348,57 @@ def test_attribute_missing_from_the_cohort_is_refused_before_any_work(section, f
     with pytest.raises(ConfigError, match=rf"{field}: \['IQ'\] not in the attributes of cohort .*'age'"):
         pipeline.run_pipeline(path, tmp_path / "run")
     assert not (tmp_path / "run" / "store").exists()
+
+
+# ---------------------------------------------------------------- cluster: trackers, prepare, requeue
+
+
+def test_tensorboard_records_the_loss_terms_of_metrics_csv(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = reference
+    events = EventAccumulator(str(run_dir / "logs" / "trackers" / "tensorboard")).Reload()
+    logged = [event.value for event in events.Scalars("train/loss")]
+    metrics = pd.read_csv(run_dir / "logs" / "metrics.csv").dropna(subset=["train/loss"])
+    np.testing.assert_allclose(logged, metrics["train/loss"], rtol=1e-6)
+
+
+class _RequeueSignalAt(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == KILL_AT_STEP:
+            os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning before preemption; unhandled off SLURM: the end
+
+
+def _requeued_child(arguments: list[str]) -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _with_callback(monkeypatch, _RequeueSignalAt())
+        CliRunner().invoke(app, arguments)
+    os._exit(3)
+
+
+def test_prepare_then_a_requeued_job_completes_with_the_same_command(reference, pipeline_yaml, workspace, tmp_path):
+    run_dir = workspace / "requeued"
+    config = yaml.safe_load(pipeline_yaml.read_text())
+    config["outputs"]["store"] = None  # the run's own store: the one `neurocl prepare` builds
+    own_store = tmp_path / "own_store.yaml"
+    own_store.write_text(yaml.safe_dump(config))
+    prepared = CliRunner().invoke(app, ["prepare", str(own_store), "--out", str(run_dir), "--workers", "1"])
+    assert prepared.exit_code == 0, prepared.output
+    assert "volumes: 32 x" in prepared.output and (run_dir / "store" / "store.json").is_file()
+    volumes_file = json.loads((run_dir / "store" / "store.json").read_text())["volumes"]
+
+    command = ["run", str(own_store), "--out", str(run_dir), "--auto-resume"]
+    child = multiprocessing.get_context("fork").Process(target=_requeued_child, args=(command,))
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGUSR1
+    assert _checkpoint(run_dir)["global_step"] == KILL_AT_STEP - 1  # the last complete checkpoint before the signal
+    result = CliRunner().invoke(app, command)  # the requeued job: the same command
+    assert result.exit_code == 0, result.output
+    assert "resuming the run" in result.output
+    reference_dir, _ = reference
+    expected, final = _checkpoint(reference_dir), _checkpoint(run_dir)
+    assert final["global_step"] == expected["global_step"]
+    for name, value in expected["state_dict"].items():
+        assert torch.equal(final["state_dict"][name], value), name
+    assert json.loads((run_dir / "logs" / "prepared.json").read_text())["volumes"] == volumes_file  # not rebuilt

@@ -221,18 +221,17 @@ def _bench_pipeline(raw: dict, cohort_yaml: Path, seed: int, epochs: int | None)
 def _representations(run_dir: Path) -> dict[str, pd.DataFrame]:
     """Embedding tables of the run: common / salient (or main) and every baseline, keyed for scoring."""
     from neurocl.probe import embedding_spaces
+    from neurocl.rundir import RunDir
 
-    def load(path: Path) -> pd.DataFrame:
-        return io.read_tsv(path)
-
-    main = load(run_dir / "embeddings.tsv")
+    run = RunDir(run_dir)
+    main = run.read_table(run.embeddings)
     keys = ["participant_id", "split"]
     out = {}
-    spaces = embedding_spaces(main)
-    for space, columns in spaces.items():
+    for space, columns in embedding_spaces(main).items():
         out[space if space in ("common", "salient") else "main"] = main[keys + columns]
     for name in BASELINES:
-        table = load(run_dir / "baselines" / name / "embeddings.tsv")
+        baseline = run.baseline(name)
+        table = baseline.read_table(baseline.embeddings)
         columns = [c for columns in embedding_spaces(table).values() for c in columns]
         out[name] = table[keys + columns]
     return out
@@ -261,7 +260,7 @@ def run_one(cohort: PanelCohort, seed: int, config: SeparationBenchConfig, workd
 
 def run_separation_bench(config: SeparationBenchConfig, log=None) -> dict:
     """Every cohort x seed of ``config``; results.json's content (runs, aggregated table, machine)."""
-    from neurocl.pipeline import load_pipeline
+    from neurocl.config import load_pipeline
 
     # Validated now, with every relative path resolved against the pipeline's folder (the bench
     # writes its copies elsewhere); the cohort is the bench's own.
