@@ -29,8 +29,8 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
                       field_validator, model_validator)
 
 from neurocl.errors import ConfigError, validation_message
-from neurocl.harmonise import HarmoniseConfig
 from neurocl.io import load_yaml
+from neurocl.harmonise import HarmoniseConfig
 from neurocl.methods import MethodConfig, OptimConfig
 from neurocl.nets import EncoderConfig
 from neurocl.settings import merge_settings, parse_settings
