@@ -29,8 +29,8 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
                       field_validator, model_validator)
 
 from neurocl.errors import ConfigError, validation_message
-from neurocl.harmonise import HarmoniseConfig
 from neurocl.io import load_yaml
+from neurocl.harmonise import HarmoniseConfig
 from neurocl.methods import MethodConfig, OptimConfig
 from neurocl.nets import EncoderConfig
 from neurocl.settings import merge_settings, parse_settings
@@ -119,7 +119,12 @@ class ProbeConfig(_Section):
 
     n_splits: int = Field(5, ge=2, description="Outer CV folds, grouped by participant (fewer, with a note, when a class has fewer participants).")
     inner_splits: int = Field(3, ge=2, description="Inner CV folds choosing the regularisation.")
-    n_permutations: int = Field(200, ge=0, description="Label permutations for the p-value (0: none).")
+    n_permutations: int = Field(
+        1000, ge=0, description="Label permutations for the p-value at most (0: none); fewer when the decision at 0.05 is clear.",
+    )
+    adaptive_permutations: bool = Field(
+        True, description="Stop permuting once p is clearly above or below 0.05 (false: always `n_permutations`).",
+    )
     n_bootstrap: int = Field(1000, ge=0, description="Participant-level bootstrap resamples for the 95% CI (0: none).")
     leave_site_out: str | None = Field(None, description="Column (e.g. `site`) held out one value at a time in the outer CV.")
     ridge_alphas: list[float] = Field(

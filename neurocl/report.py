@@ -160,7 +160,7 @@ def _cohort_name(spec_path) -> str:
     try:
         spec = load_yaml(Path(spec_path), ConfigError, "cohort spec")
     except ConfigError:
-        spec = None
+        spec = None  # only a display name is wanted here: the file name stands in
     name = spec.get("name") if isinstance(spec, dict) else None
     return str(name) if name else Path(spec_path).name
 
