@@ -243,11 +243,14 @@ def masked_voxels(store, rows: np.ndarray, progress: bool = False) -> np.ndarray
     """(len(rows), n_mask_voxels) float64 matrix of the store's masked volumes, read in chunks."""
     from rich.progress import track
 
+    from neurocl.logs import progress_console
+
     mask = np.asarray(store.mask, dtype=bool)
     out = np.empty((len(rows), int(mask.sum())), dtype=np.float64)
     chunk = 64
     starts = range(0, len(rows), chunk)
-    for start in track(starts, description="reading voxels", disable=not progress, transient=True):
+    for start in track(starts, description="reading voxels", disable=not progress, transient=True,
+                       console=progress_console()):
         block = np.asarray(store.volumes[rows[start:start + chunk]], dtype=np.float64)[:, 0]
         out[start:start + chunk] = block[:, mask]
     return out

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
-from rich.console import Console
+from neurocl.logs import progress_console, quiet_libraries, results_console
 
 app = typer.Typer(
     name="neurocl",
@@ -26,14 +26,49 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks and validation experiments that print measured numbers.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-console = Console(stderr=True)
+console = progress_console()
 _state = {"debug": False}
 
 
+def _typeless_flags() -> None:
+    """Show on/off flags (--resume, --debug, --help) without a ``<bool>`` type in help.
+
+    Typer 0.29 prints every option's type, flags included, where ``<bool>`` reads as if the flag
+    took a value; its ``display_type_rich`` is the one place that decides, so flags return none.
+    """
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_neurocl", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._neurocl = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_typeless_flags()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from neurocl import __version__
+
+        typer.echo(f"neurocl {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print neurocl's version and exit."),
+) -> None:
     """neurocl: contrastive analysis of brain MRI cohorts."""
     _state["debug"] = debug
+    quiet_libraries()
 
 
 def user_errors(func: Callable) -> Callable:
@@ -48,13 +83,28 @@ def user_errors(func: Callable) -> Callable:
         except NeuroclError as error:
             if _state["debug"]:
                 raise
-            console.print(f"[bold red]error:[/] {error}", highlight=False)
+            _error_line(str(error))
             raise typer.Exit(1)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             raise typer.Exit(130)
+        except OSError as error:
+            # An operating-system refusal the library did not anticipate (permissions, a file where
+            # a folder should be, a full disk, ...): still one line naming the path, not a traceback.
+            if _state["debug"] or error.filename is None:
+                raise
+            path = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
+            _error_line(f"{path}: {error.strerror or error}")
+            raise typer.Exit(1)
 
     return wrapper
+
+
+def _error_line(message: str) -> None:
+    """Print an error as written: no wrapping at the terminal width, no rich markup in paths."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _synth_help(field: str) -> str:
@@ -125,18 +175,44 @@ def synth(
 @app.command()
 @user_errors
 def validate(
-    cohort: Path = typer.Argument(..., help="Cohort spec YAML."),
+    cohort: Path = typer.Argument(..., help="Cohort spec YAML, or a pipeline YAML (checks it and its cohort)."),
     images: bool = typer.Option(True, help="Also open and check every image (slower)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", metavar="SECTION.FIELD=VALUE",
+                                             help="With a pipeline: override one field, as for run."),
 ) -> None:
     """Check a cohort and report every problem at once (row, participant_id, problem).
 
+    Given a pipeline YAML, checks it against the schema (with any --set), that the attributes it
+    names exist in its cohort, then the cohort; nothing is built or written.
+
     Example: neurocl validate cohorts/demo.yaml
+
+    Example: neurocl validate pipelines/demo.yaml --set training.lr=1e-3
     """
+    import yaml
+
     from neurocl.cohort import Cohort, print_problems
 
-    loaded = Cohort.from_yaml(cohort)
+    try:
+        raw = yaml.safe_load(cohort.read_text()) if cohort.is_file() else None
+    except yaml.YAMLError:
+        raw = None  # Cohort.from_yaml reports the YAML error with the file's name
+    if isinstance(raw, dict) and "cohort" in raw and "participants" not in raw:
+        from neurocl.config import check_attribute_names, load_pipeline
+
+        config = load_pipeline(cohort, settings=set_ or ())
+        loaded = Cohort.from_yaml(config.cohort)
+        check_attribute_names(config, loaded)
+        results_console().print(f"pipeline OK: {cohort} ({config.method.name}, {config.encoder.name}); cohort {config.cohort}",
+                        highlight=False, markup=False)
+    elif set_:
+        from neurocl.errors import ConfigError
+
+        raise ConfigError(f"--set applies to a pipeline YAML; {cohort} is a cohort spec")
+    else:
+        loaded = Cohort.from_yaml(cohort)
     problems = loaded.validate(check_images=images, progress=True)
-    print_problems(problems, console=Console(), cohort=loaded)
+    print_problems(problems, console=results_console(), cohort=loaded)
     if problems:
         raise typer.Exit(1)
 
@@ -147,14 +223,20 @@ def run(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML (see pipelines/ and docs/pipelines.md)."),
     out: Path = typer.Option(..., "--out", help="Run directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last complete checkpoint."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="SECTION.FIELD=VALUE", help="Override one field, SECTION.FIELD=VALUE (repeatable); validated like the YAML, "
+        "recorded in RUN/config.yaml."
+    ),
 ) -> None:
     """Validate, preprocess, train, embed, probe and report, as the pipeline says.
 
     Example: neurocl run pipelines/demo.yaml --out runs/demo
+
+    Example: neurocl run pipelines/demo.yaml --out runs/lr --set training.lr=1e-3 --set method.lam_mi=50
     """
     from neurocl.pipeline import run_pipeline
 
-    run_pipeline(pipeline, out, resume=resume)
+    run_pipeline(pipeline, out, resume=resume, settings=set_ or ())
 
 
 @app.command()
@@ -216,7 +298,7 @@ def export(
 @app.command()
 @user_errors
 def probe(
-    embeddings: Path = typer.Argument(..., help="embeddings.tsv (participant_id, [session_id], columns per space)."),
+    embeddings: Path = typer.Argument(..., help="embeddings.tsv (participant_id, \\[session_id], columns per space)."),
     cohort: Path = typer.Option(..., "--cohort", help="Cohort spec YAML with the clinical attributes."),
     out: Path = typer.Option(..., "--out", help="Output folder for probes.tsv and separation.json."),
     attributes: Optional[str] = typer.Option(None, help="Comma-separated attributes to probe (default: all in the spec)."),
@@ -295,6 +377,9 @@ def bench_data(
     """Views per second of neurocl's batched views against MONAI and TorchIO pipelines (same recipe).
 
     Example: neurocl bench data --shape mni2mm --device cuda --model densenet121
+
+    Without TorchIO (a plain `pip install -e .`) neurocl and MONAI are measured and the output says
+    how to add it (the "bench" extra of pyproject.toml, or: pip install torchio).
     """
     from neurocl.bench import MNI_2MM, DataBenchConfig, print_data_benchmark, run_data_benchmark
     from neurocl.errors import ConfigError
@@ -311,7 +396,7 @@ def bench_data(
         recipes=("full", "light") if recipe == "both" else (recipe,),
         libraries=tuple(name.strip() for name in libraries.split(",") if name.strip()),
     )
-    print_data_benchmark(run_data_benchmark(config), Console())
+    print_data_benchmark(run_data_benchmark(config), results_console())
 
 
 @bench_app.command("epoch")
@@ -339,7 +424,7 @@ def bench_epoch(
         raise ConfigError(f"--shape {shape!r}: expected comma-separated integers such as 121,145,121")
     config = EpochBenchConfig(method=method, encoder=encoder, shape=spatial, n_subjects=subjects,
                               batch_size=batch_size, epochs=epochs, device=device, precision=precision)
-    print_epoch_benchmark(run_epoch_benchmark(config), Console())
+    print_epoch_benchmark(run_epoch_benchmark(config), results_console())
 
 
 @bench_app.command("patches")
@@ -384,7 +469,7 @@ def bench_patches(
         libraries=tuple(name.strip() for name in libraries.split(",") if name.strip()),
     )
     result = run_patch_benchmark(config)
-    print_patch_benchmark(result, Console())
+    print_patch_benchmark(result, results_console())
     if out is not None:
         from neurocl.io import write_json
 
@@ -425,7 +510,7 @@ def bench_identifiability(
     spaces = ("box", "sphere") if space == "both" else (space,)
     configs = [IdentifiabilityConfig.preset(name, quick=quick, **_validation_overrides(steps, seed)) for name in spaces]
     results = [run_identifiability(config) for config in configs]
-    print_identifiability(results, Console())
+    print_identifiability(results, results_console())
     _write_validation_json(out, "identifiability", results)
 
 
@@ -444,7 +529,7 @@ def bench_gmm(
     from neurocl.validation.gmm import GMMConfig, print_gmm, run_gmm
 
     result = run_gmm(GMMConfig.preset(quick=quick, **_validation_overrides(steps, seed)))
-    print_gmm(result, Console())
+    print_gmm(result, results_console())
     _write_validation_json(out, "gmm", [result])
 
 
@@ -463,7 +548,7 @@ def bench_vector(
     from neurocl.validation.vector import VectorConfig, print_vector, run_vector
 
     result = run_vector(VectorConfig.preset(quick=quick, **_validation_overrides(steps, seed)))
-    print_vector(result, Console())
+    print_vector(result, results_console())
     _write_validation_json(out, "vector", [result])
 
 

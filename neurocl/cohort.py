@@ -22,12 +22,11 @@ from typing import Any, Iterable, Literal, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from neurocl.errors import CohortError, ConfigError
 from neurocl.images import Grid, GridSpec, ImageKind, image_kind, read_grid, read_voxels
-from neurocl.io import read_tsv, write_tsv
+from neurocl.io import load_yaml, read_tsv, write_tsv
 
 # The subject key: a row of a cohort, a store manifest, an embeddings table or a splits manifest is
 # one image of one participant (and session). Every table is matched on these columns, never on position.
@@ -210,12 +209,24 @@ def _read_participants(path: Path) -> pd.DataFrame:
             skip_blank_lines=False,
             encoding="utf-8-sig",  # spreadsheet exports often start with a byte-order mark
         )
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
+    except pd.errors.EmptyDataError:
+        raise CohortError(f"{path}: participants table is empty (expected a header line with participant_id)") from None
+    except OSError as error:
+        raise CohortError(f"{path}: cannot read participants table ({error.strerror or error})") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
         raise CohortError(f"{path}: cannot read participants table ({error})") from None
     table.columns = [str(column).strip() for column in table.columns]
     table = table.apply(lambda column: column.str.strip())
     table["row"] = np.arange(len(table)) + 2
     return table.dropna(how="all", subset=[c for c in table.columns if c != "row"]).reset_index(drop=True)
+
+
+def _resolved(path: Path, where: str) -> Path:
+    """``path`` made absolute with symlinks followed; a symlink loop is a one-line error, not a traceback."""
+    try:
+        return path.resolve(strict=False)
+    except (RuntimeError, OSError) as error:  # Python < 3.13 raises RuntimeError for a loop, later ones OSError
+        raise CohortError(f"{where}: {path} is a symbolic link loop ({error})") from None
 
 
 def _cell_text(value: Any) -> str | float:
@@ -233,12 +244,7 @@ def _cell_text(value: Any) -> str | float:
 
 
 def _load_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise CohortError(f"{path}: cohort spec not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise CohortError(f"{path}: not valid YAML ({error})") from None
+    raw = load_yaml(path, CohortError, "cohort spec")
     if not isinstance(raw, dict):
         raise CohortError(f"{path}: a cohort spec is a mapping of fields (name, participants, images, group, ...)")
     if "participants" not in raw:
@@ -333,7 +339,7 @@ class Cohort:
         self.spec = spec
         self.source = source
         if frame is None:
-            participants_path = (base_dir / spec.participants).resolve()
+            participants_path = _resolved(base_dir / spec.participants, f"{source}: participants")
             if not participants_path.is_file():
                 raise CohortError(f"{source}: participants: {participants_path} not found")
             raw = _read_participants(participants_path)
@@ -575,7 +581,7 @@ class Cohort:
         from rich.progress import track
 
         records = self.table[["participant_id", "image", "row"]].to_dict("records")
-        grids: list[tuple[dict, Grid]] = []
+        reference: tuple[dict, Grid] | None = None
         problems: list[Problem] = []
         for record in track(
             records, description="validating images", disable=not progress, console=Console(stderr=True), transient=True
@@ -583,16 +589,22 @@ class Cohort:
             if not isinstance(record["image"], str):
                 continue
             pid = None if pd.isna(record["participant_id"]) else record["participant_id"]
-            grid, found = _inspect_image(Path(record["image"]), self.spec)
-            problems += [Problem(record["row"], pid, text) for text in found]
-            if grid is not None:
-                grids.append((record, grid))
-        if grids:
-            reference_record, reference = grids[0]
-            where = f"line {reference_record['row']}, {reference_record['participant_id']}"
-            for record, grid in grids[1:]:
-                pid = None if pd.isna(record["participant_id"]) else record["participant_id"]
-                problems += [Problem(record["row"], pid, text) for text in _grid_differences(grid, reference, where)]
+            path = Path(record["image"])
+            # The header (and its claimed size) is checked against the file and the reference grid
+            # before any voxel is read: a forged header cannot make validate allocate gigabytes.
+            grid = _read_grid(path, self.spec)
+            if isinstance(grid, str):
+                problems.append(Problem(record["row"], pid, grid))
+                continue
+            if reference is None:
+                reference = (record, grid)
+            else:
+                where = f"line {reference[0]['row']}, {reference[0]['participant_id']}"
+                differences = _grid_differences(grid, reference[1], where)
+                problems += [Problem(record["row"], pid, text) for text in differences]
+                if grid.shape != reference[1].shape:
+                    continue
+            problems += [Problem(record["row"], pid, text) for text in _voxel_problems(path, self.spec)]
         return problems
 
     def reference_grid(self) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:
@@ -624,24 +636,24 @@ def _read_grid(path: Path, spec: CohortSpec) -> Grid | str:
     return read_grid(path, spec.kind, spec.grid)
 
 
-def _inspect_image(path: Path, spec: CohortSpec) -> tuple[Grid | None, list[str]]:
-    """Header checks, then the voxels for NaN/Inf; returns the grid (if any) and the problems."""
-    grid = _read_grid(path, spec)
-    if isinstance(grid, str):
-        if not grid.startswith("image is"):
-            return None, [grid]
-        problems, grid = [grid], None
-    else:
-        problems = []
+def _voxel_problems(path: Path, spec: CohortSpec) -> list[str]:
+    """Problems of the voxels themselves: unreadable data, NaN/Inf, an all-zero or constant image."""
     try:
         data = read_voxels(path, spec.kind)
     except Exception as error:  # truncated or corrupt voxel data
-        return grid, problems + [f"corrupt image data in {path.name}: {type(error).__name__}: {error}"]
+        return [f"corrupt image data in {path.name}: {type(error).__name__}: {error}"]
+    if data.size == 0:
+        return ["image has no voxels"]
     if np.issubdtype(data.dtype, np.floating):
         n_nan, n_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
         if n_nan or n_inf:
-            problems.append(f"image has {n_nan} NaN and {n_inf} Inf voxels")
-    return grid, problems
+            return [f"image has {n_nan} NaN and {n_inf} Inf voxels"]
+    # An empty or constant image passes every header check but has no anatomy: preprocessing
+    # would fail on it later (zero variance inside the mask), or silently train on nothing.
+    first = data.flat[0]
+    if not np.any(data != first):
+        return ["image is all zeros" if first == 0 else f"image is constant (every voxel is {first})"]
+    return []
 
 
 def _grid_differences(grid: Grid, reference: Grid, where: str) -> list[str]:

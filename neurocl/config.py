@@ -22,7 +22,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import yaml
@@ -31,9 +31,11 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
 
 from neurocl.errors import ConfigError, validation_message
 from neurocl.harmonise import HarmoniseConfig
+from neurocl.io import load_yaml
 from neurocl.methods import MethodConfig, OptimConfig
 from neurocl.nets import EncoderConfig
 from neurocl.patches import PatchConfig
+from neurocl.settings import merge_settings, parse_settings
 from neurocl.store import PreprocessConfig
 from neurocl.views import ViewConfig
 
@@ -47,6 +49,7 @@ __all__ = [
     "SplitConfig",
     "TrainingConfig",
     "config_yaml",
+    "check_attribute_names",
     "field_tables",
     "load_pipeline",
     "validated",
@@ -384,7 +387,7 @@ def validated(model: type[BaseModel], raw: Any, source: str) -> BaseModel:
         raise ConfigError(validation_message(source, error)) from None
 
 
-def load_pipeline(path: str | os.PathLike, overrides: dict | None = None) -> PipelineConfig:
+def load_pipeline(path: str | os.PathLike, overrides: dict | None = None, settings: Sequence[str] = ()) -> PipelineConfig:
     """Read and validate a pipeline YAML; relative paths are taken from the YAML's folder.
 
     Parameters
@@ -393,6 +396,9 @@ def load_pipeline(path: str | os.PathLike, overrides: dict | None = None) -> Pip
         The pipeline YAML.
     overrides : dict, optional
         Top-level fields replacing the YAML's (e.g. ``{"cohort": ...}`` for the demo).
+    settings : list of str
+        Dotted ``SECTION.FIELD=VALUE`` settings (``neurocl run --set``) merged into the YAML
+        before validation (:mod:`neurocl.settings`); their paths are relative to the current folder.
 
     Raises
     ------
@@ -402,16 +408,38 @@ def load_pipeline(path: str | os.PathLike, overrides: dict | None = None) -> Pip
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"pipeline file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    raw = load_yaml(path, ConfigError, "pipeline") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a pipeline is a mapping of sections, got {type(raw).__name__}")
     raw.update(overrides or {})
     _resolve_paths(raw, path.parent.absolute())
-    _reject_booleans(raw, str(path))
-    return validated(PipelineConfig, raw, str(path))
+    source = str(path)
+    if settings:
+        extra = parse_settings(settings)
+        _resolve_paths(extra, Path.cwd())
+        raw = merge_settings(raw, extra)
+        source = f"{path} with --set {' --set '.join(settings)}"
+    _reject_booleans(raw, source)
+    return validated(PipelineConfig, raw, source)
+
+
+def check_attribute_names(config: PipelineConfig, cohort) -> None:
+    """Attribute names of the pipeline that the cohort lacks, refused before any work (field named)."""
+    known = sorted(cohort.attribute_kinds)
+    fields = {
+        "method.attributes": config.method.attributes,
+        "evaluation.attributes": [name for name in config.evaluation.attributes or [] if name != "group"],
+        "splits.stratify": [name for name in config.splits.stratify if name != "group"],
+        **{f"baselines.{entry.name}.attributes": entry.attributes for entry in config.baselines
+           if entry.name == "yaware"},
+        **{"baselines.combat.site/protect": [entry.site, *entry.protect] for entry in config.baselines
+           if entry.name == "combat"},
+        "harmonise.site/protect": [config.harmonise.site, *config.harmonise.protect] if config.harmonise else [],
+    }
+    for field, names in fields.items():
+        unknown = [name for name in names if name not in cohort.attribute_kinds]
+        if unknown:
+            raise ConfigError(f"{field}: {unknown} not in the attributes of cohort {cohort.source}: {known}")
 
 
 def config_yaml(config: PipelineConfig) -> str:

@@ -19,13 +19,15 @@ from rich.table import Table
 
 from neurocl.cohort import Cohort
 from neurocl.config import ProbeConfig
-from neurocl.console import console
+from neurocl.logs import progress_console, results_console
 from neurocl.errors import ConfigError
 from neurocl.io import read_tsv, write_json
 from neurocl.pipeline import run_pipeline
 from neurocl.probe import PRIMARY_METRIC, probe_attribute
 from neurocl.rundir import RunDir
 from neurocl.synth import SynthConfig, make_synthetic_cohort
+
+console = progress_console()
 
 __all__ = ["DEMO_COHORT", "DEMO_EXPECTED", "DEMO_PIPELINE", "demo_summary", "run_demo"]
 
@@ -197,6 +199,7 @@ def _demo_cell(record: dict | None) -> str:
 
 
 def _print_demo_summary(summary: dict) -> None:
+    out = results_console()  # the demo's results go to stdout, its progress to stderr
     table = Table(title="neurocl demo: what is decodable from which space (cross-validated linear probes)")
     for column in ("attribute", "subjects", "metric", "common", "salient", "chance"):
         table.add_column(column)
@@ -206,13 +209,13 @@ def _print_demo_summary(summary: dict) -> None:
         first = next(iter(spaces.values()))
         cells = [_demo_cell(spaces.get(space)) for space in ("common", "salient")]
         table.add_row(attribute, first["subset"], first["metric"], *cells, _number(first["chance"], 2))
-    console.print(table)
+    out.print(table)
     maps = summary["maps"]
     if maps:
         aucs = ", ".join(f"{method} {_number(auc, 2)}" for method, auc in maps["mean_auc_subtype_map"].items())
-        console.print(f"maps: AUC vs true subtype masks: {aucs}; clusters: {maps['n_clusters']}, "
-                      f"ARI {_number(maps['ari'], 2)}")
+        out.print(f"maps: AUC vs true subtype masks: {aucs}; clusters: {maps['n_clusters']}, "
+                  f"ARI {_number(maps['ari'], 2)}")
     for target in summary["targets"]:
         mark = "[green]reached[/]" if target["reached"] else "[red]missed[/]"
-        console.print(f"  {mark}  {target['check']}")
-    console.print(f"demo finished in {summary['wall_time_s'] / 60:.1f} min; summary: demo_summary.json beside the run")
+        out.print(f"  {mark}  {target['check']}")
+    out.print(f"demo finished in {summary['wall_time_s'] / 60:.1f} min; summary: demo_summary.json beside the run")

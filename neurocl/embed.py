@@ -26,11 +26,13 @@ import pandas as pd
 import torch
 
 from neurocl.cohort import Cohort, key_columns
-from neurocl.console import console
+from neurocl.logs import progress_console
 from neurocl.errors import CohortError, ConfigError
 from neurocl.io import write_json, write_tsv
 from neurocl.methods import BaseMethod, method_from_checkpoint
 from neurocl.store import PreprocessConfig, VolumeStore
+
+console = progress_console()
 
 __all__ = [
     "check_cohort",

@@ -17,6 +17,10 @@ class TrainingError(NeuroclError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the term."""
 
 
+class OutputError(NeuroclError):
+    """An output cannot be written (disk full, read-only or occupied destination); names the path."""
+
+
 class StoreError(NeuroclError):
     """The preprocessed store cannot be written or read (disk space, a file, a lock); the message names the path."""
 

@@ -16,6 +16,7 @@ image's affine is still 4x4 (the third column is the slice axis), as a 2D NIfTI 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal, NamedTuple, Sequence
 
@@ -23,6 +24,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ImageKind = Literal["nifti", "array", "picture"]
+# Deflate's largest compression ratio: a gzip file of n bytes holds at most ~1032 n bytes.
+GZIP_MAX_RATIO = 1032
 ARRAY_SUFFIXES = (".npy",)
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -110,6 +113,9 @@ def read_grid(path: Path, kind: ImageKind, grid: GridSpec | None = None) -> Grid
             image = nib.load(path)
             raw_shape, affine = image.shape, np.asarray(image.affine, dtype=float)
             header_zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+            forged = _nifti_size_problem(image)
+            if forged:
+                return forged
         elif kind == "array":
             raw_shape = np.load(path, mmap_mode="r").shape
             affine = grid.matrix() if grid is not None else np.eye(4)
@@ -129,6 +135,33 @@ def read_grid(path: Path, kind: ImageKind, grid: GridSpec | None = None) -> Grid
         return f"image is {len(shape)}D with shape {tuple(raw_shape)}, expected 2D or 3D"
     zooms = header_zooms[: len(shape)] if header_zooms is not None else _zooms(affine, len(shape))
     return Grid(shape, affine, tuple(zooms))
+
+
+def _nifti_size_problem(image) -> str | None:
+    """Whether the header's claimed voxel data can be in the file at all (None if it can).
+
+    Checked before any voxel is read: a forged 1 KB header that claims 1000^3 float32 voxels
+    would otherwise make the reader allocate 4 GB. Uncompressed data must fit in the file;
+    gzip data cannot expand more than deflate's maximum ratio (1032:1) allows. Other
+    compressions (bz2, zstd) have no useful bound, so only the reference-grid check guards them.
+    """
+    header = image.header
+    data_file = image.file_map["image"].filename
+    try:
+        size = os.path.getsize(data_file)
+        offset = int(header.get_data_offset()) if str(data_file).endswith((".nii", ".nii.gz")) else 0
+        claimed = offset + int(np.prod(image.shape, dtype=object)) * header.get_data_dtype().itemsize
+    except (OSError, TypeError, ValueError):
+        return None  # the reader itself reports what it cannot open
+    name = Path(data_file).name
+    if str(data_file).endswith(".gz"):
+        if claimed > size * GZIP_MAX_RATIO:
+            return (f"header of {name} claims {tuple(image.shape)} {header.get_data_dtype()} voxels "
+                    f"({claimed:,} bytes), more than a {size:,}-byte gzip file can hold; forged or corrupt header")
+    elif not str(data_file).endswith((".bz2", ".zst")) and claimed > size:
+        return (f"header of {name} claims {tuple(image.shape)} {header.get_data_dtype()} voxels "
+                f"({claimed:,} bytes) but the file holds {size:,} bytes; truncated file or forged header")
+    return None
 
 
 def _squeeze_nifti(shape: Sequence[int]) -> tuple[int, ...]:

@@ -1,21 +1,112 @@
-"""Atomic output: every file neurocl writes appears whole or not at all.
+"""Safe input and atomic output: what neurocl reads cannot blow up, what it writes appears whole or not at all.
 
 A killed run must never leave a half-written table, image or checkpoint that a
 later run (or a researcher) would read as complete, so everything is written to a
 temporary file in the destination folder and renamed into place (rename is
-atomic on POSIX within one filesystem).
+atomic on POSIX within one filesystem). The file gets the mode an ordinary
+``open`` would give it under the user's umask (``mkstemp`` alone makes it 0600,
+which would hide a shared store or report from colleagues). A full disk surfaces as
+one :class:`~neurocl.errors.OutputError` naming the file, and nothing half-written.
+
+YAML (pipeline and cohort specs) is read by one loader, :func:`load_yaml`: safe
+(no Python objects) and with alias expansion bounded, so a "billion laughs" file is
+refused in microseconds instead of exhausting memory downstream.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from neurocl.errors import NeuroclError, OutputError
+
+# A spec with every alias expanded may hold at most this many YAML nodes. Real pipeline and
+# cohort specs hold a few hundred; a billion-laughs bomb holds 10^9 from a few hundred bytes.
+YAML_MAX_EXPANDED_NODES = 100_000
+# Error numbers that mean "the disk (or quota) is full": said as such, naming the file.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _disk_full(path: Path, error: BaseException) -> OutputError:
+    free = free_bytes(path.parent)
+    where = "" if free is None else f", {format_bytes(free)} free"
+    return OutputError(f"{path}: disk full while writing ({error.strerror if isinstance(error, OSError) else error}{where}); "
+                       "nothing was written, free some space and run again")
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Free bytes for this user on the filesystem holding ``folder`` (None if it cannot be asked)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover - the loop always returns
+
+
+def preallocate(path: str | os.PathLike, size: int) -> None:
+    """Reserve ``size`` bytes for ``path`` on disk now, so a full disk is an error here and not a
+    SIGBUS later when a memory map writes into a page the filesystem cannot back."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as error:
+        if error.errno in DISK_FULL:
+            raise _disk_full(path, error) from None
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        # Filesystems without fallocate: glibc's emulation is missing too, so write the zeros.
+        with os.fdopen(os.dup(fd), "r+b") as handle:
+            handle.seek(0)
+            block = b"\0" * (1 << 20)
+            try:
+                for start in range(0, size, len(block)):
+                    handle.write(block[: min(len(block), size - start)])
+                handle.flush()
+            except OSError as write_error:
+                if write_error.errno in DISK_FULL:
+                    raise _disk_full(path, write_error) from None
+                raise
+    finally:
+        os.close(fd)
+
+
+def check_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse to start writing ``needed`` bytes into ``folder`` when the filesystem has fewer free."""
+    free = free_bytes(folder)
+    if free is not None and free < needed:
+        raise OutputError(
+            f"{folder}: not enough free space for {what}: needs {format_bytes(needed)}, "
+            f"{format_bytes(free)} free"
+        )
 
 
 @contextlib.contextmanager
@@ -34,9 +125,17 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        os.chmod(tmp_path, 0o666 & ~current_umask())
+        try:
+            os.replace(tmp_path, path)
+        except OSError as error:  # e.g. a folder standing where the file goes
+            raise OutputError(f"{path}: cannot write here ({error.strerror or error})") from None
+    except OSError as error:
+        if error.errno in DISK_FULL:
+            raise _disk_full(path, error) from None
+        raise
     finally:
-        if tmp_path.exists():
+        with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
 
 
@@ -92,9 +191,87 @@ def save_nifti(img, path: str | os.PathLike) -> Path:
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` atomically: a checkpoint is only ever replaced by a complete one."""
+    """``torch.save`` atomically: a checkpoint is only ever replaced by a complete one.
+
+    The checkpoint is serialised in memory and written with an ordinary file write, so that a
+    full disk is an ``ENOSPC`` naming the file (torch's own writer reports it as an assertion
+    about stream positions).
+    """
+    import io as _io
+
     import torch
 
+    buffer = _io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as handle:
+            handle.write(buffer.getbuffer())
     return Path(path)
+
+
+def load_yaml(path: str | os.PathLike, error: type[NeuroclError], what: str) -> Any:
+    """Read a YAML file safely: plain data only, alias expansion bounded, errors as one ``error`` line.
+
+    ``what`` names the file's role in messages ("pipeline", "cohort spec"). The document is
+    composed into YAML nodes first and its size with every alias expanded is counted (each node
+    once, by identity, so the count itself is linear); beyond :data:`YAML_MAX_EXPANDED_NODES`, or
+    with an alias that contains itself, the file is refused before any Python object is built.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: {what} is a folder, expected a YAML file") from None
+    except UnicodeDecodeError as problem:
+        raise error(f"{path}: {what} is not UTF-8 text ({problem.reason} at byte {problem.start})") from None
+    except OSError as problem:
+        raise error(f"{path}: cannot read the {what} ({problem.strerror or problem})") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {}, set())
+        if size > YAML_MAX_EXPANDED_NODES:
+            raise error(
+                f"{path}: {what} expands to more than {YAML_MAX_EXPANDED_NODES:,} values through YAML aliases "
+                "(an alias bomb?); refused"
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as problem:
+        message = " ".join(str(problem).split())
+        raise error(f"{path}: not valid YAML ({message})") from None
+    except RecursionError:
+        raise error(f"{path}: {what} is nested too deeply to be a spec; refused") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, sizes: dict[int, int], active: set[int]) -> int:
+    """Nodes in ``node`` with aliases expanded; memoised per node, a node inside itself is refused."""
+    import yaml
+
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in active:
+        raise yaml.YAMLError(f"an alias refers to a value that contains it (line {node.start_mark.line + 1})")
+    active.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            total += _expanded_size(child, sizes, active)
+            if total > YAML_MAX_EXPANDED_NODES:
+                break
+    elif isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            total += _expanded_size(key_node, sizes, active) + _expanded_size(value_node, sizes, active)
+            if total > YAML_MAX_EXPANDED_NODES:
+                break
+    active.discard(key)
+    sizes[key] = total
+    return total

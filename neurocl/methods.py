@@ -545,10 +545,12 @@ class BaseMethod(L.LightningModule):
         """Representations of the store's volumes at ``indices``, per space: {name: (n, d)} in float64."""
         from rich.progress import Progress
 
+        from neurocl.logs import progress_console
+
         self.eval()
         store.to(self.device)
         chunks: dict[str, list[np.ndarray]] = {}
-        with Progress(transient=True, disable=not progress) as bar:
+        with Progress(transient=True, disable=not progress, console=progress_console()) as bar:
             task = bar.add_task("embedding", total=len(indices))
             for batch_indices, volumes in store.batches(np.asarray(indices), batch_size):
                 for name, value in self.embed(volumes.to(self.device)).items():

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
 from neurocl import baselines, report
 from neurocl.cohort import Cohort, Splits, make_splits
-from neurocl.config import PipelineConfig, load_pipeline
-from neurocl.console import console
+from neurocl.config import PipelineConfig, check_attribute_names, load_pipeline
+from neurocl.logs import progress_console
 from neurocl.embed import embeddings_table, write_embeddings
 from neurocl.errors import ConfigError
 from neurocl.harmonise import harmonise_run_store
@@ -34,11 +35,13 @@ from neurocl.rundir import RunDir
 from neurocl.store import VolumeStore
 from neurocl.train import check_batch_sizes, is_primary_process, train, train_as_worker, training_jobs
 
+console = progress_console()
+
 __all__ = ["run_pipeline"]
 
 
 def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool = False,
-                 overrides: dict | None = None) -> Path:
+                 overrides: dict | None = None, settings: Sequence[str] = ()) -> Path:
     """``neurocl run PIPELINE --out RUN``: every stage of a pipeline into the run directory.
 
     validate cohort -> store (reused when up to date) -> splits.tsv -> train (the method, then
@@ -56,13 +59,16 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
         checkpoint); the stages after training are recomputed.
     overrides : dict, optional
         Top-level pipeline fields replacing the YAML's.
+    settings : list of str
+        ``neurocl run --set SECTION.FIELD=VALUE`` settings, validated with the YAML (the run's
+        config.yaml records the result).
 
     Returns
     -------
     Path
         The run directory.
     """
-    config = load_pipeline(path, overrides)
+    config = load_pipeline(path, overrides, settings)
     run = RunDir(Path(out).absolute())
     if not is_primary_process():
         return train_as_worker(config, run, resume)
@@ -72,7 +78,7 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
     cohort = Cohort.from_yaml(config.cohort)
     run.check_out(config, resume, cohort)
     cohort.check(check_images=True)
-    _check_names(config, cohort)
+    check_attribute_names(config, cohort)
     splits = _splits(config, cohort, run)
     check_batch_sizes(config, cohort, splits)
     run.prepare(config, resume)
@@ -122,22 +128,6 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
         console.print(f"report: [bold]{html}[/]")
     console.print(f"run finished: [bold]{run.path}[/]")
     return run.path
-
-
-def _check_names(config: PipelineConfig, cohort: Cohort) -> None:
-    """Attribute names of the pipeline that the cohort lacks, refused before any work (field named)."""
-    known = sorted(cohort.attribute_kinds)
-    fields = {
-        "method.attributes": config.method.attributes,
-        "evaluation.attributes": [name for name in config.evaluation.attributes or [] if name != "group"],
-        "splits.stratify": [name for name in config.splits.stratify if name != "group"],
-        **{f"baselines.{entry.name}.attributes": entry.attributes for entry in config.baselines
-           if entry.name == "yaware"},
-    }
-    for field, names in fields.items():
-        unknown = [name for name in names if name not in cohort.attribute_kinds]
-        if unknown:
-            raise ConfigError(f"{field}: {unknown} not in the attributes of cohort {cohort.source}: {known}")
 
 
 def _splits(config: PipelineConfig, cohort: Cohort, run: RunDir) -> Splits:

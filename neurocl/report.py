@@ -34,14 +34,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
 from neurocl.cohort import Cohort
 from neurocl.embed import embedding_spaces
 from neurocl.errors import ConfigError, NeuroclError
-from neurocl.io import atomic_path, read_tsv, write_text
+from neurocl.io import atomic_path, load_yaml, read_tsv, write_text
 from neurocl.maps.subtypes import STABILITY_CAUTION
 from neurocl.probe import PRIMARY_METRIC, separation_table
 from neurocl.rundir import RunDir
@@ -159,8 +158,8 @@ def _cohort_name(spec_path) -> str:
     if not spec_path:
         return "unknown"
     try:
-        spec = yaml.safe_load(Path(spec_path).read_text())
-    except (OSError, yaml.YAMLError):
+        spec = load_yaml(Path(spec_path), ConfigError, "cohort spec")
+    except ConfigError:
         spec = None
     name = spec.get("name") if isinstance(spec, dict) else None
     return str(name) if name else Path(spec_path).name

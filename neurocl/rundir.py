@@ -26,17 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from neurocl.cohort import Cohort
 from neurocl.config import PipelineConfig, config_yaml, validated
-from neurocl.console import console
 from neurocl.embed import cohort_fingerprint, load_model
 from neurocl.errors import ConfigError, NeuroclError
-from neurocl.io import read_tsv, write_json, write_text
+from neurocl.io import load_yaml, read_tsv, write_json, write_text
+from neurocl.logs import progress_console
 from neurocl.store import VolumeStore
 
 __all__ = ["MapsFolder", "Run", "RunDir", "load_run", "store_fingerprint"]
+
+console = progress_console()
 
 # What a resumed run must share with the run it continues: everything the trained weights depend
 # on. The other sections (evaluation, baselines, maps, outputs, name) only shape later stages,
@@ -122,16 +123,13 @@ class RunDir:
         """The resolved pipeline of this run (config.yaml)."""
         if not self.config.is_file():
             raise ConfigError(f"{self.path} is not a run directory (config.yaml missing)")
-        return validated(PipelineConfig, yaml.safe_load(self.config.read_text()), str(self.config))
+        return validated(PipelineConfig, load_yaml(self.config, ConfigError, "run configuration"), str(self.config))
 
     def read_config_dict(self) -> dict | None:
         """config.yaml as a plain mapping (None when absent or not a mapping): for readers that tolerate old runs."""
         if not self.config.is_file():
             return None
-        try:
-            loaded = yaml.safe_load(self.config.read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"cannot read {self.config} ({error})") from None
+        loaded = load_yaml(self.config, ConfigError, "run configuration")
         return loaded if isinstance(loaded, dict) else None
 
     def trained(self) -> bool:
@@ -167,7 +165,7 @@ class RunDir:
             raise ConfigError(f"--out {self.path} exists and is not empty; choose a new folder or pass --resume")
         if not self.config.is_file():
             raise ConfigError(f"--resume: {self.path} holds no run (config.yaml missing); start it without --resume")
-        before = _training_part(yaml.safe_load(self.config.read_text()))
+        before = _training_part(load_yaml(self.config, ConfigError, "run configuration"))
         now = _training_part(config.model_dump(mode="json"))
         changed = [section for section in _TRAINING_SECTIONS if before[section] != now[section]]
         if changed:

@@ -11,6 +11,7 @@ staged through pinned memory with the next batch prefetched.
 Cache layout (``cache_dir``, chosen by the caller; never inside a cohort's folders)::
 
     store.json                 the commit record: names the files below, config, grids
+    .store.lock                held (an OS file lock) by the one process building here
     resampled-<token>.npy      (N, *grid) images on the target grid (stage 1), in the store's dtype
     scales-<token>.npy         (N,) each float16 stage-1 row's scale (its peak |value|)
     volumes-<token>.npy        (N, 1, *spatial) masked, cropped, normalised (stage 2)
@@ -29,6 +30,7 @@ leaves the previous cache intact.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -47,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from neurocl.cohort import key_columns
 from neurocl.errors import CohortError, ConfigError, StoreError
 from neurocl.images import ImageKind, as_volume, read_voxels
-from neurocl.io import atomic_path, read_tsv, write_json, write_tsv
+from neurocl.io import atomic_path, preallocate, read_tsv, write_json, write_tsv
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -359,7 +361,13 @@ class VolumeStore:
         config = config or PreprocessConfig()
         cache_dir = Path(cache_dir).resolve()
         _refuse_input_folder(cache_dir, cohort)
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        with store_lock(cache_dir, progress):
+            return cls._build(cohort, cache_dir, config, workers, progress)
+
+    @classmethod
+    def _build(cls, cohort: "Cohort", cache_dir: Path, config: PreprocessConfig, workers: int | None,
+               progress: bool) -> "VolumeStore":
+        """The body of :meth:`build`, run while this process holds the store's lock."""
         shape, affine, source = _target_grid(cohort, config)
         previous = _previous_build(cache_dir)
         entries = _entries(cohort, _grid_params(shape, affine, source.affine), known=_known_hashes(previous))
@@ -456,7 +464,12 @@ class VolumeStore:
         if volumes.ndim < 4 or volumes.shape[1] != 1:
             raise ConfigError(f"from_array: expected (N, 1, *spatial) volumes, got shape {volumes.shape}")
         cache_dir = Path(cache_dir).resolve()
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        with store_lock(cache_dir, progress=False):
+            return cls._from_array(volumes, cache_dir, affine, dtype)
+
+    @classmethod
+    def _from_array(cls, volumes: np.ndarray, cache_dir: Path, affine: np.ndarray | None, dtype: str) -> "VolumeStore":
+        """The body of :meth:`from_array`, run while this process holds the store's lock."""
         spatial = tuple(int(n) for n in volumes.shape[2:])
         affine = np.eye(4) if affine is None else np.asarray(affine, float)
         config = PreprocessConfig(mask="none", normalise="none", crop_to_mask=False, dtype=dtype)
@@ -464,7 +477,7 @@ class VolumeStore:
         kinds = (("volumes", "npy"), ("mask", "npy"), ("manifest", "tsv"))
         names = {kind: f"{kind}-{token}.{ext}" for kind, ext in kinds}
         with atomic_path(cache_dir / names["volumes"]) as tmp:
-            stored = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=volumes.shape)
+            stored = _new_memmap(tmp, np.dtype(dtype), volumes.shape)
             for index in range(len(volumes)):
                 stored[index] = volumes[index]
             stored.flush()
@@ -649,6 +662,56 @@ class VolumeStore:
         image.set_qform(self.affine, code=1)
         image.set_sform(self.affine, code=1)
         return image
+
+
+LOCK_NAME = ".store.lock"
+
+
+@contextlib.contextmanager
+def store_lock(cache_dir: Path, progress: bool = True) -> Iterator[None]:
+    """Hold the store folder's lock (an OS file lock: released by the kernel if the process dies).
+
+    Two runs sharing one store would otherwise interleave their builds, one removing the
+    other's temporary files as stale. The second run waits, then finds the first one's build
+    and reuses it. The folder is created here; one that cannot be (read-only, a file in the
+    way) is a one-line error naming it.
+    """
+    from filelock import FileLock, Timeout
+
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(cache_dir / LOCK_NAME))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if progress:
+                _stderr().print(f"waiting for another process building the store in {cache_dir} ...", highlight=False)
+            lock.acquire()
+    except FileExistsError:
+        raise StoreError(f"{cache_dir}: cannot hold the store: a file (not a folder) is in the way") from None
+    except OSError as error:
+        raise StoreError(f"{cache_dir}: cannot write the store here ({error.strerror or error})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _new_memmap(path: Path, dtype, shape: Sequence[int]) -> np.memmap:
+    """A ``.npy`` memory map whose disk blocks are reserved before any write (see :func:`preallocate`)."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+    try:
+        preallocate(path, os.path.getsize(path))
+    except BaseException:
+        del array
+        raise
+    return array
 
 
 def fits_in_budget(nbytes: int, budget_bytes: float) -> bool:
@@ -973,7 +1036,11 @@ def _normalise(volume: np.ndarray, mask: np.ndarray, config: PreprocessConfig, e
 
 
 def _remove_stale(cache_dir: Path, keep: set[str]) -> None:
-    """Delete files of earlier builds (and temporaries of interrupted ones) that the record no longer names."""
+    """Delete files of earlier builds (and temporaries of interrupted ones) that the record no longer names.
+
+    Called with the store's lock held: every builder takes that lock, so a temporary file that is
+    not ours belongs to a build that was killed, never to one still running.
+    """
     prefixes = tuple(f"{dot}{kind}-" for dot in ("", ".") for kind in ("resampled", "scales", "volumes", "mask", "manifest"))
     for path in cache_dir.iterdir():
         if path.name.startswith(prefixes) and path.name not in keep:

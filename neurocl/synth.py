@@ -584,7 +584,11 @@ def make_synthetic_cohort(
 
     from rich.progress import Progress
 
-    with Progress(disable=not progress, transient=False) as bar:
+    
+
+    from neurocl.logs import progress_console
+
+    with Progress(disable=not progress, transient=False, console=progress_console()) as bar:
         task = bar.add_task("synthesising subjects", total=len(latents))
         if workers == 1:
             for job in jobs:

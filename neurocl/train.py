@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from neurocl.cohort import Cohort, Splits
 from neurocl.config import PipelineConfig, TrainingConfig
-from neurocl.console import console
+from neurocl.logs import epoch_lines, is_terminal, progress_console
 from neurocl.embed import grid_record
 from neurocl.errors import ConfigError, NeuroclError, TrainingError
 from neurocl.io import torch_save, write_text
@@ -31,6 +32,8 @@ from neurocl.methods import EpochBatches, MethodConfig, TrainingData, build_meth
 from neurocl.rundir import RunDir
 from neurocl.store import VolumeStore
 from neurocl.views import ViewSampler
+
+console = progress_console()
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -128,10 +131,13 @@ class RunCheckpoints(L.Callback):
 
 
 def run_callbacks(run: RunDir, every_n_steps: int, progress: bool) -> list:
-    """The callbacks of a run's Trainer: metrics table, checkpoints, and a progress bar when asked."""
-    return [MetricsTable(run.metrics), RunCheckpoints(run, every_n_steps)] + (
-        [RichProgressBar(leave=True)] if progress else []
-    )
+    """The callbacks of a run's Trainer: metrics table, checkpoints, and progress when asked."""
+    callbacks = [MetricsTable(run.metrics), RunCheckpoints(run, every_n_steps)]
+    if not progress:
+        return callbacks
+    # A bar redrawn in place on a terminal; one line per epoch in a log file (logs.epoch_lines).
+    bar = RichProgressBar(leave=True, console_kwargs={"stderr": True}) if is_terminal(sys.stderr) else epoch_lines()
+    return callbacks + [bar]
 
 
 def _on_gpu(training: TrainingConfig) -> bool:
@@ -162,7 +168,7 @@ def make_trainer(training: TrainingConfig, run_dir: str | os.PathLike | RunDir, 
         sync_batchnorm=training.sync_batchnorm and world > 1 and _on_gpu(training),
         deterministic="warn" if training.deterministic else False,
         callbacks=run_callbacks(run, training.checkpoint_every_n_steps, progress),
-        enable_progress_bar=progress,
+        enable_progress_bar=progress and is_terminal(sys.stderr),
         plugins=[AtomicCheckpointIO()],
         logger=False,
         enable_checkpointing=False,

@@ -278,3 +278,22 @@ def test_parallel_probes_equal_serial_ones(two_space_cohort):
     serial = probe_embeddings(embeddings, cohort, attributes=["age", "sex"], subsets=["all"], config=ProbeConfig(n_jobs=1, **settings))
     parallel = probe_embeddings(embeddings, cohort, attributes=["age", "sex"], subsets=["all"], config=ProbeConfig(n_jobs=2, **settings))
     pd.testing.assert_frame_equal(serial, parallel)
+
+
+def test_a_skip_expected_in_every_space_is_reported_once(tiny_cohort, capsys):
+    from neurocl.cohort import Cohort
+    from neurocl.probe import ProbeConfig, probe_embeddings
+
+    cohort = Cohort.from_yaml(tiny_cohort)
+    rng = np.random.default_rng(0)
+    embeddings = cohort.keys().assign(split="train", group=cohort.table["group"].to_numpy())
+    for space in ("common", "salient"):
+        for i in range(2):
+            embeddings[f"{space}_{i}"] = rng.standard_normal(len(cohort))
+    config = ProbeConfig(n_permutations=0, n_bootstrap=0, n_splits=2)
+    capsys.readouterr()
+    probes = probe_embeddings(embeddings, cohort, attributes=["severity"], config=config)
+    skipped = probes[(probes["metric"] == "none") & (probes["subset"] == "background")]
+    assert sorted(skipped["space"]) == ["common", "salient"]
+    messages = [line for line in capsys.readouterr().err.splitlines() if "severity in background" in line]
+    assert len(messages) == 1 and messages[0].endswith("spaces common, salient")

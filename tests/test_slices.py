@@ -48,13 +48,25 @@ def test_png_projections_keep_one_intensity_scale_and_every_subtype(png_cohort, 
 
 
 def test_2d_demo_pipeline_trains_embeds_and_probes_a_png_cohort(png_cohort, tmp_path):
-    overrides = {
-        "cohort": str(png_cohort),
-        "training": {"epochs": 2, "batch_size": 8, "accelerator": "cpu", "precision": "32-true", "seed": 0},
-        "evaluation": {"probe": {"n_splits": 2, "n_permutations": 2, "n_bootstrap": 2}},
-        "baselines": ["pca"],
-    }
-    run_dir = pipeline.run_pipeline(DEMO_2D, tmp_path / "run", overrides=overrides)
+    import yaml
+    from typer.testing import CliRunner
+
+    from neurocl.cli import app
+
+    settings = [f"cohort={png_cohort}", "training.epochs=2", "training.batch_size=8", "evaluation.probe.n_splits=2",
+                "evaluation.probe.n_permutations=2", "evaluation.probe.n_bootstrap=2", "baselines=[pca]"]
+    command = ["run", str(DEMO_2D), "--out", str(tmp_path / "run")] + [f"--set={s}" for s in settings]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    # Not a terminal: one progress line per epoch and per stage on stderr, no Lightning banner or tip.
+    assert [line.split(",")[0] for line in result.stderr.splitlines() if line.startswith("epoch ")] == [
+        "epoch 1/2", "epoch 2/2"]
+    assert sum("normalising" in line for line in result.stderr.splitlines()) == 1
+    assert "Tip" not in result.output and "GPU available" not in result.output
+    run_dir = tmp_path / "run"
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert recorded["training"]["epochs"] == 2 and recorded["training"]["lr"] == 0.003  # the YAML's, kept
+    assert recorded["evaluation"]["probe"]["n_splits"] == 2 and [b["name"] for b in recorded["baselines"]] == ["pca"]
     embeddings = pd.read_csv(run_dir / "embeddings.tsv", sep="\t")
     assert len(embeddings) == 32
     assert [c for c in embeddings.columns if c.startswith("salient_")] == [f"salient_{i}" for i in range(4)]

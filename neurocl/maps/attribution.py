@@ -156,6 +156,8 @@ def occlusion(
     """
     from rich.progress import track
 
+    from neurocl.logs import progress_console
+
     from neurocl.patches import aggregate_patches, extract_patches
 
     if len(volumes) == 0:
@@ -177,7 +179,7 @@ def occlusion(
             [_representation(model, volumes[first : first + batch_size], space) for first in range(0, len(volumes), batch_size)]
         )
         batches = range(0, len(pairs), batch_size)
-        for first in track(batches, "occlusion", total=len(batches), disable=not progress):
+        for first in track(batches, "occlusion", total=len(batches), disable=not progress, console=progress_console()):
             subject, which = pairs[first : first + batch_size].unbind(1)
             cubes = _cube_masks(starts[which], size, spatial_shape)[:, None]
             occluded = torch.where(cubes, reference[None], volumes[subject])

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from rich.console import Console
 from rich.table import Table
 
 from neurocl.cohort import Cohort
 from neurocl.config import ProbeConfig, validated
-from neurocl.console import console
+from neurocl.logs import progress_console, results_console
 from neurocl.embed import check_cohort
 from neurocl.errors import CohortError
 from neurocl.io import read_tsv, write_json, write_tsv
@@ -19,6 +18,8 @@ from neurocl.probe.probe import probe_embeddings
 from neurocl.probe.separation import separation, separation_table
 from neurocl.rundir import RunDir
 
+
+console = progress_console()
 
 def probe_command(
     embeddings_tsv,
@@ -59,8 +60,9 @@ def probe_command(
     probes_path = write_tsv(out.probes, probes)
     separation_path = write_json(out.separation, result)
     write_tsv(out.separation_table, separation_table(result))
-    Console().print(probes_table(probes))  # results to stdout
-    console.print(f"wrote [bold]{probes_path}[/], [bold]{separation_path}[/]")
+    results = results_console()
+    results.print(probes_table(probes))
+    results.print(f"wrote [bold]{probes_path}[/], [bold]{separation_path}[/]")
     return probes_path, separation_path
 
 

@@ -11,11 +11,13 @@ import pandas as pd
 from rich.progress import track
 
 from neurocl.config import ProbeConfig
-from neurocl.console import console
+from neurocl.logs import progress_console
 from neurocl.embed import embedding_spaces, join_embeddings
 from neurocl.errors import CohortError, ConfigError
 from neurocl.probe.cv import bootstrap_weights, cross_validated_predictions, outer_folds, permutation_indices
 from neurocl.probe.metrics import LOWER_IS_BETTER, METRICS, chance_level, score
+
+console = progress_console()
 
 PROBE_COLUMNS = ["space", "attribute", "subset", "metric", "value", "ci_low", "ci_high", "p_value", "chance", "n", "note"]
 SUBSETS = ("all", "target", "background")
@@ -146,11 +148,17 @@ def probe_embeddings(
             attribute == config.leave_site_out,
         ))
     rows = []
+    skipped: dict[tuple[str, str, str], list[str]] = {}
     for (space, attribute, subset), task, (results, note) in zip(jobs, tasks, _run_tasks(tasks, config, progress)):
         if not results:
-            console.print(f"[yellow]skipped[/] {space}/{attribute}/{subset}: {note}")
+            skipped.setdefault((attribute, subset, note), []).append(space)
             results = [dict(metric="none", value=np.nan, ci_low=np.nan, ci_high=np.nan, p_value=np.nan, chance=np.nan, n=len(task[2]))]
         rows.extend({"space": space, "attribute": attribute, "subset": subset, **result, "note": note} for result in results)
+    # One line per reason, not per space: an attribute absent from a group by design (a patients-only
+    # score in controls) is skipped in every space alike.
+    for (attribute, subset, note), skipped_spaces in skipped.items():
+        console.print(f"not probed: {attribute} in {subset} ({note}), spaces {', '.join(skipped_spaces)}",
+                      highlight=False, markup=False)
     return pd.DataFrame(rows, columns=PROBE_COLUMNS)
 
 
@@ -185,4 +193,4 @@ def _site_column(table, config):
 def _progress(items, enabled, description, total=None):
     if not enabled:
         return items
-    return track(items, description=description, transient=True, total=total)
+    return track(items, description=description, transient=True, total=total, console=console)

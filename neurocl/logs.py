@@ -1,0 +1,81 @@
+"""Where output goes: results to stdout, progress to stderr, both readable in a log file.
+
+A cluster job or ``neurocl run ... > log`` writes to files, not terminals. There, rich would wrap
+tables at 80 columns or cut numbers to ``0.9…``, and a progress bar redrawn in place becomes
+hundreds of lines. So:
+
+* :func:`results_console` (stdout) and :func:`progress_console` (stderr) are as wide as their
+  content when their stream is not a terminal, so every number and label stays whole;
+* :func:`epoch_lines` replaces Lightning's progress bar by one line per epoch when stderr is not
+  a terminal;
+* :func:`quiet_libraries` silences Lightning's banners and tips and the deprecation warnings of
+  the libraries neurocl drives (not errors, nor neurocl's own warnings).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+
+from rich.console import Console
+
+# Wide enough for any table neurocl prints; rich sizes a table to its content, not to this width.
+FILE_WIDTH = 10_000
+# The loggers of Lightning's INFO banners ("GPU available: ...", "💡 Tip: ..."). Not their parents:
+# importing lightning resets "lightning.pytorch" to INFO, which the children would inherit.
+_CHATTY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+def is_terminal(stream) -> bool:
+    """Whether ``stream`` is an interactive terminal."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed or replaced streams (pytest's capture) are files
+        return False
+
+
+def results_console() -> Console:
+    """The console for results (tables, summaries): stdout, unwrapped when it is a file."""
+    return Console() if is_terminal(sys.stdout) else Console(width=FILE_WIDTH, soft_wrap=True)
+
+
+def progress_console() -> Console:
+    """The console for progress and notes: stderr, unwrapped when it is a file."""
+    if is_terminal(sys.stderr):
+        return Console(stderr=True)
+    return Console(stderr=True, width=FILE_WIDTH, soft_wrap=True)
+
+
+def quiet_libraries() -> None:
+    """Silence Lightning's INFO banners and tips and the libraries' deprecation warnings."""
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def epoch_lines():
+    """A Lightning callback printing one line per epoch to stderr: epoch, step, logged losses, time."""
+    import lightning as L
+
+    class EpochLines(L.Callback):
+        def __init__(self) -> None:
+            self.console = progress_console()
+            self.started = time.monotonic()
+
+        def on_train_epoch_start(self, trainer, module) -> None:
+            self.started = time.monotonic()
+
+        def on_train_epoch_end(self, trainer, module) -> None:
+            if not trainer.is_global_zero:
+                return
+            metrics = {name: float(value) for name, value in trainer.callback_metrics.items()
+                       if name.endswith("_loss") and value.numel() == 1}  # train/loss repeats train_loss
+            losses = ", ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items()))
+            self.console.print(
+                f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, step {trainer.global_step}: {losses} "
+                f"({time.monotonic() - self.started:.1f} s)", highlight=False, markup=False)
+
+    return EpochLines()

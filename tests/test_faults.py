@@ -1,0 +1,442 @@
+"""Fault injection: hostile inputs, full disks, concurrent builds and signals get a clear answer.
+
+Each test builds one fault of the kind an adversarial tester tried (issue 15): forged headers,
+YAML alias bombs, empty and looping files, a full filesystem (a real 1 MiB tmpfs in a private
+mount namespace where the platform allows it, otherwise ENOSPC simulated at the system call),
+two processes building one store, and SIGINT / SIGKILL in the middle of a run. It asserts the
+exit code, that the error is one line naming the file and the problem, and that inputs are
+left byte-for-byte as they were. docs/reliability.md maps every guarantee to its test here.
+
+Commands run in a real subprocess (``python -m neurocl``) where the exit status, a signal or a
+memory limit is the point; the package they import is the one these tests import.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import neurocl
+from neurocl.cohort import Cohort
+from neurocl.errors import OutputError, StoreError
+from neurocl.store import LOCK_NAME, VolumeStore
+
+PACKAGE_ROOT = str(Path(neurocl.__file__).resolve().parents[1])
+BILLION_LAUGHS = "".join(
+    f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]\n" if previous else f'{name}: &{name} ["lol"]\n'
+    for previous, name in zip([None, *"abcdefgh"], "abcdefghi")
+)
+BAD_CELL_LIMIT = 2 << 30  # address space for subprocesses that must not allocate gigabytes
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT, OMP_NUM_THREADS="1", COLUMNS="200")
+    env.pop("NEUROCL_DEBUG", None)
+    return env
+
+
+def neurocl_cli(*args, memory_limit: int | None = None, timeout: float = 300, wrap: list[str] | None = None,
+                **kwargs) -> subprocess.CompletedProcess:
+    """``python -m neurocl ARGS`` in a subprocess (optionally under an address-space limit)."""
+
+    def limit() -> None:
+        if memory_limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
+    command = [*(wrap or []), sys.executable, "-m", "neurocl", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=timeout,
+                          preexec_fn=limit, **kwargs)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """The ``error:`` lines a command printed; a traceback is never expected alongside them."""
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def one_error(result: subprocess.CompletedProcess, *fragments: str, code: int = 1) -> str:
+    """Assert exit ``code`` and exactly one error line that contains every fragment."""
+    lines = error_lines(result)
+    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
+    assert len(lines) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (symlinks by target), to prove inputs untouched."""
+    digest = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            digest[key] = "-> " + os.readlink(path)
+        elif path.is_file():
+            digest[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest
+
+
+def _cohort_spec(folder: Path, participants: str = "participants.tsv") -> Path:
+    spec = folder / "cohort.yaml"
+    spec.write_text(textwrap.dedent(f"""\
+        name: hostile
+        participants: {participants}
+        images: "{{participant_id}}.nii.gz"
+        group: {{column: dx, background: HC, target: PT}}
+        """))
+    return spec
+
+
+def _first_image(cohort_yaml: Path) -> tuple[Cohort, Path]:
+    cohort = Cohort.from_yaml(cohort_yaml)
+    return cohort, Path(cohort.table["image"].iloc[0])
+
+
+# ------------------------------------------------------------------ hostile images
+
+
+def forged_nifti(path: Path, shape=(1000, 1000, 1000)) -> Path:
+    """A NIfTI-1 file whose header claims ``shape`` float32 voxels but which holds ~1 KB."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header.set_qform(np.eye(4), code=1)
+    header["vox_offset"] = 352
+    content = header.binaryblock + b"\x00" * 4 + b"\x00" * 700
+    path.write_bytes(gzip.compress(content) if path.name.endswith(".gz") else content)
+    return path
+
+
+def small_cohort(folder: Path, suffix: str = ".nii.gz", n: int = 4) -> Path:
+    """A cohort of ``n`` random 8^3 images (half HC, half PT) with its spec; returns the spec."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = ["participant_id\tdx"]
+    for index in range(n):
+        pid = f"sub-{index:02d}"
+        lines.append(f"{pid}\t{'HC' if index % 2 == 0 else 'PT'}")
+        nib.save(nib.Nifti1Image(rng.random((8, 8, 8), dtype=np.float32) + 1, np.eye(4)), folder / f"{pid}{suffix}")
+    (folder / "participants.tsv").write_text("\n".join(lines) + "\n")
+    spec = _cohort_spec(folder)
+    spec.write_text(spec.read_text().replace(".nii.gz", suffix))
+    return spec
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_forged_header_is_reported_without_allocating_its_claimed_size(tmp_path, suffix):
+    spec = small_cohort(tmp_path / "cohort", suffix)
+    forged = forged_nifti(tmp_path / "cohort" / f"sub-03{suffix}")
+    assert forged.stat().st_size < 1200
+    before = tree_digest(tmp_path / "cohort")
+    # 2 GiB of address space: reading the 4 GB the header claims would be a MemoryError.
+    result = neurocl_cli("validate", spec, memory_limit=BAD_CELL_LIMIT)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "MemoryError" not in result.stdout + result.stderr
+    problems = Cohort.from_yaml(spec).validate()
+    assert len(problems) == 1 and problems[0].participant_id == "sub-03"
+    assert "claims (1000, 1000, 1000) float32 voxels (4,000,000," in problems[0].problem
+    assert tree_digest(tmp_path / "cohort") == before
+
+
+def test_header_disagreeing_with_the_reference_grid_is_reported_before_its_voxels_are_read(
+    tiny_cohort_copy, monkeypatch
+):
+    from neurocl import cohort as cohort_module
+
+    cohort, first = _first_image(tiny_cohort_copy)
+    big = Path(cohort.table["image"].iloc[5])
+    # A real (consistent) gzip image of 256^3 zeros: 64 MiB of voxels in a ~70 KB file.
+    nib.save(nib.Nifti1Image(np.zeros((256, 256, 256), np.float32), np.eye(4)), big)
+    read = []
+    original = cohort_module.read_voxels
+    monkeypatch.setattr(cohort_module, "read_voxels", lambda path, kind: read.append(Path(path)) or original(path, kind))
+    problems = Cohort.from_yaml(tiny_cohort_copy).validate()
+    assert [p.problem for p in problems if p.participant_id == cohort.table["participant_id"].iloc[5]] == [
+        f"shape (256, 256, 256) differs from the reference grid {nib.load(first).shape} "
+        f"(line 2, {cohort.table['participant_id'].iloc[0]})"
+    ]
+    assert big not in read and first in read
+
+
+def test_all_zero_image_is_reported_by_validate(tiny_cohort_copy):
+    cohort, first = _first_image(tiny_cohort_copy)
+    image = nib.load(first)
+    zero = Path(cohort.table["image"].iloc[2])
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.float32), image.affine), zero)
+    result = neurocl_cli("validate", tiny_cohort_copy)
+    assert result.returncode == 1
+    assert "image is all zeros" in result.stdout
+    problems = Cohort.from_yaml(tiny_cohort_copy).validate()
+    assert [(p.row, p.problem) for p in problems] == [(4, "image is all zeros")]
+
+
+# ------------------------------------------------------------------ hostile tables and specs
+
+
+def test_empty_participants_table_is_one_line_naming_it(tmp_path):
+    spec = _cohort_spec(tmp_path)
+    (tmp_path / "participants.tsv").write_bytes(b"")
+    result = neurocl_cli("validate", spec)
+    one_error(result, str(tmp_path / "participants.tsv"), "participants table is empty")
+
+
+def test_participants_symlink_loop_is_one_line_naming_it(tmp_path):
+    spec = _cohort_spec(tmp_path)
+    (tmp_path / "participants.tsv").symlink_to(tmp_path / "loop")
+    (tmp_path / "loop").symlink_to(tmp_path / "participants.tsv")
+    result = neurocl_cli("validate", spec)
+    one_error(result, "participants.tsv", "symbolic link loop")
+
+
+@pytest.mark.parametrize("bomb", ["billion_laughs", "self_reference"])
+def test_cohort_spec_alias_bomb_is_refused_in_one_line(tmp_path, bomb):
+    text = BILLION_LAUGHS if bomb == "billion_laughs" else "participants: &p [*p]\n"
+    spec = tmp_path / "cohort.yaml"
+    spec.write_text(text)
+    started = time.perf_counter()
+    result = neurocl_cli("validate", spec, memory_limit=BAD_CELL_LIMIT, timeout=60)
+    assert time.perf_counter() - started < 30
+    one_error(result, str(spec), "refused" if bomb == "billion_laughs" else "contains it")
+
+
+# ------------------------------------------------------------------ outputs: umask, full disk
+
+
+def test_written_files_follow_the_umask_not_0600(tmp_path):
+    from neurocl.io import write_text
+
+    previous = os.umask(0o027)
+    try:
+        assert (write_text(tmp_path / "shared.txt", "x").stat().st_mode & 0o777) == 0o640
+        os.umask(0o022)
+        assert (write_text(tmp_path / "public.txt", "x").stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(previous)
+
+
+def test_store_files_are_readable_by_the_group_under_umask_022(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        store = VolumeStore.from_array(np.zeros((3, 1, 4, 4, 4), np.float32), tmp_path / "store")
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in store.cache_dir.iterdir() if path.name != LOCK_NAME}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def _can_mount_tmpfs() -> bool:
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+def in_small_tmpfs(folder: Path, size: str = "1m") -> list[str]:
+    """Command prefix: run inside a private mount namespace where ``folder`` is a ``size`` tmpfs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+            f'mount -t tmpfs -o size={size} tmpfs "{folder}" && exec "$@"', "sh"]
+
+
+FULL_DISK_SCRIPT = """
+import sys
+import typer
+from neurocl.cli import user_errors
+from neurocl.cohort import Cohort
+from neurocl.store import VolumeStore
+
+@user_errors
+def build():
+    VolumeStore.build(Cohort.from_yaml(sys.argv[1]), sys.argv[2], workers=1, progress=False)
+
+try:
+    build()
+except typer.Exit as exit:
+    raise SystemExit(exit.exit_code)
+"""
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unprivileged user and mount namespaces (a private tmpfs)")
+def test_store_build_on_a_full_disk_is_a_clear_error_not_sigbus(tiny_cohort, tmp_path):
+    full = tmp_path / "full"
+    before = tree_digest(tiny_cohort.parent)
+    # 32 images of the tiny cohort need ~2.5 MB of stage-1 and stored arrays: a 1 MiB tmpfs is full.
+    script = tmp_path / "build.py"
+    script.write_text(FULL_DISK_SCRIPT)
+    command = [*in_small_tmpfs(full), sys.executable, str(script), str(tiny_cohort), str(full / "store")]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode != -signal.SIGBUS and result.returncode != 128 + signal.SIGBUS
+    one_error(result, str(full / "store"), "not enough free disk space")
+    assert tree_digest(tiny_cohort.parent) == before
+
+
+def test_store_preallocation_failure_is_one_error_and_leaves_no_array(tiny_cohort, tmp_path, monkeypatch):
+    """ENOSPC simulated at fallocate (a disk that fills up after the free-space check)."""
+    from neurocl import io
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(io.os, "posix_fallocate", no_space)
+    with pytest.raises(StoreError, match=r"disk full while reserving") as caught:
+        VolumeStore.build(Cohort.from_yaml(tiny_cohort), tmp_path / "store", workers=1, progress=False)
+    assert str(tmp_path / "store") in str(caught.value)
+    assert [path.name for path in (tmp_path / "store").iterdir()] == [LOCK_NAME]
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unprivileged user and mount namespaces (a private tmpfs)")
+def test_checkpoint_on_a_full_disk_is_one_line_naming_it_and_nothing_half_written(tmp_path):
+    full = tmp_path / "full"
+    script = tmp_path / "save.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch, typer
+        from neurocl.cli import user_errors
+        from neurocl.io import torch_save
+
+        @user_errors
+        def save():
+            torch_save({{"weights": torch.zeros(1 << 19)}}, {str(full / 'last.ckpt')!r})  # 2 MiB into 1 MiB
+
+        try:
+            save()
+        except typer.Exit as exit:
+            raise SystemExit(exit.exit_code)
+        """))
+    command = [*in_small_tmpfs(full), sys.executable, str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+    one_error(result, str(full / "last.ckpt"), "disk full")
+
+
+def test_atomic_write_on_enospc_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    from neurocl import io
+
+    def full(path, text, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(io.Path, "write_text", full)
+    with pytest.raises(OutputError, match=r"probes\.tsv: disk full"):
+        io.write_text(tmp_path / "probes.tsv", "a\tb\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ one store, two processes
+
+
+BUILD_SCRIPT = """
+import sys
+from neurocl.cohort import Cohort
+from neurocl.store import VolumeStore
+store = VolumeStore.build(Cohort.from_yaml(sys.argv[1]), sys.argv[2], workers=1, progress=True)
+print("built", store.record["volumes"], flush=True)
+"""
+
+
+def test_a_build_waits_for_the_lock_held_on_its_store(tiny_cohort, tmp_path):
+    from filelock import FileLock
+
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    lock = FileLock(str(store_dir / LOCK_NAME))
+    lock.acquire()
+    try:
+        process = subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(tiny_cohort), str(store_dir)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        time.sleep(5)  # long enough to build the tiny store several times over if it did not wait
+        assert process.poll() is None, process.communicate()
+        assert not (store_dir / "store.json").exists()
+    finally:
+        lock.release()
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert "waiting for another process building the store" in err
+    assert (store_dir / "store.json").exists()
+
+
+def test_two_concurrent_builds_on_one_store_both_succeed_and_leave_no_orphans(tiny_cohort, tmp_path):
+    store_dir = tmp_path / "store"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(tiny_cohort), str(store_dir)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        for _ in range(2)
+    ]
+    results = [process.communicate(timeout=600) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], [err[-2000:] for _, err in results]
+    volumes = {out.split()[-1] for out, _ in results}
+    assert len(volumes) == 1  # the second build reused the first one's, it did not build beside it
+    record = json.loads((store_dir / "store.json").read_text())
+    committed = {value for value in record.values() if isinstance(value, str) and value.endswith((".npy", ".tsv"))}
+    # Nothing but the committed build, its record and the lock: no orphan temporaries.
+    assert sorted(path.name for path in store_dir.iterdir()) == sorted({LOCK_NAME, "store.json", *committed})
+
+
+def test_store_in_a_read_only_folder_is_one_line_naming_it(tiny_cohort, tmp_path):
+    if os.geteuid() == 0:
+        # root ignores permission bits: the same refusal comes from a file standing where the folder goes
+        blocker = tmp_path / "store"
+        blocker.write_text("not a folder")
+        with pytest.raises(StoreError, match=r"store: cannot hold the store: a file"):
+            VolumeStore.build(Cohort.from_yaml(tiny_cohort), blocker, workers=1, progress=False)
+        return
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    with pytest.raises(StoreError, match=r"cannot write the store here"):
+        VolumeStore.build(Cohort.from_yaml(tiny_cohort), folder / "store", workers=1, progress=False)
+
+
+# ------------------------------------------------------------------ the command line itself
+
+
+def test_probe_help_keeps_the_bracketed_session_id():
+    result = neurocl_cli("probe", "--help")
+    assert result.returncode == 0
+    assert "[session_id]" in result.stdout
+
+
+def test_every_literal_bracket_in_the_help_texts_survives_rich_markup():
+    import typer.main
+    from typer.testing import CliRunner
+
+    from neurocl.cli import app
+
+    group = typer.main.get_command(app)
+    runner = CliRunner()
+
+    def commands(command, path):
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from commands(sub, [*path, name])
+
+    for path, command in commands(group, []):
+        for param in command.params:
+            text = getattr(param, "help", None) or ""
+            if "[" not in text:
+                continue
+            bracketed = text[text.index("["): text.index("]", text.index("[")) + 1].replace("\\", "")
+            output = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "300"}).output
+            assert bracketed in output, (path, param.name, bracketed)
+
+
+def test_os_error_reaching_the_cli_is_one_line_naming_the_path(tmp_path):
+    # A file where the output folder's parent should be: the OS refuses, the CLI says where.
+    (tmp_path / "a-file").write_text("")
+    result = neurocl_cli("synth", tmp_path / "a-file" / "cohort", "--n-subjects", "4")
+    one_error(result, str(tmp_path / "a-file"), "Not a directory")
