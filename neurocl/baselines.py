@@ -243,13 +243,13 @@ def masked_voxels(store, rows: np.ndarray, progress: bool = False) -> np.ndarray
     """(len(rows), n_mask_voxels) float64 matrix of the store's masked volumes, read in chunks."""
     from rich.progress import track
 
-    from neurocl.logs import progress_console
+    from neurocl.logs import progress_console, transient_progress
 
     mask = np.asarray(store.mask, dtype=bool)
     out = np.empty((len(rows), int(mask.sum())), dtype=np.float64)
     chunk = 64
     starts = range(0, len(rows), chunk)
-    for start in track(starts, description="reading voxels", disable=not progress, transient=True,
+    for start in track(starts, description="reading voxels", disable=not transient_progress(progress), transient=True,
                        console=progress_console()):
         block = np.asarray(store.volumes[rows[start:start + chunk]], dtype=np.float64)[:, 0]
         out[start:start + chunk] = block[:, mask]

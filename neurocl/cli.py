@@ -38,9 +38,9 @@ def _typeless_flags() -> None:
     """
     from typer.core import TyperOption
 
-    shown = TyperOption.display_type_rich
-    if getattr(shown, "_neurocl", False):
-        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_neurocl", False):
+        return  # older Typer releases print no type for flags in the first place
 
     def display_type_rich(self, ctx):
         return None if self.is_flag else shown(self, ctx)
@@ -223,6 +223,10 @@ def run(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML (see pipelines/ and docs/pipelines.md)."),
     out: Path = typer.Option(..., "--out", help="Run directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last complete checkpoint."),
+    auto_resume: bool = typer.Option(
+        False, "--auto-resume", help="Resume when --out holds a trained checkpoint, else start: the same command for "
+        "the first start and every requeue of a cluster job (pipelines/slurm/)."
+    ),
     set_: Optional[list[str]] = typer.Option(
         None, "--set", metavar="SECTION.FIELD=VALUE", help="Override one field, SECTION.FIELD=VALUE (repeatable); validated like the YAML, "
         "recorded in RUN/config.yaml."
@@ -233,10 +237,36 @@ def run(
     Example: neurocl run pipelines/demo.yaml --out runs/demo
 
     Example: neurocl run pipelines/demo.yaml --out runs/lr --set training.lr=1e-3 --set method.lam_mi=50
+
+    Example (a cluster job, requeued any number of times): neurocl run my.yaml --out runs/x --auto-resume
     """
+    from neurocl.errors import ConfigError
     from neurocl.pipeline import run_pipeline
 
-    run_pipeline(pipeline, out, resume=resume, settings=set_ or ())
+    if resume and auto_resume:
+        raise ConfigError("--resume and --auto-resume: give one (--auto-resume decides by itself)")
+    run_pipeline(pipeline, out, resume="auto" if auto_resume else resume, settings=set_ or ())
+
+
+@app.command()
+@user_errors
+def prepare(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML (the same one the training job runs)."),
+    out: Path = typer.Option(..., "--out", help="Run directory (the store goes to outputs.store or RUN/store)."),
+    workers: Optional[int] = typer.Option(None, help="Preprocessing worker processes (default: one per core, at most 16)."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="SECTION.FIELD=VALUE", help="Override one field, as for neurocl run."
+    ),
+) -> None:
+    """Validate the cohort and build + verify the run's preprocessed store, nothing else (e.g. on a CPU node).
+
+    The training job (`neurocl run` with the same pipeline and --out) then only opens it.
+
+    Example: neurocl prepare pipelines/my_study.yaml --out runs/my_study --workers 16
+    """
+    from neurocl.pipeline import prepare_store
+
+    prepare_store(pipeline, out, settings=set_ or (), workers=workers)
 
 
 @app.command()
@@ -550,6 +580,48 @@ def bench_vector(
     result = run_vector(VectorConfig.preset(quick=quick, **_validation_overrides(steps, seed)))
     print_vector(result, results_console())
     _write_validation_json(out, "vector", [result])
+
+
+def _int_list(option: str, text: Optional[str]) -> Optional[list[int]]:
+    from neurocl.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: expected comma-separated integers such as 0,1,2") from None
+
+
+@bench_app.command("separation")
+@user_errors
+def bench_separation(
+    quick: bool = typer.Option(False, "--quick", help="96-subject cohorts at 8 mm, 8 epochs, seed 0 (minutes)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated training seeds (default 0,1,2; --quick: 0)."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Pipeline YAML (default: the shipped demo)."),
+    cohorts: Optional[str] = typer.Option(None, help="Comma-separated panel cohorts (default: all)."),
+    epochs: Optional[int] = typer.Option(None, help="Override the pipeline's training.epochs."),
+    n_subjects: Optional[int] = typer.Option(None, "--n-subjects", help="Subjects per cohort (default 160; --quick 96)."),
+    workdir: Optional[Path] = typer.Option(None, help="Keep cohorts and runs here (default: a temporary folder)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write every run and the table as JSON here."),
+) -> None:
+    """Separation across a panel of cohorts x seeds, on held-out subjects, beside PCA, cPCA and SimCLR.
+
+    Example: neurocl bench separation --quick --out separation.json
+    """
+    from neurocl.validation.separation import SeparationBenchConfig, print_separation, run_separation_bench
+
+    config = SeparationBenchConfig.preset(
+        quick, seeds=_int_list("--seeds", seeds), pipeline=pipeline, epochs=epochs, n_subjects=n_subjects,
+        workdir=workdir, cohorts=[name.strip() for name in cohorts.split(",") if name.strip()] if cohorts else None,
+    )
+    results = run_separation_bench(config, log=lambda line: console.print(f"[bold]{line}[/]"))
+    print_separation(results, results_console())
+    if out is not None:
+        from neurocl.io import write_json
+
+        write_json(out, results)
+        console.print(f"wrote [bold]{out}[/]")
 
 
 def _run() -> None:  # pragma: no cover - entry point for ``python -m neurocl``

@@ -580,11 +580,14 @@ class Cohort:
         from rich.console import Console
         from rich.progress import track
 
+        from neurocl.logs import transient_progress
+
         records = self.table[["participant_id", "image", "row"]].to_dict("records")
         reference: tuple[dict, Grid] | None = None
         problems: list[Problem] = []
         for record in track(
-            records, description="validating images", disable=not progress, console=Console(stderr=True), transient=True
+            records, description="validating images", disable=not transient_progress(progress), console=Console(stderr=True),
+            transient=True
         ):
             if not isinstance(record["image"], str):
                 continue

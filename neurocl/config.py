@@ -98,6 +98,12 @@ class TrainingConfig(OptimConfig):
     memory_budget_gb: float | None = Field(
         None, gt=0, description="GPU memory the whole store may take (default: half of the free memory)."
     )
+    loggers: list[Literal["csv", "tensorboard", "mlflow", "wandb"]] = Field(
+        ["csv", "tensorboard"],
+        description="Experiment trackers (Lightning loggers) under `logs/`: `csv`, `tensorboard`; `mlflow` (local "
+        "`logs/mlruns` unless `MLFLOW_TRACKING_URI` names a server) and `wandb` (offline unless `WANDB_MODE` "
+        "says otherwise) need `pip install neurocl[tracking]`. `logs/metrics.csv` is written whatever this says.",
+    )
 
     @field_validator("devices")
     @classmethod

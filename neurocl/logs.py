@@ -6,6 +6,7 @@ hundreds of lines. So:
 
 * :func:`results_console` (stdout) and :func:`progress_console` (stderr) are as wide as their
   content when their stream is not a terminal, so every number and label stays whole;
+* bars that vanish when done are shown on terminals only (:func:`transient_progress`);
 * :func:`epoch_lines` replaces Lightning's progress bar by one line per epoch when stderr is not
   a terminal;
 * :func:`quiet_libraries` silences Lightning's banners and tips and the deprecation warnings of
@@ -46,6 +47,11 @@ def progress_console() -> Console:
     if is_terminal(sys.stderr):
         return Console(stderr=True)
     return Console(stderr=True, width=FILE_WIDTH, soft_wrap=True)
+
+
+def transient_progress(enabled: bool) -> bool:
+    """Whether to show a bar that vanishes when done: only on a terminal (in a file it leaves a blank line)."""
+    return enabled and is_terminal(sys.stderr)
 
 
 def quiet_libraries() -> None:

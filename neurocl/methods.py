@@ -21,6 +21,13 @@ Batches are :class:`EpochBatches`: store indices whose order is a function of
 ``(seed, epoch)`` only and whose views use generators seeded from
 ``(seed, epoch, position, rank)``, so a run resumed from a mid-epoch checkpoint draws
 the very batches and views the uninterrupted run would have drawn.
+
+With ``views.patches`` the views are K random patches per subject
+(:class:`neurocl.patches.PatchSampler`): the loss then sees one sample per patch
+(``same_location``) or the K patches of a subject as its views (``same_subject``), and a
+patch's group and attributes are its subject's; embeddings average patch features on a
+grid over the whole volume (:func:`neurocl.patches.sliding_window_features`) unless
+``views.patches.embed`` is ``whole``.
 """
 
 from __future__ import annotations
@@ -385,6 +392,10 @@ class BaseMethod(L.LightningModule):
         # The training store's grid, mask and preprocessing; saved with every checkpoint so that
         # new subjects can be embedded on the same grid (see embed.embed_cohort).
         self.grid: dict | None = None
+        # The patch recipe it was trained with (views.patches), saved with checkpoints: it decides
+        # how whole volumes are embedded (embed_store).
+        self.patches: Any = None
+        self._patch_sampler: Any = None
         self._train_batches: EpochBatches | None = None
 
     # -- what a method defines -------------------------------------------------------
@@ -426,6 +437,8 @@ class BaseMethod(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.grid is not None:
             checkpoint["neurocl_grid"] = self.grid
+        if self.patches is not None:
+            checkpoint["neurocl_patches"] = self.patches.model_dump(mode="json")
 
     def on_fit_start(self) -> None:
         if self.data.store.spatial_dims != self.encoder_config.spatial_dims:
@@ -438,17 +451,22 @@ class BaseMethod(L.LightningModule):
         # loaded when this hook runs), and embedding never reaches here.
         if self.encoder_config.weights is not None and self.trainer.ckpt_path is None:
             self.load_pretrained()
+        patches = getattr(getattr(self.data.sampler, "config", None), "patches", None)
+        if patches is not None:
+            from neurocl.patches import PatchSampler
+
+            self.patches = patches
+            self._patch_sampler = PatchSampler(patches, self.data.sampler, self.data.store)
 
     def load_pretrained(self) -> list:
         """Copy ``encoder.weights`` into the encoder(s); the report of each goes to stderr."""
-        from rich.console import Console
-
+        from neurocl.logs import progress_console
         from neurocl.weights import load_pretrained
 
         reports = load_pretrained(self.net, self.encoder_config.weights, strict=self.encoder_config.weights_strict)
         trainer = self._trainer  # None outside a fit (self.trainer raises then)
         if trainer is None or trainer.is_global_zero:
-            console = Console(stderr=True)
+            console = progress_console()  # unwrapped in a log file
             console.print(f"encoder weights from {self.encoder_config.weights}:", highlight=False, markup=False)
             for report in reports:
                 console.print(f"  {report.describe()}", highlight=False, markup=False)
@@ -482,7 +500,9 @@ class BaseMethod(L.LightningModule):
             world_size=self.trainer.world_size,
         )
 
-    def _views(self, batch: dict, validation: bool) -> Tensor:
+    def _views(self, batch: dict, validation: bool) -> tuple[Tensor, np.ndarray]:
+        """The views ``(V, B', C, *S)`` of a batch and the store index of each of their ``B'`` samples
+        (the batch's subjects; with ``same_location`` patches, each subject once per patch)."""
         # Validation views are the same every epoch (epoch 0's), so validation losses compare
         # across epochs and do not depend on how many epochs this process has run (resume).
         epoch = 0 if validation else batch["epoch"]
@@ -490,20 +510,22 @@ class BaseMethod(L.LightningModule):
         # Dropout and any other global-RNG use follows the step too, so resuming reproduces it.
         torch.manual_seed(seed)
         generator = torch.Generator(device=self.data.store.device).manual_seed(seed)
+        if self._patch_sampler is not None:
+            return self._patch_sampler(batch["indices"], n_views=self.method_config.n_views, generator=generator)
         volumes = self.data.store.batch(batch["indices"])
-        return self.data.sampler(volumes, n_views=self.method_config.n_views, generator=generator)
+        return self.data.sampler(volumes, n_views=self.method_config.n_views, generator=generator), batch["indices"]
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         if batch["epoch"] != self.current_epoch:
             raise RuntimeError(f"batch of epoch {batch['epoch']} served in epoch {self.current_epoch}")
-        total, terms = self.compute_loss(self._views(batch, validation=False), batch["indices"])
+        total, terms = self.compute_loss(*self._views(batch, validation=False))
         self._check_finite(total, terms)
         self._log_terms("train", total, terms, len(batch["indices"]), on_step=True)
         self._train_batches.mark_done(batch["epoch"], batch["position"])
         return {"loss": total, "terms": {name: value.detach() for name, value in terms.items()}}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        total, terms = self.compute_loss(self._views(batch, validation=True), batch["indices"])
+        total, terms = self.compute_loss(*self._views(batch, validation=True))
         self._log_terms("val", total, terms, len(batch["indices"]), on_step=False)
 
     def _log_terms(self, stage: str, total: Tensor, terms: dict[str, Tensor], batch_size: int, on_step: bool) -> None:
@@ -542,18 +564,33 @@ class BaseMethod(L.LightningModule):
     @torch.no_grad()
     def embed_store(self, store, indices: np.ndarray, batch_size: int = 16,
                     progress: bool = False) -> dict[str, np.ndarray]:
-        """Representations of the store's volumes at ``indices``, per space: {name: (n, d)} in float64."""
+        """Representations of the store's volumes at ``indices``, per space: {name: (n, d)} in float64.
+
+        A model trained on patches embeds each volume by the mean of its patches' features on a
+        grid of step ``embed_stride`` patch sides (``views.patches.embed: sliding``) or by its
+        encoder on the whole volume (``whole``; every neurocl encoder ends in global pooling).
+        """
         from rich.progress import Progress
 
-        from neurocl.logs import progress_console
+        from neurocl.logs import progress_console, transient_progress
+        from neurocl.patches import sliding_window_features
 
         self.eval()
         store.to(self.device)
+        sliding = self.patches is not None and self.patches.embed == "sliding"
+        if sliding:
+            size = self.patches.sizes(store.spatial_dims)
+            stride = tuple(max(1, round(self.patches.embed_stride * side)) for side in size)
         chunks: dict[str, list[np.ndarray]] = {}
-        with Progress(transient=True, disable=not progress, console=progress_console()) as bar:
+        with Progress(transient=True, disable=not transient_progress(progress), console=progress_console()) as bar:
             task = bar.add_task("embedding", total=len(indices))
             for batch_indices, volumes in store.batches(np.asarray(indices), batch_size):
-                for name, value in self.embed(volumes.to(self.device)).items():
+                volumes = volumes.to(self.device)
+                if sliding:
+                    outputs = sliding_window_features(self.embed, volumes, size, stride, batch_size=batch_size)
+                else:
+                    outputs = self.embed(volumes)
+                for name, value in outputs.items():
                     chunks.setdefault(name, []).append(value.float().cpu().numpy().astype(np.float64))
                 bar.advance(task, len(batch_indices))
         return {name: np.concatenate(parts) for name, parts in chunks.items()}
@@ -700,4 +737,8 @@ def method_from_checkpoint(checkpoint: dict) -> BaseMethod:
     hparams = checkpoint["hyper_parameters"]
     module = build_method(hparams["method"], hparams["encoder"], hparams["optim"], seed=hparams["seed"])
     module.load_state_dict(checkpoint["state_dict"])
+    if checkpoint.get("neurocl_patches") is not None:
+        from neurocl.patches import PatchConfig
+
+        module.patches = PatchConfig.model_validate(checkpoint["neurocl_patches"])
     return module.eval()

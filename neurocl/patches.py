@@ -60,6 +60,11 @@ class PatchConfig(BaseModel):
         "same_location", description="Views of one patch (same_location) or K patches of one subject (same_subject)."
     )
 
+    embed: Literal["sliding", "whole"] = Field(
+        "sliding", description="Embed a volume by the mean of its patches' features (sliding) or the encoder on it whole."
+    )
+    embed_stride: float = Field(0.5, gt=0, le=1, description="Step of the sliding-window grid, in patch sides.")
+
     @field_validator("size")
     @classmethod
     def _positive_size(cls, value):

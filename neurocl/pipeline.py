@@ -16,19 +16,21 @@ probes :mod:`neurocl.probe`, the maps :mod:`neurocl.maps`, the report :mod:`neur
 from __future__ import annotations
 
 import os
+import resource
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import pandas as pd
 
 from neurocl import baselines, report
 from neurocl.cohort import Cohort, Splits, make_splits
-from neurocl.config import PipelineConfig, check_attribute_names, load_pipeline
+from neurocl.config import PipelineConfig, check_attribute_names, config_yaml, load_pipeline
 from neurocl.logs import progress_console
 from neurocl.embed import embeddings_table, write_embeddings
 from neurocl.errors import ConfigError
 from neurocl.harmonise import harmonise_run_store
-from neurocl.io import write_json, write_tsv
+from neurocl.io import write_json, write_text, write_tsv
 from neurocl.maps import run_maps
 from neurocl.probe import probe_embeddings, separation
 from neurocl.rundir import RunDir
@@ -40,7 +42,37 @@ console = progress_console()
 __all__ = ["run_pipeline"]
 
 
-def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool = False,
+def prepare_store(path: str | os.PathLike, out: str | os.PathLike, settings: Sequence[str] = (),
+                  workers: int | None = None) -> VolumeStore:
+    """``neurocl prepare PIPELINE --out RUN``: validate the cohort and build the run's store, nothing else.
+
+    Meant for a CPU node ahead of the GPU job: the store goes where :func:`run_pipeline` looks
+    for it (``outputs.store`` or ``RUN/store``), so the training job finds it up to date and
+    only opens it (unchanged images are recognised by path, size and mtime, not re-read).
+    Images are preprocessed in worker processes, at most two per worker in memory.
+    """
+    config = load_pipeline(path, settings=settings)
+    run = RunDir(Path(out).absolute())
+    started = time.perf_counter()
+    console.print(f"[bold]cohort[/] {config.cohort}")
+    cohort = Cohort.from_yaml(config.cohort)
+    cohort.check(check_images=True)
+    check_attribute_names(config, cohort)
+    store = VolumeStore.build(cohort, run.store_folder(config, harmonised=False), config.preprocess, workers=workers,
+                              progress=True)
+    store.verify()
+    if not run.config.is_file():
+        # The run folder of a run that has not trained yet: `neurocl run ... --auto-resume` (or
+        # the same command without it) starts there and finds this store up to date.
+        write_text(run.config, config_yaml(config))
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
+    print(f"store: {store.cache_dir}\nvolumes: {len(store)} x {'x'.join(map(str, store.spatial_shape))} "
+          f"({store.nbytes / 1e9:.2f} GB, {store.volumes.dtype})\nrebuilt: {len(store.rebuilt)}\n"
+          f"wall time: {time.perf_counter() - started:.1f} s\npeak memory of one process: {peak:.0f} MiB")
+    return store
+
+
+def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool | Literal["auto"] = False,
                  overrides: dict | None = None, settings: Sequence[str] = ()) -> Path:
     """``neurocl run PIPELINE --out RUN``: every stage of a pipeline into the run directory.
 
@@ -54,9 +86,12 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
         Pipeline YAML.
     out : path
         Run directory (new, or the killed run's own with ``resume``).
-    resume : bool
-        Continue every training from its ``checkpoints/last.ckpt`` (the last complete
-        checkpoint); the stages after training are recomputed.
+    resume : bool or "auto"
+        ``"auto"``: continue when the run folder is one neurocl made (its config.yaml), each
+        training from its checkpoint if any, else start (what a requeued cluster job needs: the
+        same command every time). ``True``: continue
+        every training from its ``checkpoints/last.ckpt`` (the last complete checkpoint); the
+        stages after training are recomputed.
     overrides : dict, optional
         Top-level pipeline fields replacing the YAML's.
     settings : list of str
@@ -70,6 +105,13 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool =
     """
     config = load_pipeline(path, overrides, settings)
     run = RunDir(Path(out).absolute())
+    if resume == "auto":
+        # A requeued job runs its first command again. A folder that neurocl made (config.yaml:
+        # prepared, or trained for a while) is continued, each training from its last checkpoint if
+        # it has one (the pipeline must match the recorded one); anything else starts a new run.
+        trained = run.path.is_dir() and any(run.path.glob("**/checkpoints/*.ckpt"))
+        resume = run.config.is_file()
+        console.print(f"--auto-resume: {'resuming the run in' if trained else 'starting a new run in'} {run.path}")
     if not is_primary_process():
         return train_as_worker(config, run, resume)
     # Every check first, then the first write: a failed check leaves --out as it was.

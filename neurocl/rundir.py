@@ -82,6 +82,7 @@ class RunDir:
         self.logs = self.path / "logs"
         self.metrics = self.logs / "metrics.csv"
         self.prepared = self.logs / "prepared.json"
+        self.trackers = self.logs / "trackers"  # Lightning loggers' folders (tensorboard/, csv/, mlruns/, wandb/)
         self.embeddings = self.path / "embeddings.tsv"
         self.probes = self.path / "probes.tsv"
         self.separation = self.path / "separation.json"

@@ -527,6 +527,26 @@ class VolumeStore:
         """Bytes of the whole store once on a device in float16."""
         return int(np.prod(self.volumes.shape)) * 2
 
+    def verify(self) -> None:
+        """Read every stored volume once (one at a time) and check it is whole and finite.
+
+        Raises
+        ------
+        StoreError
+            Naming the first bad row (its participant) and the store folder.
+        """
+        if len(self.manifest) != len(self):
+            raise StoreError(f"{self.cache_dir}: the manifest lists {len(self.manifest)} images, the store holds {len(self)}")
+        rows = RowFile.open(self.cache_dir / self.record["volumes"])
+        try:
+            for index in range(len(self)):
+                if not np.isfinite(rows.read(index)).all():
+                    who = self.manifest["participant_id"].iloc[index]
+                    raise StoreError(f"{self.cache_dir}: stored volume {index} ({who}) holds non-finite values; "
+                                     "rebuild the store (delete the folder)")
+        finally:
+            rows.close()
+
     def __repr__(self) -> str:
         return (f"VolumeStore({str(self.cache_dir)!r}, n={len(self)}, spatial_shape={self.spatial_shape}, "
                 f"dtype={self.volumes.dtype}, device={self.device}, resident={self.resident})")

@@ -151,6 +151,38 @@ def precision(training: TrainingConfig) -> str:
     return "bf16-mixed" if _on_gpu(training) and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def experiment_loggers(training: TrainingConfig, run: RunDir) -> list:
+    """The Lightning loggers ``training.loggers`` names, writing under ``RUN/logs/trackers``.
+
+    Nothing reaches the network unless the user configured it: MLflow logs to a local folder
+    unless ``MLFLOW_TRACKING_URI`` is set, Weights & Biases runs offline unless ``WANDB_MODE`` is.
+    """
+    from lightning.pytorch import loggers
+
+    made = []
+    for name in dict.fromkeys(training.loggers):
+        if name == "csv":
+            made.append(loggers.CSVLogger(run.trackers, name="csv", version=""))
+        elif name == "tensorboard":
+            made.append(loggers.TensorBoardLogger(run.trackers, name="tensorboard", version="", default_hp_metric=False))
+        elif name == "mlflow":
+            _require("mlflow", name)
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or (run.trackers / "mlruns").absolute().as_uri()
+            made.append(loggers.MLFlowLogger(experiment_name="neurocl", run_name=run.path.name, tracking_uri=uri))
+        else:
+            _require("wandb", name)
+            made.append(loggers.WandbLogger(project="neurocl", name=run.path.name, save_dir=str(run.trackers),
+                                            offline=os.environ.get("WANDB_MODE", "offline") == "offline"))
+    return made
+
+
+def _require(package: str, logger: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"training.loggers: {logger!r} needs the {package} package: pip install 'neurocl[tracking]'")
+
+
 def make_trainer(training: TrainingConfig, run_dir: str | os.PathLike | RunDir, progress: bool = True, **overrides):
     """The Lightning Trainer of a pipeline's training section (atomic checkpoints, metrics table, progress).
 
@@ -170,7 +202,7 @@ def make_trainer(training: TrainingConfig, run_dir: str | os.PathLike | RunDir, 
         callbacks=run_callbacks(run, training.checkpoint_every_n_steps, progress),
         enable_progress_bar=progress and is_terminal(sys.stderr),
         plugins=[AtomicCheckpointIO()],
-        logger=False,
+        logger=experiment_loggers(training, run),
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,

@@ -47,6 +47,16 @@ def _views() -> torch.Tensor:
     return torch.randn(2, BATCH, *SHAPE, generator=torch.Generator().manual_seed(2))
 
 
+K = 3  # patches per subject (views.patches, same_location): the loss sees BATCH * K samples
+PATCH = (1, 8, 8, 8)
+
+
+def _patch_views() -> tuple[torch.Tensor, np.ndarray]:
+    """Views of K patches per subject, subject-major as PatchSampler serves them, and their subjects."""
+    views = torch.randn(2, BATCH * K, *PATCH, generator=torch.Generator().manual_seed(3))
+    return views, np.repeat(np.arange(BATCH), K)
+
+
 def _loss_and_gradients(module, views, indices) -> tuple[float, list[torch.Tensor]]:
     loss, _ = module.compute_loss(views, indices)
     loss.backward()
@@ -65,6 +75,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             module = _module(name)
             module.net = DistributedDataParallel(module.net)
             results[name] = _loss_and_gradients(module, _views()[:, local], local)
+            # Patch samples: each rank holds the K patches of its own subjects.
+            module = _module(name)
+            module.net = DistributedDataParallel(module.net)
+            views, rows = _patch_views()
+            mine = slice(rank * BATCH // 2 * K, (rank + 1) * BATCH // 2 * K)
+            results[f"{name}/patches"] = _loss_and_gradients(module, views[:, mine], rows[mine])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -77,6 +93,16 @@ def test_ddp_loss_and_gradients_equal_one_process_on_the_whole_batch(name, ddp_r
         loss, gradients = ddp_results[rank][name]
         assert loss == pytest.approx(single_loss, rel=1e-5)
         assert len(gradients) == len(single_gradients)
+        for ddp_gradient, single_gradient in zip(gradients, single_gradients):
+            torch.testing.assert_close(ddp_gradient, single_gradient, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_ddp_on_patch_samples_equals_one_process_on_every_patch(name, ddp_results):
+    single_loss, single_gradients = _loss_and_gradients(_module(name), *_patch_views())
+    for rank in range(2):
+        loss, gradients = ddp_results[rank][f"{name}/patches"]
+        assert loss == pytest.approx(single_loss, rel=1e-5)
         for ddp_gradient, single_gradient in zip(gradients, single_gradients):
             torch.testing.assert_close(ddp_gradient, single_gradient, rtol=1e-4, atol=1e-6)
 

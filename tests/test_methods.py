@@ -338,3 +338,81 @@ def test_a_method_takes_its_own_settings_and_every_default():
     assert MethodConfig(name="sepclr", common_dim=8, tau=0.3).tau == 0.3
     full = MethodConfig(name="yaware", attributes=["age"]).model_dump()  # a saved config holds every field
     assert MethodConfig.model_validate(full).name == "yaware"
+
+
+# ---------------------------------------------------------------- patch-batched training
+
+
+@pytest.mark.filterwarnings("ignore:Total length of `list` across ranks is zero")
+@pytest.mark.parametrize("positives", ["same_location", "same_subject"])
+@pytest.mark.parametrize("name", sorted(EXPECTED_TERMS))
+def test_patch_training_feeds_every_patch_to_the_encoder_with_its_subjects_group(name, positives, tmp_path):
+    """views.patches: K patches of each of the B subjects go through the encoder in one batch, and
+    the loss receives the subject of every sample (its group for SepCLR, its attributes for the kernels)."""
+    import lightning as L
+
+    from neurocl.patches import PatchConfig
+    from neurocl.store import VolumeStore
+    from neurocl.views import ViewConfig, ViewSampler
+
+    volumes = np.random.default_rng(0).normal(size=(BATCH, *SHAPE)).astype(np.float32)
+    store = VolumeStore.from_array(volumes, tmp_path / "store")
+    module = _module(name)
+    module.data.store = store
+    k = 3
+    recipe = ViewConfig(patches=PatchConfig(size=4, per_subject=k, positives=positives))
+    module.data.sampler = ViewSampler(recipe, spatial_dims=3, store=store)
+    inputs, rows_seen = [], []
+    module.net.register_forward_hook(lambda _, args, __: inputs.append(tuple(args[0].shape)))
+    compute_loss = module.compute_loss
+
+    def spy(views, rows):
+        rows_seen.append(np.asarray(rows))
+        return compute_loss(views, rows)
+
+    module.compute_loss = spy
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module.train())
+    assert trainer.global_step == 1
+    n_views = module.method_config.n_views
+    if positives == "same_location":
+        assert inputs == [(n_views * BATCH * k, 1, 4, 4, 4)]
+        assert len(rows_seen[0]) == BATCH * k and (np.bincount(rows_seen[0]) == k).all()  # each subject K times
+    else:
+        assert inputs == [(k * BATCH, 1, 4, 4, 4)]  # K patch views of B subjects
+        assert sorted(rows_seen[0].tolist()) == list(range(BATCH))
+
+
+def test_patch_trained_model_embeds_by_the_mean_of_grid_patch_features_or_whole(tmp_path):
+    from neurocl.patches import PatchConfig, grid_corners
+    from neurocl.store import VolumeStore
+
+    volumes = np.random.default_rng(1).normal(size=(BATCH, *SHAPE)).astype(np.float32)
+    store = VolumeStore.from_array(volumes, tmp_path / "store", dtype="float32")
+    module = _module("sepclr")
+    module.patches = PatchConfig(size=4, per_subject=2, embed_stride=0.5)
+    sliding = module.embed_store(store, np.arange(3), batch_size=2)
+    x = torch.from_numpy(volumes[:3])
+    with torch.no_grad():
+        for subject in range(3):
+            patches = torch.stack([x[subject, :, a:a + 4, b:b + 4, c:c + 4] for a, b, c in grid_corners((8, 8, 8), 4, 2).tolist()])
+            expected = module.embed(patches)["salient"].double().mean(0).numpy()
+            np.testing.assert_allclose(sliding["salient"][subject], expected, rtol=1e-4, atol=1e-5)
+        module.patches = PatchConfig(size=4, per_subject=2, embed="whole")
+        np.testing.assert_allclose(module.embed_store(store, np.arange(3))["salient"],
+                                   module.embed(x)["salient"].double().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_keeps_the_patch_recipe_for_embedding(tmp_path):
+    from neurocl.patches import PatchConfig
+
+    module = _module("simclr")
+    module.patches = PatchConfig(size=(4, 4, 2), per_subject=2, embed="whole")
+    checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "m.ckpt")
+    restored = method_from_checkpoint(torch.load(tmp_path / "m.ckpt", weights_only=True))
+    assert restored.patches == module.patches
+    assert method_from_checkpoint({"hyper_parameters": dict(module.hparams),
+                                   "state_dict": module.state_dict()}).patches is None

@@ -10,6 +10,7 @@ OpenMP pool.
 from __future__ import annotations
 
 import importlib.util
+import json
 import multiprocessing
 import os
 import shutil
@@ -277,6 +278,39 @@ def test_embed_command_reproduces_the_run_embeddings(reference, tiny_cohort, wor
     np.testing.assert_allclose(embedded[spaces].to_numpy(), expected[spaces].to_numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_patch_trained_run_embeds_by_sliding_window_and_embed_reproduces_it(tiny_cohort, workspace):
+    """views.patches end to end: training on patches, the run's embeddings (sliding-window means) and
+    `neurocl embed` from the checkpoint, which must carry the patch recipe to embed the same way."""
+    config = yaml.safe_load(PIPELINE.format(cohort=tiny_cohort, store=workspace / "store"))
+    config["views"]["patches"] = {"size": 8, "per_subject": 2, "positives": "same_location", "embed_stride": 0.5}
+    config["training"].update(epochs=1, checkpoint_every_n_steps=100)
+    config["baselines"] = []
+    path = workspace / "patches.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = pipeline.run_pipeline(path, workspace / "patches")
+    checkpoint = _checkpoint(run_dir)
+    assert checkpoint["neurocl_patches"]["size"] == 8 and checkpoint["neurocl_patches"]["embed"] == "sliding"
+    out = workspace / "patches-embedded.tsv"
+    result = CliRunner().invoke(app, ["embed", str(run_dir / "checkpoints" / "last.ckpt"), str(tiny_cohort), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    embedded, expected = read_tsv(out), read_tsv(run_dir / "embeddings.tsv")
+    spaces = [column for column in expected.columns if column.startswith(("common_", "salient_"))]
+    np.testing.assert_allclose(embedded[spaces].to_numpy(), expected[spaces].to_numpy(), rtol=1e-4, atol=1e-5)
+    # embed: whole runs the encoder on the whole volume instead.
+    from neurocl.cohort import Cohort
+    from neurocl.store import VolumeStore
+
+    model = pipeline.load_model(run_dir / "checkpoints" / "last.ckpt")
+    store = VolumeStore.open(workspace / "store")
+    rows = store.rows_for(Cohort.from_yaml(tiny_cohort))[:4]
+    salient = expected[[c for c in spaces if c.startswith("salient_")]].to_numpy()[:4]
+    np.testing.assert_allclose(model.embed_store(store, rows)["salient"], salient, rtol=1e-4, atol=1e-5)
+    model.patches = model.patches.model_copy(update={"embed": "whole"})
+    with torch.no_grad():
+        direct = model.embed(store.batch(rows))["salient"].double().numpy()
+    np.testing.assert_allclose(model.embed_store(store, rows)["salient"], direct, rtol=1e-4, atol=1e-5)
+
+
 def test_load_model_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     bad = tmp_path / "notes.ckpt"
     bad.write_text("not a checkpoint")
@@ -331,3 +365,57 @@ def test_out_inside_the_cohort_folder_is_refused_before_anything_is_written(tmp_
     with pytest.raises(ConfigError, match="inside the cohort's input folder"):
         pipeline.run_pipeline(path, out)
     assert not (tiny_cohort_copy.parent / "runs").exists()
+
+
+# ---------------------------------------------------------------- cluster: trackers, prepare, requeue
+
+
+def test_tensorboard_records_the_loss_terms_of_metrics_csv(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = reference
+    events = EventAccumulator(str(run_dir / "logs" / "trackers" / "tensorboard")).Reload()
+    logged = [event.value for event in events.Scalars("train/loss")]
+    metrics = pd.read_csv(run_dir / "logs" / "metrics.csv").dropna(subset=["train/loss"])
+    np.testing.assert_allclose(logged, metrics["train/loss"], rtol=1e-6)
+
+
+class _RequeueSignalAt(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == KILL_AT_STEP:
+            os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning before preemption; unhandled off SLURM: the end
+
+
+def _requeued_child(arguments: list[str]) -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _with_callback(monkeypatch, _RequeueSignalAt())
+        CliRunner().invoke(app, arguments)
+    os._exit(3)
+
+
+def test_prepare_then_a_requeued_job_completes_with_the_same_command(reference, pipeline_yaml, workspace, tmp_path):
+    run_dir = workspace / "requeued"
+    config = yaml.safe_load(pipeline_yaml.read_text())
+    config["outputs"]["store"] = None  # the run's own store: the one `neurocl prepare` builds
+    own_store = tmp_path / "own_store.yaml"
+    own_store.write_text(yaml.safe_dump(config))
+    prepared = CliRunner().invoke(app, ["prepare", str(own_store), "--out", str(run_dir), "--workers", "1"])
+    assert prepared.exit_code == 0, prepared.output
+    assert "volumes: 32 x" in prepared.output and (run_dir / "store" / "store.json").is_file()
+    volumes_file = json.loads((run_dir / "store" / "store.json").read_text())["volumes"]
+
+    command = ["run", str(own_store), "--out", str(run_dir), "--auto-resume"]
+    child = multiprocessing.get_context("fork").Process(target=_requeued_child, args=(command,))
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGUSR1
+    assert _checkpoint(run_dir)["global_step"] == KILL_AT_STEP - 1  # the last complete checkpoint before the signal
+    result = CliRunner().invoke(app, command)  # the requeued job: the same command
+    assert result.exit_code == 0, result.output
+    assert "resuming the run" in result.output
+    reference_dir, _ = reference
+    expected, final = _checkpoint(reference_dir), _checkpoint(run_dir)
+    assert final["global_step"] == expected["global_step"]
+    for name, value in expected["state_dict"].items():
+        assert torch.equal(final["state_dict"][name], value), name
+    assert json.loads((run_dir / "logs" / "prepared.json").read_text())["volumes"] == volumes_file  # not rebuilt

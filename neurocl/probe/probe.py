@@ -11,7 +11,7 @@ import pandas as pd
 from rich.progress import track
 
 from neurocl.config import ProbeConfig
-from neurocl.logs import progress_console
+from neurocl.logs import progress_console, transient_progress
 from neurocl.embed import embedding_spaces, join_embeddings
 from neurocl.errors import CohortError, ConfigError
 from neurocl.probe.cv import bootstrap_weights, cross_validated_predictions, outer_folds, permutation_indices
@@ -191,6 +191,6 @@ def _site_column(table, config):
 
 
 def _progress(items, enabled, description, total=None):
-    if not enabled:
+    if not transient_progress(enabled):
         return items
     return track(items, description=description, transient=True, total=total, console=console)

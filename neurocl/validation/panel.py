@@ -1,0 +1,129 @@
+"""The separation benchmark's panel: cohorts with known ground truth, each stressing one failure.
+
+Every cohort says which of its attributes every subject has (``shared``: a common space should
+hold them and a salient space should not) and which only the target subjects have
+(``specific``: the salient space should hold them). Values are read from the cohort's
+``ground_truth.tsv`` (full precision; the subtype is there even though ``participants.tsv`` does
+not give it, as in a real study). ``docs/benchmarks-separation.md`` describes each cohort.
+
+The synthetic cohorts start from the demo cohort's generator settings
+(:data:`neurocl.pipeline.DEMO_COHORT`: stronger subtype loss, weaker deformation than the
+generator's defaults) and change one thing each; ``natural-digits`` is built from real images
+that scikit-learn ships (:mod:`neurocl.validation.natural`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from neurocl import io
+from neurocl.errors import ConfigError
+
+# The demo cohort's generator settings (neurocl.pipeline.DEMO_COHORT) minus size, grid and seed,
+# which the panel's scale and the seed set. Spelled here rather than imported so that the panel
+# does not import the pipeline (the run path imports the validation package, not the reverse).
+DEMO_GENERATOR = {"subtypes": 2, "sites": 3, "subtype_effect": 2.5, "deformation": 0.25}
+
+SYNTHETIC_SHARED = {"age": "continuous", "sex": "categorical", "site": "categorical"}
+SYNTHETIC_SPECIFIC = {"subtype": "categorical", "severity": "continuous"}
+
+# The "independent" cohort renames what a user's table would call its columns and values.
+RENAMED_COLUMNS = {"diagnosis": "dx", "age": "AGE", "sex": "gender", "site": "scanner", "severity": "score"}
+RENAMED_GROUPS = {"control": "HC", "patient": "PT"}
+
+
+@dataclass(frozen=True)
+class PanelCohort:
+    """One cohort of the panel.
+
+    Attributes
+    ----------
+    name : short name (a folder name)
+    stress : the failure it provokes, in a sentence
+    options : ``SynthConfig`` fields over :data:`DEMO_GENERATOR` (synthetic) or ``NaturalConfig`` fields
+    shared, specific : ground-truth column -> "continuous" / "categorical"
+    natural : built by :mod:`neurocl.validation.natural` instead of ``neurocl synth``
+    rename : give the participants table other column names and group labels
+    """
+
+    name: str
+    stress: str
+    options: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=lambda: dict(SYNTHETIC_SHARED))
+    specific: dict = field(default_factory=lambda: dict(SYNTHETIC_SPECIFIC))
+    natural: bool = False
+    rename: bool = False
+
+
+PANEL: tuple[PanelCohort, ...] = (
+    PanelCohort("reference", "none: the demo cohort's generator settings (what the demo was tuned on), other seeds"),
+    PanelCohort("lesion-subject", "the loss is planted after the warp, at fixed image voxels, not on the anatomy",
+                {"lesion_space": "subject"}),
+    PanelCohort("age-gradient", "ageing is an anterior-posterior gradient, which per-subject z-scoring keeps",
+                {"age_pattern": "gradient"}),
+    PanelCohort("sex-headsize", "head size is a near-perfect readout of sex (brain extent differs ~20 %)",
+                {"sex_effect": 4.0, "head_size_noise": 0.25}),
+    PanelCohort("site-confound", "site and diagnosis are confounded (75 % of subjects at their group's own sites)",
+                {"confound": 0.75}),
+    PanelCohort("small-regions", "each subtype's loss is spread over 3 small regions (radii x 0.75)",
+                {"lesion_regions": 3, "lesion_size": 0.75}),
+    PanelCohort("continuum", "no subtypes: one pattern with a continuous severity down to 0 (unimodal patients)",
+                {"subtypes": 0}, specific={"severity": "continuous"}),
+    PanelCohort("independent", "what a new user brings: other column names, 2 regions per subtype, "
+                "an age gradient and a site confound together",
+                {"lesion_regions": 2, "age_pattern": "gradient", "confound": 0.5}, rename=True),
+    PanelCohort("natural-digits", "real images: photographs (scikit-learn), real handwritten digits blended into "
+                "the targets", natural=True,
+                shared={"photo": "categorical", "crop_row": "continuous", "gamma": "continuous"},
+                specific={"digit": "categorical", "strength": "continuous"}),
+)
+
+
+def panel_cohort(name: str) -> PanelCohort:
+    """The panel cohort called ``name`` (ConfigError listing the names otherwise)."""
+    for cohort in PANEL:
+        if cohort.name == name:
+            return cohort
+    raise ConfigError(f"no panel cohort {name!r}; the panel has {[cohort.name for cohort in PANEL]}")
+
+
+@dataclass(frozen=True)
+class PanelScale:
+    """How big the panel's cohorts are: subjects, synthetic voxel size, natural image size."""
+
+    n_subjects: int
+    resolution: float
+    patch: int = 64
+
+
+def build_cohort(cohort: PanelCohort, out_dir: str | Path, scale: PanelScale, seed: int, workers: int | None = 1) -> Path:
+    """Write ``cohort`` at ``scale`` with cohort seed ``seed`` into ``out_dir`` (new or empty); return its cohort.yaml."""
+    out_dir = Path(out_dir)
+    if cohort.natural:
+        from neurocl.validation.natural import NaturalConfig, make_natural_cohort
+
+        config = NaturalConfig(n_subjects=scale.n_subjects, patch=scale.patch, seed=seed, **cohort.options)
+        return make_natural_cohort(out_dir, config)
+    from neurocl.synth import SynthConfig, make_synthetic_cohort
+
+    options = {**DEMO_GENERATOR, **cohort.options, "n_subjects": scale.n_subjects,
+               "resolution": scale.resolution, "seed": seed}
+    spec = make_synthetic_cohort(out_dir, SynthConfig.from_options(**options), workers=workers)
+    if cohort.rename:
+        _rename(out_dir)
+    return spec
+
+
+def _rename(folder: Path) -> None:
+    """Other column names and group labels in participants.tsv and cohort.yaml (ground_truth.tsv keeps its own)."""
+    import yaml
+
+    participants = io.read_tsv(folder / "participants.tsv")
+    participants["diagnosis"] = participants["diagnosis"].map(RENAMED_GROUPS)
+    io.write_tsv(folder / "participants.tsv", participants.rename(columns=RENAMED_COLUMNS))
+    spec = yaml.safe_load((folder / "cohort.yaml").read_text())
+    spec["group"] = {"column": RENAMED_COLUMNS["diagnosis"], "background": [RENAMED_GROUPS["control"]],
+                     "target": [RENAMED_GROUPS["patient"]]}
+    spec["attributes"] = {RENAMED_COLUMNS.get(name, name): kind for name, kind in spec["attributes"].items()}
+    io.write_text(folder / "cohort.yaml", yaml.safe_dump(spec, sort_keys=False))
