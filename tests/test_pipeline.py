@@ -300,7 +300,7 @@ def test_patch_trained_run_embeds_by_sliding_window_and_embed_reproduces_it(tiny
     from neurocl.cohort import Cohort
     from neurocl.store import VolumeStore
 
-    model = pipeline.load_model(run_dir / "checkpoints" / "last.ckpt")
+    model = embed.load_model(run_dir / "checkpoints" / "last.ckpt")
     store = VolumeStore.open(workspace / "store")
     rows = store.rows_for(Cohort.from_yaml(tiny_cohort))[:4]
     salient = expected[[c for c in spaces if c.startswith("salient_")]].to_numpy()[:4]
