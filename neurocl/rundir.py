@@ -56,11 +56,21 @@ class MapsFolder:
         self.evaluation = self.path / "evaluation.json"
         self.clusters = self.path / "clusters.tsv"
         self.associations = self.path / "associations.tsv"
+        self.significance = self.path / "significance.tsv"
+        # The null network trained with permuted group labels: a run folder of its own (checkpoints, logs),
+        # beside the permutation it was trained with.
+        self.permuted_labels_network = self.path / "null_permuted_labels"
+        self.permuted_groups = self.permuted_labels_network / "permuted_groups.tsv"
 
     @staticmethod
     def map_names(name: str) -> dict[str, str]:
         """File names (relative to the folder) of one map: ``nifti``, ``png``, ``regions`` (index.tsv's columns)."""
         return {"nifti": f"{name}.nii.gz", "png": f"{name}.png", "regions": f"regions_{name}.tsv"}
+
+    @staticmethod
+    def significance_name(method: str, null: str) -> str:
+        """File name (relative to the folder) of the −log10 p map of ``method`` against null network ``null``."""
+        return f"significance_{method}_vs_{null}.nii.gz"
 
 
 class RunDir:

@@ -102,10 +102,12 @@ def held_out_score(features: np.ndarray, labels: np.ndarray, kind: str, train: n
     from neurocl.probe import PRIMARY_METRIC, ProbeConfig, cross_validated_predictions, score
 
     probe_config = probe_config or ProbeConfig(n_permutations=0, n_bootstrap=0, n_jobs=1)
-    train, test = np.flatnonzero(train), np.flatnonzero(test)
+    # Only the scored rows: the classes (and so chance) are those of these rows, not of others.
+    used = np.flatnonzero(np.asarray(train) | np.asarray(test))
+    features, labels = np.asarray(features, dtype=np.float64)[used], np.asarray(labels)[used]
+    train, test = np.flatnonzero(np.asarray(train)[used]), np.flatnonzero(np.asarray(test)[used])
     if len(train) < MIN_TRAIN or len(test) < MIN_TEST:
         return None
-    features = np.asarray(features, dtype=np.float64)
     if not np.isfinite(features).all():
         return None
     if kind == "categorical":
