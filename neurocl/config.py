@@ -15,6 +15,7 @@ checks that the document matches the code.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sys
@@ -33,6 +34,7 @@ from neurocl.io import load_yaml
 from neurocl.harmonise import HarmoniseConfig
 from neurocl.methods import MethodConfig, OptimConfig
 from neurocl.nets import EncoderConfig
+from neurocl.patches import PatchConfig
 from neurocl.settings import merge_settings, parse_settings
 from neurocl.store import PreprocessConfig
 from neurocl.views import ViewConfig
@@ -302,8 +304,8 @@ class PipelineConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     baselines: list[BaselineConfig] = Field(
         default_factory=list,
-        description="Baselines computed on the same store and splits: `pca`, `cpca`, `simclr`, `yaware`, as names or "
-        "mappings (`{name: yaware, attributes: [age], sigma: 5.0}`).",
+        description="Baselines computed on the same store and splits: `pca`, `cpca`, `combat`, `simclr`, `yaware`, as "
+        "names or mappings (`{name: yaware, attributes: [age], sigma: 5.0}`); fields in `baselines[]` below.",
     )
     maps: MapsConfig = Field(default_factory=MapsConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
@@ -483,6 +485,7 @@ _DOC_SECTIONS = [
     ("harmonise", HarmoniseConfig, "`harmonise`"),
     ("splits", SplitConfig, "`splits`"),
     ("views", ViewConfig, "`views`"),
+    ("views.patches", PatchConfig, "`views.patches`"),
     ("method", MethodConfig, "`method`"),
     ("encoder", EncoderConfig, "`encoder`"),
     ("training", TrainingConfig, "`training`"),
@@ -513,15 +516,49 @@ def issubclass_safe(annotation, base) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, base)
 
 
+_ENTRY = re.compile(r"^(?P<names>\w+(?:, \w+)*) : ")
+
+
+def docstring_entries(model: type) -> dict[str, str]:
+    """Field descriptions from a class docstring's numpydoc ``Parameters`` / ``Attributes`` section.
+
+    The one source of a field's meaning where the field itself has no ``description`` (nilearn's
+    ``fill_doc`` idea): the docstring that a reader of the code sees is the text of the docs table.
+    """
+    lines = inspect.cleandoc(model.__doc__ or "").splitlines()
+    entries: dict[str, list[str]] = {}
+    current: list[str] = []
+    in_section = False
+    for line, underline in zip(lines, lines[1:] + [""]):
+        if line.strip() in ("Parameters", "Attributes") and set(underline.strip()) == {"-"}:
+            in_section = True
+            continue
+        if not in_section or set(line.strip()) == {"-"}:
+            continue
+        match = _ENTRY.match(line)
+        if match:
+            current = []
+            for name in match["names"].split(", "):
+                entries[name] = current
+        elif line.startswith("    ") and current is not None:
+            current.append(line.strip())
+        elif line.strip():
+            in_section = False  # another section or prose
+    return {name: " ".join(text) for name, text in entries.items() if text}
+
+
 def field_table(model: type[BaseModel]) -> str:
-    """The markdown table (field, default, meaning) of one section, from its ``Field`` descriptions."""
+    """The markdown table (field, default, meaning) of one section, from its ``Field`` descriptions
+    (or, for a field without one, its entry in the class docstring)."""
     lines = ["| field | default | meaning |", "| --- | --- | --- |"]
+    documented = docstring_entries(model)
     for name, field in model.model_fields.items():
-        if field.description is None:
-            if issubclass_safe(field.annotation, BaseModel):
+        description = field.description or documented.get(name)
+        if description is None:
+            if issubclass_safe(field.annotation, BaseModel) or _sections(model).get(name):
                 continue  # a nested section has its own table
             raise ConfigError(f"{model.__name__}.{name} has no description; docs/pipelines.md needs one")
-        meaning = " ".join(field.description.split()).replace("|", "\\|")
+        meaning = " ".join(description.split()).replace("|", "\\|")
         lines.append(f"| `{name}` | {_default_text(field)} | {meaning} |")
     return "\n".join(lines)
 

@@ -28,7 +28,7 @@ from neurocl.logs import epoch_lines, is_terminal, progress_console
 from neurocl.embed import grid_record
 from neurocl.errors import ConfigError, NeuroclError, TrainingError
 from neurocl.io import torch_save, write_text
-from neurocl.methods import MethodConfig, TrainingData, build_method
+from neurocl.methods import EpochBatches, MethodConfig, TrainingData, build_method
 from neurocl.rundir import RunDir
 from neurocl.store import VolumeStore
 from neurocl.views import ViewSampler
@@ -363,6 +363,30 @@ def training_jobs(config: PipelineConfig, run: RunDir) -> list[tuple[str, Method
         if entry.trained:
             jobs.append((f"baselines/{entry.name}", entry.method(config.method), run.baseline(entry.name)))
     return jobs
+
+
+def world_size(training: TrainingConfig) -> int:
+    """Processes of a training section: devices per node (``auto``: every GPU, or 1 on CPU) x nodes."""
+    if isinstance(training.devices, int):
+        devices = training.devices
+    else:
+        devices = max(torch.cuda.device_count(), 1) if _on_gpu(training) else 1
+    return devices * training.num_nodes
+
+
+def check_batch_sizes(config: PipelineConfig, cohort: Cohort, splits: Splits) -> None:
+    """Refuse, before any preprocessing, a batch that the training subjects cannot fill.
+
+    The rule is the one the training batches apply (:class:`neurocl.methods.EpochBatches`: a
+    global batch never holds a subject twice; SepCLR's share of each group must fit that group),
+    applied to the cohort's training rows instead of the store's, which do not exist yet.
+    """
+    rows = splits.rows(cohort, "train")
+    rows = rows[cohort.table["group"].notna().to_numpy()[rows]]
+    methods = [config.method] + [entry.method(config.method) for entry in config.baselines if entry.trained]
+    for method in methods:
+        EpochBatches(rows, config.training.batch_size, is_target=cohort.is_target if method.two_spaces else None,
+                     target_fraction=method.target_fraction, world_size=world_size(config.training))
 
 
 # ---------------------------------------------------------------- DDP handshake

@@ -350,6 +350,23 @@ def test_attribute_missing_from_the_cohort_is_refused_before_any_work(section, f
     assert not (tmp_path / "run" / "store").exists()
 
 
+def test_a_batch_too_large_for_the_training_subjects_fails_before_anything_is_written(tmp_path, tiny_cohort):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(f"cohort: {tiny_cohort}\ntraining: {{batch_size: 30, accelerator: cpu}}\n")
+    with pytest.raises(ConfigError, match="training.batch_size 30"):
+        pipeline.run_pipeline(path, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_inside_the_cohort_folder_is_refused_before_anything_is_written(tmp_path, tiny_cohort_copy):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(f"cohort: {tiny_cohort_copy}\n")
+    out = tiny_cohort_copy.parent / "runs" / "first"
+    with pytest.raises(ConfigError, match="inside the cohort's input folder"):
+        pipeline.run_pipeline(path, out)
+    assert not (tiny_cohort_copy.parent / "runs").exists()
+
+
 # ---------------------------------------------------------------- cluster: trackers, prepare, requeue
 
 
