@@ -85,8 +85,10 @@ def user_errors(func: Callable) -> Callable:
                 raise
             _error_line(str(error))
             raise typer.Exit(1)
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]")
+        except KeyboardInterrupt as interrupt:
+            # A command that can be continued passes its --resume command line as the argument.
+            hint = f"; continue with: {interrupt.args[0]}" if interrupt.args else ""
+            console.print(f"[yellow]interrupted[/]{escape_markup(hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(130)
         except OSError as error:
             # An operating-system refusal the library did not anticipate (permissions, a file where
@@ -98,6 +100,20 @@ def user_errors(func: Callable) -> Callable:
             raise typer.Exit(1)
 
     return wrapper
+
+
+def escape_markup(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _resumable(command: str, call: Callable, *args, **kwargs):
+    """Run ``call``; an interrupt carries the command line that continues it (``command``)."""
+    try:
+        return call(*args, **kwargs)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(command) from None
 
 
 def _error_line(message: str) -> None:
@@ -189,13 +205,13 @@ def validate(
 
     Example: neurocl validate pipelines/demo.yaml --set training.lr=1e-3
     """
-    import yaml
-
     from neurocl.cohort import Cohort, print_problems
+    from neurocl.errors import NeuroclError
+    from neurocl.io import load_yaml
 
     try:
-        raw = yaml.safe_load(cohort.read_text()) if cohort.is_file() else None
-    except yaml.YAMLError:
+        raw = load_yaml(cohort, NeuroclError, "spec") if cohort.is_file() else None
+    except NeuroclError:
         raw = None  # Cohort.from_yaml reports the YAML error with the file's name
     if isinstance(raw, dict) and "cohort" in raw and "participants" not in raw:
         from neurocl.config import check_attribute_names, load_pipeline
@@ -245,7 +261,8 @@ def run(
 
     if resume and auto_resume:
         raise ConfigError("--resume and --auto-resume: give one (--auto-resume decides by itself)")
-    run_pipeline(pipeline, out, resume="auto" if auto_resume else resume, settings=set_ or ())
+    again = " ".join(["neurocl run", str(pipeline), "--out", str(out), *[f"--set {s}" for s in set_ or ()], "--resume"])
+    _resumable(again, run_pipeline, pipeline, out, resume="auto" if auto_resume else resume, settings=set_ or ())
 
 
 @app.command()
@@ -281,7 +298,7 @@ def demo(
     """
     from neurocl.demo import run_demo
 
-    run_demo(out, resume=resume)
+    _resumable(f"neurocl demo --out {out} --resume", run_demo, out, resume=resume)
 
 
 @app.command()
@@ -292,6 +309,7 @@ def embed(
     out: Path = typer.Option(..., "--out", help="Output embeddings.tsv."),
     device: str = typer.Option("auto", help="auto (a CUDA GPU when there is one), cpu or cuda[:N]."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Subjects per forward pass."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out (and its .json sidecar) if it exists."),
 ) -> None:
     """Embed new subjects with a trained model.
 
@@ -299,7 +317,7 @@ def embed(
     """
     from neurocl.embed import embed_cohort
 
-    console.print(f"wrote embeddings: [bold]{embed_cohort(checkpoint, cohort, out, device, batch_size)}[/]")
+    console.print(f"wrote embeddings: [bold]{embed_cohort(checkpoint, cohort, out, device, batch_size, overwrite=overwrite)}[/]")
 
 
 @app.command()
@@ -336,7 +354,7 @@ def probe(
     attributes: Optional[str] = typer.Option(None, help="Comma-separated attributes to probe (default: all in the spec)."),
     ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="ground_truth.tsv of a synthetic cohort."),
     leave_site_out: Optional[str] = typer.Option(None, help="Column to hold out in outer CV (e.g. site)."),
-    n_permutations: int = typer.Option(200, help="Permutations for p-values."),
+    n_permutations: int = typer.Option(1000, help="Permutations for p-values, at most (fewer once p is clearly above or below 0.05)."),
     n_bootstrap: int = typer.Option(1000, help="Bootstrap resamples for 95% CIs."),
     seed: int = typer.Option(0, help="Random seed."),
     jobs: int = typer.Option(-1, "--jobs", help="Parallel threads (-1: one per CPU core); results do not depend on it."),
@@ -344,6 +362,7 @@ def probe(
         False, "--other-cohort",
         help="Probe embeddings made from another cohort than --cohort (refused by default: their sidecar says which).",
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace probes.tsv / separation.* already in --out."),
 ) -> None:
     """Linear probes of clinical attributes from each embedding space, with CV, CIs and p-values.
 
@@ -363,6 +382,7 @@ def probe(
         seed=seed,
         n_jobs=jobs,
         other_cohort=other_cohort,
+        overwrite=overwrite,
     )
 
 

@@ -512,6 +512,18 @@ class Cohort:
             problems += self._image_problems(progress)
         return sorted(problems, key=lambda p: (p.row is None, p.row or 0))
 
+    def input_folder(self) -> Path | None:
+        """The folder holding every image of the cohort (their common parent), which nothing may write into.
+
+        None when the images are scattered across the filesystem (a common parent of fewer than
+        three parts, such as ``/`` or ``/data``, protects nothing).
+        """
+        folders = [str(Path(image).resolve().parent) for image in self.table["image"] if isinstance(image, str)]
+        if not folders:
+            return None
+        root = Path(os.path.commonpath(folders))
+        return root if len(root.parts) >= 3 else None
+
     def check(self, check_images: bool = True) -> None:
         """Raise one :class:`CohortError` listing every problem, if there is any."""
         problems = self.validate(check_images=check_images)

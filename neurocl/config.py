@@ -15,6 +15,7 @@ checks that the document matches the code.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sys
@@ -29,10 +30,11 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
                       field_validator, model_validator)
 
 from neurocl.errors import ConfigError, validation_message
-from neurocl.harmonise import HarmoniseConfig
 from neurocl.io import load_yaml
+from neurocl.harmonise import HarmoniseConfig
 from neurocl.methods import MethodConfig, OptimConfig
 from neurocl.nets import EncoderConfig
+from neurocl.patches import PatchConfig
 from neurocl.settings import merge_settings, parse_settings
 from neurocl.store import PreprocessConfig
 from neurocl.views import ViewConfig
@@ -119,7 +121,12 @@ class ProbeConfig(_Section):
 
     n_splits: int = Field(5, ge=2, description="Outer CV folds, grouped by participant (fewer, with a note, when a class has fewer participants).")
     inner_splits: int = Field(3, ge=2, description="Inner CV folds choosing the regularisation.")
-    n_permutations: int = Field(200, ge=0, description="Label permutations for the p-value (0: none).")
+    n_permutations: int = Field(
+        1000, ge=0, description="Label permutations for the p-value at most (0: none); fewer when the decision at 0.05 is clear.",
+    )
+    adaptive_permutations: bool = Field(
+        True, description="Stop permuting once p is clearly above or below 0.05 (false: always `n_permutations`).",
+    )
     n_bootstrap: int = Field(1000, ge=0, description="Participant-level bootstrap resamples for the 95% CI (0: none).")
     leave_site_out: str | None = Field(None, description="Column (e.g. `site`) held out one value at a time in the outer CV.")
     ridge_alphas: list[float] = Field(
@@ -228,11 +235,15 @@ class MapsConfig(_Section):
     occlusion_max_subjects: PositiveInt | None = Field(
         8, description="Occlusion uses at most this many target subjects per cluster (seeded draw); `null`: all."
     )
-    k_min: PositiveInt = Field(2, description="Smallest number of subtypes tried.")
+    k_min: PositiveInt = Field(
+        1, description="Smallest number of subtypes tried; 1 lets the answer be 'no subtypes' (a gap test against "
+        "unimodal data decides it before the silhouette ranks k >= 2).")
     k_max: PositiveInt = Field(6, description="Largest number of subtypes tried.")
     cluster_method: Literal["kmeans", "gmm"] = Field("kmeans", description="`kmeans` or `gmm`.")
     criterion: Literal["silhouette", "bic"] = Field("silhouette", description="How k is chosen over k_min..k_max.")
     n_bootstrap: NonNegativeInt = Field(100, description="Bootstrap resamples for cluster stability (0: skip).")
+    n_reference: PositiveInt = Field(50, description="Uniform reference sets of the one-cluster gap test (k_min = 1).")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Level of the one-cluster gap test.")
     continuous_test: Literal["kruskal", "anova"] = Field(
         "kruskal", description="Test of continuous attributes across clusters: `kruskal` or `anova`."
     )
@@ -240,14 +251,28 @@ class MapsConfig(_Section):
     atlas: Path | None = Field(None, description="Atlas labels NIfTI (integer labels, 0 = background).")
     atlas_names: Path | None = Field(None, description="Atlas names TSV (columns index, name).")
     plots: bool = Field(True, description="Write PNG views over the MNI152 template.")
+    null_references: list[Literal["untrained", "permuted_labels"]] = Field(
+        default_factory=lambda: ["untrained"],
+        description="Networks whose maps are computed beside the trained one's, as what learning must beat: "
+        "`untrained` is the same architecture at the training seed's initialisation; `permuted_labels` is the "
+        "same method trained again (same settings, seed and splits) with the background/target labels "
+        "permuted (costs one more training). `[]` for none.",
+    )
+    significance: Literal["none", "fwe", "fdr"] = Field(
+        "none",
+        description="Voxelwise test that the trained network puts more of each target's gradient x input "
+        "relevance on a voxel than each null network does (paired sign-flip permutations; FWE by the maximum "
+        "statistic or FDR over the mask), written as -log10 p NIfTI.",
+    )
+    n_permutations: PositiveInt = Field(1000, description="Sign flips of the voxelwise significance test.")
     seed: int = Field(0, description="Seed of clustering and subject draws.")
 
     @model_validator(mode="after")
     def _check_k_range(self) -> "MapsConfig":
         if self.k_min > self.k_max:
             raise ValueError(f"k_min ({self.k_min}) must not exceed k_max ({self.k_max})")
-        if self.criterion == "silhouette" and self.k_min < 2:
-            raise ValueError(f"k_min = {self.k_min}: the silhouette needs at least 2 clusters (use criterion: bic)")
+        if self.criterion == "silhouette" and self.k_max < 2:
+            raise ValueError(f"k_max = {self.k_max}: the silhouette needs k_max >= 2 (k = 1 alone is not a choice)")
         return self
 
 
@@ -279,8 +304,8 @@ class PipelineConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     baselines: list[BaselineConfig] = Field(
         default_factory=list,
-        description="Baselines computed on the same store and splits: `pca`, `cpca`, `simclr`, `yaware`, as names or "
-        "mappings (`{name: yaware, attributes: [age], sigma: 5.0}`).",
+        description="Baselines computed on the same store and splits: `pca`, `cpca`, `combat`, `simclr`, `yaware`, as "
+        "names or mappings (`{name: yaware, attributes: [age], sigma: 5.0}`); fields in `baselines[]` below.",
     )
     maps: MapsConfig = Field(default_factory=MapsConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
@@ -460,6 +485,7 @@ _DOC_SECTIONS = [
     ("harmonise", HarmoniseConfig, "`harmonise`"),
     ("splits", SplitConfig, "`splits`"),
     ("views", ViewConfig, "`views`"),
+    ("views.patches", PatchConfig, "`views.patches`"),
     ("method", MethodConfig, "`method`"),
     ("encoder", EncoderConfig, "`encoder`"),
     ("training", TrainingConfig, "`training`"),
@@ -490,15 +516,49 @@ def issubclass_safe(annotation, base) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, base)
 
 
+_ENTRY = re.compile(r"^(?P<names>\w+(?:, \w+)*) : ")
+
+
+def docstring_entries(model: type) -> dict[str, str]:
+    """Field descriptions from a class docstring's numpydoc ``Parameters`` / ``Attributes`` section.
+
+    The one source of a field's meaning where the field itself has no ``description`` (nilearn's
+    ``fill_doc`` idea): the docstring that a reader of the code sees is the text of the docs table.
+    """
+    lines = inspect.cleandoc(model.__doc__ or "").splitlines()
+    entries: dict[str, list[str]] = {}
+    current: list[str] = []
+    in_section = False
+    for line, underline in zip(lines, lines[1:] + [""]):
+        if line.strip() in ("Parameters", "Attributes") and set(underline.strip()) == {"-"}:
+            in_section = True
+            continue
+        if not in_section or set(line.strip()) == {"-"}:
+            continue
+        match = _ENTRY.match(line)
+        if match:
+            current = []
+            for name in match["names"].split(", "):
+                entries[name] = current
+        elif line.startswith("    ") and current is not None:
+            current.append(line.strip())
+        elif line.strip():
+            in_section = False  # another section or prose
+    return {name: " ".join(text) for name, text in entries.items() if text}
+
+
 def field_table(model: type[BaseModel]) -> str:
-    """The markdown table (field, default, meaning) of one section, from its ``Field`` descriptions."""
+    """The markdown table (field, default, meaning) of one section, from its ``Field`` descriptions
+    (or, for a field without one, its entry in the class docstring)."""
     lines = ["| field | default | meaning |", "| --- | --- | --- |"]
+    documented = docstring_entries(model)
     for name, field in model.model_fields.items():
-        if field.description is None:
-            if issubclass_safe(field.annotation, BaseModel):
+        description = field.description or documented.get(name)
+        if description is None:
+            if issubclass_safe(field.annotation, BaseModel) or _sections(model).get(name):
                 continue  # a nested section has its own table
             raise ConfigError(f"{model.__name__}.{name} has no description; docs/pipelines.md needs one")
-        meaning = " ".join(field.description.split()).replace("|", "\\|")
+        meaning = " ".join(description.split()).replace("|", "\\|")
         lines.append(f"| `{name}` | {_default_text(field)} | {meaning} |")
     return "\n".join(lines)
 

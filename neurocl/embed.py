@@ -27,8 +27,8 @@ import torch
 
 from neurocl.cohort import Cohort, key_columns
 from neurocl.logs import progress_console
-from neurocl.errors import CohortError, ConfigError
-from neurocl.io import write_json, write_tsv
+from neurocl.errors import CohortError, ConfigError, NeuroclError, OutputError
+from neurocl.io import read_tsv, write_json, write_tsv
 from neurocl.methods import BaseMethod, method_from_checkpoint
 from neurocl.store import PreprocessConfig, VolumeStore
 
@@ -42,6 +42,8 @@ __all__ = [
     "embeddings_table",
     "join_embeddings",
     "load_model",
+    "read_embeddings",
+    "refuse_existing",
     "sidecar_path",
     "write_embeddings",
 ]
@@ -76,9 +78,19 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for a damaged file
         raise ConfigError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from None
-    if "hyper_parameters" not in state or "state_dict" not in state:
+    if not isinstance(state, dict) or "hyper_parameters" not in state or "state_dict" not in state:
         raise ConfigError(f"checkpoint {path} is not a neurocl training checkpoint")
-    module = method_from_checkpoint(state).to(resolve_device(device))
+    try:
+        module = method_from_checkpoint(state).to(resolve_device(device))
+    except NeuroclError as error:
+        raise ConfigError(f"{path}: the checkpoint's settings are invalid ({error})") from None
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        # load_state_dict lists every mismatched tensor; the first line says what kind of mismatch.
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ConfigError(
+            f"{path}: the checkpoint's settings (hyper_parameters) do not match its weights "
+            f"({type(error).__name__}: {first[:200]})"
+        ) from None
     module.grid = state.get("neurocl_grid")
     return module
 
@@ -114,13 +126,16 @@ def _split_labels(splits, cohort: Cohort) -> np.ndarray:
 
 
 def embed_cohort(checkpoint: str | os.PathLike, cohort_yaml: str | os.PathLike, out_tsv: str | os.PathLike,
-                 device: str = "auto", batch_size: int = 16) -> Path:
+                 device: str = "auto", batch_size: int = 16, overwrite: bool = False) -> Path:
     """``neurocl embed``: embeddings.tsv of new subjects, preprocessed onto the training store's grid.
 
     The images are resampled onto the stored (cropped) grid of the training run, masked with
     its brain mask and normalised the same way, in a temporary store that is removed after.
-    The network runs on ``device`` (a GPU when there is one by default), ``batch_size`` subjects at a time.
+    An existing ``out_tsv`` (or its sidecar), e.g. a run's own embeddings, is replaced only with
+    ``overwrite``; the refusal comes before any work. The network runs on ``device`` (a GPU
+    when there is one by default), ``batch_size`` subjects at a time.
     """
+    refuse_existing([Path(out_tsv), sidecar_path(out_tsv)], overwrite)
     module = load_model(checkpoint, device)
     if not module.grid:
         raise ConfigError(f"checkpoint {checkpoint} has no training grid record; it was not written by neurocl run")
@@ -138,6 +153,50 @@ def embed_cohort(checkpoint: str | os.PathLike, cohort_yaml: str | os.PathLike, 
         store = VolumeStore.build(cohort, scratch / "volumes", preprocess, progress=True)
         embeddings = embeddings_table(module, store, cohort, batch_size=batch_size)
     return write_embeddings(out_tsv, embeddings, cohort)
+
+
+def refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    """Refuse to replace outputs that exist (one line naming them) unless ``overwrite``."""
+    existing = [str(path) for path in paths if path.exists()]
+    if existing and not overwrite:
+        raise OutputError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
+                          "pass --overwrite to replace, or choose another --out")
+
+
+def read_embeddings(path: str | os.PathLike) -> pd.DataFrame:
+    """Read an embeddings table, refusing one whose embedding cells are not all finite numbers.
+
+    A ``nan`` or a word in a ``<space>_<i>`` column would make the column non-numeric, or leave a
+    hole, and the probes would then silently drop that dimension. The error names each such
+    column and its TSV lines (header = line 1).
+    """
+    path = Path(path)
+    try:
+        table = read_tsv(path)
+    except pd.errors.EmptyDataError:
+        raise CohortError(f"{path}: embeddings table is empty (expected a header with participant_id and "
+                          "<space>_<i> columns)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise CohortError(f"{path}: cannot read the embeddings table ({error})") from None
+    problems = []
+    for column in table.columns:
+        if _SPACE_COLUMN.match(str(column)) is None or column in ("participant_id", "session_id"):
+            continue
+        numbers = pd.to_numeric(table[column], errors="coerce")
+        bad = ~np.isfinite(numbers.to_numpy(dtype=float))
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            cells = ", ".join(f"{_cell(table[column].iloc[row])}" for row in rows[:3])
+            lines = ", ".join(str(row + 2) for row in rows[:5]) + (" ..." if len(rows) > 5 else "")
+            problems.append(f"{column} at line{'s' if len(rows) > 1 else ''} {lines} ({cells})")
+    if problems:
+        raise CohortError(f"{path}: embedding cells that are not finite numbers: {'; '.join(problems)}; "
+                          "fix or re-make the table (a missing dimension would silently change the probes)")
+    return table
+
+
+def _cell(value) -> str:
+    return "empty/n/a" if pd.isna(value) and not isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
 
 
 # ---------------------------------------------------------------- cohort sidecar

@@ -125,13 +125,7 @@ class MethodConfig(BaseModel):
 
     @model_validator(mode="after")
     def _kernel_is_usable(self) -> "MethodConfig":
-        if self.name == "yaware" and not self.attributes:
-            raise ValueError("method 'yaware' needs at least one attribute in method.attributes (e.g. [age])")
-        if self.name == "sepclr" and not self.attributes:
-            if self.common_objective == "yaware":
-                raise ValueError("method.common_objective 'yaware' needs at least one attribute in method.attributes")
-            if self.lam_cov > 0:
-                raise ValueError("method.lam_cov > 0 needs the covariates in method.attributes (e.g. [age, sex, site])")
+        METHODS[self.name].check_settings(self)
         sigmas = self.sigma if isinstance(self.sigma, list) else [self.sigma]
         if any(value <= 0 for value in sigmas):
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
@@ -358,6 +352,24 @@ class BaseMethod(L.LightningModule):
     The hyper-parameters are stored as plain JSON types so that checkpoints load
     with ``torch.load(weights_only=True)`` and the network can be rebuilt from them.
     """
+
+    # The MethodConfig fields this method reads besides ``name`` and ``n_views``. Like solo-learn's
+    # ``add_and_assert_specific_cfg``, each method owns the check of its own settings
+    # (:meth:`check_settings`): one flat config serves every method, and a field another method
+    # reads, set away from its default, is refused instead of being silently ignored.
+    settings: tuple[str, ...] = ()
+
+    @classmethod
+    def check_settings(cls, config: "MethodConfig") -> None:
+        """Refuse settings this method does not read (set to a non-default value); raises ValueError."""
+        fields = MethodConfig.model_fields
+        foreign = [name for name in fields if name not in ("name", "n_views", *cls.settings)
+                   and getattr(config, name) != fields[name].get_default(call_default_factory=True)]
+        if foreign:
+            raise ValueError(
+                f"{', '.join(foreign)}: not {'a setting' if len(foreign) == 1 else 'settings'} of method "
+                f"{config.name!r}, which reads {', '.join(cls.settings)} (remove {'it' if len(foreign) == 1 else 'them'})"
+            )
 
     def __init__(self, method, encoder, optim=None, seed: int = 0, data: TrainingData | None = None) -> None:
         super().__init__()
@@ -601,6 +613,8 @@ def _lr_factor(total_steps: int, warmup_steps: int, schedule: str):
 class SimCLR(BaseMethod):
     """SimCLR (Chen et al., ICML 2020): InfoNCE between views, ℓ(a, p) = −sim(a, p) + log Σ_{b≠a} exp sim(a, b)."""
 
+    settings = ("rep_dim", "proj_dim", "temperature")
+
     def build_net(self) -> torch.nn.Module:
         from neurocl.nets import ContrastiveNet
 
@@ -622,6 +636,14 @@ class YAware(SimCLR):
     ℓ(a) = −Σ_{b≠a} W(a,b)[sim(a,b) − log Σ_{b'≠a} exp sim(a,b')], W(a,b) = w_ij / Σ_{b'≠a} w_ij'.
     """
 
+    settings = SimCLR.settings + ("attributes", "sigma", "kernel_combine", "standardise")
+
+    @classmethod
+    def check_settings(cls, config: "MethodConfig") -> None:
+        super().check_settings(config)
+        if not config.attributes:
+            raise ValueError("method 'yaware' needs at least one attribute in method.attributes (e.g. [age])")
+
     def compute_loss(self, views: Tensor, indices: np.ndarray) -> tuple[Tensor, dict[str, Tensor]]:
         z = self.encode_views(views)["proj"]
         loss = losses.yaware_info_nce(
@@ -636,6 +658,8 @@ class DecoupledUniformity(SimCLR):
 
     With attributes, μ ← αμ with α = (K + λI)⁻¹K, K the attribute kernel of the batch.
     """
+
+    settings = ("rep_dim", "proj_dim", "attributes", "sigma", "kernel_combine", "standardise", "lam", "t")
 
     def compute_loss(self, views: Tensor, indices: np.ndarray) -> tuple[Tensor, dict[str, Tensor]]:
         config = self.method_config
@@ -652,6 +676,19 @@ class SepCLR(BaseMethod):
     With ``method.attributes`` the common term can use their kernel (``common_objective``) and
     ``lam_cov``·cov keeps them out of the targets' salient space (:func:`neurocl.losses.sepclr_loss`).
     """
+
+    settings = ("common_dim", "salient_dim", "shared_trunk", "embed", "tau", "beta_salient", "beta_null", "lam_mi",
+                "target_fraction", "attributes", "sigma", "kernel_combine", "standardise", "common_objective",
+                "temperature", "lam", "t", "lam_cov", "null_weighting", "view_weighting")
+
+    @classmethod
+    def check_settings(cls, config: "MethodConfig") -> None:
+        super().check_settings(config)
+        if not config.attributes:
+            if config.common_objective == "yaware":
+                raise ValueError("method.common_objective 'yaware' needs at least one attribute in method.attributes")
+            if config.lam_cov > 0:
+                raise ValueError("method.lam_cov > 0 needs the covariates in method.attributes (e.g. [age, sex, site])")
 
     def build_net(self) -> torch.nn.Module:
         from neurocl.nets import SepCLRNet

@@ -35,7 +35,7 @@ from neurocl.maps import run_maps
 from neurocl.probe import probe_embeddings, separation
 from neurocl.rundir import RunDir
 from neurocl.store import VolumeStore
-from neurocl.train import is_primary_process, train, train_as_worker, training_jobs
+from neurocl.train import check_batch_sizes, is_primary_process, train, train_as_worker, training_jobs
 
 console = progress_console()
 
@@ -114,14 +114,20 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool |
         console.print(f"--auto-resume: {'resuming the run in' if trained else 'starting a new run in'} {run.path}")
     if not is_primary_process():
         return train_as_worker(config, run, resume)
-    run.prepare(config, resume)
-
+    # Every check first, then the first write: a failed check leaves --out as it was.
+    run.check_out(config, resume)
     console.print(f"[bold]cohort[/] {config.cohort}")
     cohort = Cohort.from_yaml(config.cohort)
+    run.check_out(config, resume, cohort)
     cohort.check(check_images=True)
     check_attribute_names(config, cohort)
-    store = VolumeStore.build(cohort, run.store_folder(config, harmonised=False), config.preprocess, progress=True)
     splits = _splits(config, cohort, run)
+    check_batch_sizes(config, cohort, splits)
+    run.prepare(config, resume)
+    if not run.splits.is_file():
+        splits.save(run.splits)
+
+    store = VolumeStore.build(cohort, run.store_folder(config, harmonised=False), config.preprocess, progress=True)
     if config.harmonise is not None:
         console.print(f"[bold]harmonising[/] {config.harmonise.site} with ComBat (protecting {config.harmonise.protect})")
         store = harmonise_run_store(store, cohort, splits, config.harmonise, run.store_folder(config))
@@ -167,8 +173,8 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool |
 
 
 def _splits(config: PipelineConfig, cohort: Cohort, run: RunDir) -> Splits:
-    """The run's split manifest: RUN/splits.tsv when it exists (resume), else drawn (or read) and saved."""
-    if run.splits.is_file():
+    """The run's split manifest: RUN/splits.tsv of a run that trained (resume), else drawn (or read); not saved here."""
+    if run.splits.is_file() and run.trained():
         return Splits.load(run.splits, cohort)
     if config.splits.file is not None:
         splits = Splits.load(config.splits.file, cohort)
@@ -180,7 +186,6 @@ def _splits(config: PipelineConfig, cohort: Cohort, run: RunDir) -> Splits:
         )
     if splits.column != "split":
         raise ConfigError(f"splits.file {config.splits.file}: training needs a holdout manifest (a 'split' column)")
-    splits.save(run.splits)
     return splits
 
 

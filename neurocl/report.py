@@ -160,7 +160,7 @@ def _cohort_name(spec_path) -> str:
     try:
         spec = load_yaml(Path(spec_path), ConfigError, "cohort spec")
     except ConfigError:
-        spec = None
+        spec = None  # only a display name is wanted here: the file name stands in
     name = spec.get("name") if isinstance(spec, dict) else None
     return str(name) if name else Path(spec_path).name
 
@@ -554,9 +554,13 @@ def _maps_section(run: _RunFiles, figures: _Figures) -> _Section | None:
     section = _Section("Maps and subtypes")
     if run.subtypes:
         summary = {k: v for k, v in run.subtypes.items() if not isinstance(v, (list, dict)) or k in ("cluster_sizes", "stability_ci")}
+        null_test = run.subtypes.get("one_cluster_test")
+        if isinstance(null_test, dict):
+            summary["one-cluster test p"] = null_test.get("p_value")
         section.table(pd.DataFrame([(k, _fmt(v)) for k, v in summary.items()], columns=["subtypes", "value"]),
                       caption="Subtypes: clusters of target subjects in salient space (k chosen by the criterion; "
-                              "stability = bootstrap agreement).")
+                              "k = 1, no subtypes, unless the one-cluster gap test rejects it; "
+                              "stability = bootstrap agreement, undefined for k = 1).")
         stability = run.subtypes.get("stability")
         if isinstance(stability, (int, float)) and stability < STABILITY_CAUTION:
             section.text(f"Caution: subtype stability {stability:.2f} is below {STABILITY_CAUTION}: the clusters "
@@ -570,8 +574,15 @@ def _maps_section(run: _RunFiles, figures: _Figures) -> _Section | None:
             section.table(pd.DataFrame(rows, columns=["evaluation", "value"]), caption="Against the ground truth")
         summary = run.evaluation.get("summary")
         if isinstance(summary, dict) and summary:
-            section.table(_rounded(pd.DataFrame(summary).T.rename_axis("method").reset_index()),
-                          caption="Map AUC against the true subtype regions (mean over subtypes)")
+            nulls = run.evaluation.get("null_references") or []
+            caption = "Map AUC against the true subtype regions (mean over subtypes)"
+            if nulls:
+                caption += (f", beside the same method on {', '.join(nulls)} network(s) of the same architecture; "
+                            f"passes: trained − untrained ≥ {run.evaluation.get('pass_margin', 0.1):g} "
+                            "and above any other null")
+            else:
+                caption += "; no null network was scored, so these AUCs say nothing about learning"
+            section.table(_rounded(pd.DataFrame(summary).T.rename_axis("method").reset_index()), caption=caption)
     if run.associations is not None and not run.associations.empty:
         section.table(_rounded(run.associations), caption="Cluster associations with clinical attributes (FDR-corrected p)")
     if run.maps_index is not None:

@@ -32,9 +32,12 @@ from neurocl.config import PipelineConfig, config_yaml, validated
 from neurocl.embed import cohort_fingerprint, load_model
 from neurocl.errors import ConfigError, NeuroclError
 from neurocl.io import load_yaml, read_tsv, write_json, write_text
+from neurocl.logs import progress_console
 from neurocl.store import VolumeStore
 
 __all__ = ["MapsFolder", "Run", "RunDir", "load_run", "store_fingerprint"]
+
+console = progress_console()
 
 # What a resumed run must share with the run it continues: everything the trained weights depend
 # on. The other sections (evaluation, baselines, maps, outputs, name) only shape later stages,
@@ -53,11 +56,21 @@ class MapsFolder:
         self.evaluation = self.path / "evaluation.json"
         self.clusters = self.path / "clusters.tsv"
         self.associations = self.path / "associations.tsv"
+        self.significance = self.path / "significance.tsv"
+        # The null network trained with permuted group labels: a run folder of its own (checkpoints, logs),
+        # beside the permutation it was trained with.
+        self.permuted_labels_network = self.path / "null_permuted_labels"
+        self.permuted_groups = self.permuted_labels_network / "permuted_groups.tsv"
 
     @staticmethod
     def map_names(name: str) -> dict[str, str]:
         """File names (relative to the folder) of one map: ``nifti``, ``png``, ``regions`` (index.tsv's columns)."""
         return {"nifti": f"{name}.nii.gz", "png": f"{name}.png", "regions": f"regions_{name}.tsv"}
+
+    @staticmethod
+    def significance_name(method: str, null: str) -> str:
+        """File name (relative to the folder) of the −log10 p map of ``method`` against null network ``null``."""
+        return f"significance_{method}_vs_{null}.nii.gz"
 
 
 class RunDir:
@@ -130,21 +143,62 @@ class RunDir:
         loaded = load_yaml(self.config, ConfigError, "run configuration")
         return loaded if isinstance(loaded, dict) else None
 
-    def prepare(self, config: PipelineConfig, resume: bool) -> None:
-        """Check the folder (new, or the same training's with ``resume``) and save config.yaml."""
-        if resume:
-            if not self.config.is_file():
+    def trained(self) -> bool:
+        """Whether any training of this run (the method's or a baseline's) wrote a checkpoint."""
+        runs = [self] + [self.baseline(name) for name in self.baseline_names()]
+        return any(any(run.checkpoints.glob("*.ckpt")) for run in runs)
+
+    def _untrained_leftovers(self) -> list[Path] | None:
+        """What a run that failed before training left here (config.yaml, splits.tsv, logs/, the store), or
+        None when the folder holds anything else (another run's results, files of the user)."""
+        own = {self.config, self.splits, self.logs, self.default_store, self.harmonised_store, self.checkpoints}
+        contents = list(self.path.iterdir())
+        if not self.config.is_file() or self.trained() or any(path not in own for path in contents):
+            return None
+        return [path for path in (self.config, self.splits, self.prepared) if path.exists()]
+
+    def check_out(self, config: PipelineConfig, resume: bool, cohort: Cohort | None = None) -> None:
+        """Refuse an unusable ``--out`` before anything is written: inside the cohort's input folder, not
+        empty for a new run (unless it holds a run that never trained), or ``--resume`` of another training."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--out {self.path} is a file; give a folder")
+        inputs = cohort.input_folder() if cohort is not None else None
+        if inputs is not None and (self.path == inputs or inputs in self.path.parents):
+            raise ConfigError(f"--out {self.path} lies inside the cohort's input folder {inputs}; "
+                              "neurocl never writes there: choose a folder outside it")
+        if not self.path.exists() or not any(self.path.iterdir()):
+            if resume:
                 raise ConfigError(f"--resume: {self.path} holds no run (config.yaml missing); start it without --resume")
-            before = _training_part(load_yaml(self.config, ConfigError, "run configuration"))
-            now = _training_part(config.model_dump(mode="json"))
-            changed = [section for section in _TRAINING_SECTIONS if before[section] != now[section]]
-            if changed:
-                raise ConfigError(
-                    f"--resume: the pipeline differs from the run's {self.config} in section(s) {', '.join(changed)}, "
-                    "which the trained weights depend on; resume with the same pipeline or start a new run"
-                )
-        elif self.path.exists() and any(self.path.iterdir()):
+            return
+        if self._untrained_leftovers() is not None:
+            return  # a run that failed before training: the same command starts it again (see prepare)
+        if not resume:
             raise ConfigError(f"--out {self.path} exists and is not empty; choose a new folder or pass --resume")
+        if not self.config.is_file():
+            raise ConfigError(f"--resume: {self.path} holds no run (config.yaml missing); start it without --resume")
+        before = _training_part(load_yaml(self.config, ConfigError, "run configuration"))
+        now = _training_part(config.model_dump(mode="json"))
+        changed = [section for section in _TRAINING_SECTIONS if before[section] != now[section]]
+        if changed:
+            raise ConfigError(
+                f"--resume: the pipeline differs from the run's {self.config} in section(s) {', '.join(changed)}, "
+                "which the trained weights depend on; resume with the same pipeline or start a new run"
+            )
+
+    def prepare(self, config: PipelineConfig, resume: bool) -> None:
+        """Save config.yaml, after :meth:`check_out` and every other check passed.
+
+        A run that never trained starts afresh: the split manifest and inputs record of the failed
+        attempt are removed (its store is kept: an up-to-date store is reused, not rebuilt).
+        """
+        self.check_out(config, resume)
+        leftovers = self._untrained_leftovers() if self.path.is_dir() and any(self.path.iterdir()) else None
+        if leftovers:
+            console.print(f"[yellow]note:[/] {self.path} holds a run that never trained; starting it again "
+                          f"(replacing {', '.join(str(path.relative_to(self.path)) for path in leftovers)})")
+            for path in leftovers:
+                if path != self.config:
+                    path.unlink()
         write_text(self.config, config_yaml(config))
 
     # ------------------------------------------------------------ inputs record

@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 
 from neurocl import io
-from neurocl.errors import ConfigError
+from neurocl.errors import CohortError, ConfigError
 
 
 def _axial(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +87,7 @@ def slice_cohort(source_dir: str | os.PathLike, out_dir: str | os.PathLike,
                       out_dir / "masks" / f"subtype-{k}_mask.nii.gz")
     for name in ("participants.tsv", "ground_truth.tsv"):
         shutil.copyfile(source_dir / name, out_dir / name)
-    spec = yaml.safe_load((source_dir / "cohort.yaml").read_text())
+    spec = io.load_yaml(source_dir / "cohort.yaml", CohortError, "cohort spec")
     spec["name"] = f"{spec['name']}-2d-slab{slab.start}-{slab.stop - 1}"
     spec["images"] = "images/{participant_id}" + suffix
     if image_format == "png":

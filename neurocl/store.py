@@ -744,13 +744,8 @@ def fits_in_budget(nbytes: int, budget_bytes: float) -> bool:
 
 def _refuse_input_folder(cache_dir: Path, cohort: "Cohort") -> None:
     """Refuse a cache inside the folder that holds the cohort's images (inputs are never written)."""
-    folders = [str(Path(image).resolve().parent) for image in cohort.table["image"]]
-    if not folders:
-        return
-    root = Path(os.path.commonpath(folders))
-    if len(root.parts) < 3:  # images scattered across the filesystem: no single input folder to protect
-        return
-    if cache_dir == root or root in cache_dir.parents:
+    root = cohort.input_folder()
+    if root is not None and (cache_dir == root or root in cache_dir.parents):
         raise ConfigError(f"cache_dir {cache_dir} lies inside the cohort's input folder {root}; choose another")
 
 

@@ -28,7 +28,7 @@ from neurocl.logs import epoch_lines, is_terminal, progress_console
 from neurocl.embed import grid_record
 from neurocl.errors import ConfigError, NeuroclError, TrainingError
 from neurocl.io import torch_save, write_text
-from neurocl.methods import MethodConfig, TrainingData, build_method
+from neurocl.methods import EpochBatches, MethodConfig, TrainingData, build_method
 from neurocl.rundir import RunDir
 from neurocl.store import VolumeStore
 from neurocl.views import ViewSampler
@@ -273,13 +273,89 @@ def train(config: PipelineConfig, method: MethodConfig, run_dir: str | os.PathLi
     trainer = make_trainer(config.training, run)
     ckpt_path = run.last_checkpoint if resume and run.last_checkpoint.is_file() else None
     if ckpt_path is not None:
+        check_resumable(ckpt_path)
         console.print(f"resuming from [bold]{ckpt_path}[/]")
-    trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
+    _warn_few_targets(cohort, method)
+    try:
+        trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit:
+        # Lightning answers Ctrl-C by shutting down gracefully, then sys.exit(1): the CLI would
+        # exit 1 without a word. An interrupted fit is a KeyboardInterrupt (exit 130, resume hint).
+        if trainer.interrupted:
+            _restore_sigint()
+            raise KeyboardInterrupt from None
+        raise
     if trainer.interrupted:
+        _restore_sigint()
         raise KeyboardInterrupt
+    _say_which_weights(run, data)
     # Lightning hands the module back on the CPU; the stages after training (embedding, maps)
     # run where it trained.
     return module.to("cuda" if _on_gpu(config.training) else "cpu").eval()
+
+
+def check_resumable(path: Path) -> None:
+    """Refuse, in one line naming it, a ``last.ckpt`` that cannot be resumed from (damaged or hostile).
+
+    Loaded with ``weights_only=True`` as Lightning will: a file that holds anything but tensors
+    and plain data is refused unread, so a crafted pickle runs nothing.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many unrelated types for a damaged or crafted file
+        raise TrainingError(
+            f"{path}: cannot resume from this checkpoint ({_load_failure(error)}); restore a good copy, "
+            "or delete it and run again with --resume to retrain from the start"
+        ) from None
+    if not isinstance(state, dict) or "state_dict" not in state or "loops" not in state:
+        raise TrainingError(f"{path}: not a neurocl training checkpoint; --resume cannot continue from it")
+
+
+def _load_failure(error: Exception) -> str:
+    """A checkpoint loading error in a few words (torch's messages run to paragraphs)."""
+    import re
+
+    text = str(error)
+    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsupported:
+        return f"it holds a Python object ({unsupported.group(1)}) that is never loaded"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return f"{type(error).__name__}: {first[:200]}"
+
+
+def _restore_sigint() -> None:
+    """Lightning ignores further Ctrl-C while it shuts down; callers in this process get it back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _warn_few_targets(cohort: Cohort, method: MethodConfig) -> None:
+    """Contrastive analysis needs target subjects in training and validation: say so when there are too few."""
+    if not method.two_spaces:
+        return
+    n_targets = int(cohort.table.loc[cohort.is_target, "participant_id"].nunique())
+    if n_targets < 2:
+        console.print(
+            f"[yellow]warning:[/] cohort {cohort.source} has {n_targets} target subject(s): the validation split "
+            "cannot hold target subjects, so there will be no validation loss and no best.ckpt",
+            highlight=False,
+        )
+
+
+def _say_which_weights(run: RunDir, data: TrainingData) -> None:
+    """Name the weights the embeddings are made with, and why there is no best.ckpt when there is none."""
+    if not run.best_checkpoint.is_file():
+        is_target = data.is_target.cpu().numpy()
+        n_target = int(is_target[data.val_indices].sum())
+        console.print(
+            f"[yellow]warning:[/] no validation loss was computed (the validation split holds {n_target} target and "
+            f"{len(data.val_indices) - n_target} background image(s)), so there is no best.ckpt",
+            highlight=False,
+        )
+    console.print(f"embeddings come from the final weights of training: {run.last_checkpoint}", highlight=False)
 
 
 def training_jobs(config: PipelineConfig, run: RunDir) -> list[tuple[str, MethodConfig, RunDir]]:
@@ -289,6 +365,30 @@ def training_jobs(config: PipelineConfig, run: RunDir) -> list[tuple[str, Method
         if entry.trained:
             jobs.append((f"baselines/{entry.name}", entry.method(config.method), run.baseline(entry.name)))
     return jobs
+
+
+def world_size(training: TrainingConfig) -> int:
+    """Processes of a training section: devices per node (``auto``: every GPU, or 1 on CPU) x nodes."""
+    if isinstance(training.devices, int):
+        devices = training.devices
+    else:
+        devices = max(torch.cuda.device_count(), 1) if _on_gpu(training) else 1
+    return devices * training.num_nodes
+
+
+def check_batch_sizes(config: PipelineConfig, cohort: Cohort, splits: Splits) -> None:
+    """Refuse, before any preprocessing, a batch that the training subjects cannot fill.
+
+    The rule is the one the training batches apply (:class:`neurocl.methods.EpochBatches`: a
+    global batch never holds a subject twice; SepCLR's share of each group must fit that group),
+    applied to the cohort's training rows instead of the store's, which do not exist yet.
+    """
+    rows = splits.rows(cohort, "train")
+    rows = rows[cohort.table["group"].notna().to_numpy()[rows]]
+    methods = [config.method] + [entry.method(config.method) for entry in config.baselines if entry.trained]
+    for method in methods:
+        EpochBatches(rows, config.training.batch_size, is_target=cohort.is_target if method.two_spaces else None,
+                     target_fraction=method.target_fraction, world_size=world_size(config.training))
 
 
 # ---------------------------------------------------------------- DDP handshake

@@ -68,6 +68,54 @@ class ViewConfig(BaseModel):
     Ranges are ``(low, high)``; a per-sample value is drawn uniformly in it (gamma log-uniformly).
     Sigmas of blur are in voxels of the stored grid; noise sigma and intensity shift are in the
     stored intensity units (z-scores with the default preprocessing).
+
+    Parameters
+    ----------
+    p_crop : float
+        Probability of a random crop.
+    crop_scale : tuple[float, float]
+        Side of the crop as a fraction of each side.
+    crop_size : tuple[int, ...] | None
+        Crop of a fixed size in voxels instead of `crop_scale`.
+    crop_resize : bool
+        Resize the crop back to the input size (otherwise views keep the crop size).
+    p_flip : float
+        Probability of a flip (set 0 when left/right matters).
+    flip_axes : tuple[int, ...] | None
+        Axes that may be flipped (`null`: all).
+    flip_mode : Literal['one', 'each']
+        `one`: one axis drawn among `flip_axes`; `each`: every axis independently.
+    p_affine : float
+        Probability of a rotation + scaling.
+    rotation_deg : float
+        Largest rotation about each axis (degrees).
+    scaling : tuple[float, float]
+        Isotropic scaling range.
+    p_intensity : float
+        Probability of `x * a + b`.
+    intensity_scale : tuple[float, float]
+        Range of `a`.
+    intensity_shift : tuple[float, float]
+        Range of `b`.
+    p_gamma : float
+        Probability of a gamma change.
+    gamma : tuple[float, float]
+        Gamma range (log-uniform).
+    p_noise : float
+        Probability of additive Gaussian noise.
+    noise_sigma : tuple[float, float]
+        Noise standard deviation range.
+    p_blur : float
+        Probability of a Gaussian blur.
+    blur_sigma : tuple[float, float]
+        Blur standard deviation range (voxels).
+    p_cutout : float
+        Probability of zeroing a box.
+    cutout_fraction : float
+        Side of the zeroed box as a fraction of each side.
+    patches : PatchConfig or None
+        Patch-batched training: the views are made of K random patches per subject (``views.patches``,
+        see neurocl.patches); ``null`` trains on whole volumes.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from neurocl.methods import METHODS as METHOD_CLASSES
 from neurocl.methods import TrainingData, build_method
 
 # GroupNorm, no BatchNorm anywhere (no batch statistic): then a rank's half batch computes what the
@@ -31,6 +32,7 @@ def make_module(name: str):
     """The same freshly initialised module on every rank (and in the single-process reference)."""
     torch.manual_seed(0)
     method = {"name": name, "common_dim": 4, "salient_dim": 4, "proj_dim": 8, "attributes": ["age"], "sigma": 5.0}
+    method = {key: value for key, value in method.items() if key == "name" or key in METHOD_CLASSES[name].settings}
     module = build_method(method, ENCODER, seed=0)
     generator = torch.Generator().manual_seed(1)
     module.data = TrainingData(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neurocl.config import PipelineConfig, load_pipeline
+from neurocl.config import _DOC_SECTIONS, PipelineConfig, docstring_entries, field_tables, load_pipeline, render_docs
 from neurocl.demo import DEMO_PIPELINE
 from neurocl.errors import ConfigError
 
@@ -86,3 +86,41 @@ def test_a_saved_config_validates_back_to_the_same_pipeline(tmp_path, tiny_cohor
     path.write_text(f"cohort: {tiny_cohort}\nbaselines: [pca, {{name: yaware, sigma: 3.0}}]\n")
     config = load_pipeline(path)
     assert PipelineConfig.model_validate(config.model_dump(mode="json")) == config
+
+
+def test_the_field_tables_of_docs_pipelines_md_match_the_schema():
+    """docs/pipelines.md's tables are generated from the Field descriptions: regenerate them with
+    ``python -m neurocl.config docs/pipelines.md`` after changing a field."""
+    doc = Path(__file__).parents[1] / "docs" / "pipelines.md"
+    text = doc.read_text()
+    assert render_docs(text) == text, "docs/pipelines.md is stale: run python -m neurocl.config docs/pipelines.md"
+
+
+def test_every_field_of_every_section_is_documented():
+    tables = field_tables()
+    for key, model, _ in _DOC_SECTIONS:
+        for name, field in model.model_fields.items():
+            if key != "top" or field.description is not None:
+                assert f"| `{name}` |" in tables[key], f"{key}.{name}"
+
+
+def test_docstring_entries_read_numpydoc_parameters():
+    class Documented:
+        """Something.
+
+        Parameters
+        ----------
+        alpha : float
+            The first
+            line and the second.
+        beta, gamma : int
+            Shared text.
+
+        Notes
+        -----
+        not_a_field : x
+            ignored
+        """
+
+    assert docstring_entries(Documented) == {"alpha": "The first line and the second.", "beta": "Shared text.",
+                                             "gamma": "Shared text."}

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from neurocl.methods import METHODS as METHOD_CLASSES
 from neurocl.methods import TrainingData, build_method
 
 ENCODER = {"name": "small_cnn", "width": 4}
@@ -29,6 +30,7 @@ def _free_port() -> int:
 def _module(name: str):
     torch.manual_seed(0)
     method = {"name": name, "common_dim": 4, "salient_dim": 4, "proj_dim": 8, "attributes": ["age"], "sigma": 5.0}
+    method = {key: value for key, value in method.items() if key == "name" or key in METHOD_CLASSES[name].settings}
     module = build_method(method, ENCODER, seed=0)
     generator = torch.Generator().manual_seed(1)
     module.data = TrainingData(

@@ -354,19 +354,23 @@ def test_a_build_waits_for_the_lock_held_on_its_store(tiny_cohort, tmp_path):
 
     store_dir = tmp_path / "store"
     store_dir.mkdir()
+    log = tmp_path / "build.log"
     lock = FileLock(str(store_dir / LOCK_NAME))
     lock.acquire()
     try:
-        process = subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(tiny_cohort), str(store_dir)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-        time.sleep(5)  # long enough to build the tiny store several times over if it did not wait
-        assert process.poll() is None, process.communicate()
-        assert not (store_dir / "store.json").exists()
+        with open(log, "w") as stderr:
+            process = subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(tiny_cohort), str(store_dir)],
+                                       stdout=subprocess.PIPE, stderr=stderr, text=True, env=_env())
+        deadline = time.time() + 300
+        while "waiting for another process building the store" not in log.read_text():
+            assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(2)  # still waiting: nothing is built while the lock is held
+        assert process.poll() is None and not (store_dir / "store.json").exists()
     finally:
         lock.release()
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err
-    assert "waiting for another process building the store" in err
+    process.communicate(timeout=300)
+    assert process.returncode == 0, log.read_text()[-3000:]
     assert (store_dir / "store.json").exists()
 
 
@@ -440,3 +444,234 @@ def test_os_error_reaching_the_cli_is_one_line_naming_the_path(tmp_path):
     (tmp_path / "a-file").write_text("")
     result = neurocl_cli("synth", tmp_path / "a-file" / "cohort", "--n-subjects", "4")
     one_error(result, str(tmp_path / "a-file"), "Not a directory")
+
+
+# ------------------------------------------------------------------ a trained run, and faults around it
+
+RUN_PIPELINE = """
+name: faults
+cohort: {cohort}
+views: {{p_crop: 0.5, p_flip: 0.5, p_noise: 0.5, p_blur: 0.0, p_cutout: 0.5}}
+method: {{name: sepclr, common_dim: 4, salient_dim: 4, target_fraction: 0.5}}
+encoder: {{name: small_cnn, width: 4}}
+training: {{epochs: {epochs}, batch_size: {batch_size}, lr: 0.003, warmup_steps: 2, accelerator: cpu, checkpoint_every_n_steps: 2}}
+evaluation:
+  attributes: [age]
+  subsets: [all]
+  probe: {{n_splits: 3, inner_splits: 2, n_permutations: 5, n_bootstrap: 10, n_jobs: 1}}
+baselines: []
+outputs: {{store: {store}, report: false}}
+"""
+PROBE_OPTIONS = ["--attributes", "age", "--n-permutations", "5", "--n-bootstrap", "10", "--jobs", "1"]
+
+
+def _pipeline(folder: Path, cohort: Path, epochs: int = 1, store: Path | None = None, batch_size: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"pipeline-{epochs}.yaml"
+    path.write_text(RUN_PIPELINE.format(cohort=cohort, epochs=epochs, store=store or folder / "store",
+                                        batch_size=batch_size))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_cohort, tmp_path_factory) -> tuple[Path, Path]:
+    """(pipeline YAML, run folder) of one finished one-epoch run on the tiny cohort (a real subprocess)."""
+    folder = tmp_path_factory.mktemp("faults_run")
+    pipeline = _pipeline(folder, tiny_cohort)
+    result = neurocl_cli("run", pipeline, "--out", folder / "run", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return pipeline, folder / "run"
+
+
+def _embeddings_copy(run: Path, folder: Path) -> Path:
+    """A writable copy of the run's embeddings.tsv (and its sidecar) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in run.glob("embeddings.*"):
+        shutil.copy(path, folder / path.name)
+    return folder / "embeddings.tsv"
+
+
+def _edit_cells(path: Path, edits: dict[tuple[int, str], str]) -> None:
+    """Replace cells of a TSV by (line number, column name)."""
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    for (line, column), value in edits.items():
+        cells = lines[line - 1].split("\t")
+        cells[header.index(column)] = value
+        lines[line - 1] = "\t".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_probe_names_the_column_and_lines_of_nan_or_text_cells(trained_run, tiny_cohort, tmp_path):
+    _, run = trained_run
+    embeddings = _embeddings_copy(run, tmp_path / "in")
+    _edit_cells(embeddings, {(3, "salient_1"): "nan", (5, "salient_1"): "abc", (4, "common_2"): "inf"})
+    before = embeddings.read_bytes()
+    result = neurocl_cli("probe", embeddings, "--cohort", tiny_cohort, "--out", tmp_path / "out", *PROBE_OPTIONS)
+    line = one_error(result, str(embeddings), "salient_1", "lines 3, 5", "common_2", "line 4")
+    assert "nan" in line and "'abc'" in line
+    assert embeddings.read_bytes() == before and not (tmp_path / "out").exists()
+
+
+def test_empty_embeddings_table_is_one_line_naming_it(tiny_cohort, tmp_path):
+    embeddings = tmp_path / "embeddings.tsv"
+    embeddings.write_bytes(b"")
+    result = neurocl_cli("probe", embeddings, "--cohort", tiny_cohort, "--out", tmp_path / "out", *PROBE_OPTIONS)
+    one_error(result, str(embeddings), "empty")
+
+
+def test_cohort_rows_missing_from_the_embeddings_are_counted_and_named_on_the_console(trained_run, tiny_cohort, tmp_path):
+    _, run = trained_run
+    embeddings = _embeddings_copy(run, tmp_path / "in")
+    lines = embeddings.read_text().splitlines()
+    dropped = [line.split("\t")[0] for line in lines[1:4]]
+    embeddings.write_text("\n".join([lines[0], *lines[4:]]) + "\n")
+    result = neurocl_cli("probe", embeddings, "--cohort", tiny_cohort, "--out", tmp_path / "out", *PROBE_OPTIONS,
+                         "--other-cohort")
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = " ".join(result.stderr.split())
+    assert "3 cohort rows have no embedding" in said and all(pid in said for pid in dropped), said[-2000:]
+
+
+def test_embed_and_probe_refuse_to_replace_existing_outputs_without_overwrite(trained_run, tiny_cohort, tmp_path):
+    _, run = trained_run
+    before = tree_digest(run)
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    result = neurocl_cli("embed", checkpoint, tiny_cohort, "--out", run / "embeddings.tsv")
+    one_error(result, str(run / "embeddings.tsv"), "already exist", "--overwrite")
+    result = neurocl_cli("probe", run / "embeddings.tsv", "--cohort", tiny_cohort, "--out", run, *PROBE_OPTIONS)
+    one_error(result, str(run), "--overwrite")
+    assert tree_digest(run) == before
+    # With --overwrite, a copy of the run is replaced as asked.
+    copy = Path(shutil.copytree(run, tmp_path / "copy"))
+    result = neurocl_cli("embed", copy / "checkpoints" / "last.ckpt", tiny_cohort, "--out", copy / "embeddings.tsv",
+                         "--overwrite")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _run_copy(trained_run, tmp_path) -> tuple[Path, Path]:
+    pipeline, run = trained_run
+    return pipeline, Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def test_resume_on_a_truncated_checkpoint_is_one_line_naming_it(trained_run, tmp_path):
+    pipeline, run = _run_copy(trained_run, tmp_path)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    result = neurocl_cli("run", pipeline, "--out", run, "--resume", timeout=600)
+    one_error(result, str(last), "--resume")
+
+
+def test_resume_on_a_hostile_checkpoint_runs_nothing_and_is_one_line(trained_run, tmp_path):
+    import pickle
+
+    pipeline, run = _run_copy(trained_run, tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(pickle.dumps({"state_dict": Exploit()}))
+    result = neurocl_cli("run", pipeline, "--out", run, "--resume", timeout=600)
+    one_error(result, str(last))
+    assert not marker.exists()
+
+
+def test_embed_with_a_checkpoint_whose_settings_do_not_match_its_weights_is_one_line(trained_run, tiny_cohort, tmp_path):
+    import torch
+
+    _, run = trained_run
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    hyper = state["hyper_parameters"]
+    # Wider encoder settings than the weights were trained with.
+    for section in hyper.values():
+        if isinstance(section, dict) and "width" in section:
+            section["width"] = section["width"] * 2
+    forged = tmp_path / "forged.ckpt"
+    torch.save(state, forged)
+    result = neurocl_cli("embed", forged, tiny_cohort, "--out", tmp_path / "embeddings.tsv")
+    one_error(result, str(forged), "do not match")
+    assert not (tmp_path / "embeddings.tsv").exists()
+
+
+def _read_only(folder: Path) -> list[str] | None:
+    """Command prefix making ``folder`` read-only for the command (a private read-only bind mount)."""
+    if not _can_mount_tmpfs():
+        return None
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+            f'mount --bind "{folder}" "{folder}" && mount -o remount,bind,ro "{folder}" && exec "$@"', "sh"]
+
+
+def test_run_into_a_read_only_folder_or_onto_a_file_is_one_line_naming_it(tiny_cohort, tmp_path):
+    pipeline = _pipeline(tmp_path / "p", tiny_cohort)
+    (tmp_path / "a-file").write_text("keep me")
+    result = neurocl_cli("run", pipeline, "--out", tmp_path / "a-file")
+    one_error(result, str(tmp_path / "a-file"))
+    assert (tmp_path / "a-file").read_text() == "keep me"
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    wrap = _read_only(folder)
+    if wrap is None:
+        pytest.skip("needs unprivileged user and mount namespaces (a read-only bind mount)")
+    result = neurocl_cli("run", pipeline, "--out", folder / "run", wrap=wrap)
+    one_error(result, str(folder), "Read-only")
+
+
+def test_sigint_stops_the_run_with_130_the_message_and_the_resume_hint(tiny_cohort, tmp_path):
+    pipeline = _pipeline(tmp_path, tiny_cohort, epochs=100)
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "neurocl", "run", str(pipeline), "--out", str(run)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.time() + 600
+        while not (run / "checkpoints" / "last.ckpt").exists():
+            assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+            time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert "interrupted" in last and f"--out {run} --resume" in last, last
+
+
+def test_sigkill_mid_run_then_resume_finishes(tiny_cohort, tmp_path):
+    pipeline = _pipeline(tmp_path, tiny_cohort, epochs=3)
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "neurocl", "run", str(pipeline), "--out", str(run)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 600
+    while not (run / "checkpoints" / "last.ckpt").exists():
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    import torch
+
+    torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)  # whole, never half-written
+    result = neurocl_cli("run", pipeline, "--out", run, "--resume", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "embeddings.tsv").is_file() and (run / "probes.tsv").is_file()
+
+
+def test_a_single_target_subject_is_warned_and_the_embeddings_checkpoint_named(tiny_cohort, tmp_path):
+    cohort_dir = Path(shutil.copytree(tiny_cohort.parent, tmp_path / "cohort"))
+    table = (cohort_dir / "participants.tsv").read_text().splitlines()
+    header = table[0].split("\t")
+    dx = header.index(next(name for name in header if name in ("diagnosis", "dx", "group")))
+    targets = [i for i, line in enumerate(table[1:], start=1) if line.split("\t")[dx] not in ("control", "HC", "CN")]
+    kept = [table[0]] + [line for i, line in enumerate(table[1:], start=1) if i not in targets[1:]]
+    (cohort_dir / "participants.tsv").write_text("\n".join(kept) + "\n")
+    # Batches of 2 take one target subject per step (target_fraction 0.5): training can run.
+    pipeline = _pipeline(tmp_path, cohort_dir / tiny_cohort.name, store=tmp_path / "store", batch_size=2)
+    result = neurocl_cli("run", pipeline, "--out", tmp_path / "run", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = " ".join(result.stderr.split())
+    assert "warning:" in said and "1 target subject" in said, said[-3000:]
+    assert "embeddings come from" in said and "last.ckpt" in said, said[-3000:]

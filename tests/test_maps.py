@@ -17,6 +17,8 @@ from neurocl.errors import ConfigError
 from neurocl.maps import (
     MapsConfig,
     SubtypeClustering,
+    one_cluster_test,
+    seed_consensus,
     cluster_associations,
     coarse_parcellation,
     fdr_bh,
@@ -237,8 +239,8 @@ def test_subtype_clustering_rejects_a_k_range_it_cannot_fit():
     X, _ = planted_clusters(per_cluster=2)
     with pytest.raises(ConfigError, match=r"k_range = \(2, 6\).*\(6\)"):
         SubtypeClustering(k_range=(2, 6)).fit(X)
-    with pytest.raises(ConfigError, match="k_min"):
-        SubtypeClustering(k_range=(1, 3), criterion="silhouette").fit(X)
+    with pytest.raises(ConfigError, match="k_max >= 2 with the silhouette"):
+        SubtypeClustering(k_range=(1, 1), criterion="silhouette").fit(X)
 
 
 def test_match_clusters_pairs_each_subtype_with_its_majority_cluster():
@@ -251,8 +253,52 @@ def test_maps_config_checks_the_k_range():
     with pytest.raises(ValidationError, match="k_min"):
         MapsConfig(k_min=5, k_max=3)
     with pytest.raises(ValidationError, match="silhouette"):
-        MapsConfig(k_min=1)
-    assert MapsConfig(k_min=1, criterion="bic").k_min == 1
+        MapsConfig(k_min=1, k_max=1)
+    assert MapsConfig(k_min=1, k_max=1, criterion="bic").k_max == 1
+    assert MapsConfig().k_min == 1  # "no subtypes" is a possible answer by default
+
+
+# ---------------------------------------------------------------------------------------------- "no subtypes"
+
+
+def test_one_cluster_test_keeps_one_cluster_for_unimodal_data_and_rejects_it_for_planted_clusters():
+    rng = np.random.default_rng(0)
+    elongated = rng.normal(size=(120, 4)) * [5.0, 1.0, 0.5, 0.5]  # a severity axis, no clusters
+    continuum = np.c_[rng.uniform(0, 10, 120), rng.normal(scale=0.5, size=(120, 3))]
+    planted, _ = planted_clusters()
+    for unimodal in (elongated, continuum):
+        assert not one_cluster_test(unimodal, 4, n_reference=19, n_init=2)["reject"]
+    result = one_cluster_test(planted, 4, n_reference=19, n_init=2)
+    assert result["reject"] and result["p_value"] == pytest.approx(1 / 20)
+    assert len(result["gap"]) == 4 and len(result["z"]) == 3
+
+
+def test_subtype_clustering_says_one_cluster_for_an_elongated_gaussian_where_k_from_2_says_2():
+    # The failure this guards against: with k >= 2 only, a severity axis splits into two "subtypes"
+    # that a bootstrap calls stable.
+    X = np.random.default_rng(1).normal(size=(120, 4)) * [5.0, 1.0, 0.5, 0.5]
+    forced = SubtypeClustering(k_range=(2, 4), n_bootstrap=10, n_init=2).fit(X)
+    assert forced.n_clusters_ == 2 and forced.stability_ > 0.6  # above the docs' caution line
+    free = SubtypeClustering(k_range=(1, 4), n_bootstrap=10, n_init=2, n_reference=19).fit(X)
+    assert free.n_clusters_ == 1 and (free.labels_ == 0).all()
+    assert np.isnan(free.stability_) and free.scores_["k"].tolist() == [1, 2, 3, 4]
+    planted, truth = planted_clusters()
+    found = SubtypeClustering(k_range=(1, 4), n_bootstrap=0, n_init=2, n_reference=19).fit(planted)
+    assert found.n_clusters_ == 3 and adjusted_rand_score(truth, found.labels_) > 0.9
+
+
+def test_seed_consensus_scores_agreement_between_partitions():
+    a = np.array([0, 0, 0, 1, 1, 1])
+    relabelled = np.array([1, 1, 1, 0, 0, 0])
+    result = seed_consensus([a, relabelled, a])
+    assert result["mean_pairwise_ari"] == pytest.approx(1.0) and result["unanimous_pair_fraction"] == 1.0
+    split = np.array([0, 0, 1, 1, 2, 2])
+    mixed = seed_consensus([a, split])
+    # Of 15 pairs, a joins 6 and split 3; both join (0,1), (4,5) and both separate 15 − 7 = 8: 10 unanimous.
+    assert mixed["unanimous_pair_fraction"] == pytest.approx(10 / 15)
+    assert mixed["n_clusters"] == [2, 3]
+    with pytest.raises(ConfigError, match="same subjects"):
+        seed_consensus([a, a[:4]])
 
 
 # ---------------------------------------------------------------------------------------------- associations
@@ -365,6 +411,77 @@ def test_evaluate_subtypes_scores_matched_maps_and_references_inside_the_brain_m
     assert refs[2]["auc_difference_map"] is None  # no difference map given for subtype 2
 
 
+def test_evaluate_subtypes_scores_null_networks_beside_the_trained_one_and_applies_the_relative_pass_line():
+    from neurocl.maps import evaluate_subtypes
+
+    shape = (8, 8, 8)
+    brain = np.ones(shape, dtype=bool)
+    true_mask = np.zeros(shape, dtype=bool)
+    true_mask[1:4, 1:4, 1:4] = True
+    rng = np.random.default_rng(0)
+    good = rng.normal(size=shape) + 3.0 * true_mask
+    weak = rng.normal(size=shape) + 0.8 * true_mask  # a null that already finds part of the region
+    clusters, truth = np.array([1, 1, 0]), np.array([1, 1, 0])
+    maps = {"m": {"cluster-1": good, "true-subtype-1": good}}
+    null = {"untrained": {"m": {"cluster-1": weak, "true-subtype-1": weak}}}
+    result = evaluate_subtypes(clusters, truth, {1: true_mask}, maps, brain, null_maps=null)
+
+    def reference(values):
+        return roc_auc_score(true_mask[brain], np.abs(values)[brain])
+
+    row = result["map_auc"][0]
+    assert row["auc_subtype_map_untrained"] == pytest.approx(reference(weak))
+    assert row["auc_cluster_map_untrained"] == pytest.approx(reference(weak))
+    summary = result["summary"]["m"]
+    assert summary["margin_over_untrained"] == pytest.approx(reference(good) - reference(weak))
+    assert summary["passes"] == (reference(good) - reference(weak) >= 0.1)
+    assert result["null_references"] == ["untrained"]
+    # The same map as its own null cannot pass, however high its AUC.
+    same = evaluate_subtypes(clusters, truth, {1: true_mask}, maps, brain, null_maps={"untrained": maps})
+    assert same["summary"]["m"]["mean_auc_subtype_map"] > 0.9 and not same["summary"]["m"]["passes"]
+
+
+def test_paired_sign_flip_test_finds_a_planted_difference_and_controls_false_positives():
+    from neurocl.maps.significance import paired_sign_flip_test, relevance_shares
+
+    rng = np.random.default_rng(0)
+    n, voxels = 20, 400
+    null = rng.normal(size=(n, voxels))
+    trained = null + rng.normal(size=(n, voxels))
+    trained[:, :10] += 2.0  # ten voxels where the trained map is truly higher
+    for correction in ("fwe", "fdr"):
+        result = paired_sign_flip_test(trained, null, n_permutations=199, correction=correction)
+        assert (result["p"][:10] <= 0.05).all(), result["p"][:10]
+        assert (result["p"][10:] <= 0.05).sum() <= 3
+    assert paired_sign_flip_test(trained, null, n_permutations=199)["p"].min() == pytest.approx(1 / 200)  # FWE
+    identical = paired_sign_flip_test(null, null, n_permutations=19)
+    assert (identical["t"] == 0).all() and (identical["p"] == 1).all()
+    shares = relevance_shares(np.array([[1.0, -3.0], [0.0, 0.0]]))
+    np.testing.assert_allclose(shares, [[0.25, 0.75], [0.0, 0.0]])
+    with pytest.raises(ConfigError, match="fwe"):
+        paired_sign_flip_test(trained, null, correction="bonferroni")
+
+
+def test_untrained_method_rebuilds_the_initial_weights_and_leaves_the_generators_alone():
+    from neurocl.maps.stage import untrained_method
+    from neurocl.methods import build_method
+
+    config = {"name": "sepclr", "common_dim": 3, "salient_dim": 2, "proj_dim": 4}
+    encoder = {"name": "small_cnn", "width": 2}
+    torch.manual_seed(7)
+    trained = build_method(config, encoder, seed=7)
+    initial = {key: value.clone() for key, value in trained.state_dict().items()}
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(1.0)  # "training"
+    before = torch.random.get_rng_state()
+    fresh = untrained_method(trained)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, initial[key]), key
+    assert not any(torch.equal(a, b) for a, b in zip(fresh.parameters(), trained.parameters()))
+
+
 # ---------------------------------------------------------------------------------------------- the maps stage
 
 
@@ -434,6 +551,34 @@ def test_analyse_salient_writes_maps_on_the_store_grid_and_recovers_planted_subt
     assert [row["k"] for row in subtypes["scores"]] == [2, 3]
     associations = pd.read_csv(tmp_path / "associations.tsv", sep="\t")
     assert set(associations["attribute"]) == set(cohort.attribute_kinds)
+
+
+def test_analyse_salient_scores_a_null_network_and_writes_voxelwise_significance_against_it(tiny_run, tiny_cohort, tmp_path):
+    from neurocl.maps import analyse_salient
+
+    cohort, store, model, embeddings, masks = tiny_run
+    # A network that learned nothing about the subtypes: it reads the mean over the whole volume.
+    uniform = {k: np.ones_like(mask) for k, mask in masks.items()}
+    config = MapsConfig(k_min=2, k_max=2, n_bootstrap=0, methods=["gradient_x_input"], plots=False, n_regions=4,
+                        significance="fwe", n_permutations=99)
+    result = analyse_salient(model, store, cohort, embeddings, tmp_path, config, ground_truth=tiny_cohort.parent,
+                             null_models={"untrained": SubtypeRegionModel(uniform)})
+    summary = result["evaluation"]["summary"]["gradient_x_input"]
+    assert summary["mean_auc_subtype_map"] > summary["mean_auc_subtype_map_untrained"] + 0.1, summary
+    assert summary["passes"] is True
+    table = pd.read_csv(tmp_path / "significance.tsv", sep="\t")
+    assert table["null"].tolist() == ["untrained"] and table["correction"].tolist() == ["fwe"]
+    image = nib.load(tmp_path / table["nifti"].iloc[0])
+    assert image.shape == store.spatial_shape
+    minus_log_p = np.asarray(image.dataobj)
+    in_regions = np.any([mask for mask in masks.values()], axis=0) & store.mask
+    # Every target's relevance sits in its subtype's region for the trained model and spreads for the
+    # null, so region voxels of both subtypes reach p <= 0.05 and voxels outside both regions do not.
+    assert (minus_log_p[in_regions] > -np.log10(0.05)).mean() > 0.5
+    assert (minus_log_p[store.mask & ~in_regions] > -np.log10(0.05)).sum() == 0
+    # A rerun without the test removes its files.
+    analyse_salient(model, store, cohort, embeddings, tmp_path, config.model_copy(update={"significance": "none"}))
+    assert not (tmp_path / "significance.tsv").exists() and not (tmp_path / table["nifti"].iloc[0]).exists()
 
 
 def test_analyse_salient_ranks_each_subtype_region_first_in_a_user_atlas(tiny_run, tiny_cohort, tmp_path):
@@ -574,6 +719,36 @@ def test_the_maps_stage_of_a_run_writes_maps_on_the_cohort_grid_with_plots_and_s
     # The model-free difference map finds the planted regions (well above chance, 0.5): the true
     # masks were resampled onto the grid the maps are scored on.
     assert evaluation["reference_summary"]["mean_auc_difference_map"] > 0.7
+
+
+def test_run_maps_scores_untrained_and_permuted_label_networks_of_a_real_run(trained_run, tmp_path):
+    import shutil
+
+    from neurocl.maps import run_maps
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)  # the module's fixture stays as the other tests expect it
+    config = MapsConfig(k_min=2, k_max=2, n_bootstrap=0, methods=["gradient_x_input"], plots=False, n_regions=8,
+                        null_references=["untrained", "permuted_labels"])
+    run_maps(run_dir, config=config, progress=False)
+    evaluation = json.loads((run_dir / "maps" / "evaluation.json").read_text())
+    assert evaluation["null_references"] == ["permuted_labels", "untrained"]
+    for row in evaluation["map_auc"]:
+        for null in ("untrained", "permuted_labels"):
+            assert 0 <= row[f"auc_subtype_map_{null}"] <= 1
+    summary = evaluation["summary"]["gradient_x_input"]
+    assert summary["passes"] == (summary["margin_over_untrained"] >= 0.1 and summary["margin_over_permuted_labels"] > 0)
+    from neurocl.rundir import RunDir
+
+    maps = RunDir(run_dir).maps
+    groups = pd.read_csv(maps.permuted_groups, sep="\t")
+    original = pd.read_csv(run_dir / "embeddings.tsv", sep="\t").set_index("participant_id")["group"]
+    assert (groups["group"].value_counts() == original.value_counts()).all()  # sizes kept
+    assert (groups.set_index("participant_id")["group"] != original).any()  # labels moved
+    checkpoint = RunDir(maps.permuted_labels_network).last_checkpoint
+    written = checkpoint.stat().st_mtime_ns
+    run_maps(run_dir, config=config, progress=False)  # the finished null network is reused
+    assert checkpoint.stat().st_mtime_ns == written
 
 
 # ---------------------------------------------------------------- map figures

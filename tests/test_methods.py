@@ -7,11 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 import torch
 
 from neurocl import losses
 from neurocl.errors import ConfigError, TrainingError
-from neurocl.methods import EpochBatches, MethodConfig, OptimConfig, _lr_factor, build_method, method_from_checkpoint
+from neurocl.methods import (
+    METHODS,
+    EpochBatches,
+    MethodConfig,
+    OptimConfig,
+    _lr_factor,
+    build_method,
+    method_from_checkpoint,
+)
 
 
 def _groups(n_target: int, n_background: int) -> np.ndarray:
@@ -136,6 +145,7 @@ def _module(name: str, **method):
     if name in ("yaware", "decoupled_uniformity"):
         config.setdefault("attributes", ["age"])
         config.setdefault("sigma", 10.0)
+    config = {key: value for key, value in config.items() if key == "name" or key in METHODS[name].settings}
     module = build_method(config, ENCODER, seed=0)
     module.data = TrainingData(
         store=None, sampler=None, train_indices=np.arange(BATCH), val_indices=np.arange(0),
@@ -312,6 +322,22 @@ def test_one_training_step_runs_under_cpu_bf16_autocast(name, recipe, tmp_path):
     assert trainer.global_step == 1 and autocast_in_forward == [True]
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert any(not torch.equal(b, p.detach()) for b, p in zip(before, module.parameters()))
+
+
+@pytest.mark.parametrize(("name", "foreign"), [("simclr", {"beta_null": 5.0}), ("sepclr", {"proj_dim": 64}),
+                                              ("decoupled_uniformity", {"temperature": 0.5}),
+                                              ("yaware", {"attributes": ["age"], "common_dim": 8})])
+def test_a_method_refuses_a_setting_it_does_not_read(name, foreign):
+    field = next(iter(foreign.keys() - {"attributes"}))
+    with pytest.raises(ValidationError, match=rf"{field}: not a setting of method '{name}'"):
+        MethodConfig(name=name, **foreign)
+
+
+def test_a_method_takes_its_own_settings_and_every_default():
+    assert MethodConfig(name="simclr", temperature=0.2, proj_dim=64).temperature == 0.2
+    assert MethodConfig(name="sepclr", common_dim=8, tau=0.3).tau == 0.3
+    full = MethodConfig(name="yaware", attributes=["age"]).model_dump()  # a saved config holds every field
+    assert MethodConfig.model_validate(full).name == "yaware"
 
 
 # ---------------------------------------------------------------- patch-batched training

@@ -300,7 +300,7 @@ def test_patch_trained_run_embeds_by_sliding_window_and_embed_reproduces_it(tiny
     from neurocl.cohort import Cohort
     from neurocl.store import VolumeStore
 
-    model = pipeline.load_model(run_dir / "checkpoints" / "last.ckpt")
+    model = embed.load_model(run_dir / "checkpoints" / "last.ckpt")
     store = VolumeStore.open(workspace / "store")
     rows = store.rows_for(Cohort.from_yaml(tiny_cohort))[:4]
     salient = expected[[c for c in spaces if c.startswith("salient_")]].to_numpy()[:4]
@@ -348,6 +348,23 @@ def test_attribute_missing_from_the_cohort_is_refused_before_any_work(section, f
     with pytest.raises(ConfigError, match=rf"{field}: \['IQ'\] not in the attributes of cohort .*'age'"):
         pipeline.run_pipeline(path, tmp_path / "run")
     assert not (tmp_path / "run" / "store").exists()
+
+
+def test_a_batch_too_large_for_the_training_subjects_fails_before_anything_is_written(tmp_path, tiny_cohort):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(f"cohort: {tiny_cohort}\ntraining: {{batch_size: 30, accelerator: cpu}}\n")
+    with pytest.raises(ConfigError, match="training.batch_size 30"):
+        pipeline.run_pipeline(path, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_inside_the_cohort_folder_is_refused_before_anything_is_written(tmp_path, tiny_cohort_copy):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(f"cohort: {tiny_cohort_copy}\n")
+    out = tiny_cohort_copy.parent / "runs" / "first"
+    with pytest.raises(ConfigError, match="inside the cohort's input folder"):
+        pipeline.run_pipeline(path, out)
+    assert not (tiny_cohort_copy.parent / "runs").exists()
 
 
 # ---------------------------------------------------------------- cluster: trackers, prepare, requeue

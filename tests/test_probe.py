@@ -297,3 +297,86 @@ def test_a_skip_expected_in_every_space_is_reported_once(tiny_cohort, capsys):
     assert sorted(skipped["space"]) == ["common", "salient"]
     messages = [line for line in capsys.readouterr().err.splitlines() if "severity in background" in line]
     assert len(messages) == 1 and messages[0].endswith("spaces common, salient")
+
+
+# ----------------------------------------------------------------------------- solvers in the row span
+
+
+def test_logistic_with_more_dimensions_than_rows_matches_sklearn():
+    """d > n: the probe solves in the span of the training rows; the probabilities are sklearn's."""
+    rng = np.random.default_rng(12)
+    x_train, x_test = rng.normal(size=(24, 40)), rng.normal(size=(10, 40))
+    y = (x_train[:, 0] + 0.5 * rng.normal(size=24) > 0).astype(np.int64)
+    proba = solvers.logistic_path_proba(x_train, y[None], x_test, 2, [0.1, 1.0])  # (C, P, m, K)
+    mean, sd = x_train.mean(0), x_train.std(0)
+    for position, c in enumerate([0.1, 1.0]):
+        reference = LogisticRegression(C=c, tol=1e-12, max_iter=100_000).fit((x_train - mean) / sd, y)
+        expected = reference.predict_proba((x_test - mean) / sd)
+        np.testing.assert_allclose(proba[position, 0], expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- adaptive permutations
+
+
+@pytest.mark.parametrize(("n_extreme", "n_drawn"), [(0, 99), (0, 199), (1, 199), (5, 99), (30, 99), (60, 799), (40, 799)])
+def test_decision_is_clear_when_the_exact_binomial_interval_excludes_alpha(n_extreme, n_drawn):
+    from scipy.stats import binomtest
+
+    from neurocl.probe.permutations import ALPHA, DECISION_RISK, decision_is_clear
+
+    interval = binomtest(n_extreme, n_drawn).proportion_ci(confidence_level=1 - DECISION_RISK, method="exact")
+    expected = interval.high < ALPHA or interval.low > ALPHA
+    assert decision_is_clear(n_extreme, n_drawn) == expected
+
+
+def test_permutation_rounds_double_the_total_up_to_the_cap():
+    from neurocl.probe.permutations import permutation_checkpoints
+
+    assert permutation_checkpoints(1000) == [99, 199, 399, 799, 1000]
+    assert permutation_checkpoints(99) == [99]
+    assert permutation_checkpoints(20) == [20]
+
+
+def _probe_p(features, labels, kind, **settings):
+    config = ProbeConfig(n_bootstrap=0, n_jobs=1, **settings)
+    rows, _ = probe_attribute(features, labels, _participants(len(labels)), kind, config)
+    return {row["metric"]: (row["value"], row["p_value"], row["n_permutations"]) for row in rows}
+
+
+def test_a_null_attribute_stops_after_99_permutations_and_a_strong_one_after_199():
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(120, 5))
+    null = _probe_p(x, rng.normal(size=120), "continuous", n_permutations=999)["r2"]
+    strong = _probe_p(x, 2 * x[:, 0] + rng.normal(size=120), "continuous", n_permutations=999)["r2"]
+    assert null[2] == 99 and null[1] > 0.2
+    assert strong[2] == 199 and strong[1] == pytest.approx(1 / 200)
+
+
+def test_adaptive_p_values_are_those_of_the_fixed_test_on_the_permutations_used():
+    rng = np.random.default_rng(14)
+    x = rng.normal(size=(60, 4))
+    labels = (x[:, 0] + 2 * rng.normal(size=60) > 0).astype(int)
+    adaptive = _probe_p(x, labels, "categorical", n_permutations=999)
+    used = adaptive["balanced_accuracy"][2]
+    assert used < 999
+    fixed = _probe_p(x, labels, "categorical", n_permutations=used, adaptive_permutations=False)
+    assert fixed == adaptive
+    everything = _probe_p(x, labels, "categorical", n_permutations=999, adaptive_permutations=False)
+    assert everything["balanced_accuracy"][2] == 999
+    # Same decision at 0.05 as all 999 permutations.
+    assert (adaptive["balanced_accuracy"][1] < 0.05) == (everything["balanced_accuracy"][1] < 0.05)
+
+
+# ----------------------------------------------------------------------------- progress in a log
+
+
+def test_progress_in_a_log_file_is_one_line_per_attribute(two_space_cohort, capsys):
+    cohort, embeddings, _, _, _ = two_space_cohort
+    config = ProbeConfig(n_permutations=9, n_bootstrap=10, n_jobs=2)
+    probes = probe_embeddings(embeddings, cohort, attributes=["age", "sex", "group"], config=config, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("probed ")]
+    assert [line.split(" (")[0] for line in lines] == ["probed age", "probed sex", "probed group"]
+    assert lines[-1].startswith("probed group (3/3 attributes, ")
+    # Tasks ran attribute by attribute, the table keeps the space-major order.
+    assert list(probes["space"].drop_duplicates()) == ["common", "salient"]
+    assert probes.loc[probes["space"] == "common", "attribute"].iloc[0] == "age"

@@ -15,6 +15,7 @@ from neurocl.cohort import Cohort
 from neurocl.config import load_pipeline
 from neurocl.embed import write_embeddings
 from neurocl.errors import ConfigError, NeuroclError
+from neurocl.io import write_text
 from neurocl.rundir import RunDir, load_run, store_fingerprint
 from neurocl.store import VolumeStore
 
@@ -88,3 +89,44 @@ def test_a_baseline_folder_is_a_run_folder_of_its_own(tmp_path):
     baseline = run.baseline("cpca")
     assert baseline.path.parent == run.baselines
     assert baseline.embeddings.name == run.embeddings.name and baseline.probes.parent == baseline.path
+
+
+def _failed_before_training(folder: Path, cohort_yaml: Path) -> tuple[RunDir, Path]:
+    """A run folder as an older neurocl left it after failing before training: config.yaml, splits.tsv, logs/."""
+    run = RunDir(folder / "run")
+    pipeline = folder / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"cohort": str(cohort_yaml), "training": {"batch_size": 4}}))
+    write_text(run.config, "cohort: somewhere/else.yaml\n")
+    write_text(run.splits, "participant_id\tsplit\nsub-0001\ttrain\n")
+    write_text(run.prepared, "{}")
+    return run, pipeline
+
+
+def test_a_run_that_never_trained_restarts_with_the_same_command(tmp_path, tiny_cohort):
+    run, pipeline = _failed_before_training(tmp_path, tiny_cohort)
+    config = load_pipeline(pipeline)
+    for resume in (False, True):
+        run.check_out(config, resume=resume)  # neither "not empty" nor "a section changed"
+    run.prepare(config, resume=False)
+    assert load_pipeline(pipeline) == run.read_config()
+    assert not run.splits.exists() and not run.prepared.exists()
+
+
+def test_a_folder_with_other_files_is_not_taken_for_an_untrained_run(tmp_path, tiny_cohort):
+    run, pipeline = _failed_before_training(tmp_path, tiny_cohort)
+    (run.path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        run.check_out(load_pipeline(pipeline), resume=False)
+
+
+def test_a_trained_run_is_not_restarted(tmp_path, tiny_cohort):
+    run, pipeline = _failed_before_training(tmp_path, tiny_cohort)
+    write_text(run.last_checkpoint, "weights")
+    with pytest.raises(ConfigError, match="not empty"):
+        run.check_out(load_pipeline(pipeline), resume=False)
+
+
+def test_out_inside_the_cohort_folder_is_refused(tiny_cohort):
+    cohort = Cohort.from_yaml(tiny_cohort)
+    with pytest.raises(ConfigError, match="inside the cohort's input folder"):
+        RunDir(tiny_cohort.parent / "runs" / "a").check_out(None, resume=False, cohort=cohort)

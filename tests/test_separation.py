@@ -168,3 +168,12 @@ def test_the_table_gives_mean_and_sd_over_seeds():
     markdown = separation_markdown({"table": table})
     assert "| reference | severity | specific | target | r2 (0.00) | 0.10 ± 0.00 | 0.30 ± 0.14 |" in markdown
     assert "| reference | 0,1 | 0.10 ± 0.07 |" in markdown and "1 of 2" in markdown
+
+
+def test_chance_counts_only_the_classes_of_the_scored_rows():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(90, 2))
+    labels = np.where(np.arange(90) < 30, "control", np.where(x[:, 0] > 0, "one", "two"))
+    rows = np.arange(90) >= 30  # the targets only: two classes, chance 1/2
+    result = held_out_score(x, labels, "categorical", rows & (np.arange(90) < 70), rows & (np.arange(90) >= 70))
+    assert result["chance"] == 0.5 and result["n_test"] == 20 and result["value"] > 0.8

@@ -8,7 +8,8 @@ Four pieces, each usable on its own (model- and array-level), chained by :func:`
 * :mod:`~neurocl.maps.regions`: :func:`rank_regions` of a user atlas or of a
   :func:`coarse_parcellation` of the brain mask, and :func:`plot_map` over MNI152;
 * :mod:`~neurocl.maps.subtypes`: :class:`SubtypeClustering` of target subjects in salient
-  space (k by silhouette or BIC, bootstrap stability) and :func:`cluster_associations` with
+  space (k by silhouette or BIC, k = 1 "no subtypes" by a gap test against unimodal data,
+  bootstrap stability, agreement across training seeds) and :func:`cluster_associations` with
   clinical attributes (effect sizes, FDR-corrected p-values);
 * :mod:`~neurocl.maps.evaluation`: on synthetic cohorts, :func:`map_auc` of each subtype's
   map against its true mask and the adjusted Rand index of clusters vs true subtypes.
@@ -29,7 +30,7 @@ from neurocl.maps.evaluation import (
 from neurocl.maps.regions import coarse_parcellation, plot_map, rank_regions, read_atlas_names
 from neurocl.config import MapsConfig
 from neurocl.maps.stage import analyse_salient, run_maps
-from neurocl.maps.subtypes import SubtypeClustering, cluster_associations, fdr_bh
+from neurocl.maps.subtypes import SubtypeClustering, cluster_associations, fdr_bh, one_cluster_test, seed_consensus
 
 __all__ = [
     "MapsConfig",
@@ -46,8 +47,10 @@ __all__ = [
     "map_auc",
     "match_clusters",
     "occlusion",
+    "one_cluster_test",
     "plot_map",
     "rank_regions",
     "read_atlas_names",
     "run_maps",
+    "seed_consensus",
 ]

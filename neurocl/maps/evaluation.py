@@ -13,6 +13,14 @@ from neurocl.io import read_tsv
 from neurocl.maps.regions import _as_image
 
 
+#: How far a trained network's map AUC must exceed the untrained network's to pass; any other null
+#: (a network trained with permuted group labels) must merely be beaten.
+PASS_MARGIN = 0.1
+
+
+def _beats(margin: float, null: str) -> bool:
+    return margin >= PASS_MARGIN if null == "untrained" else margin > 0
+
 def map_auc(map_values, true_mask, brain_mask=None) -> float:
     """ROC-AUC of a map's voxel values as a detector of a true region.
 
@@ -113,6 +121,7 @@ def evaluate_subtypes(
     brain_mask,
     difference_maps: dict | None = None,
     anatomy_map: np.ndarray | None = None,
+    null_maps: dict | None = None,
 ) -> dict:
     """Adjusted Rand index of clusters vs true subtypes, and AUC of each subtype's maps against its true mask.
 
@@ -129,6 +138,13 @@ def evaluate_subtypes(
     ``auc_difference_map``, the AUC of |mean volume of the subtype's subjects − mean control
     volume| (what a voxel-wise group comparison that knew the true subtypes finds).
 
+    A map is only as good as its margin over a network that learned nothing: gradient x input of
+    a randomly initialised network already scores well above 0.5 (the (x − x₀) factor carries the
+    lesion). ``null_maps`` holds the same methods' maps from such networks (e.g. ``"untrained"``);
+    each row then has ``auc_cluster_map_<null>`` and ``auc_subtype_map_<null>``, and the summary,
+    per method, the null means, ``margin_over_<null>`` and ``passes``: the trained subtype map's
+    mean AUC exceeds the untrained network's by at least :data:`PASS_MARGIN` and every other null's.
+
     Parameters
     ----------
     clusters, truth : array-like
@@ -143,6 +159,8 @@ def evaluate_subtypes(
         Group -> (*S) mean volume minus mean control volume (``true-subtype-<k>`` groups used).
     anatomy_map : np.ndarray, optional
         (*S) mean control volume.
+    null_maps : dict, optional
+        Null network name -> {method -> {group -> (*S) mean map}}, the groups of ``group_maps``.
 
     Returns
     -------
@@ -161,26 +179,39 @@ def evaluate_subtypes(
     def auc(maps: dict, group: str, true_mask: np.ndarray) -> float | None:
         return map_auc(np.abs(maps[group]), true_mask, brain_mask) if group in maps else None
 
-    rows = [
-        {
-            "method": method,
-            "subtype": subtype,
-            "cluster": matching.get(subtype),
-            "n_mask_voxels": int((true_mask & brain_mask).sum()),
-            "auc_cluster_map": auc(maps, f"cluster-{matching.get(subtype)}", true_mask),
-            "auc_subtype_map": auc(maps, f"true-subtype-{subtype}", true_mask),
-        }
-        for method, maps in group_maps.items()
-        for subtype, true_mask in true_masks.items()
-    ]
-    table = pd.DataFrame(rows, columns=["method", "subtype", "cluster", "n_mask_voxels", "auc_cluster_map", "auc_subtype_map"])
-    summary = {
-        method: {
-            "mean_auc_cluster_map": float(part["auc_cluster_map"].astype(float).mean()),
-            "mean_auc_subtype_map": float(part["auc_subtype_map"].astype(float).mean()),
-        }
-        for method, part in table.groupby("method", sort=False)
-    }
+    null_maps = null_maps or {}
+    rows = []
+    for method, maps in group_maps.items():
+        for subtype, true_mask in true_masks.items():
+            row = {
+                "method": method,
+                "subtype": subtype,
+                "cluster": matching.get(subtype),
+                "n_mask_voxels": int((true_mask & brain_mask).sum()),
+                "auc_cluster_map": auc(maps, f"cluster-{matching.get(subtype)}", true_mask),
+                "auc_subtype_map": auc(maps, f"true-subtype-{subtype}", true_mask),
+            }
+            for null, methods in null_maps.items():
+                row[f"auc_cluster_map_{null}"] = auc(methods.get(method, {}), f"cluster-{matching.get(subtype)}", true_mask)
+                row[f"auc_subtype_map_{null}"] = auc(methods.get(method, {}), f"true-subtype-{subtype}", true_mask)
+            rows.append(row)
+    table = pd.DataFrame(rows)
+
+    def mean(part: pd.DataFrame, column: str) -> float:
+        return float(part[column].astype(float).mean()) if column in part else float("nan")
+
+    summary = {}
+    for method, part in table.groupby("method", sort=False):
+        record = {"mean_auc_cluster_map": mean(part, "auc_cluster_map"),
+                  "mean_auc_subtype_map": mean(part, "auc_subtype_map")}
+        for null in null_maps:
+            record[f"mean_auc_cluster_map_{null}"] = mean(part, f"auc_cluster_map_{null}")
+            record[f"mean_auc_subtype_map_{null}"] = mean(part, f"auc_subtype_map_{null}")
+            record[f"margin_over_{null}"] = record["mean_auc_subtype_map"] - record[f"mean_auc_subtype_map_{null}"]
+        if null_maps:
+            # NaN margins (a null without this method) compare False: no pass without every reference.
+            record["passes"] = bool(all(_beats(record[f"margin_over_{null}"], null) for null in null_maps))
+        summary[method] = record
     anatomy = {} if anatomy_map is None else {"anatomy": anatomy_map}
     reference_rows = [
         {
@@ -199,6 +230,8 @@ def evaluate_subtypes(
         "n_brain_voxels": int(brain_mask.sum()),
         "map_auc": rows,  # the dicts, not the table's records: a missing AUC stays None, not NaN
         "summary": summary,
+        "null_references": sorted(null_maps),
+        "pass_margin": PASS_MARGIN,
         "reference_auc": reference_rows,
         "reference_summary": {
             "mean_auc_anatomy_map": float(references["auc_anatomy_map"].astype(float).mean()),

@@ -119,6 +119,8 @@ def _subtypes(targets: pd.DataFrame, salient: list[str], keys: list[str], cohort
         criterion=config.criterion,
         n_bootstrap=config.n_bootstrap,
         random_state=config.seed,
+        n_reference=config.n_reference,
+        alpha=config.alpha,
     ).fit(targets[salient].to_numpy())
     clusters = clustering.labels_ + 1
     write_tsv(folder.clusters, targets[keys].assign(cluster=clusters))
@@ -139,6 +141,7 @@ def _subtypes(targets: pd.DataFrame, salient: list[str], keys: list[str], cohort
         "stability": clustering.stability_,
         "stability_ci": list(clustering.stability_ci_),
         "n_bootstrap": config.n_bootstrap,
+        "one_cluster_test": clustering.null_test_,
     }
     return clusters, summary
 
@@ -154,17 +157,26 @@ def _true_subtypes(targets: pd.DataFrame, truth_table: pd.DataFrame, source: Pat
 
 
 def _attribution_maps(model, store, subjects: np.ndarray, memberships: list[list[str]], clusters: np.ndarray,
-                      baseline, center, config: MapsConfig, progress: bool) -> tuple[dict, dict]:
+                      baseline, center, config: MapsConfig, progress: bool, label: str = "",
+                      shares: list | None = None) -> tuple[dict, dict]:
     """Per-subject attribution maps averaged over each group: {method: {group: (*S) mean map}}, and the
-    number of subjects behind each mean: {method: {group: n}}."""
+    number of subjects behind each mean: {method: {group: n}}. With ``shares`` (a list), each subject's
+    gradient x input relevance shares inside the brain mask are appended to it (for the significance test)."""
+    from neurocl.maps.significance import relevance_shares
+
     group_maps, counts = {}, {}
+    brain = torch.as_tensor(np.asarray(store.mask, dtype=bool))
     if "gradient_x_input" in config.methods:
         means = _GroupMeans(store.spatial_shape)
         starts = range(0, len(subjects), config.batch_size)
         batches = store.batches(subjects, config.batch_size)
-        for first, (_, volumes) in track(zip(starts, batches), "gradient x input", total=len(starts), disable=not progress):
+        for first, (_, volumes) in track(zip(starts, batches), f"gradient x input{label}", total=len(starts),
+                                         disable=not progress):
             attribution = gradient_x_input(model, volumes, center=center, baseline=baseline)
             means.add(attribution, memberships[first : first + len(volumes)])
+            if shares is not None:
+                inside = attribution.sum(1)[:, brain.to(attribution.device)].double().cpu().numpy()
+                shares.append(relevance_shares(inside).astype(np.float32))
         group_maps["gradient_x_input"], counts["gradient_x_input"] = means.means(), means.counts
     if "occlusion" in config.methods:
         means = _GroupMeans(store.spatial_shape)
@@ -174,7 +186,7 @@ def _attribution_maps(model, store, subjects: np.ndarray, memberships: list[list
         chosen = _occlusion_subset(clusters, config.occlusion_max_subjects, config.seed)
         volumes = store.batch(subjects[chosen])
         effect = occlusion(model, volumes, patch, stride, baseline=baseline, batch_size=config.batch_size,
-                           progress=progress)
+                           progress=progress and not label)
         means.add(effect, [memberships[position] for position in chosen])
         group_maps["occlusion"], counts["occlusion"] = means.means(), means.counts
     return group_maps, counts
@@ -229,6 +241,7 @@ def analyse_salient(
     config: MapsConfig | None = None,
     ground_truth: str | Path | None = None,
     progress: bool = False,
+    null_models: dict[str, torch.nn.Module] | None = None,
 ) -> dict:
     """Maps, regions, subtypes and (with ground truth) their evaluation, written to ``out_dir``.
 
@@ -255,6 +268,11 @@ def analyse_salient(
         Synthetic cohort folder holding ``ground_truth.tsv`` and ``masks/``.
     progress : bool
         Show progress bars.
+    null_models : dict, optional
+        Name -> network of the same kind that learned nothing (e.g. ``"untrained"``: the same
+        architecture at its initialisation). Each gets the same maps of the same subjects, with its
+        own centre; evaluation.json scores them beside the trained network, and
+        ``config.significance`` tests the trained maps against them voxel by voxel.
 
     Returns
     -------
@@ -288,17 +306,28 @@ def analyse_salient(
     background = store_index[~is_target]
     control_mean = _group_volume_mean(store, background, config.batch_size)
     baseline = control_mean if config.baseline == "background_mean" else None
+    subjects = store_index[is_target]
+    testing = config.significance != "none" and bool(null_models) and "gradient_x_input" in config.methods
+    shares: dict[str, list] = {name: [] for name in ["trained", *(null_models or {})]} if testing else {}
     center = _group_representation_mean(model, store, background, config.batch_size, "salient")
     group_maps, counts = _attribution_maps(
-        model, store, store_index[is_target], memberships, clusters, baseline, center, config, progress
+        model, store, subjects, memberships, clusters, baseline, center, config, progress, shares=shares.get("trained")
     )
+    null_maps = {}
+    for name, null_model in (null_models or {}).items():
+        null_center = _group_representation_mean(null_model, store, background, config.batch_size, "salient")
+        null_maps[name], _ = _attribution_maps(null_model, store, subjects, memberships, clusters, baseline,
+                                               null_center, config, progress, f" ({name} network)", shares.get(name))
     groups = ["all"] + [f"cluster-{c}" for c in range(1, summary["n_clusters"] + 1)]
     _remove_previous_maps(folder)
     write_tsv(folder.index, _write_maps(group_maps, counts, groups, store, atlas, config, folder, progress))
+    if testing:
+        write_tsv(folder.significance, _significance_maps(shares, store, config, folder))
+    summary["null_references"] = sorted(null_maps)
     write_json(folder.subtypes, _json_ready(summary))
     if truth is not None:
-        evaluation = _evaluate(store, store_index[is_target], memberships, clusters, truth, true_masks, group_maps,
-                               control_mean, ground_truth, config.batch_size)
+        evaluation = _evaluate(store, subjects, memberships, clusters, truth, true_masks, group_maps,
+                               control_mean, ground_truth, config.batch_size, null_maps)
         write_json(folder.evaluation, evaluation)
         summary = {**summary, "evaluation": evaluation}
     else:
@@ -306,8 +335,39 @@ def analyse_salient(
     return summary
 
 
+#: Significance is tested at this level when counting voxels (the NIfTI holds every voxel's p).
+SIGNIFICANCE_LEVEL = 0.05
+
+
+def _significance_maps(shares: dict[str, list], store, config: MapsConfig, folder: MapsFolder) -> pd.DataFrame:
+    """−log10 p NIfTI of "the trained network puts more relevance here than the null network", one per null."""
+    from neurocl.maps.significance import paired_sign_flip_test
+
+    brain = np.asarray(store.mask, dtype=bool)
+    trained = np.concatenate(shares["trained"])
+    rows = []
+    for name, parts in shares.items():
+        if name == "trained":
+            continue
+        result = paired_sign_flip_test(trained, np.concatenate(parts), config.n_permutations, config.significance,
+                                       seed=config.seed)
+        volume = np.zeros(store.spatial_shape, dtype=np.float32)
+        volume[brain] = -np.log10(result["p"])
+        file = folder.significance_name("gradient_x_input", name)
+        save_nifti(store.to_nifti(volume), folder.path / file)
+        rows.append({
+            "method": "gradient_x_input", "null": name, "group": "all", "statistic": "paired t of relevance shares",
+            "correction": config.significance, "n_permutations": config.n_permutations,
+            "n_subjects": result["n_subjects"], "n_brain_voxels": int(brain.sum()),
+            "n_significant_voxels": int((result["p"] <= SIGNIFICANCE_LEVEL).sum()), "alpha": SIGNIFICANCE_LEVEL,
+            "nifti": file,
+        })
+    return pd.DataFrame(rows)
+
+
 def _evaluate(store, subjects: np.ndarray, memberships: list[list[str]], clusters: np.ndarray, truth: np.ndarray,
-              true_masks: dict, group_maps: dict, control_mean: torch.Tensor, ground_truth, batch_size: int) -> dict:
+              true_masks: dict, group_maps: dict, control_mean: torch.Tensor, ground_truth, batch_size: int,
+              null_maps: dict | None = None) -> dict:
     """evaluation.json: scores against the synthetic cohort's truth, with model-free reference maps."""
     # Reference maps: each group's mean volume minus the mean control volume, and the latter itself.
     volume_means = _GroupMeans(store.spatial_shape)
@@ -321,7 +381,7 @@ def _evaluate(store, subjects: np.ndarray, memberships: list[list[str]], cluster
     domain = np.asarray(store.mask, dtype=bool)
     if true_brain is not None:
         domain = domain & true_brain
-    evaluation = evaluate_subtypes(clusters, truth, true_masks, group_maps, domain, differences, control)
+    evaluation = evaluate_subtypes(clusters, truth, true_masks, group_maps, domain, differences, control, null_maps)
     evaluation["ground_truth"] = str(Path(ground_truth) / "ground_truth.tsv")
     evaluation["evaluation_mask"] = "store mask" + ("" if true_brain is None else " ∩ brain_mask.nii.gz")
     return _json_ready(evaluation)
@@ -335,11 +395,14 @@ def _remove_listed(out_dir: Path, names) -> None:
 
 
 def _remove_previous_maps(folder: MapsFolder) -> None:
-    """Delete the map files a previous index.tsv lists (e.g. a cluster that no longer exists), nothing else."""
-    if folder.index.is_file():
-        previous = pd.read_csv(folder.index, sep="\t", keep_default_na=False)
-        _remove_listed(folder.path, [name for column in ("nifti", "png", "regions") if column in previous
-                                 for name in previous[column]])
+    """Delete the map files a previous index.tsv or significance.tsv lists (e.g. a cluster that no longer
+    exists), and significance.tsv itself, nothing else."""
+    for table in (folder.index, folder.significance):
+        if table.is_file():
+            previous = pd.read_csv(table, sep="\t", keep_default_na=False)
+            _remove_listed(folder.path, [name for column in ("nifti", "png", "regions") if column in previous
+                                         for name in previous[column]])
+    _remove_listed(folder.path, [folder.significance.name])
 
 
 def _atlas(config: MapsConfig, store):
@@ -405,5 +468,81 @@ def run_maps(
     # Occlusion runs thousands of forward passes per subject: on the GPU the model is on, with the store there too.
     network = getattr(run.model, "net", run.model)
     run.store.to(next(network.parameters()).device)
-    analyse_salient(network, run.store, run.cohort, run.embeddings, out_dir, config, ground_truth, progress)
+    null_models = {}
+    if "untrained" in config.null_references:
+        untrained = untrained_method(run.model)
+        null_models["untrained"] = getattr(untrained, "net", untrained).to(run.store.device)
+    if "permuted_labels" in config.null_references:
+        permuted = permuted_label_method(run, progress)
+        null_models["permuted_labels"] = getattr(permuted, "net", permuted).to(run.store.device)
+    analyse_salient(network, run.store, run.cohort, run.embeddings, out_dir, config, ground_truth, progress, null_models)
     return out_dir
+
+
+def permuted_label_method(run, progress: bool = True):
+    """The run's method trained again with the background/target labels permuted among the labelled subjects.
+
+    Same configuration, seed, store and splits; only which subjects are called "target" is
+    shuffled (group sizes kept), drawn from the training seed. Whatever this network's maps find
+    is what training finds without the group contrast, e.g. anatomy or the (x − x₀) factor.
+    It is trained into ``RUN/maps/null_permuted_labels/`` (a run folder of its own); a finished one
+    made from the same permutation is reused.
+    """
+    import copy
+
+    from neurocl.cohort import Splits
+    from neurocl.embed import load_model
+    from neurocl.methods import MethodConfig
+    from neurocl.rundir import RunDir
+    from neurocl.train import train
+
+    cohort = copy.copy(run.cohort)
+    cohort.table = run.cohort.table.copy()
+    labelled = cohort.table["group"].notna().to_numpy()
+    rng = np.random.default_rng(run.config.training.seed)
+    cohort.table.loc[labelled, "group"] = rng.permutation(cohort.table.loc[labelled, "group"].to_numpy())
+    maps = run.folder.maps
+    network = RunDir(maps.permuted_labels_network)
+    permutation = cohort.table[cohort.key_columns + ["group"]].astype(str)
+    if (network.last_checkpoint.is_file() and maps.permuted_groups.is_file()
+            and pd.read_csv(maps.permuted_groups, sep="\t", dtype=str).equals(permutation)):
+        return load_model(network.last_checkpoint)
+    if network.path.exists():
+        import shutil
+
+        shutil.rmtree(network.path)  # an unfinished or other permutation's network: ours alone, under maps/
+    network.path.mkdir(parents=True)
+    write_tsv(maps.permuted_groups, permutation)
+    splits = Splits.load(run.folder.splits, cohort)
+    method = MethodConfig.model_validate(run.model.hparams["method"])
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print("[bold]maps[/] training the permuted-label null network")
+    return train(run.config, method, network, cohort, run.store, splits, resume=False)
+
+
+def untrained_method(module):
+    """The method ``module`` was trained from, at its initialisation: same architecture, same seed, no training.
+
+    Training seeds every generator with the run's seed (``seed_everything``) and then builds the
+    method, so building it again from the checkpoint's hyper-parameters after the same seeding
+    gives the weights training started from. The global generators are restored after.
+    """
+    import random
+
+    from neurocl.methods import build_method
+
+    hparams = module.hparams
+    seed = int(hparams["seed"])
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            fresh = build_method(hparams["method"], hparams["encoder"], hparams["optim"], seed=seed)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    return fresh.eval()

@@ -14,15 +14,25 @@ STABILITY_CAUTION = 0.6
 
 
 class SubtypeClustering:
-    """Cluster subjects into subtypes, choosing the number of clusters over a range.
+    """Cluster subjects into subtypes, choosing the number of clusters over a range that may include "none".
 
-    For every k in ``k_range`` the subjects are clustered (k-means or a Gaussian mixture) and
-    scored by the silhouette of the partition (Rousseeuw, 1987; higher is better, needs k ≥ 2)
-    and the Bayesian information criterion of a Gaussian mixture with k components,
-    BIC = −2 log L + p log n (Schwarz, 1978; lower is better, allows k = 1: no subtypes).
-    ``criterion`` picks k. Stability (Lange et al., 2004) is the mean adjusted Rand index
-    between the full solution and solutions fitted on bootstrap resamples (and applied to
-    all subjects): near 1 means the subtypes do not hinge on a few subjects.
+    For every k ≥ 2 in ``k_range`` the subjects are clustered (k-means or a Gaussian mixture)
+    and scored by the silhouette of the partition (Rousseeuw, 1987; higher is better) and the
+    Bayesian information criterion of a Gaussian mixture with k components,
+    BIC = −2 log L + p log n (Schwarz, 1978; lower is better). ``criterion`` picks k.
+
+    k = 1 (no subtypes) is in the range when ``k_min`` is 1. The silhouette cannot score one
+    cluster, so with that criterion k = 1 is decided first by :func:`one_cluster_test`, a gap
+    test against a unimodal reference (Tibshirani, Walther & Hastie, 2001): k ≥ 2 is
+    considered only when some partition shrinks the within-cluster dispersion more than
+    partitions of uniform data in the same principal-axis box do, at level ``alpha``. The
+    uniform box is the most clusterable unimodal reference, so an elongated Gaussian or a
+    uniform continuum (a severity axis, no clusters) comes out as k = 1. With ``criterion =
+    "bic"`` the BIC ranks k = 1 with the others, and the gap test is reported beside it.
+
+    Stability (Lange et al., 2004) is the mean adjusted Rand index between the full solution
+    and solutions fitted on bootstrap resamples (and applied to all subjects): near 1 means the
+    subtypes do not hinge on a few subjects. It is not defined for k = 1 (NaN).
 
     Parameters
     ----------
@@ -36,6 +46,10 @@ class SubtypeClustering:
         Gaussian mixture covariance ("diag" suits few subjects in many dimensions).
     n_bootstrap : int
         Bootstrap resamples for stability (0: skip).
+    n_reference : int
+        Uniform reference data sets of the one-cluster gap test (when k_min is 1).
+    alpha : float
+        Level of the one-cluster gap test (over all the k ≥ 2 tried at once).
     n_init : int
         Restarts of each fit.
     random_state : int
@@ -47,9 +61,11 @@ class SubtypeClustering:
         (n,) cluster of each subject, 0..k-1, numbered by decreasing size.
     n_clusters_ : int
     scores_ : pd.DataFrame
-        k, silhouette, bic for every k tried.
+        k, silhouette, bic for every k tried (and gap, gap_z when k_min is 1).
+    null_test_ : dict or None
+        The one-cluster gap test (:func:`one_cluster_test`) when k_min is 1, else None.
     stability_ : float
-        Mean bootstrap ARI (NaN without bootstrap).
+        Mean bootstrap ARI (NaN without bootstrap, and for k = 1).
     stability_ci_ : tuple of float
         2.5 and 97.5 percentiles of the bootstrap ARI.
     estimator_ : fitted sklearn estimator at the chosen k.
@@ -64,6 +80,8 @@ class SubtypeClustering:
         n_bootstrap: int = 100,
         n_init: int = 10,
         random_state: int = 0,
+        n_reference: int = 50,
+        alpha: float = 0.05,
     ):
         self.k_range = k_range
         self.method = method
@@ -72,6 +90,8 @@ class SubtypeClustering:
         self.n_bootstrap = n_bootstrap
         self.n_init = n_init
         self.random_state = random_state
+        self.n_reference = n_reference
+        self.alpha = alpha
 
     def _check_params(self, n_samples: int) -> tuple[int, int]:
         if self.method not in ("kmeans", "gmm"):
@@ -79,11 +99,13 @@ class SubtypeClustering:
         if self.criterion not in ("silhouette", "bic"):
             raise ConfigError(f"criterion = {self.criterion!r}: must be 'silhouette' or 'bic'")
         k_min, k_max = (int(k) for k in self.k_range)
-        lowest = 2 if self.criterion == "silhouette" else 1
-        if not lowest <= k_min <= k_max or k_max >= n_samples:
+        if not 1 <= k_min <= k_max or k_max >= n_samples or (k_min == 1 and k_max < 2 and self.criterion == "silhouette"):
             raise ConfigError(
-                f"k_range = {tuple(self.k_range)}: need {lowest} <= k_min <= k_max < number of subjects ({n_samples})"
+                f"k_range = {tuple(self.k_range)}: need 1 <= k_min <= k_max < number of subjects ({n_samples}), "
+                "and k_max >= 2 with the silhouette"
             )
+        if not 0 < self.alpha < 1 or self.n_reference < 1:
+            raise ConfigError(f"alpha = {self.alpha}, n_reference = {self.n_reference}: need 0 < alpha < 1 and n_reference >= 1")
         return k_min, k_max
 
     def _estimator(self, k: int, seed: int):
@@ -113,10 +135,17 @@ class SubtypeClustering:
             rows.append({"k": k, "silhouette": silhouette, "bic": mixture.bic(X)})
             fits[k] = estimator
         self.scores_ = pd.DataFrame(rows)
-        if self.criterion == "silhouette":
-            best = self.scores_["silhouette"].fillna(-np.inf).idxmax()
-        else:
+        self.null_test_ = None
+        if k_min == 1:
+            self.null_test_ = one_cluster_test(X, k_max, self.n_reference, self.alpha, self.n_init, self.random_state)
+            self.scores_["gap"] = self.null_test_["gap"]
+            self.scores_["gap_z"] = [np.nan] + self.null_test_["z"]
+        if self.criterion == "bic":
             best = self.scores_["bic"].idxmin()
+        elif self.null_test_ is not None and not self.null_test_["reject"]:
+            best = 0  # k = 1: no partition beats unimodal data
+        else:
+            best = self.scores_["silhouette"].fillna(-np.inf).idxmax()
         self.n_clusters_ = int(self.scores_["k"].iloc[best])
         self.estimator_ = fits[self.n_clusters_]
         raw = self.estimator_.predict(X)
@@ -128,7 +157,8 @@ class SubtypeClustering:
 
         rng = np.random.default_rng(self.random_state)
         aris = []
-        for b in range(self.n_bootstrap):
+        # One cluster has nothing to agree on: ARI would be 1 by construction, so stability stays NaN.
+        for b in range(self.n_bootstrap if self.n_clusters_ > 1 else 0):
             sample = rng.choice(len(X), size=len(X), replace=True)
             resampled = self._estimator(self.n_clusters_, self.random_state + 1 + b).fit(X[sample])
             aris.append(adjusted_rand_score(self.labels_, resampled.predict(X)))
@@ -143,6 +173,119 @@ class SubtypeClustering:
 
     def fit_predict(self, X, y=None) -> np.ndarray:
         return self.fit(X).labels_
+
+
+def _log_dispersions(X: np.ndarray, k_max: int, n_init: int, seed: int) -> np.ndarray:
+    """log W_k for k = 1..k_max, W_k the k-means within-cluster sum of squares."""
+    from sklearn.cluster import KMeans
+
+    centred = X - X.mean(0)
+    dispersions = [np.sum(centred**2)]
+    for k in range(2, k_max + 1):
+        dispersions.append(KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(X).inertia_)
+    return np.log(np.maximum(dispersions, np.finfo(float).tiny))
+
+
+def one_cluster_test(X, k_max: int, n_reference: int = 50, alpha: float = 0.05, n_init: int = 10,
+                     random_state: int = 0) -> dict:
+    """Gap test of "one cluster" against k = 2..k_max (after Tibshirani, Walther & Hastie, 2001).
+
+    With W_k the k-means within-cluster sum of squares, the drop D_k = log W_1 − log W_k says how
+    much k clusters explain. The reference is uniform data in a box along the data's principal
+    axes, each side √12·σ so that the box has the data's variance along every axis: uniform is
+    the unimodal shape that k-means splits most easily (Tibshirani et al. use the axes' ranges
+    instead, which inflates the low-variance axes of a tight continuum and makes it look
+    clustered). The gap is Gap(k) = E_ref[log W_k] − log W_k. To test all k at once, each drop
+    is standardised by the reference's mean and sd of D_k, z_k = (D_k − m_k) / s_k, and the
+    statistic is T = max_k z_k; its p-value is the share of reference sets whose own T* is at
+    least T, (1 + #{T* ≥ T}) / (1 + B), which corrects for trying several k.
+
+    Parameters
+    ----------
+    X : array-like
+        (n, d) subjects in the clustered space.
+    k_max : int
+        Largest k tested (>= 2).
+    n_reference : int
+        Reference data sets B (the smallest p-value is 1 / (1 + B)).
+    alpha : float
+        Level of the test.
+    n_init, random_state : int
+        k-means restarts and seed (reference draws included).
+
+    Returns
+    -------
+    dict
+        gap (k = 1..k_max), gap_sd (the reference's sd of log W_k · sqrt(1 + 1/B)), z (k = 2..k_max),
+        p_value, reject (p_value ≤ alpha), alpha, n_reference, reference.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    if k_max < 2 or k_max >= len(X):
+        raise ConfigError(f"one_cluster_test: k_max = {k_max} must be in [2, {len(X) - 1}]")
+    rng = np.random.default_rng(random_state)
+    centre = X.mean(0)
+    _, singular, axes = np.linalg.svd(X - centre, full_matrices=False)
+    sides = np.sqrt(12.0) * singular / np.sqrt(len(X))
+    observed = _log_dispersions(X, k_max, n_init, random_state)
+    reference = np.array([
+        _log_dispersions(rng.uniform(-0.5, 0.5, size=(len(X), len(sides))) * sides @ axes + centre,
+                         k_max, n_init, random_state)
+        for _ in range(n_reference)
+    ])
+    drops = observed[0] - observed[1:]
+    reference_drops = reference[:, :1] - reference[:, 1:]
+    mean, sd = reference_drops.mean(0), np.maximum(reference_drops.std(0), np.finfo(float).eps)
+    z = (drops - mean) / sd
+    reference_max = ((reference_drops - mean) / sd).max(1)
+    p_value = float((1 + (reference_max >= z.max()).sum()) / (1 + n_reference))
+    return {
+        "gap": (reference.mean(0) - observed).tolist(),
+        "gap_sd": (reference.std(0) * np.sqrt(1 + 1 / n_reference)).tolist(),
+        "z": z.tolist(),
+        "p_value": p_value,
+        "reject": bool(p_value <= alpha),
+        "alpha": alpha,
+        "n_reference": n_reference,
+        "reference": "uniform in a box along the data's principal axes, with the data's variance on each",
+    }
+
+
+def seed_consensus(labelings) -> dict:
+    """Agreement of the subtypes found by models trained with different seeds, on the same subjects.
+
+    For each seed's partition the co-clustering matrix C_s[i, j] = 1 when subjects i and j share a
+    cluster; the consensus matrix is their mean over seeds (Monti et al., 2003). Reported: the
+    mean pairwise adjusted Rand index between seeds, and the share of subject pairs whose
+    co-clustering is unanimous (consensus 0 or 1), the pairs every seed agrees on.
+
+    Parameters
+    ----------
+    labelings : sequence of array-like
+        One (n,) partition per seed, subjects in the same order.
+
+    Returns
+    -------
+    dict
+        n_seeds, n_clusters (per seed), mean_pairwise_ari, pairwise_ari, unanimous_pair_fraction.
+    """
+    from itertools import combinations
+
+    from sklearn.metrics import adjusted_rand_score
+
+    labelings = [np.asarray(labels) for labels in labelings]
+    if len(labelings) < 2 or len({len(labels) for labels in labelings}) != 1:
+        raise ConfigError(f"seed_consensus: need >= 2 partitions of the same subjects, got sizes {[len(x) for x in labelings]}")
+    pairwise = [float(adjusted_rand_score(a, b)) for a, b in combinations(labelings, 2)]
+    consensus = np.mean([labels[:, None] == labels[None, :] for labels in labelings], axis=0)
+    upper = np.triu_indices(len(labelings[0]), k=1)
+    unanimous = np.isin(consensus[upper], (0.0, 1.0)).mean()
+    return {
+        "n_seeds": len(labelings),
+        "n_clusters": [int(len(np.unique(labels))) for labels in labelings],
+        "mean_pairwise_ari": float(np.mean(pairwise)),
+        "pairwise_ari": pairwise,
+        "unanimous_pair_fraction": float(unanimous),
+    }
 
 
 def fdr_bh(p_values) -> np.ndarray:

@@ -11,9 +11,9 @@ from rich.table import Table
 from neurocl.cohort import Cohort
 from neurocl.config import ProbeConfig, validated
 from neurocl.logs import progress_console, results_console
-from neurocl.embed import check_cohort
+from neurocl.embed import check_cohort, read_embeddings, refuse_existing
 from neurocl.errors import CohortError
-from neurocl.io import read_tsv, write_json, write_tsv
+from neurocl.io import write_json, write_tsv
 from neurocl.probe.probe import probe_embeddings
 from neurocl.probe.separation import separation, separation_table
 from neurocl.rundir import RunDir
@@ -28,11 +28,12 @@ def probe_command(
     attributes=None,
     ground_truth=None,
     leave_site_out=None,
-    n_permutations: int = 200,
+    n_permutations: int = 1000,
     n_bootstrap: int = 1000,
     seed: int = 0,
     n_jobs: int = -1,
     other_cohort: bool = False,
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """``neurocl probe``: probes.tsv, separation.json and separation.tsv in ``out_dir``, and a rich table.
 
@@ -44,6 +45,9 @@ def probe_command(
     (probes_path, separation_path)
     """
     embeddings_tsv, out_dir = Path(embeddings_tsv), Path(out_dir)
+    out = RunDir(out_dir)
+    # Before any work: a run's own probes (or another model's) are replaced only when asked.
+    refuse_existing([out.probes, out.separation, out.separation_table], overwrite)
     if not embeddings_tsv.is_file():
         raise CohortError(f"embeddings: no file {embeddings_tsv}")
     if ground_truth is not None and not Path(ground_truth).is_file():
@@ -53,10 +57,9 @@ def probe_command(
     config = validated(ProbeConfig, options, "probe options")
     cohort = Cohort.from_yaml(cohort_yaml)
     check_cohort(embeddings_tsv, cohort, allow_other=other_cohort)
-    embeddings = read_tsv(embeddings_tsv)
+    embeddings = read_embeddings(embeddings_tsv)
     probes = probe_embeddings(embeddings, cohort, attributes=attributes, config=config, progress=True)
     result = separation(embeddings, cohort, probes, ground_truth=ground_truth, config=config)
-    out = RunDir(out_dir)
     probes_path = write_tsv(out.probes, probes)
     separation_path = write_json(out.separation, result)
     write_tsv(out.separation_table, separation_table(result))

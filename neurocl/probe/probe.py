@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Sequence
 
@@ -15,11 +17,13 @@ from neurocl.logs import progress_console, transient_progress
 from neurocl.embed import embedding_spaces, join_embeddings
 from neurocl.errors import CohortError, ConfigError
 from neurocl.probe.cv import bootstrap_weights, cross_validated_predictions, outer_folds, permutation_indices
-from neurocl.probe.metrics import LOWER_IS_BETTER, METRICS, chance_level, score
+from neurocl.probe.metrics import METRICS, PRIMARY_METRIC, chance_level, score
+from neurocl.probe.permutations import n_extreme, sequential_predictions
 
 console = progress_console()
 
-PROBE_COLUMNS = ["space", "attribute", "subset", "metric", "value", "ci_low", "ci_high", "p_value", "chance", "n", "note"]
+PROBE_COLUMNS = ["space", "attribute", "subset", "metric", "value", "ci_low", "ci_high", "p_value", "n_permutations",
+                 "chance", "n", "note"]
 SUBSETS = ("all", "target", "background")
 GROUP_ATTRIBUTE = "group"
 
@@ -34,7 +38,9 @@ def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, si
 
     Returns
     -------
-    rows : list of dicts with metric, value, ci_low, ci_high, p_value, chance, n (empty when skipped)
+    rows : list of dicts with metric, value, ci_low, ci_high, p_value, n_permutations (the permutations
+        used: fewer than ``config.n_permutations`` when the decision at 0.05 was clear earlier, see
+        :mod:`neurocl.probe.permutations`), chance, n (empty when skipped)
     note : str, why it was skipped or anything unusual (fewer folds), else empty.
     """
     features = np.asarray(features, dtype=np.float64)
@@ -61,8 +67,13 @@ def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, si
     for fold, (_, test) in enumerate(folds):
         test_fold[test] = fold
     permuted = codes[permutation_indices(groups, config.n_permutations, rng, blocks=test_fold)]
-    predictions = cross_validated_predictions(features, permuted, groups, kind, folds, config, n_classes)
     tested = np.concatenate([test for _, test in folds])
+    predictions = sequential_predictions(
+        lambda labels: cross_validated_predictions(features, labels, groups, kind, folds, config, n_classes),
+        permuted, tested, PRIMARY_METRIC[kind], adaptive=config.adaptive_permutations,
+    )
+    n_permutations = len(predictions) - 1
+    permuted = permuted[: n_permutations + 1]
     observed_codes, observed = codes[tested], predictions[0, tested]
     resample_weights = bootstrap_weights(groups[tested], config.n_bootstrap, rng)
     rows = []
@@ -70,15 +81,14 @@ def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, si
         scores = score(metric, permuted[:, tested], predictions[:, tested])
         value = float(scores[0])
         p_value = np.nan
-        if config.n_permutations:
-            null = scores[1:]
-            extreme = null <= value if metric in LOWER_IS_BETTER else null >= value
-            p_value = (1 + int(np.sum(extreme))) / (1 + config.n_permutations)
+        if n_permutations:
+            p_value = (1 + n_extreme(scores[1:], value, metric)) / (1 + n_permutations)
         ci = (np.nan, np.nan)
         if resample_weights is not None:
             ci = tuple(np.nanpercentile(score(metric, observed_codes, observed, resample_weights), [2.5, 97.5]))
         chance = chance_level(metric, codes, folds, n_classes)
-        rows.append(dict(metric=metric, value=value, ci_low=ci[0], ci_high=ci[1], p_value=p_value, chance=chance, n=len(tested)))
+        rows.append(dict(metric=metric, value=value, ci_low=ci[0], ci_high=ci[1], p_value=p_value,
+                         n_permutations=n_permutations, chance=chance, n=len(tested)))
     return rows, note
 
 
@@ -149,10 +159,11 @@ def probe_embeddings(
         ))
     rows = []
     skipped: dict[tuple[str, str, str], list[str]] = {}
-    for (space, attribute, subset), task, (results, note) in zip(jobs, tasks, _run_tasks(tasks, config, progress)):
+    for (space, attribute, subset), task, (results, note) in zip(jobs, tasks, _run_tasks(jobs, tasks, config, progress)):
         if not results:
             skipped.setdefault((attribute, subset, note), []).append(space)
-            results = [dict(metric="none", value=np.nan, ci_low=np.nan, ci_high=np.nan, p_value=np.nan, chance=np.nan, n=len(task[2]))]
+            results = [dict(metric="none", value=np.nan, ci_low=np.nan, ci_high=np.nan, p_value=np.nan,
+                            n_permutations=0, chance=np.nan, n=len(task[2]))]
         rows.extend({"space": space, "attribute": attribute, "subset": subset, **result, "note": note} for result in results)
     # One line per reason, not per space: an attribute absent from a group by design (a patients-only
     # score in controls) is skipped in every space alike.
@@ -168,18 +179,29 @@ def _probe_task(features, labels, groups, kind, sites, is_site_column, config):
     return probe_attribute(features, labels, groups, kind, config, sites=sites)
 
 
-def _run_tasks(tasks, config, progress):
+def _run_tasks(jobs, tasks, config, progress) -> list:
     """Results of :func:`_probe_task` in task order, on ``config.n_jobs`` threads.
 
     Threads, not processes: the heavy parts (BLAS, batched Cholesky, SVD) release the GIL, and
-    threads start instantly and share the data.
+    threads start instantly and share the data. Tasks run attribute by attribute (every space
+    and subset of one attribute, then the next), so that progress can be told per attribute.
     """
+    order = sorted(range(len(jobs)), key=lambda position: (_first_position(jobs, jobs[position][1]), position))
     n_jobs = min(os.cpu_count() or 1, len(tasks)) if config.n_jobs == -1 else min(config.n_jobs, len(tasks))
+    ordered_jobs = [jobs[position] for position in order]
     if n_jobs <= 1:
-        return [_probe_task(*task, config) for task in _progress(tasks, progress, "probing")]
-    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
-        results = pool.map(lambda task: _probe_task(*task, config), tasks)
-        return list(_progress(results, progress, f"probing ({n_jobs} threads)", total=len(tasks)))
+        results = (_probe_task(*tasks[position], config) for position in order)
+        done = list(_progress(results, ordered_jobs, progress, "probing"))
+    else:
+        with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+            results = pool.map(lambda position: _probe_task(*tasks[position], config), order)
+            done = list(_progress(results, ordered_jobs, progress, f"probing ({n_jobs} threads)"))
+    by_position = dict(zip(order, done))
+    return [by_position[position] for position in range(len(jobs))]
+
+
+def _first_position(jobs, attribute) -> int:
+    return next(position for position, job in enumerate(jobs) if job[1] == attribute)
 
 
 def _site_column(table, config):
@@ -190,7 +212,22 @@ def _site_column(table, config):
     return table[config.leave_site_out].to_numpy()
 
 
-def _progress(items, enabled, description, total=None):
-    if not transient_progress(enabled):
-        return items
-    return track(items, description=description, transient=True, total=total, console=console)
+def _progress(results, jobs, enabled, description):
+    """Yield ``results`` (one per job, in order) and tell progress on stderr: a bar on a terminal,
+    otherwise (a log file) one line per attribute when its last probe is done."""
+    if not enabled:
+        yield from results
+        return
+    if transient_progress(enabled):
+        yield from track(results, description=description, transient=True, total=len(jobs), console=console)
+        return
+    remaining = Counter(attribute for _, attribute, _ in jobs)
+    started, finished = time.monotonic(), 0
+    for (_, attribute, _), result in zip(jobs, results):
+        remaining[attribute] -= 1
+        if remaining[attribute] == 0:
+            finished += 1
+            console.print(f"probed {attribute} ({finished}/{len(remaining)} attributes, "
+                          f"{time.monotonic() - started:.0f} s)", highlight=False, markup=False)
+        yield result
+

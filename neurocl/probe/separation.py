@@ -13,6 +13,7 @@ from neurocl.errors import CohortError
 from neurocl.io import read_tsv
 from neurocl.probe.cv import cross_validated_predictions, group_folds, outer_folds
 from neurocl.probe.metrics import PRIMARY_METRIC, score
+from neurocl.probe.permutations import ALPHA
 from neurocl.probe.probe import GROUP_ATTRIBUTE, probe_attribute
 
 
@@ -61,7 +62,7 @@ def _decodability(probes: pd.DataFrame) -> dict:
         entry["decodable_from"] = [
             space
             for space, values in entry["spaces"].items()
-            if values["p_value"] is not None and values["p_value"] < 0.05 and values["value"] > entry["chance"]
+            if values["p_value"] is not None and values["p_value"] < ALPHA and values["value"] > entry["chance"]
         ]
         if {"common", "salient"} <= entry["spaces"].keys():
             common, salient = entry["spaces"]["common"]["value"], entry["spaces"]["salient"]["value"]

@@ -132,8 +132,20 @@ def logistic_path_proba(x_train, codes_train, x_test, n_classes, cs) -> np.ndarr
 
     Two classes: one logistic regression. More: one-vs-rest, the K sigmoid outputs normalised to
     sum to 1 (sklearn's ``multi_class="ovr"``); all P x K binary problems are solved as one batch.
+
+    With more dimensions than training rows (d > n, e.g. a 128-d space probed on 80 subjects),
+    the problems are solved in the span of the training rows: with ``X = U S V^T`` (r = rank <= n
+    columns of V), every penalised solution is ``w = V a`` (a component of w orthogonal to the rows
+    leaves the logits unchanged and only adds to ``||w||^2``), and ``||V a|| = ||a||``, so fitting
+    ``X V`` (n x r) gives the same weights and the same test predictions ``(x V) a`` at
+    (r + 1)^2 instead of (d + 1)^2 Hessian entries per problem.
     """
-    x_train, x_test = (torch.from_numpy(a) for a in standardise(x_train, x_test))
+    x_train, x_test = standardise(x_train, x_test)
+    if x_train.shape[1] > x_train.shape[0]:
+        _, singular, vt = np.linalg.svd(x_train, full_matrices=False)
+        span = vt[singular > singular[0] * 1e-10]
+        x_train, x_test = x_train @ span.T, x_test @ span.T
+    x_train, x_test = torch.from_numpy(x_train), torch.from_numpy(x_test)
     codes_train = torch.from_numpy(codes_train)
     n_problems = codes_train.shape[0]
     if n_classes == 2:

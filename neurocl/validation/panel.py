@@ -122,7 +122,7 @@ def _rename(folder: Path) -> None:
     participants = io.read_tsv(folder / "participants.tsv")
     participants["diagnosis"] = participants["diagnosis"].map(RENAMED_GROUPS)
     io.write_tsv(folder / "participants.tsv", participants.rename(columns=RENAMED_COLUMNS))
-    spec = yaml.safe_load((folder / "cohort.yaml").read_text())
+    spec = io.load_yaml(folder / "cohort.yaml", ConfigError, "cohort spec")
     spec["group"] = {"column": RENAMED_COLUMNS["diagnosis"], "background": [RENAMED_GROUPS["control"]],
                      "target": [RENAMED_GROUPS["patient"]]}
     spec["attributes"] = {RENAMED_COLUMNS.get(name, name): kind for name, kind in spec["attributes"].items()}

@@ -102,10 +102,12 @@ def held_out_score(features: np.ndarray, labels: np.ndarray, kind: str, train: n
     from neurocl.probe import PRIMARY_METRIC, ProbeConfig, cross_validated_predictions, score
 
     probe_config = probe_config or ProbeConfig(n_permutations=0, n_bootstrap=0, n_jobs=1)
-    train, test = np.flatnonzero(train), np.flatnonzero(test)
+    # Only the scored rows: the classes (and so chance) are those of these rows, not of others.
+    used = np.flatnonzero(np.asarray(train) | np.asarray(test))
+    features, labels = np.asarray(features, dtype=np.float64)[used], np.asarray(labels)[used]
+    train, test = np.flatnonzero(np.asarray(train)[used]), np.flatnonzero(np.asarray(test)[used])
     if len(train) < MIN_TRAIN or len(test) < MIN_TEST:
         return None
-    features = np.asarray(features, dtype=np.float64)
     if not np.isfinite(features).all():
         return None
     if kind == "categorical":
@@ -223,15 +225,15 @@ def _representations(run_dir: Path) -> dict[str, pd.DataFrame]:
     from neurocl.probe import embedding_spaces
     from neurocl.rundir import RunDir
 
-    folder = RunDir(run_dir)
-    main = io.read_tsv(folder.embeddings)
+    run = RunDir(run_dir)
+    main = run.read_table(run.embeddings)
     keys = ["participant_id", "split"]
     out = {}
-    spaces = embedding_spaces(main)
-    for space, columns in spaces.items():
+    for space, columns in embedding_spaces(main).items():
         out[space if space in ("common", "salient") else "main"] = main[keys + columns]
     for name in BASELINES:
-        table = io.read_tsv(folder.baseline(name).embeddings)
+        baseline = run.baseline(name)
+        table = baseline.read_table(baseline.embeddings)
         columns = [c for columns in embedding_spaces(table).values() for c in columns]
         out[name] = table[keys + columns]
     return out
@@ -260,7 +262,7 @@ def run_one(cohort: PanelCohort, seed: int, config: SeparationBenchConfig, workd
 
 def run_separation_bench(config: SeparationBenchConfig, log=None) -> dict:
     """Every cohort x seed of ``config``; results.json's content (runs, aggregated table, machine)."""
-    from neurocl.pipeline import load_pipeline
+    from neurocl.config import load_pipeline
 
     # Validated now, with every relative path resolved against the pipeline's folder (the bench
     # writes its copies elsewhere); the cohort is the bench's own.
