@@ -13,7 +13,7 @@ import yaml
 from neurocl.cohort import Cohort
 from neurocl.errors import ConfigError
 from neurocl.io import read_tsv
-from neurocl.pipeline import DEMO_COHORT
+from neurocl.demo import DEMO_COHORT
 from neurocl.validation.natural import NaturalConfig, make_natural_cohort
 from neurocl.validation.panel import DEMO_GENERATOR, PANEL, PanelScale, build_cohort, panel_cohort
 

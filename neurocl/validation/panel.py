@@ -7,7 +7,7 @@ hold them and a salient space should not) and which only the target subjects hav
 not give it, as in a real study). ``docs/benchmarks-separation.md`` describes each cohort.
 
 The synthetic cohorts start from the demo cohort's generator settings
-(:data:`neurocl.pipeline.DEMO_COHORT`: stronger subtype loss, weaker deformation than the
+(:data:`neurocl.demo.DEMO_COHORT`: stronger subtype loss, weaker deformation than the
 generator's defaults) and change one thing each; ``natural-digits`` is built from real images
 that scikit-learn ships (:mod:`neurocl.validation.natural`).
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 from neurocl import io
 from neurocl.errors import ConfigError
 
-# The demo cohort's generator settings (neurocl.pipeline.DEMO_COHORT) minus size, grid and seed,
+# The demo cohort's generator settings (neurocl.demo.DEMO_COHORT) minus size, grid and seed,
 # which the panel's scale and the seed set. Spelled here rather than imported so that the panel
 # does not import the pipeline (the run path imports the validation package, not the reverse).
 DEMO_GENERATOR = {"subtypes": 2, "sites": 3, "subtype_effect": 2.5, "deformation": 0.25}
