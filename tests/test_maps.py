@@ -466,7 +466,7 @@ def test_untrained_method_rebuilds_the_initial_weights_and_leaves_the_generators
     from neurocl.maps.stage import untrained_method
     from neurocl.methods import build_method
 
-    config = {"name": "sepclr", "common_dim": 3, "salient_dim": 2, "proj_dim": 4}
+    config = {"name": "sepclr", "common_dim": 3, "salient_dim": 2}
     encoder = {"name": "small_cnn", "width": 2}
     torch.manual_seed(7)
     trained = build_method(config, encoder, seed=7)
