@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from neurocl.methods import METHODS as METHOD_CLASSES
-from neurocl.methods import TrainingData, build_method
+sys.path.insert(0, str(Path(__file__).parent))
+from multinode_worker import BATCH, make_module  # noqa: E402  the same module in both DDP tests
 
 ENCODER = {"name": "small_cnn", "width": 4}
-BATCH = 8  # global batch; 4 per rank
 SHAPE = (1, 12, 12, 12)
 METHODS = ("sepclr", "yaware", "simclr", "decoupled_uniformity")  # DU: with an age kernel (attributes gathered)
 
@@ -28,19 +29,8 @@ def _free_port() -> int:
 
 
 def _module(name: str):
-    torch.manual_seed(0)
-    method = {"name": name, "common_dim": 4, "salient_dim": 4, "proj_dim": 8, "attributes": ["age"], "sigma": 5.0}
-    method = {key: value for key, value in method.items() if key == "name" or key in METHOD_CLASSES[name].settings}
-    module = build_method(method, ENCODER, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    module.data = TrainingData(
-        store=None, sampler=None, train_indices=np.arange(BATCH), val_indices=np.arange(0),
-        is_target=torch.tensor([True, False] * (BATCH // 2)),
-        attributes=torch.rand(BATCH, 1, generator=generator) * 40 + 20, attribute_kinds=["continuous"],
-        batch_size=BATCH,
-    )
     # Eval mode: BatchNorm uses its running statistics, identical on every rank (no SyncBatchNorm on CPU).
-    return module.eval()
+    return make_module(name, ENCODER).eval()
 
 
 def _views() -> torch.Tensor:
