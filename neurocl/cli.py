@@ -455,12 +455,8 @@ def bench_data(
     how to add it (the "bench" extra of pyproject.toml, or: pip install torchio).
     """
     from neurocl.bench import MNI_2MM, DataBenchConfig, print_data_benchmark, run_data_benchmark
-    from neurocl.errors import ConfigError
 
-    try:
-        spatial = MNI_2MM if shape == "mni2mm" else tuple(int(n) for n in shape.split(","))
-    except ValueError:
-        raise ConfigError(f"--shape {shape!r}: expected comma-separated integers such as 121,145,121, or mni2mm")
+    spatial = MNI_2MM if shape == "mni2mm" else _shape("--shape", shape, " such as 121,145,121, or mni2mm")
     settings = dict(shape=spatial, batch_size=batch_size, n_views=views, n_batches=batches, n_subjects=subjects)
     if quick:
         settings.update(shape=(64,) * len(spatial), batch_size=8, n_batches=2, n_subjects=16)
@@ -489,12 +485,8 @@ def bench_epoch(
     Example: neurocl bench epoch --device cuda --subjects 1024 --batch-size 32
     """
     from neurocl.bench_epoch import EpochBenchConfig, print_epoch_benchmark, run_epoch_benchmark
-    from neurocl.errors import ConfigError
 
-    try:
-        spatial = tuple(int(n) for n in shape.split(","))
-    except ValueError:
-        raise ConfigError(f"--shape {shape!r}: expected comma-separated integers such as 121,145,121")
+    spatial = _shape("--shape", shape, " such as 121,145,121")
     config = EpochBenchConfig(method=method, encoder=encoder, shape=spatial, n_subjects=subjects,
                               batch_size=batch_size, epochs=epochs, device=device, precision=precision)
     print_epoch_benchmark(run_epoch_benchmark(config), results_console())
@@ -525,13 +517,10 @@ def bench_patches(
     Example: neurocl bench patches --device cuda --out patches-gpu.json
     """
     from neurocl.bench_patches import PatchBenchConfig, print_patch_benchmark, result_dict, run_patch_benchmark
-    from neurocl.errors import ConfigError
 
-    try:
-        shape_list = tuple(tuple(int(n) for n in part.split(",")) for part in shapes.split(";") if part.strip())
-        size_list = tuple(int(n) for n in sizes.split(",") if n.strip())
-    except ValueError:
-        raise ConfigError(f"--shapes {shapes!r} / --sizes {sizes!r}: expected integers such as 121,145,121;182,218,182 and 64,96")
+    shape_list = tuple(_shape("--shapes", part, " such as 121,145,121;182,218,182") for part in shapes.split(";")
+                       if part.strip())
+    size_list = _shape("--sizes", sizes, " such as 64,96", skip_blank=True)
     settings = dict(shapes=shape_list, sizes=size_list, per_subject=per_subject, batch_size=batch_size,
                     n_batches=batches, n_subjects=subjects)
     if quick:
@@ -623,6 +612,16 @@ def bench_vector(
     result = run_vector(VectorConfig.preset(quick=quick, **_validation_overrides(steps, seed)))
     print_vector(result, results_console())
     _write_validation_json(out, "vector", [result])
+
+
+def _shape(option: str, text: str, example: str, skip_blank: bool = False) -> tuple[int, ...]:
+    """Comma-separated integers (a volume shape, patch sizes) of a bench option; anything else is one error naming it."""
+    from neurocl.errors import ConfigError
+
+    try:
+        return tuple(int(n) for n in text.split(",") if n.strip() or not skip_blank)
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: expected comma-separated integers{example}") from None
 
 
 def _int_list(option: str, text: Optional[str]) -> Optional[list[int]]:

@@ -38,9 +38,15 @@ import numpy as np
 import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+import torch
+from rich.table import Table
 
 from neurocl import io
+from neurocl.config import load_pipeline
 from neurocl.errors import ConfigError
+from neurocl.pipeline import run_pipeline
+from neurocl.probe import PRIMARY_METRIC, ProbeConfig, cross_validated_predictions, embedding_spaces, score
+from neurocl.rundir import RunDir
 from neurocl.validation.panel import PANEL, PanelCohort, PanelScale, build_cohort, panel_cohort
 
 DEMO_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yaml"
@@ -99,8 +105,6 @@ def held_out_score(features: np.ndarray, labels: np.ndarray, kind: str, train: n
     Returns ``{"metric", "value", "chance", "u", "n_train", "n_test"}`` or None when either side is
     too small (fewer than 8 / 4 rows) or, for a categorical label, holds a single class.
     """
-    from neurocl.probe import PRIMARY_METRIC, ProbeConfig, cross_validated_predictions, score
-
     probe_config = probe_config or ProbeConfig(n_permutations=0, n_bootstrap=0, n_jobs=1)
     # Only the scored rows: the classes (and so chance) are those of these rows, not of others.
     used = np.flatnonzero(np.asarray(train) | np.asarray(test))
@@ -222,9 +226,6 @@ def _bench_pipeline(raw: dict, cohort_yaml: Path, seed: int, epochs: int | None)
 
 def _representations(run_dir: Path) -> dict[str, pd.DataFrame]:
     """Embedding tables of the run: common / salient (or main) and every baseline, keyed for scoring."""
-    from neurocl.probe import embedding_spaces
-    from neurocl.rundir import RunDir
-
     run = RunDir(run_dir)
     main = run.read_table(run.embeddings)
     keys = ["participant_id", "split"]
@@ -242,8 +243,6 @@ def _representations(run_dir: Path) -> dict[str, pd.DataFrame]:
 def run_one(cohort: PanelCohort, seed: int, config: SeparationBenchConfig, workdir: Path, raw_pipeline: dict,
             log=None) -> dict:
     """Build one cohort, run the pipeline on it, score held-out; the run's record (results.json's ``runs``)."""
-    from neurocl.pipeline import run_pipeline
-
     started, cpu_started = time.monotonic(), time.process_time()
     cohort_seed = COHORT_SEED_OFFSET + seed
     folder = workdir / f"{cohort.name}-seed{seed}"
@@ -262,8 +261,6 @@ def run_one(cohort: PanelCohort, seed: int, config: SeparationBenchConfig, workd
 
 def run_separation_bench(config: SeparationBenchConfig, log=None) -> dict:
     """Every cohort x seed of ``config``; results.json's content (runs, aggregated table, machine)."""
-    from neurocl.config import load_pipeline
-
     # Validated now, with every relative path resolved against the pipeline's folder (the bench
     # writes its copies elsewhere); the cohort is the bench's own.
     raw = load_pipeline(config.pipeline, {"cohort": str(config.pipeline)}).model_dump(mode="json")
@@ -291,8 +288,6 @@ def run_separation_bench(config: SeparationBenchConfig, log=None) -> dict:
 
 
 def machine_description() -> dict:
-    import torch
-
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__}
 
@@ -331,8 +326,6 @@ def _cell(stats: dict) -> str:
 
 def print_separation(results: dict, console) -> None:
     """Per cohort: each attribute's held-out score from every representation, then the separation summary."""
-    from rich.table import Table
-
     descriptions = {cohort.name: cohort.stress for cohort in PANEL}
     for entry in results["table"]:
         representations = list(entry["rows"][0]["values"]) if entry["rows"] else []
