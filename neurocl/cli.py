@@ -353,8 +353,13 @@ def probe(
     out: Path = typer.Option(..., "--out", help="Output folder for probes.tsv and separation.json."),
     attributes: Optional[str] = typer.Option(None, help="Comma-separated attributes to probe (default: all in the spec)."),
     ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="ground_truth.tsv of a synthetic cohort."),
-    leave_site_out: Optional[str] = typer.Option(None, help="Column to hold out in outer CV (e.g. site)."),
-    n_permutations: int = typer.Option(1000, help="Permutations for p-values, at most (fewer once p is clearly above or below 0.05)."),
+    scope: str = typer.Option(
+        "held_out", "--scope",
+        help="held_out: fit on the embeddings' train/val rows, score their test rows (needs a 'split' column); "
+             "in_sample_cv: cross-validate over every row (in-sample for the encoder).",
+    ),
+    leave_site_out: Optional[str] = typer.Option(None, help="Column to hold out one value at a time (e.g. site)."),
+    n_permutations: int = typer.Option(1000, help="Permutations for p-values (in_sample_cv: at most, fewer once p is clearly above or below 0.05)."),
     n_bootstrap: int = typer.Option(1000, help="Bootstrap resamples for 95% CIs."),
     seed: int = typer.Option(0, help="Random seed."),
     jobs: int = typer.Option(-1, "--jobs", help="Parallel threads (-1: one per CPU core); results do not depend on it."),
@@ -376,6 +381,7 @@ def probe(
         out,
         attributes=attributes.split(",") if attributes else None,
         ground_truth=ground_truth,
+        scope=scope,
         leave_site_out=leave_site_out,
         n_permutations=n_permutations,
         n_bootstrap=n_bootstrap,
