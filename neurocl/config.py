@@ -65,7 +65,7 @@ class SplitConfig(_Section):
 
     file: Path | None = Field(None, description="An existing split manifest (`participant_id`, `split`) to use instead of drawing one.")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of subjects whose loss is tracked for `best.ckpt` (not trained on).")
-    test_fraction: float = Field(0.2, ge=0, lt=1, description="Fraction of subjects held out of training (embedded and probed all the same).")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Fraction of subjects held out of training: the probes and separation.json are scored on them (`evaluation.probe.scope: held_out`); at least 2 per class of every probed attribute.")
     stratify: list[str] = Field(["group"], description="Columns kept balanced across splits (`group` and categorical attributes).")
     seed: int | None = Field(None, description="Seed of the split; `null`: `training.seed`.")
 
