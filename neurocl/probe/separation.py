@@ -223,11 +223,13 @@ def _held_out_mcc(features, factors, names, folds, assignment) -> dict:
     for train, test in folds:
         train_corr = _abs_correlation(features[train], factors[train])
         dims, facs = assignment(-np.nan_to_num(train_corr))
-        test_corr = _abs_correlation(features[test], factors[test])
-        per_fold.append(float(np.nanmean(test_corr[dims, facs])))
+        test_corr = _abs_correlation(features[test], factors[test])[dims, facs]
+        # Matched factors constant on the scored rows (a few test subjects) have no correlation.
+        per_fold.append(float(np.mean(test_corr[np.isfinite(test_corr)])) if np.isfinite(test_corr).any() else np.nan)
         matches.append({names[f]: int(d) for d, f in zip(dims, facs)})
+    finite = [value for value in per_fold if np.isfinite(value)]
     return {
-        "mcc": float(np.mean(per_fold)),
+        "mcc": float(np.mean(finite)) if finite else None,
         "n_dimensions": features.shape[1],
         "n_factors": factors.shape[1],
         "matching_first_fold": matches[0],
