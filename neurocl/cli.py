@@ -247,6 +247,10 @@ def run(
         None, "--set", metavar="SECTION.FIELD=VALUE", help="Override one field, SECTION.FIELD=VALUE (repeatable); validated like the YAML, "
         "recorded in RUN/config.yaml."
     ),
+    seeds: Optional[str] = typer.Option(
+        None, "--seeds", metavar="S1,S2,...", help="Train one model per seed (comma-separated; the first is the run's "
+        "primary seed, the others go to RUN/seeds/seed-<s>/): sets training.seeds and training.seed."
+    ),
 ) -> None:
     """Validate, preprocess, train, embed, probe and report, as the pipeline says.
 
@@ -255,14 +259,24 @@ def run(
     Example: neurocl run pipelines/demo.yaml --out runs/lr --set training.lr=1e-3 --set method.lam_mi=50
 
     Example (a cluster job, requeued any number of times): neurocl run my.yaml --out runs/x --auto-resume
+
+    Example (one model per seed, the report's figures as mean ± sd): neurocl run my.yaml --out runs/x --seeds 0,1,2
     """
     from neurocl.errors import ConfigError
     from neurocl.pipeline import run_pipeline
 
     if resume and auto_resume:
         raise ConfigError("--resume and --auto-resume: give one (--auto-resume decides by itself)")
-    again = " ".join(["neurocl run", str(pipeline), "--out", str(out), *[f"--set {s}" for s in set_ or ()], "--resume"])
-    _resumable(again, run_pipeline, pipeline, out, resume="auto" if auto_resume else resume, settings=set_ or ())
+    settings = list(set_ or ())
+    seed_list = _int_list("--seeds", seeds)
+    if seed_list is not None:
+        if not seed_list:
+            raise ConfigError(f"--seeds {seeds!r}: give at least one seed, such as 0,1,2")
+        # Both fields: --seeds replaces whatever seed the YAML gives (the first seed is the primary one).
+        settings += [f"training.seeds=[{','.join(map(str, seed_list))}]", f"training.seed={seed_list[0]}"]
+    again = " ".join(["neurocl run", str(pipeline), "--out", str(out), *[f"--set {s}" for s in set_ or ()],
+                      *([f"--seeds {seeds}"] if seeds else []), "--resume"])
+    _resumable(again, run_pipeline, pipeline, out, resume="auto" if auto_resume else resume, settings=settings)
 
 
 @app.command()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 from rich.table import Table
 from sklearn.metrics import adjusted_rand_score
 
@@ -95,7 +96,7 @@ def _demo_cohort(folder: Path) -> Path:
     if cohort_yaml.is_file():
         description = folder / "dataset_description.json"
         made_with = json.loads(description.read_text()).get("SynthConfig") if description.is_file() else None
-        if made_with != config.model_dump():
+        if _normalised(made_with) != config.model_dump():
             raise ConfigError(
                 f"{folder} holds a synthetic cohort made with other options ({made_with}) than the demo's "
                 f"({config.model_dump()}); give `neurocl demo` another --out"
@@ -109,6 +110,17 @@ def _demo_cohort(folder: Path) -> Path:
         )
     console.print(f"[bold]synthetic cohort[/] {config.n_subjects} subjects at {config.resolution:g} mm into {folder}")
     return make_synthetic_cohort(folder, config, progress=True)
+
+
+def _normalised(made_with) -> dict | None:
+    """A recorded SynthConfig with today's defaults filled in: a cohort made before a field was added (whose
+    default reproduces the old generator) still matches; one with an unknown or invalid field does not (None)."""
+    if not isinstance(made_with, dict):
+        return None
+    try:
+        return SynthConfig(**made_with).model_dump()
+    except (ValidationError, TypeError):
+        return None
 
 
 def demo_summary(run_dir: str | os.PathLike, cohort_dir: str | os.PathLike) -> dict:

@@ -9,13 +9,15 @@ section                   read from
 Run                       ``config.yaml``, ``splits.tsv``, ``embeddings.tsv``
 Probes: common vs salient ``probes.tsv`` (one figure and one table per attribute)
 Separation                ``separation.json``
+Spread over seeds         each seed's ``probes.tsv`` and ``separation.json`` (``training.seeds``)
 Training curves           ``logs/metrics.csv`` (one panel per loss term, train and val)
 Embedding views           ``embeddings.tsv`` (+ the cohort of ``config.yaml``, ``ground_truth.tsv``
                           beside it, ``maps/clusters.tsv``): PCA and t-SNE, coloured by group,
                           diagnosis, subtype, age and site
 Baseline comparison       ``baselines/<name>/probes.tsv`` next to the run's own probes
 Maps and subtypes         ``maps/index.tsv`` + PNGs, ``maps/subtypes.json``,
-                          ``maps/evaluation.json``, ``maps/associations.tsv``
+                          ``maps/evaluation.json``, ``maps/associations.tsv``,
+                          ``maps/seed_consensus.json`` (subtypes across training seeds)
 ========================  ===================================================================
 
 Figures are matplotlib PNGs: embedded as base64 in the HTML and written to ``RUN/report_files/``
@@ -44,6 +46,7 @@ from neurocl.io import atomic_path, load_yaml, read_tsv, write_text
 from neurocl.maps.subtypes import STABILITY_CAUTION
 from neurocl.probe import PRIMARY_METRIC, separation_table
 from neurocl.probe.command import probes_title
+from neurocl.seeds import collapse_spread, decodable_counts, probe_spread, run_seeds, seed_files
 from neurocl.rundir import RunDir
 _PRIMARY = set(PRIMARY_METRIC.values())
 _SUBSET_ORDER = {"all": 0, "target": 1, "background": 2}
@@ -140,6 +143,7 @@ def write_report(run_dir) -> tuple[Path, Path]:
             _run_section(run),
             _probe_section(run, figures),
             _separation_section(run),
+            _seeds_section(run),
             _training_section(run, figures),
             _embedding_section(run, figures),
             _baseline_section(run, figures),
@@ -194,6 +198,8 @@ class _RunFiles:
         self.evaluation = _read_json(maps.evaluation)
         self.associations = _read_table(maps.associations)
         self.clusters = _read_table(maps.clusters)
+        self.seed_consensus = _read_json(maps.seed_consensus)
+        self.seed_probes, self.seed_separations = seed_files(folder, self.config)
         self.cohort_table, self.ground_truth, self.cohort_note = _cohort_tables(self.config, folder.path)
 
     def any(self) -> bool:
@@ -418,6 +424,40 @@ def _collapse_scope(collapse: dict) -> str:
     return "in-sample: every subject" + (f", {counts}" if "n_target" in collapse else "")
 
 
+def _seeds_section(run: _RunFiles) -> _Section | None:
+    if len(run.seed_probes) < 2 and len(run.seed_separations) < 2:
+        return None
+    seeds = sorted(set(run.seed_probes) | set(run.seed_separations), key=run_seeds(run.config).index)
+    section = _Section("Spread over training seeds")
+    section.text(
+        f"One model per training seed ({', '.join(map(str, seeds))}; the first is the primary model every other "
+        "section shows), all trained and scored on the same split. mean ± sd: sample standard deviation over "
+        "seeds; per seed: each model's own figure. Maps are drawn for the primary model only. Figures on the "
+        f"{_separation_scope(run.separation or {})}."
+    )
+    probes = probe_spread(run.seed_probes)
+    if not probes.empty:
+        probes = probes.assign(value=[_spread_cell(r) for _, r in probes.iterrows()])
+        section.table(probes[["attribute", "subset", "space", "metric", "value", "per_seed"]],
+                      caption="Primary probe score of each attribute in each space over seeds (mean ± sd, per seed)")
+    if run.seed_separations:
+        counts = decodable_counts(run.seed_separations)
+        if not counts.empty:
+            section.table(counts, caption="Separation: in how many seeds each attribute is decodable from each space "
+                                          "(p < 0.05 and above chance)")
+        collapse = collapse_spread(run.seed_separations)
+        if not collapse.empty:
+            collapse = collapse.assign(value=[_spread_cell(r) for _, r in collapse.iterrows()])
+            section.table(collapse[["figure", "value", "per_seed"]], caption="Background collapse over seeds (mean ± sd, per seed)")
+    return section
+
+
+def _spread_cell(row) -> str:
+    if not np.isfinite(row["mean"]):
+        return "n/a"
+    return f"{row['mean']:.3f}" + (f" ± {row['sd']:.3f}" if np.isfinite(row["sd"]) else "") + f" (n={row['n_seeds']})"
+
+
 def _training_section(run: _RunFiles, figures: _Figures) -> _Section | None:
     metrics = run.metrics
     if metrics is None or metrics.empty:
@@ -608,6 +648,18 @@ def _maps_section(run: _RunFiles, figures: _Figures) -> _Section | None:
         if isinstance(stability, (int, float)) and stability < STABILITY_CAUTION:
             section.text(f"Caution: subtype stability {stability:.2f} is below {STABILITY_CAUTION}: the clusters "
                          "hinge on a few subjects; do not read them as subtypes without a second seed or more subjects.")
+        if run.seed_consensus:
+            consensus = run.seed_consensus
+            rows = [("seeds", ", ".join(map(str, consensus.get("seeds", [])))),
+                    ("k per seed", ", ".join(f"{s}: {k}" for s, k in (consensus.get("n_clusters") or {}).items())),
+                    ("mean pairwise ARI between seeds", _fmt(consensus.get("mean_pairwise_ari"))),
+                    ("unanimous pair fraction", _fmt(consensus.get("unanimous_pair_fraction"))),
+                    ("bootstrap stability (primary seed)", _fmt(run.subtypes.get("stability")))]
+            section.table(pd.DataFrame(rows, columns=["subtypes across training seeds", "value"]),
+                          caption="Subtype stability across training seeds: each seed's model clusters the same target "
+                                  "subjects in its own salient space; agreement = adjusted Rand index between seeds' "
+                                  "partitions and the share of subject pairs every seed puts together or apart "
+                                  "(co-clustering consensus), beside the primary model's bootstrap stability.")
         scores = run.subtypes.get("scores")
         if isinstance(scores, list) and scores:
             section.table(_rounded(pd.DataFrame(scores)), caption="Score per number of clusters")

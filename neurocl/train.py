@@ -42,6 +42,7 @@ __all__ = [
     "is_primary_process",
     "make_trainer",
     "run_callbacks",
+    "seed_config",
     "train",
     "train_as_worker",
     "training_jobs",
@@ -358,13 +359,24 @@ def _say_which_weights(run: RunDir, data: TrainingData) -> None:
     console.print(f"embeddings come from the final weights of training: {run.last_checkpoint}", highlight=False)
 
 
-def training_jobs(config: PipelineConfig, run: RunDir) -> list[tuple[str, MethodConfig, RunDir]]:
-    """Every network the pipeline trains, in order: (name, method, run folder)."""
-    jobs = [("main", config.method, run)]
+def training_jobs(config: PipelineConfig, run: RunDir) -> list[tuple[str, MethodConfig, RunDir, PipelineConfig]]:
+    """Every network the pipeline trains, in order: (name, method, run folder, pipeline it trains with).
+
+    The method, then each trained baseline (both at the primary seed), then the method again for
+    each further seed of ``training.seeds`` into ``seeds/seed-<s>/`` (same splits, ``training.seed`` = s).
+    """
+    jobs = [("main", config.method, run, config)]
     for entry in config.baselines:
         if entry.trained:
-            jobs.append((f"baselines/{entry.name}", entry.method(config.method), run.baseline(entry.name)))
+            jobs.append((f"baselines/{entry.name}", entry.method(config.method), run.baseline(entry.name), config))
+    for seed in config.training.run_seeds()[1:]:
+        jobs.append((f"seeds/seed-{seed}", config.method, run.seed_run(seed), seed_config(config, seed)))
     return jobs
+
+
+def seed_config(config: PipelineConfig, seed: int) -> PipelineConfig:
+    """The pipeline as training seed ``seed`` trains it: ``training.seed`` = seed, the rest unchanged."""
+    return config.model_copy(update={"training": config.training.model_copy(update={"seed": seed})})
 
 
 def world_size(training: TrainingConfig) -> int:
@@ -427,6 +439,6 @@ def train_as_worker(config: PipelineConfig, run: RunDir, resume: bool) -> Path:
     """
     cohort = Cohort.from_yaml(config.cohort)
     store, splits = wait_until_prepared(run, cohort)
-    for _, method, folder in training_jobs(config, run):
-        train(config, method, folder, cohort, store, splits, resume)
+    for _, method, folder, job_config in training_jobs(config, run):
+        train(job_config, method, folder, cohort, store, splits, resume)
     return run.path

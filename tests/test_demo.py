@@ -46,6 +46,23 @@ def test_demo_reuses_a_cohort_made_with_its_options(tmp_path):
     assert _demo_cohort(tmp_path / "cohort") == tmp_path / "cohort" / "cohort.yaml"
 
 
+def test_demo_reuses_a_cohort_made_before_new_synth_options_existed(tmp_path):
+    """A dataset_description.json written before a SynthConfig field was added lacks it: its default fills it in."""
+    recorded = SynthConfig(**DEMO_COHORT).model_dump()
+    added_since = [name for name in SynthConfig.model_fields if name not in DEMO_COHORT]
+    assert added_since
+    for name in added_since:
+        del recorded[name]
+    _fake_cohort_folder(tmp_path / "cohort", recorded)
+    assert _demo_cohort(tmp_path / "cohort") == tmp_path / "cohort" / "cohort.yaml"
+
+
+def test_demo_refuses_a_cohort_recorded_with_an_unknown_option(tmp_path):
+    _fake_cohort_folder(tmp_path / "cohort", {**SynthConfig(**DEMO_COHORT).model_dump(), "lesion_gain": 3.0})
+    with pytest.raises(ConfigError, match="other options"):
+        _demo_cohort(tmp_path / "cohort")
+
+
 def test_demo_refuses_a_cohort_made_with_other_options(tmp_path):
     _fake_cohort_folder(tmp_path / "cohort", SynthConfig(n_subjects=32).model_dump())
     with pytest.raises(ConfigError, match="other options"):

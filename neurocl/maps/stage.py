@@ -25,7 +25,7 @@ from neurocl.maps.regions import (
     read_atlas_names,
     region_at,
 )
-from neurocl.maps.subtypes import SubtypeClustering, cluster_associations
+from neurocl.maps.subtypes import SubtypeClustering, cluster_associations, seed_consensus
 from neurocl.rundir import MapsFolder, load_run
 
 
@@ -111,17 +111,21 @@ def _occlusion_subset(clusters: np.ndarray, limit: int | None, seed: int) -> np.
     return np.sort(np.concatenate(chosen))
 
 
-def _subtypes(targets: pd.DataFrame, salient: list[str], keys: list[str], cohort, config: MapsConfig, folder: MapsFolder):
-    """Cluster the targets in salient space; write clusters.tsv and associations.tsv; return clusters (1..k) and summary."""
-    clustering = SubtypeClustering(
+def _clustering(config: MapsConfig, n_bootstrap: int) -> SubtypeClustering:
+    return SubtypeClustering(
         k_range=(config.k_min, config.k_max),
         method=config.cluster_method,
         criterion=config.criterion,
-        n_bootstrap=config.n_bootstrap,
+        n_bootstrap=n_bootstrap,
         random_state=config.seed,
         n_reference=config.n_reference,
         alpha=config.alpha,
-    ).fit(targets[salient].to_numpy())
+    )
+
+
+def _subtypes(targets: pd.DataFrame, salient: list[str], keys: list[str], cohort, config: MapsConfig, folder: MapsFolder):
+    """Cluster the targets in salient space; write clusters.tsv and associations.tsv; return clusters (1..k) and summary."""
+    clustering = _clustering(config, config.n_bootstrap).fit(targets[salient].to_numpy())
     clusters = clustering.labels_ + 1
     write_tsv(folder.clusters, targets[keys].assign(cluster=clusters))
     kinds = cohort.attribute_kinds
@@ -476,7 +480,40 @@ def run_maps(
         permuted = permuted_label_method(run, progress)
         null_models["permuted_labels"] = getattr(permuted, "net", permuted).to(run.store.device)
     analyse_salient(network, run.store, run.cohort, run.embeddings, out_dir, config, ground_truth, progress, null_models)
+    subtypes_over_seeds(run, config)
     return out_dir
+
+
+def subtypes_over_seeds(run, config: MapsConfig) -> dict | None:
+    """Subtypes found by each training seed's model (``training.seeds``), compared: ``maps/seed_consensus.json``.
+
+    Each seed's target subjects are clustered in that seed's salient space exactly as the primary
+    model's are (same k range, criterion and clustering seed; each seed picks its own k), and
+    :func:`neurocl.maps.subtypes.seed_consensus` scores their co-clustering agreement. Returns the
+    written summary, or None (and no file) for a single-seed run.
+    """
+    folder = run.folder
+    seeds = run.config.training.run_seeds()
+    if len(seeds) < 2:
+        folder.maps.seed_consensus.unlink(missing_ok=True)
+        return None
+    labelings, subjects, n_clusters = [], None, {}
+    for seed, seed_folder in folder.seed_runs(seeds).items():
+        embeddings = seed_folder.read_table(seed_folder.embeddings)
+        rows = _embedding_rows(embeddings, run.cohort, config)
+        targets = rows[(rows["group"] == "target").to_numpy()].sort_values("cohort_row").reset_index(drop=True)
+        if subjects is None:
+            subjects = targets["cohort_row"].to_numpy()
+        elif not np.array_equal(subjects, targets["cohort_row"].to_numpy()):
+            raise ConfigError(f"{seed_folder.embeddings}: other target subjects than the primary seed's "
+                              f"{folder.embeddings}; rerun the pipeline (neurocl run ... --resume)")
+        clustering = _clustering(config, 0).fit(targets[_salient_columns(embeddings)].to_numpy())
+        labelings.append(clustering.labels_)
+        n_clusters[str(seed)] = clustering.n_clusters_
+    summary = {"seeds": seeds, "space": "salient", "split": config.split, "n_subjects": int(len(subjects)),
+               **seed_consensus(labelings), "n_clusters": n_clusters}
+    write_json(folder.maps.seed_consensus, _json_ready(summary))
+    return summary
 
 
 def permuted_label_method(run, progress: bool = True):
