@@ -22,14 +22,14 @@ ends on the device (baselines include the host-to-device copy) and is synchronis
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
-import importlib
 from pathlib import Path
-import platform
 from typing import Callable, Sequence
 
 import numpy as np

@@ -12,12 +12,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
-import time
-from pathlib import Path
 import re
 import signal
+import sys
 import threading
+import time
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -29,10 +29,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from neurocl.cohort import Cohort, Splits
 from neurocl.config import PipelineConfig, TrainingConfig
-from neurocl.logs import is_terminal, progress_console
 from neurocl.embed import grid_record
 from neurocl.errors import ConfigError, NeuroclError, TrainingError
 from neurocl.io import torch_save, write_text
+from neurocl.logs import is_terminal, progress_console
 from neurocl.methods import EpochBatches, MethodConfig, TrainingData, build_method
 from neurocl.rundir import RunDir
 from neurocl.store import VolumeStore

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 import random
 import shutil
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np

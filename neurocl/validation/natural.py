@@ -38,8 +38,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage
 from sklearn.datasets import load_digits, load_sample_images
 
