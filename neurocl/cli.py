@@ -373,11 +373,18 @@ def probe(
     out: Path = typer.Option(..., "--out", help="Output folder for probes.tsv and separation.json."),
     attributes: Optional[str] = typer.Option(None, help="Comma-separated attributes to probe (default: all in the spec)."),
     ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="ground_truth.tsv of a synthetic cohort."),
+    # Defaults are ProbeConfig's (the pipeline's probe section), the one source; importing it here
+    # would load torch and Lightning for every --help, so the help names where they are.
     leave_site_out: Optional[str] = typer.Option(None, help="Column to hold out in outer CV (e.g. site)."),
-    n_permutations: int = typer.Option(1000, help="Permutations for p-values, at most (fewer once p is clearly above or below 0.05)."),
-    n_bootstrap: int = typer.Option(1000, help="Bootstrap resamples for 95% CIs."),
-    seed: int = typer.Option(0, help="Random seed."),
-    jobs: int = typer.Option(-1, "--jobs", help="Parallel threads (-1: one per CPU core); results do not depend on it."),
+    n_permutations: Optional[int] = typer.Option(
+        None, help="Permutations for p-values, at most (fewer once p is clearly above or below 0.05) "
+        "(default: probe.n_permutations, docs/pipelines.md).", show_default=False),
+    n_bootstrap: Optional[int] = typer.Option(
+        None, help="Bootstrap resamples for 95% CIs (default: probe.n_bootstrap).", show_default=False),
+    seed: Optional[int] = typer.Option(None, help="Random seed (default: probe.seed).", show_default=False),
+    jobs: Optional[int] = typer.Option(
+        None, "--jobs", help="Parallel threads (-1: one per CPU core); results do not depend on it "
+        "(default: probe.n_jobs).", show_default=False),
     other_cohort: bool = typer.Option(
         False, "--other-cohort",
         help="Probe embeddings made from another cohort than --cohort (refused by default: their sidecar says which).",

@@ -24,7 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from neurocl.cohort import Cohort, Splits
 from neurocl.config import PipelineConfig, TrainingConfig
-from neurocl.logs import epoch_lines, is_terminal, progress_console
+from neurocl.logs import is_terminal, progress_console
 from neurocl.embed import grid_record
 from neurocl.errors import ConfigError, NeuroclError, TrainingError
 from neurocl.io import torch_save, write_text
@@ -98,6 +98,27 @@ class MetricsTable(L.Callback):
         self.rows = list(state["rows"])
 
 
+class EpochLines(L.Callback):
+    """One line per epoch to stderr (epoch, step, logged losses, time): Lightning's bar in a log file."""
+
+    def __init__(self) -> None:
+        self.console = progress_console()
+        self.started = time.monotonic()
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.started = time.monotonic()
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()
+                   if name.endswith("_loss") and value.numel() == 1}  # train/loss repeats train_loss
+        losses = ", ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items()))
+        self.console.print(
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, step {trainer.global_step}: {losses} "
+            f"({time.monotonic() - self.started:.1f} s)", highlight=False, markup=False)
+
+
 class RunCheckpoints(L.Callback):
     """``checkpoints/last.ckpt`` every N steps and at each epoch's end; ``best.ckpt`` at the lowest val loss.
 
@@ -136,8 +157,8 @@ def run_callbacks(run: RunDir, every_n_steps: int, progress: bool) -> list:
     callbacks = [MetricsTable(run.metrics), RunCheckpoints(run, every_n_steps)]
     if not progress:
         return callbacks
-    # A bar redrawn in place on a terminal; one line per epoch in a log file (logs.epoch_lines).
-    bar = RichProgressBar(leave=True, console_kwargs={"stderr": True}) if is_terminal(sys.stderr) else epoch_lines()
+    # A bar redrawn in place on a terminal; one line per epoch in a log file (EpochLines).
+    bar = RichProgressBar(leave=True, console_kwargs={"stderr": True}) if is_terminal(sys.stderr) else EpochLines()
     return callbacks + [bar]
 
 

@@ -28,14 +28,16 @@ def probe_command(
     attributes=None,
     ground_truth=None,
     leave_site_out=None,
-    n_permutations: int = 1000,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-    n_jobs: int = -1,
+    n_permutations: int | None = None,
+    n_bootstrap: int | None = None,
+    seed: int | None = None,
+    n_jobs: int | None = None,
     other_cohort: bool = False,
     overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """``neurocl probe``: probes.tsv, separation.json and separation.tsv in ``out_dir``, and a rich table.
+
+    ``n_permutations``, ``n_bootstrap``, ``seed``, ``n_jobs``: None takes :class:`~neurocl.config.ProbeConfig`'s default.
 
     Embeddings made by neurocl carry the fingerprint of their cohort (a sidecar); probing them
     against another cohort is refused unless ``other_cohort`` (:func:`neurocl.embed.check_cohort`).
@@ -52,8 +54,9 @@ def probe_command(
         raise CohortError(f"embeddings: no file {embeddings_tsv}")
     if ground_truth is not None and not Path(ground_truth).is_file():
         raise CohortError(f"--ground-truth: no file {ground_truth}")
-    options = dict(n_permutations=n_permutations, n_bootstrap=n_bootstrap, leave_site_out=leave_site_out,
-                   seed=seed, n_jobs=n_jobs)
+    # Only the options given: ProbeConfig holds every default.
+    options = {name: value for name, value in dict(n_permutations=n_permutations, n_bootstrap=n_bootstrap,
+               leave_site_out=leave_site_out, seed=seed, n_jobs=n_jobs).items() if value is not None}
     config = validated(ProbeConfig, options, "probe options")
     cohort = Cohort.from_yaml(cohort_yaml)
     check_cohort(embeddings_tsv, cohort, allow_other=other_cohort)
