@@ -375,9 +375,13 @@ def probe(
     ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="ground_truth.tsv of a synthetic cohort."),
     # Defaults are ProbeConfig's (the pipeline's probe section), the one source; importing it here
     # would load torch and Lightning for every --help, so the help names where they are.
-    leave_site_out: Optional[str] = typer.Option(None, help="Column to hold out in outer CV (e.g. site)."),
+    scope: Optional[str] = typer.Option(
+        None, "--scope",
+        help="held_out (default): fit on the embeddings' train/val rows, score their test rows (needs a 'split' "
+             "column); in_sample_cv: cross-validate over every row (in-sample for the encoder).", show_default=False),
+    leave_site_out: Optional[str] = typer.Option(None, help="Column to hold out one value at a time (e.g. site)."),
     n_permutations: Optional[int] = typer.Option(
-        None, help="Permutations for p-values, at most (fewer once p is clearly above or below 0.05) "
+        None, help="Permutations for p-values (in_sample_cv: at most, fewer once p is clearly above or below 0.05) "
         "(default: probe.n_permutations, docs/pipelines.md).", show_default=False),
     n_bootstrap: Optional[int] = typer.Option(
         None, help="Bootstrap resamples for 95% CIs (default: probe.n_bootstrap).", show_default=False),
@@ -403,6 +407,7 @@ def probe(
         out,
         attributes=attributes.split(",") if attributes else None,
         ground_truth=ground_truth,
+        scope=scope,
         leave_site_out=leave_site_out,
         n_permutations=n_permutations,
         n_bootstrap=n_bootstrap,

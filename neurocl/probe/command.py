@@ -27,6 +27,7 @@ def probe_command(
     out_dir,
     attributes=None,
     ground_truth=None,
+    scope: str | None = None,
     leave_site_out=None,
     n_permutations: int | None = None,
     n_bootstrap: int | None = None,
@@ -55,7 +56,7 @@ def probe_command(
     if ground_truth is not None and not Path(ground_truth).is_file():
         raise CohortError(f"--ground-truth: no file {ground_truth}")
     # Only the options given: ProbeConfig holds every default.
-    options = {name: value for name, value in dict(n_permutations=n_permutations, n_bootstrap=n_bootstrap,
+    options = {name: value for name, value in dict(scope=scope, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
                leave_site_out=leave_site_out, seed=seed, n_jobs=n_jobs).items() if value is not None}
     config = validated(ProbeConfig, options, "probe options")
     cohort = Cohort.from_yaml(cohort_yaml)
@@ -67,14 +68,23 @@ def probe_command(
     separation_path = write_json(out.separation, result)
     write_tsv(out.separation_table, separation_table(result))
     results = results_console()
-    results.print(probes_table(probes))
+    results.print(probes_table(probes, result))
     results.print(f"wrote [bold]{probes_path}[/], [bold]{separation_path}[/]")
     return probes_path, separation_path
 
 
-def probes_table(probes: pd.DataFrame):
+def probes_title(probes: pd.DataFrame, separation: dict | None = None) -> str:
+    """What the probes' figures are computed on: held-out test subjects (n=...) or in-sample CV."""
+    scopes = set(probes["scope"].dropna()) if "scope" in probes.columns else {"in_sample_cv"}
+    if scopes == {"held_out"}:
+        n = (separation or {}).get("n_test_subjects")
+        return f"held-out test subjects (n={n})" if n is not None else "held-out test subjects"
+    return "in-sample: cross-validated over every subject, the encoder's training subjects included"
+
+
+def probes_table(probes: pd.DataFrame, separation: dict | None = None):
     """A rich Table of probes.tsv (value [95% CI], p, chance)."""
-    table = Table(title="Linear probes (out-of-fold)", show_lines=False)
+    table = Table(title=f"Linear probes: {probes_title(probes, separation)}", show_lines=False)
     for name in ("space", "attribute", "subset", "metric", "value [95% CI]", "p", "chance", "n"):
         table.add_column(name, justify="right" if name in ("p", "chance", "n") else "left")
     for _, row in probes.iterrows():

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from neurocl import io
 from neurocl.errors import ConfigError
+from neurocl.probe.heldout import held_out_score
 from neurocl.validation.panel import PANEL, PanelCohort, PanelScale, build_cohort, panel_cohort
 
 DEMO_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yaml"
@@ -48,7 +49,6 @@ COHORT_SEED_OFFSET = 1000
 BASELINES = ("pca", "cpca", "simclr")
 REPRESENTATIONS = ("common", "salient", *BASELINES)
 SEPARATED_MIN = 0.1  # separation index and salient u of every specific attribute
-MIN_TEST, MIN_TRAIN = 4, 8
 
 # Quick: small cohorts and a few optimiser steps, to check the whole panel runs (minutes);
 # full: the pipeline's own training section on 160-subject cohorts.
@@ -87,45 +87,6 @@ class SeparationBenchConfig(BaseModel):
         if not config.pipeline.is_file():
             raise ConfigError(f"--pipeline {config.pipeline} does not exist")
         return config
-
-
-# ----------------------------------------------------------------------------- held-out scoring
-
-
-def held_out_score(features: np.ndarray, labels: np.ndarray, kind: str, train: np.ndarray, test: np.ndarray,
-                   probe_config=None) -> dict | None:
-    """A linear probe fitted on rows ``train`` (regularisation by inner CV there), scored on rows ``test``.
-
-    Returns ``{"metric", "value", "chance", "u", "n_train", "n_test"}`` or None when either side is
-    too small (fewer than 8 / 4 rows) or, for a categorical label, holds a single class.
-    """
-    from neurocl.probe import PRIMARY_METRIC, ProbeConfig, cross_validated_predictions, score
-
-    probe_config = probe_config or ProbeConfig(n_permutations=0, n_bootstrap=0, n_jobs=1)
-    # Only the scored rows: the classes (and so chance) are those of these rows, not of others.
-    used = np.flatnonzero(np.asarray(train) | np.asarray(test))
-    features, labels = np.asarray(features, dtype=np.float64)[used], np.asarray(labels)[used]
-    train, test = np.flatnonzero(np.asarray(train)[used]), np.flatnonzero(np.asarray(test)[used])
-    if len(train) < MIN_TRAIN or len(test) < MIN_TEST:
-        return None
-    if not np.isfinite(features).all():
-        return None
-    if kind == "categorical":
-        classes, codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
-        if len(np.unique(codes[train])) < 2 or len(np.unique(codes[test])) < 2:
-            return None
-        n_classes, chance = len(classes), 1.0 / len(classes)
-    else:
-        codes = np.asarray(labels, dtype=np.float64)
-        if np.ptp(codes[train]) == 0 or np.ptp(codes[test]) == 0:
-            return None
-        n_classes, chance = None, 0.0
-    groups = np.arange(len(codes))
-    predictions = cross_validated_predictions(features, codes, groups, kind, [(train, test)], probe_config, n_classes)
-    metric = PRIMARY_METRIC[kind]
-    value = float(score(metric, codes[None, test], predictions[:, test])[0])
-    return {"metric": metric, "value": value, "chance": chance, "u": (value - chance) / (1.0 - chance),
-            "n_train": int(len(train)), "n_test": int(len(test))}
 
 
 def score_representations(representations: dict[str, pd.DataFrame], truth: pd.DataFrame, cohort: PanelCohort,
