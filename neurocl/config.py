@@ -65,7 +65,7 @@ class SplitConfig(_Section):
 
     file: Path | None = Field(None, description="An existing split manifest (`participant_id`, `split`) to use instead of drawing one.")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of subjects whose loss is tracked for `best.ckpt` (not trained on).")
-    test_fraction: float = Field(0.2, ge=0, lt=1, description="Fraction of subjects held out of training (embedded and probed all the same).")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Fraction of subjects held out of training: the probes and separation.json are scored on them (`evaluation.probe.scope: held_out`); at least 2 per class of every probed attribute.")
     stratify: list[str] = Field(["group"], description="Columns kept balanced across splits (`group` and categorical attributes).")
     seed: int | None = Field(
         None, description="Seed of the split; `null`: `training.seed` (with `training.seeds`, its first: every seed's "
@@ -149,16 +149,22 @@ class TrainingConfig(OptimConfig):
 class ProbeConfig(_Section):
     """Cross-validation and statistics settings of the probes (see docs/probing.md)."""
 
-    n_splits: int = Field(5, ge=2, description="Outer CV folds, grouped by participant (fewer, with a note, when a class has fewer participants).")
+    scope: Literal["held_out", "in_sample_cv"] = Field(
+        "held_out",
+        description="`held_out`: probes fitted on the train/val subjects and scored on the `test` subjects only "
+                    "(never on the encoder's training subjects); `in_sample_cv`: cross-validated over every "
+                    "subject (the encoder's training subjects included), labelled in-sample wherever shown.",
+    )
+    n_splits: int = Field(5, ge=2, description="Outer CV folds of `in_sample_cv`, grouped by participant (fewer, with a note, when a class has fewer participants).")
     inner_splits: int = Field(3, ge=2, description="Inner CV folds choosing the regularisation.")
     n_permutations: int = Field(
-        1000, ge=0, description="Label permutations for the p-value at most (0: none); fewer when the decision at 0.05 is clear.",
+        1000, ge=0, description="Label permutations for the p-value (0: none): `held_out` permutes the test subjects' labels against the fixed predictions (all of them, no refit); `in_sample_cv` refits, fewer when the decision at 0.05 is clear.",
     )
     adaptive_permutations: bool = Field(
-        True, description="Stop permuting once p is clearly above or below 0.05 (false: always `n_permutations`).",
+        True, description="`in_sample_cv`: stop permuting once p is clearly above or below 0.05 (false: always `n_permutations`).",
     )
     n_bootstrap: int = Field(1000, ge=0, description="Participant-level bootstrap resamples for the 95% CI (0: none).")
-    leave_site_out: str | None = Field(None, description="Column (e.g. `site`) held out one value at a time in the outer CV.")
+    leave_site_out: str | None = Field(None, description="Column (e.g. `site`) held out one value at a time: `held_out` scores each site's test subjects with a probe fitted on the other sites' train/val subjects; `in_sample_cv` makes each site an outer fold.")
     ridge_alphas: list[float] = Field(
         default_factory=lambda: np.logspace(-2, 4, 13).tolist(), min_length=1,
         description="Ridge penalties searched by the inner CV (default: 13 values, 10⁻² … 10⁴).",

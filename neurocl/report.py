@@ -45,6 +45,7 @@ from neurocl.errors import ConfigError, NeuroclError
 from neurocl.io import atomic_path, load_yaml, read_tsv, write_text
 from neurocl.maps.subtypes import STABILITY_CAUTION
 from neurocl.probe import PRIMARY_METRIC, separation_table
+from neurocl.probe.command import probes_title
 from neurocl.seeds import collapse_spread, decodable_counts, probe_spread, run_seeds, seed_files
 from neurocl.rundir import RunDir
 _PRIMARY = set(PRIMARY_METRIC.values())
@@ -288,19 +289,30 @@ def _run_section(run: _RunFiles) -> _Section:
 def _probe_section(run: _RunFiles, figures: _Figures) -> _Section | None:
     if run.probes is None:
         return None
-    section = _Section("Probes: which attribute lives in which space")
-    section.text(
-        "Cross-validated linear probes (outer folds grouped by participant; standardisation and "
-        "regularisation fitted on training folds only). Value = out-of-fold score, [95% bootstrap CI], "
-        "p = permutation p-value, chance = score of a probe that learns nothing. Higher is better except MAE."
-    )
+    scope = probes_title(run.probes, run.separation)
+    section = _Section(f"Probes: which attribute lives in which space ({scope})")
+    if _held_out(run.probes):
+        section.text(
+            f"Linear probes fitted on the encoder's train/val subjects (standardisation and regularisation, by an "
+            f"inner CV grouped by participant) and scored on the {scope}, which the encoder never trained on. "
+            "Value = test score, [95% bootstrap CI over test participants], p = permutation p-value (test labels "
+            "permuted against the fixed predictions), chance = score of a probe that learns nothing. Higher is "
+            "better except MAE."
+        )
+    else:
+        section.text(
+            f"{scope[0].upper()}{scope[1:]} (evaluation.probe.scope: in_sample_cv). Cross-validated linear probes "
+            "(outer folds grouped by participant; standardisation and regularisation fitted on training folds only). "
+            "Value = out-of-fold score, [95% bootstrap CI], p = permutation p-value, chance = score of a probe "
+            "that learns nothing. Higher is better except MAE."
+        )
     probes = run.probes[run.probes["metric"] != "none"]
     primary = probes[probes["metric"].isin(_PRIMARY)]
     if not primary.empty:
         figures.add(section, _forest_figure(primary, label_column="space"), "probes",
                     "Primary score of each attribute by space and subset (bars: 95% CI; dashed: chance; filled: p < 0.05)")
     for attribute, rows in probes.groupby("attribute", sort=False):
-        section.table(_probe_table(rows), caption=f"{attribute}")
+        section.table(_probe_table(rows), caption=f"{attribute}: {scope}")
     skipped = run.probes[run.probes["metric"] == "none"]
     if not skipped.empty:
         section.table(skipped[["space", "attribute", "subset", "note"]], caption="Skipped combinations")
@@ -365,29 +377,51 @@ def _forest_figure(rows: pd.DataFrame, label_column: str):
 def _separation_section(run: _RunFiles) -> _Section | None:
     if run.separation is None:
         return None
-    section = _Section("Separation")
+    scope = _separation_scope(run.separation)
+    section = _Section(f"Separation ({scope})")
     table = separation_table(run.separation)
     if not table.empty:
         section.table(_rounded(table), caption=(
-            "Primary probe score per attribute and subset in each space, and the spaces it is decodable from "
+            f"{scope}: primary probe score per attribute and subset in each space, and the spaces it is decodable from "
             "(p < 0.05 and above chance). A clean separation: common attributes (age, sex, site) decodable from "
             "common only; target-only attributes (subtype, severity) and group from salient."
         ))
     collapse = run.separation.get("background_collapse")
     if collapse:
         section.table(pd.DataFrame([(k, _fmt(v)) for k, v in collapse.items()], columns=["background collapse", "value"]),
-                      caption=("Background collapse: background subjects should sit near the salient origin "
+                      caption=(f"Background collapse ({_collapse_scope(collapse)}): background subjects should sit near the salient origin "
                                "(norm ratio << 1; norm AUC and probe AUC near 1)."))
     truth = run.separation.get("ground_truth")
     if truth:
         for subset, spaces in truth.get("r2", {}).items():
             frame = pd.DataFrame(spaces).rename_axis("factor").reset_index()
-            section.table(_rounded(frame), caption=f"Ground truth: held-out R² of each latent factor from each space ({subset} subjects)")
+            section.table(_rounded(frame), caption=f"Ground truth ({scope}): R² of each latent factor from each space ({subset} subjects)")
         mcc = truth.get("mcc") or {}
         if mcc:
             frame = pd.DataFrame([{"space": space, **{k: _fmt(v) for k, v in values.items()}} for space, values in mcc.items()])
-            section.table(frame, caption="Mean correlation coefficient (Hungarian matching of dimensions to continuous factors, held out)")
+            section.table(frame, caption=f"Mean correlation coefficient ({scope}; Hungarian matching of dimensions to "
+                                         "continuous factors on the fitting subjects)")
     return section
+
+
+def _held_out(probes: pd.DataFrame | None) -> bool:
+    """Whether every figure of a probes.tsv is held out (older runs without a ``scope`` column were in-sample)."""
+    return probes is not None and "scope" in probes.columns and set(probes["scope"].dropna()) == {"held_out"}
+
+
+def _separation_scope(result: dict) -> str:
+    """'held-out test subjects (n=...)', or the in-sample label (files of older runs have no scope: in-sample)."""
+    if result.get("scope") == "held_out":
+        n = result.get("n_test_subjects")
+        return "held-out test subjects" + (f" (n={n})" if n is not None else "")
+    return "in-sample: every subject, the encoder's training subjects included"
+
+
+def _collapse_scope(collapse: dict) -> str:
+    counts = f"n={collapse.get('n_background')} background, {collapse.get('n_target')} target"
+    if collapse.get("scope") == "held_out":
+        return f"held-out test subjects, {counts}"
+    return "in-sample: every subject" + (f", {counts}" if "n_target" in collapse else "")
 
 
 def _seeds_section(run: _RunFiles) -> _Section | None:
@@ -398,7 +432,8 @@ def _seeds_section(run: _RunFiles) -> _Section | None:
     section.text(
         f"One model per training seed ({', '.join(map(str, seeds))}; the first is the primary model every other "
         "section shows), all trained and scored on the same split. mean ± sd: sample standard deviation over "
-        "seeds; per seed: each model's own figure. Maps are drawn for the primary model only."
+        "seeds; per seed: each model's own figure. Maps are drawn for the primary model only. Figures on the "
+        f"{_separation_scope(run.separation or {})}."
     )
     probes = probe_spread(run.seed_probes)
     if not probes.empty:
@@ -566,8 +601,9 @@ def _baseline_section(run: _RunFiles, figures: _Figures) -> _Section | None:
     if not run.baselines:
         return None
     section = _Section("Baseline comparison")
+    scope = probes_title(next(iter(run.baselines.values())), run.separation)
     section.text("The same probes (same settings, folds and seeds) on each baseline's embeddings, next to the "
-                 f"run's own spaces (labelled '{run.method}: <space>').")
+                 f"run's own spaces (labelled '{run.method}: <space>'); figures on the {scope}.")
     frames = []
     if run.probes is not None:
         frames.append(run.probes.assign(model=run.probes["space"].map(lambda s: f"{run.method}: {s}")))
@@ -587,6 +623,14 @@ def _baseline_section(run: _RunFiles, figures: _Figures) -> _Section | None:
     return section
 
 
+def _maps_scope(config: dict | None) -> str:
+    """Which subjects the maps and clusters were computed on (``maps.split``): in-sample unless ``test``."""
+    split = ((config or {}).get("maps") or {}).get("split", "all")
+    if split == "test":
+        return "held-out test subjects"
+    return f"in-sample: maps.split {split}, the encoder's training subjects included"
+
+
 def _maps_section(run: _RunFiles, figures: _Figures) -> _Section | None:
     if all(v is None for v in (run.maps_index, run.subtypes, run.evaluation, run.associations)):
         return None
@@ -597,7 +641,7 @@ def _maps_section(run: _RunFiles, figures: _Figures) -> _Section | None:
         if isinstance(null_test, dict):
             summary["one-cluster test p"] = null_test.get("p_value")
         section.table(pd.DataFrame([(k, _fmt(v)) for k, v in summary.items()], columns=["subtypes", "value"]),
-                      caption="Subtypes: clusters of target subjects in salient space (k chosen by the criterion; "
+                      caption=f"Subtypes ({_maps_scope(run.config)}): clusters of target subjects in salient space (k chosen by the criterion; "
                               "k = 1, no subtypes, unless the one-cluster gap test rejects it; "
                               "stability = bootstrap agreement, undefined for k = 1).")
         stability = run.subtypes.get("stability")
@@ -622,7 +666,7 @@ def _maps_section(run: _RunFiles, figures: _Figures) -> _Section | None:
     if run.evaluation:
         rows = [(k, _fmt(v)) for k, v in run.evaluation.items() if not isinstance(v, (list, dict))]
         if rows:
-            section.table(pd.DataFrame(rows, columns=["evaluation", "value"]), caption="Against the ground truth")
+            section.table(pd.DataFrame(rows, columns=["evaluation", "value"]), caption=f"Against the ground truth ({_maps_scope(run.config)})")
         summary = run.evaluation.get("summary")
         if isinstance(summary, dict) and summary:
             nulls = run.evaluation.get("null_references") or []
