@@ -4,6 +4,7 @@ order fixed by ``(seed, epoch)``, resumable mid-epoch) with :func:`step_seed`.""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch import Tensor
 from neurocl.errors import ConfigError
 
 
+@dataclass
 class TrainingData:
     """What a method needs to train, all indexed by store index.
 
