@@ -13,9 +13,8 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
 from neurocl.io import atomic_path
-from neurocl.rundir import RunDir
-
 from neurocl.report.render import _Section
+from neurocl.rundir import RunDir
 
 _SUBSET_ORDER = {"all": 0, "target": 1, "background": 2}
 

@@ -11,11 +11,10 @@ from neurocl.embed import embedding_spaces
 from neurocl.maps.subtypes import STABILITY_CAUTION
 from neurocl.probe import PRIMARY_METRIC, separation_table
 from neurocl.probe.command import probes_title
-from neurocl.seeds import collapse_spread, decodable_counts, probe_spread, run_seeds
-
 from neurocl.report.figures import _SUBSET_ORDER, _Figures, _forest_figure, _views_figure
 from neurocl.report.render import _Section, _fmt, _rounded
 from neurocl.report.runfiles import _RunFiles, _maps_file
+from neurocl.seeds import collapse_spread, decodable_counts, probe_spread, run_seeds
 
 
 _PRIMARY = set(PRIMARY_METRIC.values())

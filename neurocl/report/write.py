@@ -7,11 +7,10 @@ from pathlib import Path
 
 from neurocl.errors import ConfigError
 from neurocl.io import write_text
-from neurocl.rundir import RunDir
-
 from neurocl.report.figures import _Figures, _remove_stale_figures
 from neurocl.report.render import _render_html, _render_md
 from neurocl.report.runfiles import _RunFiles
+from neurocl.rundir import RunDir
 from neurocl.report.sections import (
     _baseline_section, _embedding_section, _maps_section, _probe_section, _run_section, _seeds_section,
     _separation_section, _training_section,
