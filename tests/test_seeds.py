@@ -144,6 +144,13 @@ def test_killed_multi_seed_run_resumes_at_the_seed_it_reached(two_seeds, workspa
     assert run.seed_run(1).probes.is_file() and run.seed_run(1).embeddings.is_file()
 
 
+def test_resume_without_the_runs_seeds_is_refused_with_a_hint(two_seeds, pipeline_yaml):
+    before = sorted(path.relative_to(two_seeds) for path in two_seeds.rglob("*"))
+    with pytest.raises(ConfigError, match=r"the run was started with \[0, 1\], this command gives one seed; pass the same --seeds"):
+        pipeline.run_pipeline(pipeline_yaml, two_seeds, resume=True)
+    assert sorted(path.relative_to(two_seeds) for path in two_seeds.rglob("*")) == before
+
+
 @pytest.mark.parametrize("seeds_setting, message", [
     ("training.seeds=[]", "training.seeds is empty"),
     ("training.seeds=[1,1]", "repeats seed(s) [1]"),
