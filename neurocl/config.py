@@ -65,9 +65,12 @@ class SplitConfig(_Section):
 
     file: Path | None = Field(None, description="An existing split manifest (`participant_id`, `split`) to use instead of drawing one.")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of subjects whose loss is tracked for `best.ckpt` (not trained on).")
-    test_fraction: float = Field(0.2, ge=0, lt=1, description="Fraction of subjects held out of training (embedded and probed all the same).")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Fraction of subjects held out of training: the probes and separation.json are scored on them (`evaluation.probe.scope: held_out`); at least 2 per class of every probed attribute.")
     stratify: list[str] = Field(["group"], description="Columns kept balanced across splits (`group` and categorical attributes).")
-    seed: int | None = Field(None, description="Seed of the split; `null`: `training.seed`.")
+    seed: int | None = Field(
+        None, description="Seed of the split; `null`: `training.seed` (with `training.seeds`, its first: every seed's "
+        "model trains and is scored on the same split)."
+    )
 
 
 class TrainingConfig(OptimConfig):
@@ -91,6 +94,12 @@ class TrainingConfig(OptimConfig):
     )
     sync_batchnorm: bool = Field(True, description="Synchronise BatchNorm statistics across GPUs under DDP.")
     seed: int = Field(0, description="Seed of the weights, the batch order and the views.")
+    seeds: list[int] | None = Field(
+        None,
+        description="Train one model per seed (`neurocl run --seeds 0,1,2`): the first is the run's primary model "
+        "(`seed` is set to it; a `seed` given beside must equal it), each other one trains into "
+        "`seeds/seed-<s>/` and the report shows each figure's spread over seeds. `null`: `seed` alone.",
+    )
     deterministic: bool = Field(True, description="Ask PyTorch for deterministic kernels (warns where none exists).")
     checkpoint_every_n_steps: int = Field(
         50, ge=1, description="Write `checkpoints/last.ckpt` every N optimiser steps (and at each epoch's end)."
@@ -112,6 +121,27 @@ class TrainingConfig(OptimConfig):
             raise ValueError(f"devices must be >= 1 or 'auto', got {value}")
         return value
 
+    @model_validator(mode="after")
+    def _seeds_agree(self) -> "TrainingConfig":
+        if self.seeds is None:
+            return self
+        if not self.seeds:
+            raise ValueError("training.seeds is empty: give at least one seed, or leave it out (null) to use training.seed")
+        repeated = sorted({seed for seed in self.seeds if self.seeds.count(seed) > 1})
+        if repeated:
+            raise ValueError(f"training.seeds repeats seed(s) {repeated}: each seed trains one model, give each once")
+        if "seed" in self.model_fields_set and self.seed != self.seeds[0]:
+            raise ValueError(
+                f"training.seed = {self.seed} but training.seeds starts with {self.seeds[0]}: the first of seeds is the "
+                "run's primary seed; leave training.seed out or make it the first of seeds"
+            )
+        self.seed = self.seeds[0]
+        return self
+
+    def run_seeds(self) -> list[int]:
+        """Every seed the run trains a model for, the primary (``seed``) first."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
     def optim(self) -> OptimConfig:
         return OptimConfig.model_validate(self.model_dump(include=set(OptimConfig.model_fields)))
 
@@ -119,16 +149,22 @@ class TrainingConfig(OptimConfig):
 class ProbeConfig(_Section):
     """Cross-validation and statistics settings of the probes (see docs/probing.md)."""
 
-    n_splits: int = Field(5, ge=2, description="Outer CV folds, grouped by participant (fewer, with a note, when a class has fewer participants).")
+    scope: Literal["held_out", "in_sample_cv"] = Field(
+        "held_out",
+        description="`held_out`: probes fitted on the train/val subjects and scored on the `test` subjects only "
+                    "(never on the encoder's training subjects); `in_sample_cv`: cross-validated over every "
+                    "subject (the encoder's training subjects included), labelled in-sample wherever shown.",
+    )
+    n_splits: int = Field(5, ge=2, description="Outer CV folds of `in_sample_cv`, grouped by participant (fewer, with a note, when a class has fewer participants).")
     inner_splits: int = Field(3, ge=2, description="Inner CV folds choosing the regularisation.")
     n_permutations: int = Field(
-        1000, ge=0, description="Label permutations for the p-value at most (0: none); fewer when the decision at 0.05 is clear.",
+        1000, ge=0, description="Label permutations for the p-value (0: none): `held_out` permutes the test subjects' labels against the fixed predictions (all of them, no refit); `in_sample_cv` refits, fewer when the decision at 0.05 is clear.",
     )
     adaptive_permutations: bool = Field(
-        True, description="Stop permuting once p is clearly above or below 0.05 (false: always `n_permutations`).",
+        True, description="`in_sample_cv`: stop permuting once p is clearly above or below 0.05 (false: always `n_permutations`).",
     )
     n_bootstrap: int = Field(1000, ge=0, description="Participant-level bootstrap resamples for the 95% CI (0: none).")
-    leave_site_out: str | None = Field(None, description="Column (e.g. `site`) held out one value at a time in the outer CV.")
+    leave_site_out: str | None = Field(None, description="Column (e.g. `site`) held out one value at a time: `held_out` scores each site's test subjects with a probe fitted on the other sites' train/val subjects; `in_sample_cv` makes each site an outer fold.")
     ridge_alphas: list[float] = Field(
         default_factory=lambda: np.logspace(-2, 4, 13).tolist(), min_length=1,
         description="Ridge penalties searched by the inner CV (default: 13 values, 10⁻² … 10⁴).",

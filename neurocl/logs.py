@@ -7,8 +7,8 @@ hundreds of lines. So:
 * :func:`results_console` (stdout) and :func:`progress_console` (stderr) are as wide as their
   content when their stream is not a terminal, so every number and label stays whole;
 * bars that vanish when done are shown on terminals only (:func:`transient_progress`);
-* :func:`epoch_lines` replaces Lightning's progress bar by one line per epoch when stderr is not
-  a terminal;
+* :class:`neurocl.train.EpochLines` (a Lightning callback, kept there so that this module imports
+  no Lightning) replaces Lightning's progress bar by one line per epoch when stderr is not a terminal;
 * :func:`quiet_libraries` silences Lightning's banners and tips and the deprecation warnings of
   the libraries neurocl drives (not errors, nor neurocl's own warnings).
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 import warnings
 
 from rich.console import Console
@@ -60,28 +59,3 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
-
-
-def epoch_lines():
-    """A Lightning callback printing one line per epoch to stderr: epoch, step, logged losses, time."""
-    import lightning as L
-
-    class EpochLines(L.Callback):
-        def __init__(self) -> None:
-            self.console = progress_console()
-            self.started = time.monotonic()
-
-        def on_train_epoch_start(self, trainer, module) -> None:
-            self.started = time.monotonic()
-
-        def on_train_epoch_end(self, trainer, module) -> None:
-            if not trainer.is_global_zero:
-                return
-            metrics = {name: float(value) for name, value in trainer.callback_metrics.items()
-                       if name.endswith("_loss") and value.numel() == 1}  # train/loss repeats train_loss
-            losses = ", ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items()))
-            self.console.print(
-                f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, step {trainer.global_step}: {losses} "
-                f"({time.monotonic() - self.started:.1f} s)", highlight=False, markup=False)
-
-    return EpochLines()

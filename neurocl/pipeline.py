@@ -4,9 +4,11 @@
 stage's output:
 
 validate cohort -> build (or reuse) the store -> splits (``splits.tsv``) -> train the method,
-then any trained baseline (``checkpoints/``, ``logs/metrics.csv``) -> embed every subject (``embeddings.tsv``) ->
-probes (``probes.tsv``, ``separation.json``) -> baselines (``baselines/<name>/``) ->
-maps (optional, ``maps/``) -> report (``report.html``, ``report.md``).
+then any trained baseline, then the method at each further seed of ``training.seeds``
+(``checkpoints/``, ``logs/metrics.csv``) -> embed every subject (``embeddings.tsv``) ->
+probes (``probes.tsv``, ``separation.json``) -> baselines (``baselines/<name>/``) -> each further
+seed's embeddings and probes (``seeds/seed-<s>/``) -> maps (optional, ``maps/``, with the subtypes'
+consensus over seeds) -> report (``report.html``, ``report.md``).
 
 This module is the list of stages and nothing else: the schema is :mod:`neurocl.config`, the run
 folder :mod:`neurocl.rundir`, training :mod:`neurocl.train`, embedding :mod:`neurocl.embed`, the
@@ -134,9 +136,10 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool |
     run.record_inputs(store, cohort)
 
     modules = {}
-    for name, method, folder in training_jobs(config, run):
-        console.print(f"[bold]training[/] {name}: {method.name} with {config.encoder.name}")
-        modules[name] = train(config, method, folder, cohort, store, splits, resume)
+    for name, method, folder, job_config in training_jobs(config, run):
+        seed = f" (seed {job_config.training.seed})" if len(config.training.run_seeds()) > 1 else ""
+        console.print(f"[bold]training[/] {name}: {method.name} with {config.encoder.name}{seed}")
+        modules[name] = train(job_config, method, folder, cohort, store, splits, resume)
 
     console.print("[bold]embedding[/] every subject")
     embeddings = embeddings_table(modules["main"], store, cohort, splits, config.outputs.embed_batch_size, progress=True)
@@ -158,6 +161,16 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool |
             table = baselines.voxel_embeddings(store, cohort, method=entry.name, n_components=entry.n_components,
                                                splits=splits, alpha=entry.alpha, seed=config.training.seed,
                                                progress=True, site=entry.site, protect=entry.protect)
+        write_embeddings(folder.embeddings, table, cohort)
+        _probe(table, cohort, config, folder, ground_truth)
+
+    for seed in config.training.run_seeds()[1:]:
+        # Every further seed's model is embedded and probed like the primary one, on the same split,
+        # so the report can give each figure's spread over seeds.
+        console.print(f"[bold]seed {seed}[/]: embedding and probing every subject")
+        folder = run.seed_run(seed)
+        table = embeddings_table(modules[f"seeds/seed-{seed}"], store, cohort, splits, config.outputs.embed_batch_size,
+                                 progress=True)
         write_embeddings(folder.embeddings, table, cohort)
         _probe(table, cohort, config, folder, ground_truth)
 

@@ -8,6 +8,8 @@ other module spells them); every stage asks it for its paths. Layout (``docs/pip
     RUN/checkpoints/       last.ckpt, best.ckpt           RUN/logs/            metrics.csv, prepared.json
     RUN/embeddings.tsv     + its cohort sidecar           RUN/probes.tsv  RUN/separation.json
     RUN/baselines/<name>/  a run folder of its own         RUN/maps/            see :class:`MapsFolder`
+    RUN/seeds/seed-<s>/    each further training seed's model (``training.seeds``): checkpoints/, logs/,
+                           embeddings.tsv, probes.tsv, separation.json; RUN itself is the primary seed's
     RUN/report.html  RUN/report.md  RUN/report_files/
 
 ``logs/prepared.json`` records the inputs the run trained on: the store folder, its volume file
@@ -53,6 +55,8 @@ class MapsFolder:
         self.path = Path(path)
         self.index = self.path / "index.tsv"
         self.subtypes = self.path / "subtypes.json"
+        # Co-clustering consensus of the subtypes found in each training seed's salient space (training.seeds).
+        self.seed_consensus = self.path / "seed_consensus.json"
         self.evaluation = self.path / "evaluation.json"
         self.clusters = self.path / "clusters.tsv"
         self.associations = self.path / "associations.tsv"
@@ -77,7 +81,9 @@ class RunDir:
     """Every path of a run folder (nothing is created or read here but by the methods that say so).
 
     A trained baseline's folder ``RUN/baselines/<name>/`` is a run folder of its own
-    (:meth:`baseline`): checkpoints, logs, embeddings and probes, under the same names.
+    (:meth:`baseline`): checkpoints, logs, embeddings and probes, under the same names. So is each
+    further training seed's ``RUN/seeds/seed-<s>/`` (:meth:`seed_run`); the run folder itself holds
+    the primary seed's model, so every command that reads one model reads that one.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -101,6 +107,7 @@ class RunDir:
         self.report_md = self.path / "report.md"
         self.report_figures = self.path / "report_files"
         self.baselines = self.path / "baselines"
+        self.seeds = self.path / "seeds"
         self.maps = MapsFolder(self.path / "maps")
 
     def __repr__(self) -> str:
@@ -116,6 +123,14 @@ class RunDir:
     def baseline_names(self) -> list[str]:
         """Baselines with a folder here, sorted."""
         return sorted(folder.name for folder in self.baselines.glob("*") if folder.is_dir())
+
+    def seed_run(self, seed: int) -> "RunDir":
+        """The run folder of training seed ``seed`` other than the primary one: ``seeds/seed-<seed>/``."""
+        return RunDir(self.seeds / f"seed-{seed}")
+
+    def seed_runs(self, seeds: list[int]) -> dict[int, "RunDir"]:
+        """Each of ``seeds`` (the primary first, as ``training.run_seeds()`` lists them) and its run folder."""
+        return {seed: self if i == 0 else self.seed_run(seed) for i, seed in enumerate(seeds)}
 
     def checkpoint(self, name: str = "last") -> Path:
         """``checkpoints/<name>.ckpt`` (``last`` or ``best``; a file name ending in .ckpt is taken as is)."""
@@ -146,6 +161,7 @@ class RunDir:
     def trained(self) -> bool:
         """Whether any training of this run (the method's or a baseline's) wrote a checkpoint."""
         runs = [self] + [self.baseline(name) for name in self.baseline_names()]
+        runs += [RunDir(folder) for folder in self.seeds.glob("seed-*") if folder.is_dir()]
         return any(any(run.checkpoints.glob("*.ckpt")) for run in runs)
 
     def _untrained_leftovers(self) -> list[Path] | None:
@@ -180,9 +196,14 @@ class RunDir:
         now = _training_part(config.model_dump(mode="json"))
         changed = [section for section in _TRAINING_SECTIONS if before[section] != now[section]]
         if changed:
+            seeds = [(part.get("training") or {}).get("seeds") for part in (before, now)]
+            hint = ""
+            if seeds[0] != seeds[1]:
+                hint = (f" (training.seeds: the run was started with {seeds[0] or 'one seed'}, this command gives "
+                        f"{seeds[1] or 'one seed'}; pass the same --seeds)")
             raise ConfigError(
                 f"--resume: the pipeline differs from the run's {self.config} in section(s) {', '.join(changed)}, "
-                "which the trained weights depend on; resume with the same pipeline or start a new run"
+                f"which the trained weights depend on{hint}; resume with the same pipeline or start a new run"
             )
 
     def prepare(self, config: PipelineConfig, resume: bool) -> None:

@@ -9,9 +9,13 @@ then train the same networks in the same order (:func:`train_as_worker`).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,15 +23,16 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch import loggers
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from neurocl.cohort import Cohort, Splits
 from neurocl.config import PipelineConfig, TrainingConfig
-from neurocl.logs import epoch_lines, is_terminal, progress_console
 from neurocl.embed import grid_record
 from neurocl.errors import ConfigError, NeuroclError, TrainingError
 from neurocl.io import torch_save, write_text
+from neurocl.logs import is_terminal, progress_console
 from neurocl.methods import EpochBatches, MethodConfig, TrainingData, build_method
 from neurocl.rundir import RunDir
 from neurocl.store import VolumeStore
@@ -42,6 +47,7 @@ __all__ = [
     "is_primary_process",
     "make_trainer",
     "run_callbacks",
+    "seed_config",
     "train",
     "train_as_worker",
     "training_jobs",
@@ -97,6 +103,27 @@ class MetricsTable(L.Callback):
         self.rows = list(state["rows"])
 
 
+class EpochLines(L.Callback):
+    """One line per epoch to stderr (epoch, step, logged losses, time): Lightning's bar in a log file."""
+
+    def __init__(self) -> None:
+        self.console = progress_console()
+        self.started = time.monotonic()
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.started = time.monotonic()
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()
+                   if name.endswith("_loss") and value.numel() == 1}  # train/loss repeats train_loss
+        losses = ", ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items()))
+        self.console.print(
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, step {trainer.global_step}: {losses} "
+            f"({time.monotonic() - self.started:.1f} s)", highlight=False, markup=False)
+
+
 class RunCheckpoints(L.Callback):
     """``checkpoints/last.ckpt`` every N steps and at each epoch's end; ``best.ckpt`` at the lowest val loss.
 
@@ -135,8 +162,8 @@ def run_callbacks(run: RunDir, every_n_steps: int, progress: bool) -> list:
     callbacks = [MetricsTable(run.metrics), RunCheckpoints(run, every_n_steps)]
     if not progress:
         return callbacks
-    # A bar redrawn in place on a terminal; one line per epoch in a log file (logs.epoch_lines).
-    bar = RichProgressBar(leave=True, console_kwargs={"stderr": True}) if is_terminal(sys.stderr) else epoch_lines()
+    # A bar redrawn in place on a terminal; one line per epoch in a log file (EpochLines).
+    bar = RichProgressBar(leave=True, console_kwargs={"stderr": True}) if is_terminal(sys.stderr) else EpochLines()
     return callbacks + [bar]
 
 
@@ -157,8 +184,6 @@ def experiment_loggers(training: TrainingConfig, run: RunDir) -> list:
     Nothing reaches the network unless the user configured it: MLflow logs to a local folder
     unless ``MLFLOW_TRACKING_URI`` is set, Weights & Biases runs offline unless ``WANDB_MODE`` is.
     """
-    from lightning.pytorch import loggers
-
     made = []
     for name in dict.fromkeys(training.loggers):
         if name == "csv":
@@ -177,8 +202,6 @@ def experiment_loggers(training: TrainingConfig, run: RunDir) -> list:
 
 
 def _require(package: str, logger: str) -> None:
-    import importlib.util
-
     if importlib.util.find_spec(package) is None:
         raise ConfigError(f"training.loggers: {logger!r} needs the {package} package: pip install 'neurocl[tracking]'")
 
@@ -313,8 +336,6 @@ def check_resumable(path: Path) -> None:
 
 def _load_failure(error: Exception) -> str:
     """A checkpoint loading error in a few words (torch's messages run to paragraphs)."""
-    import re
-
     text = str(error)
     unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if unsupported:
@@ -325,9 +346,6 @@ def _load_failure(error: Exception) -> str:
 
 def _restore_sigint() -> None:
     """Lightning ignores further Ctrl-C while it shuts down; callers in this process get it back."""
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -358,13 +376,24 @@ def _say_which_weights(run: RunDir, data: TrainingData) -> None:
     console.print(f"embeddings come from the final weights of training: {run.last_checkpoint}", highlight=False)
 
 
-def training_jobs(config: PipelineConfig, run: RunDir) -> list[tuple[str, MethodConfig, RunDir]]:
-    """Every network the pipeline trains, in order: (name, method, run folder)."""
-    jobs = [("main", config.method, run)]
+def training_jobs(config: PipelineConfig, run: RunDir) -> list[tuple[str, MethodConfig, RunDir, PipelineConfig]]:
+    """Every network the pipeline trains, in order: (name, method, run folder, pipeline it trains with).
+
+    The method, then each trained baseline (both at the primary seed), then the method again for
+    each further seed of ``training.seeds`` into ``seeds/seed-<s>/`` (same splits, ``training.seed`` = s).
+    """
+    jobs = [("main", config.method, run, config)]
     for entry in config.baselines:
         if entry.trained:
-            jobs.append((f"baselines/{entry.name}", entry.method(config.method), run.baseline(entry.name)))
+            jobs.append((f"baselines/{entry.name}", entry.method(config.method), run.baseline(entry.name), config))
+    for seed in config.training.run_seeds()[1:]:
+        jobs.append((f"seeds/seed-{seed}", config.method, run.seed_run(seed), seed_config(config, seed)))
     return jobs
+
+
+def seed_config(config: PipelineConfig, seed: int) -> PipelineConfig:
+    """The pipeline as training seed ``seed`` trains it: ``training.seed`` = seed, the rest unchanged."""
+    return config.model_copy(update={"training": config.training.model_copy(update={"seed": seed})})
 
 
 def world_size(training: TrainingConfig) -> int:
@@ -427,6 +456,6 @@ def train_as_worker(config: PipelineConfig, run: RunDir, resume: bool) -> Path:
     """
     cohort = Cohort.from_yaml(config.cohort)
     store, splits = wait_until_prepared(run, cohort)
-    for _, method, folder in training_jobs(config, run):
-        train(config, method, folder, cohort, store, splits, resume)
+    for _, method, folder, job_config in training_jobs(config, run):
+        train(job_config, method, folder, cohort, store, splits, resume)
     return run.path

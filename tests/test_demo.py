@@ -46,10 +46,47 @@ def test_demo_reuses_a_cohort_made_with_its_options(tmp_path):
     assert _demo_cohort(tmp_path / "cohort") == tmp_path / "cohort" / "cohort.yaml"
 
 
+def test_demo_reuses_a_cohort_made_before_new_synth_options_existed(tmp_path):
+    """A dataset_description.json written before a SynthConfig field was added lacks it: its default fills it in."""
+    recorded = SynthConfig(**DEMO_COHORT).model_dump()
+    added_since = [name for name in SynthConfig.model_fields if name not in DEMO_COHORT]
+    assert added_since
+    for name in added_since:
+        del recorded[name]
+    _fake_cohort_folder(tmp_path / "cohort", recorded)
+    assert _demo_cohort(tmp_path / "cohort") == tmp_path / "cohort" / "cohort.yaml"
+
+
+def test_demo_refuses_a_cohort_recorded_with_an_unknown_option(tmp_path):
+    _fake_cohort_folder(tmp_path / "cohort", {**SynthConfig(**DEMO_COHORT).model_dump(), "lesion_gain": 3.0})
+    with pytest.raises(ConfigError, match="other options"):
+        _demo_cohort(tmp_path / "cohort")
+
+
 def test_demo_refuses_a_cohort_made_with_other_options(tmp_path):
     _fake_cohort_folder(tmp_path / "cohort", SynthConfig(n_subjects=32).model_dump())
     with pytest.raises(ConfigError, match="other options"):
         _demo_cohort(tmp_path / "cohort")
+
+
+def test_demo_seeds_reach_the_pipeline_as_training_seeds(tmp_path, monkeypatch):
+    """`neurocl demo --seeds 1,2` trains the demo pipeline with training.seeds [1, 2] (the run itself is not started here)."""
+    import neurocl.demo as demo
+    from typer.testing import CliRunner
+
+    from neurocl.cli import app
+
+    _fake_cohort_folder(tmp_path / "cohort", SynthConfig(**DEMO_COHORT).model_dump())
+    seen = {}
+
+    def stop(path, out, resume, overrides, settings):
+        seen["config"] = load_pipeline(path, overrides, settings)
+        raise ConfigError("stopped before training")
+
+    monkeypatch.setattr(demo, "run_pipeline", stop)
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--seeds", "1,2"])
+    assert "stopped before training" in result.output
+    assert seen["config"].training.seeds == [1, 2] and seen["config"].training.seed == 1
 
 
 def test_demo_refuses_an_interrupted_cohort(tmp_path):
@@ -59,8 +96,8 @@ def test_demo_refuses_an_interrupted_cohort(tmp_path):
 
 
 def _probe_row(space, attribute, subset, metric, value, p_value, chance):
-    return dict(space=space, attribute=attribute, subset=subset, metric=metric, value=value, ci_low=value - 0.1,
-                ci_high=value + 0.1, p_value=p_value, chance=chance, n=32, note="")
+    return dict(space=space, attribute=attribute, subset=subset, scope="held_out", metric=metric, value=value,
+                ci_low=value - 0.1, ci_high=value + 0.1, p_value=p_value, chance=chance, n=16, n_fit=16, note="")
 
 
 @pytest.fixture
@@ -69,11 +106,13 @@ def fake_run(tiny_cohort, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     config = load_pipeline(DEMO_PIPELINE, overrides={"cohort": str(tiny_cohort)}).model_dump(mode="json")
-    config["evaluation"]["probe"].update(n_permutations=20, n_bootstrap=20)
+    config["evaluation"]["probe"].update(n_permutations=200, n_bootstrap=20)  # held out: no refit per permutation
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     truth = read_tsv(tiny_cohort.parent / "ground_truth.tsv")
     rng = np.random.default_rng(0)
-    embeddings = truth[["participant_id"]].assign(split="train", group=truth["group"])
+    # Half the subjects are the run's test subjects (every other pair of the cohort table).
+    split = np.where(np.arange(len(truth)) // 2 % 2 == 1, "test", "train")
+    embeddings = truth[["participant_id"]].assign(split=split, group=truth["group"])
     for i in range(4):
         embeddings[f"common_{i}"] = rng.normal(size=len(truth))
         embeddings[f"salient_{i}"] = (truth["subtype"] == 1 + i % 2) * 3.0 + 0.1 * rng.normal(size=len(truth))
@@ -91,6 +130,8 @@ def fake_run(tiny_cohort, tmp_path):
                                    0.01 if high else 0.6, chance))
     write_tsv(run_dir / "probes.tsv", pd.DataFrame(rows))
     (run_dir / "maps").mkdir()
+    patients = truth[truth["group"] == "target"]
+    write_tsv(run_dir / "maps" / "clusters.tsv", patients[["participant_id"]].assign(cluster=patients["subtype"]))
     (run_dir / "maps" / "evaluation.json").write_text(json.dumps({
         "ari": 0.7, "n_clusters": 2,
         "summary": {"gradient_x_input": {"mean_auc_subtype_map": 0.85, "mean_auc_cluster_map": 0.83}},
@@ -106,8 +147,8 @@ def test_demo_summary_checks_the_map_against_the_untrained_network(fake_run):
     evaluation_path.write_text(json.dumps(evaluation))
     reached = {target["check"]: target["reached"] for target in demo_summary(run_dir, cohort_dir)["targets"]}
     # AUC 0.85 clears the absolute line and still fails: an untrained network scores 0.80.
-    assert reached["gradient_x_input map AUC >= 0.8"]
-    assert reached["gradient_x_input map AUC beats the untrained network's by >= 0.1"] is False
+    assert reached["gradient_x_input map AUC >= 0.8 (in-sample, maps.split all)"]
+    assert reached["gradient_x_input map AUC beats the untrained network's by >= 0.1 (in-sample, maps.split all)"] is False
 
 
 def test_demo_summary_checks_each_target(fake_run):
@@ -118,12 +159,18 @@ def test_demo_summary_checks_each_target(fake_run):
     assert reached["severity decodable from salient"] and reached["severity not decodable from common"]
     assert reached["age decodable from common"] and reached["sex not decodable from salient"]
     assert not reached["site decodable from common"] and not reached["site not decodable from salient"]
-    assert reached["gradient_x_input map AUC >= 0.8"] and reached["cluster ARI >= 0.5"]
+    n_test_patients = summary["maps"]["n_test_patients"]
+    assert 4 <= n_test_patients < 16 and summary["maps"]["ari_test"] == 1.0
+    assert reached["gradient_x_input map AUC >= 0.8 (in-sample, maps.split all)"]
+    assert reached[f"cluster ARI >= 0.5 on the {n_test_patients} held-out test patients"]
     # The fake evaluation scored no null network: no relative check is claimed.
     assert not any("untrained" in check for check in reached)
     assert not summary["all_reached"]
     subtype = summary["probes"]["subtype"]
     assert subtype["salient"]["value"] > 0.9 and subtype["salient"]["metric"] == "balanced_accuracy"
+    # The subtype probe scored the test patients only.
+    assert subtype["salient"]["n"] == n_test_patients
+    assert summary["scope"] == "held_out" and summary["n_test_subjects"] == 16
     assert summary["probes"]["severity"]["salient"]["subset"] == "target"
     assert summary["maps"]["ari"] == 0.7
 

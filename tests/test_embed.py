@@ -72,7 +72,7 @@ def test_probe_refuses_embeddings_of_another_cohort_unless_told(tiny_cohort, tin
     embeddings = write_embeddings(tmp_path / "embeddings.tsv", _embeddings(Cohort.from_yaml(tiny_cohort)),
                                   Cohort.from_yaml(tiny_cohort))
     _edit_age(tiny_cohort_copy, 0, "80")
-    options = ["probe", str(embeddings), "--cohort", str(tiny_cohort_copy), "--attributes", "age",
+    options = ["probe", str(embeddings), "--cohort", str(tiny_cohort_copy), "--attributes", "age", "--scope", "in_sample_cv",
                "--n-permutations", "0", "--n-bootstrap", "0", "--jobs", "1"]
     refused = CliRunner().invoke(app, options + ["--out", str(tmp_path / "refused")])
     assert refused.exit_code == 1

@@ -156,7 +156,7 @@ def test_forged_header_is_reported_without_allocating_its_claimed_size(tmp_path,
 def test_header_disagreeing_with_the_reference_grid_is_reported_before_its_voxels_are_read(
     tiny_cohort_copy, monkeypatch
 ):
-    from neurocl import cohort as cohort_module
+    from neurocl.cohort import problems as cohort_module  # where the voxels are read
 
     cohort, first = _first_image(tiny_cohort_copy)
     big = Path(cohort.table["image"].iloc[5])

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import torch
 from rich.table import Table
 
-from neurocl.logs import epoch_lines, quiet_libraries, results_console
+from neurocl.logs import quiet_libraries, results_console
+from neurocl.train import EpochLines
 
 
 def test_results_in_a_file_keep_every_number_and_label_whole(capsys):
@@ -25,7 +26,7 @@ def test_results_in_a_file_keep_every_number_and_label_whole(capsys):
 
 
 def test_epoch_progress_is_one_line_per_epoch_on_stderr(capsys):
-    callback = epoch_lines()
+    callback = EpochLines()
     trainer = SimpleNamespace(is_global_zero=True, current_epoch=2, max_epochs=40, global_step=12,
                               callback_metrics={"train_loss": torch.tensor(-7.5), "val_loss": torch.tensor(-6.25),
                                                 "train/common": torch.tensor(1.0)})

@@ -137,6 +137,22 @@ def test_run_writes_every_stage_output(reference):
     assert not (run_dir / "maps").exists()  # maps are off by default
 
 
+def test_probes_and_separation_score_only_the_test_subjects_of_the_run(reference):
+    """Held out by default: every figure of probes.tsv and separation.json is on the split's test subjects."""
+    run_dir, _ = reference
+    splits = read_tsv(run_dir / "splits.tsv")
+    n_test = int((splits["split"] == "test").sum())
+    for folder in (run_dir, run_dir / "baselines" / "cpca"):
+        probes = read_tsv(folder / "probes.tsv")
+        scored = probes[probes["metric"] != "none"]
+        assert len(scored) and (probes["scope"] == "held_out").all()
+        assert (scored["n"] == n_test).all() and (scored["n_fit"] == len(splits) - n_test).all()
+    result = json.loads((run_dir / "separation.json").read_text())
+    assert result["scope"] == "held_out" and result["n_test_subjects"] == n_test
+    collapse = result["background_collapse"]
+    assert collapse["scope"] == "held_out" and collapse["n_background"] + collapse["n_target"] == n_test
+
+
 def test_voxel_baseline_gets_embeddings_and_probes_in_its_folder(reference):
     run_dir, _ = reference
     cpca = read_tsv(run_dir / "baselines" / "cpca" / "embeddings.tsv")

@@ -29,7 +29,9 @@ from neurocl.probe import (
     separation,
 )
 
-FAST = ProbeConfig(n_permutations=99, n_bootstrap=200, n_jobs=1)
+# The unit tests of the cross-validation machinery probe every row (in-sample CV); held-out probes
+# have their own tests (tests/test_probe_heldout.py) and the fixture below.
+FAST = ProbeConfig(scope="in_sample_cv", n_permutations=99, n_bootstrap=200, n_jobs=1)
 
 
 def _participants(n):
@@ -198,7 +200,10 @@ def two_space_cohort():
     common[:, 0] = (age - 50) / 15 + 0.3 * rng.normal(size=n)
     salient = np.where(patient[:, None], rng.normal(size=(n, 3)) * 0.2 + 1, 0.05 * rng.normal(size=(n, 3)))
     salient[patient, 0] += 3 * severity[patient]
-    embeddings = pd.DataFrame({"participant_id": ids, **{f"common_{i}": common[:, i] for i in range(3)},
+    # The run's split manifest: 60 train, 10 val, 30 test subjects (half of each patients).
+    split = np.select([np.arange(n) < 60, np.arange(n) < 70], ["train", "val"], "test")
+    embeddings = pd.DataFrame({"participant_id": ids, "split": split,
+                               **{f"common_{i}": common[:, i] for i in range(3)},
                                **{f"salient_{i}": salient[:, i] for i in range(3)}})
     truth = pd.DataFrame({"participant_id": ids, "group": np.where(patient, "target", "background"), "age": age,
                           "severity": np.nan_to_num(severity)})
@@ -240,7 +245,7 @@ def test_mcc_is_one_when_dimensions_are_the_factors():
     ids = _participants(60)
     embeddings = pd.DataFrame({"participant_id": ids, "z_0": factors[:, 1] * 3, "z_1": -factors[:, 0]})
     truth = pd.DataFrame({"participant_id": ids, "f_a": factors[:, 0], "f_b": factors[:, 1]})
-    mcc = probe.ground_truth_recovery(embeddings, truth, ProbeConfig(n_jobs=1))["mcc"]["z"]
+    mcc = probe.ground_truth_recovery(embeddings, truth, ProbeConfig(scope="in_sample_cv", n_jobs=1))["mcc"]["z"]
     assert mcc["mcc"] == pytest.approx(1.0)
     assert mcc["matching_first_fold"] == {"f_a": 1, "f_b": 0}
 
@@ -254,7 +259,7 @@ def test_probe_command_writes_probes_and_separation(tiny_cohort, tmp_path):
     embeddings["emb_0"] += cohort.table["age"].to_numpy() / 10
     embeddings.to_csv(tmp_path / "embeddings.tsv", sep="\t", index=False)
     result = CliRunner().invoke(app, ["probe", str(tmp_path / "embeddings.tsv"), "--cohort", str(tiny_cohort),
-                                      "--attributes", "age,group", "--n-permutations", "9", "--n-bootstrap", "20", "--jobs", "1",
+                                      "--attributes", "age,group", "--scope", "in_sample_cv", "--n-permutations", "9", "--n-bootstrap", "20", "--jobs", "1",
                                       "--ground-truth", str(tiny_cohort.parent / "ground_truth.tsv"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     probes = pd.read_csv(tmp_path / "out" / "probes.tsv", sep="\t")
@@ -290,7 +295,7 @@ def test_a_skip_expected_in_every_space_is_reported_once(tiny_cohort, capsys):
     for space in ("common", "salient"):
         for i in range(2):
             embeddings[f"{space}_{i}"] = rng.standard_normal(len(cohort))
-    config = ProbeConfig(n_permutations=0, n_bootstrap=0, n_splits=2)
+    config = ProbeConfig(scope="in_sample_cv", n_permutations=0, n_bootstrap=0, n_splits=2)
     capsys.readouterr()
     probes = probe_embeddings(embeddings, cohort, attributes=["severity"], config=config)
     skipped = probes[(probes["metric"] == "none") & (probes["subset"] == "background")]
@@ -338,7 +343,7 @@ def test_permutation_rounds_double_the_total_up_to_the_cap():
 
 
 def _probe_p(features, labels, kind, **settings):
-    config = ProbeConfig(n_bootstrap=0, n_jobs=1, **settings)
+    config = ProbeConfig(scope="in_sample_cv", n_bootstrap=0, n_jobs=1, **settings)
     rows, _ = probe_attribute(features, labels, _participants(len(labels)), kind, config)
     return {row["metric"]: (row["value"], row["p_value"], row["n_permutations"]) for row in rows}
 

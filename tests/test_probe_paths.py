@@ -20,7 +20,7 @@ from neurocl.cohort import Cohort, make_splits
 from neurocl.io import read_tsv, write_tsv
 from neurocl.probe import ProbeConfig, probe_command, probe_embeddings, separation
 
-SETTINGS = ProbeConfig(n_splits=3, inner_splits=2, n_permutations=39, n_bootstrap=20, n_jobs=1)
+SETTINGS = ProbeConfig(scope="in_sample_cv", n_splits=3, inner_splits=2, n_permutations=39, n_bootstrap=20, n_jobs=1)
 N_PARTICIPANTS = 48
 
 
@@ -117,7 +117,7 @@ def test_probe_command_leaves_sites_out(tmp_path):
     _study(tmp_path, sessions=False)
     probes_path, separation_path = probe_command(
         tmp_path / "embeddings.tsv", tmp_path / "cohort.yaml", tmp_path / "out", attributes=["age"],
-        leave_site_out="site", n_permutations=9, n_bootstrap=10, n_jobs=1,
+        scope="in_sample_cv", leave_site_out="site", n_permutations=9, n_bootstrap=10, n_jobs=1,
     )
     probes = read_tsv(probes_path)
     assert _primary(probes, "common", "age")["value"] > 0.5
@@ -135,15 +135,24 @@ def test_probes_of_a_cohort_with_sessions_keep_participants_together(tmp_path, l
     assert _primary(probes, "salient", "severity", "target")["value"] > 0.5
 
 
-def test_probes_on_the_test_split_of_a_holdout_manifest(tmp_path):
-    """Headline figures on held-out subjects: embeddings filtered to the manifest's test split."""
+@pytest.mark.parametrize("leave_site_out", [None, "site"])
+def test_held_out_probes_score_the_test_split_of_a_holdout_manifest(tmp_path, leave_site_out):
+    """The default: fitted on the manifest's train/val sessions, scored on its test sessions only."""
     cohort, embeddings = _study(tmp_path, sessions=True)
-    splits = make_splits(cohort, method="holdout", val_fraction=0.0, test_fraction=0.5, seed=0)
+    splits = make_splits(cohort, method="holdout", val_fraction=0.1, test_fraction=0.4, seed=0)
     splits.save(tmp_path / "splits.tsv")
     manifest = read_tsv(tmp_path / "splits.tsv")
-    test_keys = manifest.loc[manifest["split"] == "test", ["participant_id", "session_id"]]
-    held_out = embeddings.merge(test_keys, on=["participant_id", "session_id"])
-    assert 0 < len(held_out) < len(embeddings)
-    probes = probe_embeddings(held_out, cohort, attributes=["age"], config=SETTINGS)
+    embeddings = embeddings.merge(manifest[["participant_id", "session_id", "split"]], on=["participant_id", "session_id"])
+    write_tsv(tmp_path / "embeddings.tsv", embeddings)
+    embeddings = read_tsv(tmp_path / "embeddings.tsv")
+    config = SETTINGS.model_copy(update={"scope": "held_out", "leave_site_out": leave_site_out})
+    probes = probe_embeddings(embeddings, cohort, attributes=["age", "severity"], config=config)
     age = _primary(probes, "common", "age")
-    assert age["n"] == len(held_out) and age["value"] > 0.3
+    n_test = int(embeddings["split"].eq("test").sum())
+    assert 0 < n_test < len(embeddings)
+    assert age["scope"] == "held_out" and age["n"] == n_test and age["n_fit"] == len(embeddings) - n_test
+    assert age["value"] > 0.3 and age["p_value"] < 0.05
+    assert _primary(probes, "salient", "severity", "target")["value"] > 0.3
+    result = separation(embeddings, cohort, probes, config=config)
+    assert result["scope"] == "held_out"
+    assert result["n_test_subjects"] == embeddings.loc[embeddings["split"] == "test", "participant_id"].nunique()

@@ -11,6 +11,7 @@ with the cohort's ground truth); PCA and cPCA are probed as baselines; the maps 
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import numpy as np
@@ -125,8 +126,14 @@ def run_dir(tiny_cohort, tiny_store, tmp_path_factory):
 def test_report_has_every_section_in_html_and_markdown(run_dir):
     _, html_text, md_text = run_dir
     for title in SECTIONS:
-        assert f"<h2>{title}</h2>" in html_text
+        assert f"<h2>{title}" in html_text
         assert f"## {title}" in md_text
+    # Probes and separation say they were scored on the held-out test subjects, and how many.
+    n_test = int((read_tsv(run_dir[0] / "embeddings.tsv")["split"] == "test").sum())
+    for text in (html_text, md_text):
+        assert f"## Probes: which attribute lives in which space (held-out test subjects (n={n_test}))" in md_text
+        assert f"Separation (held-out test subjects (n={n_test}))" in text
+        assert "Subtypes (in-sample: maps.split all" in text
 
 
 def test_report_title_names_the_pipeline_and_the_cohort(run_dir, tiny_cohort):
@@ -199,7 +206,7 @@ def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("method", ["PCA", "t-SNE"])
 def test_collapsed_space_is_reported_not_blown_up_into_noise(method):
-    from neurocl.report import _projection
+    from neurocl.report.figures import _projection
 
     rng = np.random.default_rng(0)
     collapsed = 0.7 + 1e-8 * rng.standard_normal((40, 4))
@@ -234,3 +241,18 @@ def test_map_captions_name_the_peak_they_cut_through_and_the_top_region(run_dir)
     for row in index.itertuples():
         assert f"cut at the map's peak ({row.peak_mm}) mm, in {row.peak_region}" in md_text
         assert f"top region by mean relevance: {row.top_region}" in md_text
+
+
+def test_in_sample_probes_are_labelled_in_sample(run_dir, tmp_path):
+    """evaluation.probe.scope: in_sample_cv (and older runs without a scope column) are never shown as held out."""
+    run, _, _ = run_dir
+    probes = read_tsv(run / "probes.tsv")
+    result = json.loads((run / "separation.json").read_text())
+    result["background_collapse"]["scope"] = "in_sample_cv"
+    for folder, table in (("labelled", probes.assign(scope="in_sample_cv")), ("older", probes.drop(columns="scope"))):
+        write_tsv(tmp_path / folder / "probes.tsv", table)
+        write_json(tmp_path / folder / "separation.json", {**result, "scope": "in_sample_cv"})
+        _, md_path = write_report(tmp_path / folder)
+        text = md_path.read_text()
+        assert "## Probes: which attribute lives in which space (in-sample" in text
+        assert "## Separation (in-sample" in text and "held-out test subjects" not in text

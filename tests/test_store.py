@@ -14,6 +14,9 @@ import pytest
 import torch
 
 import neurocl.store as store_module
+import neurocl.store.build as store_build
+import neurocl.store.cache as store_cache
+import neurocl.store.rowfile as store_rowfile
 from neurocl.cohort import Cohort
 from neurocl.errors import CohortError, ConfigError
 from neurocl.store import PreprocessConfig, VolumeStore, fits_in_budget
@@ -188,7 +191,7 @@ def test_interrupted_build_leaves_the_previous_cache_valid(tiny_cohort_copy, tmp
     nib.save(nib.Nifti1Image(image.get_fdata().astype(np.float32) * 3, image.affine), changed)
 
     calls = []
-    normalise = store_module._normalise
+    normalise = store_build._normalise
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -196,10 +199,10 @@ def test_interrupted_build_leaves_the_previous_cache_valid(tiny_cohort_copy, tmp
             raise KeyboardInterrupt  # a user pressing Ctrl-C half-way through writing the volumes
         return normalise(*args, **kwargs)
 
-    monkeypatch.setattr(store_module, "_normalise", interrupted)
+    monkeypatch.setattr(store_build, "_normalise", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(tiny_cohort_copy, cache, PreprocessConfig(dtype="float32"))
-    monkeypatch.setattr(store_module, "_normalise", normalise)
+    monkeypatch.setattr(store_build, "_normalise", normalise)
 
     assert sorted(os.listdir(cache)) == old_files  # no half-written file left behind
     reopened = VolumeStore.open(cache)
@@ -322,7 +325,7 @@ def test_not_enough_disk_space_is_one_clear_error_before_any_work(tiny_cohort, t
     from neurocl.errors import StoreError
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(store_module.shutil, "disk_usage", lambda path: usage(total=10**9, used=0, free=1000))
+    monkeypatch.setattr(store_rowfile.shutil, "disk_usage", lambda path: usage(total=10**9, used=0, free=1000))
     with pytest.raises(StoreError, match=r"not enough free disk space.*GB needed"):
         build(tiny_cohort, tmp_path / "store")
     assert not any((tmp_path / "store").glob("*.npy*"))  # nothing half-written left behind
@@ -334,6 +337,6 @@ def test_a_prepared_store_is_opened_without_reading_the_images_again(tiny_cohort
     def no_hashing(path, *args, **kwargs):
         raise AssertionError(f"{path} was hashed again although its size and mtime are unchanged")
 
-    monkeypatch.setattr(store_module, "sha256_file", no_hashing)
+    monkeypatch.setattr(store_cache, "sha256_file", no_hashing)
     again = build(tiny_cohort, tmp_path / "store")
     assert again.rebuilt == [] and again.record == first.record

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import random
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from rich.console import Console
 from rich.progress import track
 
+from neurocl.cohort import Splits
 from neurocl.config import MapsConfig
-from neurocl.embed import join_embeddings
+from neurocl.embed import join_embeddings, load_model
 from neurocl.errors import ConfigError
 from neurocl.io import save_nifti, write_json, write_tsv
 from neurocl.maps.attribution import _eval_mode, _representation, gradient_x_input, occlusion
@@ -25,8 +30,11 @@ from neurocl.maps.regions import (
     read_atlas_names,
     region_at,
 )
-from neurocl.maps.subtypes import SubtypeClustering, cluster_associations
-from neurocl.rundir import MapsFolder, load_run
+from neurocl.maps.significance import paired_sign_flip_test, relevance_shares
+from neurocl.maps.subtypes import SubtypeClustering, cluster_associations, seed_consensus
+from neurocl.methods import MethodConfig, build_method
+from neurocl.rundir import MapsFolder, RunDir, load_run
+from neurocl.train import train
 
 
 class _GroupMeans:
@@ -111,17 +119,21 @@ def _occlusion_subset(clusters: np.ndarray, limit: int | None, seed: int) -> np.
     return np.sort(np.concatenate(chosen))
 
 
-def _subtypes(targets: pd.DataFrame, salient: list[str], keys: list[str], cohort, config: MapsConfig, folder: MapsFolder):
-    """Cluster the targets in salient space; write clusters.tsv and associations.tsv; return clusters (1..k) and summary."""
-    clustering = SubtypeClustering(
+def _clustering(config: MapsConfig, n_bootstrap: int) -> SubtypeClustering:
+    return SubtypeClustering(
         k_range=(config.k_min, config.k_max),
         method=config.cluster_method,
         criterion=config.criterion,
-        n_bootstrap=config.n_bootstrap,
+        n_bootstrap=n_bootstrap,
         random_state=config.seed,
         n_reference=config.n_reference,
         alpha=config.alpha,
-    ).fit(targets[salient].to_numpy())
+    )
+
+
+def _subtypes(targets: pd.DataFrame, salient: list[str], keys: list[str], cohort, config: MapsConfig, folder: MapsFolder):
+    """Cluster the targets in salient space; write clusters.tsv and associations.tsv; return clusters (1..k) and summary."""
+    clustering = _clustering(config, config.n_bootstrap).fit(targets[salient].to_numpy())
     clusters = clustering.labels_ + 1
     write_tsv(folder.clusters, targets[keys].assign(cluster=clusters))
     kinds = cohort.attribute_kinds
@@ -162,8 +174,6 @@ def _attribution_maps(model, store, subjects: np.ndarray, memberships: list[list
     """Per-subject attribution maps averaged over each group: {method: {group: (*S) mean map}}, and the
     number of subjects behind each mean: {method: {group: n}}. With ``shares`` (a list), each subject's
     gradient x input relevance shares inside the brain mask are appended to it (for the significance test)."""
-    from neurocl.maps.significance import relevance_shares
-
     group_maps, counts = {}, {}
     brain = torch.as_tensor(np.asarray(store.mask, dtype=bool))
     if "gradient_x_input" in config.methods:
@@ -341,8 +351,6 @@ SIGNIFICANCE_LEVEL = 0.05
 
 def _significance_maps(shares: dict[str, list], store, config: MapsConfig, folder: MapsFolder) -> pd.DataFrame:
     """−log10 p NIfTI of "the trained network puts more relevance here than the null network", one per null."""
-    from neurocl.maps.significance import paired_sign_flip_test
-
     brain = np.asarray(store.mask, dtype=bool)
     trained = np.concatenate(shares["trained"])
     rows = []
@@ -476,7 +484,40 @@ def run_maps(
         permuted = permuted_label_method(run, progress)
         null_models["permuted_labels"] = getattr(permuted, "net", permuted).to(run.store.device)
     analyse_salient(network, run.store, run.cohort, run.embeddings, out_dir, config, ground_truth, progress, null_models)
+    subtypes_over_seeds(run, config)
     return out_dir
+
+
+def subtypes_over_seeds(run, config: MapsConfig) -> dict | None:
+    """Subtypes found by each training seed's model (``training.seeds``), compared: ``maps/seed_consensus.json``.
+
+    Each seed's target subjects are clustered in that seed's salient space exactly as the primary
+    model's are (same k range, criterion and clustering seed; each seed picks its own k), and
+    :func:`neurocl.maps.subtypes.seed_consensus` scores their co-clustering agreement. Returns the
+    written summary, or None (and no file) for a single-seed run.
+    """
+    folder = run.folder
+    seeds = run.config.training.run_seeds()
+    if len(seeds) < 2:
+        folder.maps.seed_consensus.unlink(missing_ok=True)
+        return None
+    labelings, subjects, n_clusters = [], None, {}
+    for seed, seed_folder in folder.seed_runs(seeds).items():
+        embeddings = seed_folder.read_table(seed_folder.embeddings)
+        rows = _embedding_rows(embeddings, run.cohort, config)
+        targets = rows[(rows["group"] == "target").to_numpy()].sort_values("cohort_row").reset_index(drop=True)
+        if subjects is None:
+            subjects = targets["cohort_row"].to_numpy()
+        elif not np.array_equal(subjects, targets["cohort_row"].to_numpy()):
+            raise ConfigError(f"{seed_folder.embeddings}: other target subjects than the primary seed's "
+                              f"{folder.embeddings}; rerun the pipeline (neurocl run ... --resume)")
+        clustering = _clustering(config, 0).fit(targets[_salient_columns(embeddings)].to_numpy())
+        labelings.append(clustering.labels_)
+        n_clusters[str(seed)] = clustering.n_clusters_
+    summary = {"seeds": seeds, "space": "salient", "split": config.split, "n_subjects": int(len(subjects)),
+               **seed_consensus(labelings), "n_clusters": n_clusters}
+    write_json(folder.maps.seed_consensus, _json_ready(summary))
+    return summary
 
 
 def permuted_label_method(run, progress: bool = True):
@@ -488,14 +529,6 @@ def permuted_label_method(run, progress: bool = True):
     It is trained into ``RUN/maps/null_permuted_labels/`` (a run folder of its own); a finished one
     made from the same permutation is reused.
     """
-    import copy
-
-    from neurocl.cohort import Splits
-    from neurocl.embed import load_model
-    from neurocl.methods import MethodConfig
-    from neurocl.rundir import RunDir
-    from neurocl.train import train
-
     cohort = copy.copy(run.cohort)
     cohort.table = run.cohort.table.copy()
     labelled = cohort.table["group"].notna().to_numpy()
@@ -508,16 +541,12 @@ def permuted_label_method(run, progress: bool = True):
             and pd.read_csv(maps.permuted_groups, sep="\t", dtype=str).equals(permutation)):
         return load_model(network.last_checkpoint)
     if network.path.exists():
-        import shutil
-
         shutil.rmtree(network.path)  # an unfinished or other permutation's network: ours alone, under maps/
     network.path.mkdir(parents=True)
     write_tsv(maps.permuted_groups, permutation)
     splits = Splits.load(run.folder.splits, cohort)
     method = MethodConfig.model_validate(run.model.hparams["method"])
     if progress:
-        from rich.console import Console
-
         Console(stderr=True).print("[bold]maps[/] training the permuted-label null network")
     return train(run.config, method, network, cohort, run.store, splits, resume=False)
 
@@ -529,9 +558,6 @@ def untrained_method(module):
     method, so building it again from the checkpoint's hyper-parameters after the same seeding
     gives the weights training started from. The global generators are restored after.
     """
-    import random
-
-    from neurocl.methods import build_method
 
     hparams = module.hparams
     seed = int(hparams["seed"])

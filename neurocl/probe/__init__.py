@@ -3,11 +3,17 @@
 Which attributes live in which space? For every space (``common_*``, ``salient_*``,
 ``emb_*`` or any other ``prefix_<i>`` column block of an embeddings table), every
 attribute and every subset of subjects (all, target, background) we fit a linear
-probe and report a cross-validated score with a bootstrap 95% CI, a permutation
-p-value and the score expected by chance (format: ``probes.tsv`` in DESIGN.md;
-what each number means: ``docs/probing.md``).
+probe and report its score with a bootstrap 95% CI, a permutation p-value and the score
+expected by chance (format: ``probes.tsv`` in DESIGN.md; what each number means:
+``docs/probing.md``).
 
-The protocol, so that nothing is ever fit on a test fold:
+By default (``ProbeConfig.scope = "held_out"``, :mod:`neurocl.probe.heldout`) a probe is
+fitted on the encoder's ``train``/``val`` subjects and scored on its ``test`` subjects only,
+so that no subject the encoder trained on is ever scored. ``scope = "in_sample_cv"`` is the
+cross-validation over every subject below (out-of-fold for the probe, in-sample for the
+encoder), labelled so in probes.tsv, separation.json and the report.
+
+The in-sample CV protocol, so that nothing is ever fit on a test fold:
 
 * outer CV over participants (a participant's rows share a fold; stratified by class
   for categorical attributes) or leave-one-site-out;
@@ -32,6 +38,7 @@ from neurocl.config import ProbeConfig
 from neurocl.embed import embedding_spaces, join_embeddings
 from neurocl.probe.command import probe_command, probes_table
 from neurocl.probe.cv import cross_validated_predictions, outer_folds, permutation_indices
+from neurocl.probe.heldout import held_out_probe, held_out_score
 from neurocl.probe.metrics import LOWER_IS_BETTER, METRICS, PRIMARY_METRIC, chance_level, score
 from neurocl.probe.probe import GROUP_ATTRIBUTE, PROBE_COLUMNS, SUBSETS, probe_attribute, probe_embeddings
 from neurocl.probe.separation import ground_truth_recovery, separation, separation_table
@@ -50,6 +57,8 @@ __all__ = [
     "embedding_spaces",
     "fit_logistic",
     "ground_truth_recovery",
+    "held_out_probe",
+    "held_out_score",
     "join_embeddings",
     "outer_folds",
     "permutation_indices",

@@ -10,10 +10,10 @@ from rich.table import Table
 
 from neurocl.cohort import Cohort
 from neurocl.config import ProbeConfig, validated
-from neurocl.logs import progress_console, results_console
 from neurocl.embed import check_cohort, read_embeddings, refuse_existing
 from neurocl.errors import CohortError
 from neurocl.io import write_json, write_tsv
+from neurocl.logs import progress_console, results_console
 from neurocl.probe.probe import probe_embeddings
 from neurocl.probe.separation import separation, separation_table
 from neurocl.rundir import RunDir
@@ -27,15 +27,18 @@ def probe_command(
     out_dir,
     attributes=None,
     ground_truth=None,
+    scope: str | None = None,
     leave_site_out=None,
-    n_permutations: int = 1000,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-    n_jobs: int = -1,
+    n_permutations: int | None = None,
+    n_bootstrap: int | None = None,
+    seed: int | None = None,
+    n_jobs: int | None = None,
     other_cohort: bool = False,
     overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """``neurocl probe``: probes.tsv, separation.json and separation.tsv in ``out_dir``, and a rich table.
+
+    ``n_permutations``, ``n_bootstrap``, ``seed``, ``n_jobs``: None takes :class:`~neurocl.config.ProbeConfig`'s default.
 
     Embeddings made by neurocl carry the fingerprint of their cohort (a sidecar); probing them
     against another cohort is refused unless ``other_cohort`` (:func:`neurocl.embed.check_cohort`).
@@ -52,8 +55,9 @@ def probe_command(
         raise CohortError(f"embeddings: no file {embeddings_tsv}")
     if ground_truth is not None and not Path(ground_truth).is_file():
         raise CohortError(f"--ground-truth: no file {ground_truth}")
-    options = dict(n_permutations=n_permutations, n_bootstrap=n_bootstrap, leave_site_out=leave_site_out,
-                   seed=seed, n_jobs=n_jobs)
+    # Only the options given: ProbeConfig holds every default.
+    options = {name: value for name, value in dict(scope=scope, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
+               leave_site_out=leave_site_out, seed=seed, n_jobs=n_jobs).items() if value is not None}
     config = validated(ProbeConfig, options, "probe options")
     cohort = Cohort.from_yaml(cohort_yaml)
     check_cohort(embeddings_tsv, cohort, allow_other=other_cohort)
@@ -64,14 +68,23 @@ def probe_command(
     separation_path = write_json(out.separation, result)
     write_tsv(out.separation_table, separation_table(result))
     results = results_console()
-    results.print(probes_table(probes))
+    results.print(probes_table(probes, result))
     results.print(f"wrote [bold]{probes_path}[/], [bold]{separation_path}[/]")
     return probes_path, separation_path
 
 
-def probes_table(probes: pd.DataFrame):
+def probes_title(probes: pd.DataFrame, separation: dict | None = None) -> str:
+    """What the probes' figures are computed on: held-out test subjects (n=...) or in-sample CV."""
+    scopes = set(probes["scope"].dropna()) if "scope" in probes.columns else {"in_sample_cv"}
+    if scopes == {"held_out"}:
+        n = (separation or {}).get("n_test_subjects")
+        return f"held-out test subjects (n={n})" if n is not None else "held-out test subjects"
+    return "in-sample: cross-validated over every subject, the encoder's training subjects included"
+
+
+def probes_table(probes: pd.DataFrame, separation: dict | None = None):
     """A rich Table of probes.tsv (value [95% CI], p, chance)."""
-    table = Table(title="Linear probes (out-of-fold)", show_lines=False)
+    table = Table(title=f"Linear probes: {probes_title(probes, separation)}", show_lines=False)
     for name in ("space", "attribute", "subset", "metric", "value [95% CI]", "p", "chance", "n"):
         table.add_column(name, justify="right" if name in ("p", "chance", "n") else "left")
     for _, row in probes.iterrows():

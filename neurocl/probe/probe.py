@@ -17,24 +17,34 @@ from neurocl.logs import progress_console, transient_progress
 from neurocl.embed import embedding_spaces, join_embeddings
 from neurocl.errors import CohortError, ConfigError
 from neurocl.probe.cv import bootstrap_weights, cross_validated_predictions, outer_folds, permutation_indices
+from neurocl.probe.heldout import TEST_SPLIT, TOO_FEW, fit_and_test_rows, held_out_probe
 from neurocl.probe.metrics import METRICS, PRIMARY_METRIC, chance_level, score
 from neurocl.probe.permutations import n_extreme, sequential_predictions
 
 console = progress_console()
 
-PROBE_COLUMNS = ["space", "attribute", "subset", "metric", "value", "ci_low", "ci_high", "p_value", "n_permutations",
-                 "chance", "n", "note"]
+# ``scope``: "held_out" (fitted on train/val subjects, scored on test subjects) or "in_sample_cv"
+# (cross-validated over every subject, the encoder's training subjects included); ``n``: rows scored,
+# ``n_fit``: rows the scored predictions were fitted on (held out) or every row (in-sample CV).
+PROBE_COLUMNS = ["space", "attribute", "subset", "scope", "metric", "value", "ci_low", "ci_high", "p_value",
+                 "n_permutations", "chance", "n", "n_fit", "note"]
 SUBSETS = ("all", "target", "background")
 GROUP_ATTRIBUTE = "group"
 
 
-def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, sites=None) -> tuple[list[dict], str]:
+def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, sites=None,
+                    splits=None) -> tuple[list[dict], str]:
     """Probe one attribute from one feature matrix: scores, 95% CIs, p-values and chance.
+
+    ``config.scope`` "held_out" (the default): fitted on the ``train``/``val`` rows of ``splits``,
+    scored on its ``test`` rows (:mod:`neurocl.probe.heldout`); "in_sample_cv": cross-validated
+    over every row.
 
     Parameters
     ----------
     features : (n, d) ; labels : (n,) values, or category labels of any type (categorical)
     groups : (n,) participant ids ; sites : (n,) for leave-site-out or None
+    splits : (n,) "train"/"val"/"test" of each row (needed for held-out probes)
 
     Returns
     -------
@@ -45,6 +55,12 @@ def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, si
     """
     features = np.asarray(features, dtype=np.float64)
     groups = np.asarray(groups)
+    if config.scope == "held_out":
+        fit, test = fit_and_test_rows(splits)
+        # Rows outside the split manifest are neither fitted nor scored (nor count as classes).
+        keep = fit | test
+        features, labels, groups, fit, test = features[keep], np.asarray(labels)[keep], groups[keep], fit[keep], test[keep]
+        sites = None if sites is None else np.asarray(sites)[keep]
     if len(groups) < config.min_samples:
         return [], f"{len(groups)} labelled rows (< min_samples={config.min_samples})"
     if kind == "categorical":
@@ -59,6 +75,9 @@ def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, si
             return [], f"constant label ({codes[0]:g})"
     if not np.isfinite(features).all():
         return [], "non-finite embedding values"
+    if config.scope == "held_out":
+        return held_out_probe(features, codes, groups, kind, n_classes, config, fit, test, sites=sites,
+                              classes=classes if kind == "categorical" else None)
     folds, note = outer_folds(codes, groups, kind, config, sites=sites)
     if not folds:
         return [], note
@@ -88,7 +107,7 @@ def probe_attribute(features, labels, groups, kind: str, config: ProbeConfig, si
             ci = tuple(np.nanpercentile(score(metric, observed_codes, observed, resample_weights), [2.5, 97.5]))
         chance = chance_level(metric, codes, folds, n_classes)
         rows.append(dict(metric=metric, value=value, ci_low=ci[0], ci_high=ci[1], p_value=p_value,
-                         n_permutations=n_permutations, chance=chance, n=len(tested)))
+                         n_permutations=n_permutations, chance=chance, n=len(tested), n_fit=len(codes)))
     return rows, note
 
 
@@ -135,6 +154,7 @@ def probe_embeddings(
     if not spaces:
         raise CohortError(f"embeddings: no '<space>_<i>' numeric columns (columns: {list(embeddings.columns)})")
     sites = _site_column(table, config)
+    splits = _split_column(table, config)
     jobs = [
         (space, attribute, subset)
         for space in spaces
@@ -156,6 +176,7 @@ def probe_embeddings(
             kinds[attribute],
             None if sites is None else sites[keep],
             attribute == config.leave_site_out,
+            None if splits is None else splits[keep],
         ))
     rows = []
     skipped: dict[tuple[str, str, str], list[str]] = {}
@@ -163,20 +184,34 @@ def probe_embeddings(
         if not results:
             skipped.setdefault((attribute, subset, note), []).append(space)
             results = [dict(metric="none", value=np.nan, ci_low=np.nan, ci_high=np.nan, p_value=np.nan,
-                            n_permutations=0, chance=np.nan, n=len(task[2]))]
-        rows.extend({"space": space, "attribute": attribute, "subset": subset, **result, "note": note} for result in results)
+                            n_permutations=0, chance=np.nan, n=len(task[2]), n_fit=np.nan)]
+        rows.extend({"space": space, "attribute": attribute, "subset": subset, "scope": config.scope, **result,
+                     "note": note} for result in results)
     # One line per reason, not per space: an attribute absent from a group by design (a patients-only
     # score in controls) is skipped in every space alike.
     for (attribute, subset, note), skipped_spaces in skipped.items():
-        console.print(f"not probed: {attribute} in {subset} ({note}), spaces {', '.join(skipped_spaces)}",
+        prefix = "warning: held-out probe" if note.startswith(TOO_FEW) else "not probed"
+        console.print(f"{prefix}: {attribute} in {subset} ({note}), spaces {', '.join(skipped_spaces)}",
                       highlight=False, markup=False)
-    return pd.DataFrame(rows, columns=PROBE_COLUMNS)
+    probes = pd.DataFrame(rows, columns=PROBE_COLUMNS)
+    _refuse_unscorable(probes, config)
+    return probes
 
 
-def _probe_task(features, labels, groups, kind, sites, is_site_column, config):
+def _refuse_unscorable(probes: pd.DataFrame, config: ProbeConfig) -> None:
+    """A held-out evaluation where no attribute could be scored for want of test subjects is an error, not a table of notes."""
+    if config.scope != "held_out" or probes.empty or (probes["metric"] != "none").any():
+        return
+    small = probes[probes["note"].str.startswith(TOO_FEW)].drop_duplicates(["attribute", "subset"])
+    if len(small):
+        reasons = "; ".join(f"{row.attribute} in {row.subset}: {row.note}" for row in small.itertuples())
+        raise ConfigError(f"held-out probes: no attribute could be scored on the test subjects ({reasons})")
+
+
+def _probe_task(features, labels, groups, kind, sites, is_site_column, splits, config):
     if is_site_column:
         return [], "the attribute is the held-out site column"
-    return probe_attribute(features, labels, groups, kind, config, sites=sites)
+    return probe_attribute(features, labels, groups, kind, config, sites=sites, splits=splits)
 
 
 def _run_tasks(jobs, tasks, config, progress) -> list:
@@ -202,6 +237,21 @@ def _run_tasks(jobs, tasks, config, progress) -> list:
 
 def _first_position(jobs, attribute) -> int:
     return next(position for position, job in enumerate(jobs) if job[1] == attribute)
+
+
+def _split_column(table, config):
+    """Each row's split (held-out scope), or None (in-sample CV); refuses embeddings without a test split."""
+    if config.scope != "held_out":
+        return None
+    split = table["split"] if "split" in table.columns else pd.Series(np.nan, index=table.index)
+    if not split.eq(TEST_SPLIT).any():
+        found = sorted(split.dropna().astype(str).unique())
+        raise ConfigError(
+            "held-out probes (evaluation.probe.scope: held_out) need embeddings with a 'split' column that has "
+            f"'test' rows (found: {found or 'no split column'}); use a run's embeddings.tsv, raise "
+            "splits.test_fraction above 0, or set evaluation.probe.scope: in_sample_cv "
+            "(neurocl probe --scope in_sample_cv) to cross-validate over every subject, labelled in-sample")
+    return split.to_numpy(dtype=object)
 
 
 def _site_column(table, config):

@@ -12,6 +12,7 @@ from neurocl.embed import embedding_spaces, join_embeddings
 from neurocl.errors import CohortError
 from neurocl.io import read_tsv
 from neurocl.probe.cv import cross_validated_predictions, group_folds, outer_folds
+from neurocl.probe.heldout import TEST_SPLIT, fit_and_test_rows, held_out_folds, test_size_note
 from neurocl.probe.metrics import PRIMARY_METRIC, score
 from neurocl.probe.permutations import ALPHA
 from neurocl.probe.probe import GROUP_ATTRIBUTE, probe_attribute
@@ -40,12 +41,20 @@ def separation(embeddings: pd.DataFrame, cohort, probes: pd.DataFrame, ground_tr
     """
     config = config or ProbeConfig()
     spaces = embedding_spaces(embeddings)
-    result = {"spaces": {name: len(columns) for name, columns in spaces.items()}, "attributes": _decodability(probes)}
+    result = {"scope": config.scope, **_scored_subjects(embeddings, config),
+              "spaces": {name: len(columns) for name, columns in spaces.items()}, "attributes": _decodability(probes)}
     if "salient" in spaces:
         result["background_collapse"] = _background_collapse(embeddings, cohort, spaces["salient"], probes, config)
     if ground_truth is not None:
         result["ground_truth"] = ground_truth_recovery(embeddings, ground_truth, config)
     return result
+
+
+def _scored_subjects(embeddings: pd.DataFrame, config: ProbeConfig) -> dict:
+    """Who the figures are computed on: the number of test subjects (held out), or of every subject (in-sample)."""
+    if config.scope == "held_out" and "split" in embeddings.columns:
+        return {"n_test_subjects": int(embeddings.loc[embeddings["split"].eq(TEST_SPLIT), "participant_id"].nunique())}
+    return {"n_subjects": int(embeddings["participant_id"].nunique())}
 
 
 def _decodability(probes: pd.DataFrame) -> dict:
@@ -74,12 +83,18 @@ def _decodability(probes: pd.DataFrame) -> dict:
 def _background_collapse(embeddings, cohort, salient_columns, probes, config) -> dict:
     table = join_embeddings(embeddings, cohort)
     table = table[table["group"].notna()]
+    if config.scope == "held_out":
+        # Norms and their AUC on the test subjects: the encoder never trained on them.
+        table = table[table["split"].eq(TEST_SPLIT)] if "split" in table.columns else table.iloc[:0]
     norms = np.linalg.norm(table[salient_columns].to_numpy(dtype=np.float64), axis=1)
     is_target = table["group"].eq("target").to_numpy()
     if is_target.all() or not is_target.any():
         return {"note": "needs both background and target rows"}
     background_norm, target_norm = float(norms[~is_target].mean()), float(norms[is_target].mean())
     out = {
+        "scope": config.scope,
+        "n_background": int(table.loc[~is_target, "participant_id"].nunique()),
+        "n_target": int(table.loc[is_target, "participant_id"].nunique()),
         "salient_norm_background": background_norm,
         "salient_norm_target": target_norm,
         "norm_ratio": background_norm / target_norm if target_norm > 0 else None,
@@ -88,9 +103,12 @@ def _background_collapse(embeddings, cohort, salient_columns, probes, config) ->
     group_rows = probes[(probes["space"] == "salient") & (probes["attribute"] == GROUP_ATTRIBUTE) & (probes["subset"] == "all")]
     auc = group_rows[group_rows["metric"] == "roc_auc"]
     if auc.empty:
-        rows, _ = probe_attribute(
-            table[salient_columns].to_numpy(), table["group"].to_numpy(), table["participant_id"].to_numpy(), "categorical", config
-        )
+        # No group probe in probes.tsv (not asked for): probe it here, with the same scope.
+        every = join_embeddings(embeddings, cohort)
+        every = every[every["group"].notna()]
+        splits = every["split"].to_numpy(dtype=object) if "split" in every.columns else None
+        rows, _ = probe_attribute(every[salient_columns].to_numpy(), every["group"].to_numpy(),
+                                  every["participant_id"].to_numpy(), "categorical", config, splits=splits)
         auc = pd.DataFrame([r for r in rows if r["metric"] == "roc_auc"])
     if not auc.empty:
         row = auc.iloc[0]
@@ -107,7 +125,12 @@ def _finite(value):
 def ground_truth_recovery(embeddings: pd.DataFrame, ground_truth, config: ProbeConfig | None = None) -> dict:
     r"""How well each space recovers each latent factor of a synthetic cohort, on held-out subjects.
 
-    * ``r2[subset][space][factor]``: cross-validated ridge R^2 (same outer/inner scheme as the probes,
+    ``config.scope`` "held_out" (default): ridge fitted on the ``train``/``val`` rows of the
+    embeddings' ``split`` column, scored on its ``test`` rows (the MCC's matching is also made on the
+    fitting rows); "in_sample_cv": cross-validated over every subject (out-of-fold for the probe,
+    in-sample for the encoder).
+
+    * ``r2[subset][space][factor]``: ridge R^2 (same inner penalty choice as the probes,
       no permutations). Categorical factors (text, or integers with at most 10 values) are one-hot
       encoded and their R^2 is the mean over indicators. Subsets: all subjects, and target only
       (target-only factors such as severity are 0 for every background subject).
@@ -136,6 +159,10 @@ def ground_truth_recovery(embeddings: pd.DataFrame, ground_truth, config: ProbeC
         raise CohortError(f"{source}: no participant_id in common with the embeddings")
     targets = {factor: _factor_targets(table[factor]) for factor in factor_columns}
     groups = table["participant_id"].to_numpy()
+    if config.scope == "held_out":
+        fit, test = fit_and_test_rows(table["split"].to_numpy(dtype=object) if "split" in table.columns else None)
+    else:
+        fit = test = None
     group_labels = table["group"] if "group" in table.columns else None
     subsets = {"all": np.ones(len(table), dtype=bool)}
     if group_labels is not None:
@@ -145,15 +172,21 @@ def ground_truth_recovery(embeddings: pd.DataFrame, ground_truth, config: ProbeC
         for space, columns in spaces.items():
             features = table.loc[keep, columns].to_numpy(dtype=np.float64)
             for factor, values in targets.items():
-                r2.setdefault(subset, {}).setdefault(space, {})[factor] = _held_out_r2(features, values[keep], groups[keep], config)
+                split = None if fit is None else (fit[keep], test[keep])
+                r2.setdefault(subset, {}).setdefault(space, {})[factor] = _held_out_r2(features, values[keep], groups[keep],
+                                                                                      config, split)
     continuous = {f: v[:, 0] for f, v in targets.items() if v.shape[1] == 1 and np.ptp(v) > 0}
     mcc = {}
     if continuous:
         factors = np.stack(list(continuous.values()), axis=1)
-        folds = group_folds(np.zeros(len(table)), groups, "continuous", min(config.n_splits, len(np.unique(groups))), config.seed)
+        if fit is None:
+            folds = group_folds(np.zeros(len(table)), groups, "continuous", min(config.n_splits, len(np.unique(groups))),
+                                config.seed)
+        else:
+            folds = held_out_folds(fit, test)
         for space, columns in spaces.items():
             mcc[space] = _held_out_mcc(table[columns].to_numpy(dtype=np.float64), factors, list(continuous), folds, linear_sum_assignment)
-    return {"factors": factor_columns, "r2": r2, "mcc": mcc}
+    return {"scope": config.scope, "factors": factor_columns, "r2": r2, "mcc": mcc}
 
 
 def _factor_targets(column: pd.Series) -> np.ndarray:
@@ -165,12 +198,18 @@ def _factor_targets(column: pd.Series) -> np.ndarray:
     return pd.get_dummies(column.astype(str)).to_numpy(dtype=np.float64)
 
 
-def _held_out_r2(features, targets, groups, config) -> float | None:
+def _held_out_r2(features, targets, groups, config, split=None) -> float | None:
+    """Mean R^2 over the target columns: out-of-fold (``split`` None) or fitted on ``split[0]`` rows, scored on ``split[1]``."""
     values = []
     for column in targets.T:
         if np.ptp(column) == 0 or len(column) < config.min_samples:
             continue
-        folds, _ = outer_folds(column, groups, "continuous", config)
+        if split is not None:
+            if test_size_note(column, groups, "continuous", *split):
+                continue
+            folds = held_out_folds(*split)
+        else:
+            folds, _ = outer_folds(column, groups, "continuous", config)
         if not folds:
             continue
         predictions = cross_validated_predictions(features, column, groups, "continuous", folds, config)[0]
@@ -184,11 +223,13 @@ def _held_out_mcc(features, factors, names, folds, assignment) -> dict:
     for train, test in folds:
         train_corr = _abs_correlation(features[train], factors[train])
         dims, facs = assignment(-np.nan_to_num(train_corr))
-        test_corr = _abs_correlation(features[test], factors[test])
-        per_fold.append(float(np.nanmean(test_corr[dims, facs])))
+        test_corr = _abs_correlation(features[test], factors[test])[dims, facs]
+        # Matched factors constant on the scored rows (a few test subjects) have no correlation.
+        per_fold.append(float(np.mean(test_corr[np.isfinite(test_corr)])) if np.isfinite(test_corr).any() else np.nan)
         matches.append({names[f]: int(d) for d, f in zip(dims, facs)})
+    finite = [value for value in per_fold if np.isfinite(value)]
     return {
-        "mcc": float(np.mean(per_fold)),
+        "mcc": float(np.mean(finite)) if finite else None,
         "n_dimensions": features.shape[1],
         "n_factors": factors.shape[1],
         "matching_first_fold": matches[0],

@@ -36,11 +36,18 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+from rich.table import Table
 
 from neurocl import io
+from neurocl.config import load_pipeline
 from neurocl.errors import ConfigError
+from neurocl.pipeline import run_pipeline
+from neurocl.probe import embedding_spaces
+from neurocl.probe.heldout import held_out_score
+from neurocl.rundir import RunDir
 from neurocl.validation.panel import PANEL, RENAMED_COLUMNS, PanelCohort, PanelScale, build_cohort, panel_cohort
 
 DEMO_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yaml"
@@ -48,7 +55,6 @@ COHORT_SEED_OFFSET = 1000
 BASELINES = ("pca", "cpca", "simclr")
 REPRESENTATIONS = ("common", "salient", *BASELINES)
 SEPARATED_MIN = 0.1  # separation index and salient u of every specific attribute
-MIN_TEST, MIN_TRAIN = 4, 8
 
 # Quick: small cohorts and a few optimiser steps, to check the whole panel runs (minutes);
 # full: the pipeline's own training section on 160-subject cohorts.
@@ -94,45 +100,6 @@ class SeparationBenchConfig(BaseModel):
         if not config.pipeline.is_file():
             raise ConfigError(f"--pipeline {config.pipeline} does not exist")
         return config
-
-
-# ----------------------------------------------------------------------------- held-out scoring
-
-
-def held_out_score(features: np.ndarray, labels: np.ndarray, kind: str, train: np.ndarray, test: np.ndarray,
-                   probe_config=None) -> dict | None:
-    """A linear probe fitted on rows ``train`` (regularisation by inner CV there), scored on rows ``test``.
-
-    Returns ``{"metric", "value", "chance", "u", "n_train", "n_test"}`` or None when either side is
-    too small (fewer than 8 / 4 rows) or, for a categorical label, holds a single class.
-    """
-    from neurocl.probe import PRIMARY_METRIC, ProbeConfig, cross_validated_predictions, score
-
-    probe_config = probe_config or ProbeConfig(n_permutations=0, n_bootstrap=0, n_jobs=1)
-    # Only the scored rows: the classes (and so chance) are those of these rows, not of others.
-    used = np.flatnonzero(np.asarray(train) | np.asarray(test))
-    features, labels = np.asarray(features, dtype=np.float64)[used], np.asarray(labels)[used]
-    train, test = np.flatnonzero(np.asarray(train)[used]), np.flatnonzero(np.asarray(test)[used])
-    if len(train) < MIN_TRAIN or len(test) < MIN_TEST:
-        return None
-    if not np.isfinite(features).all():
-        return None
-    if kind == "categorical":
-        classes, codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
-        if len(np.unique(codes[train])) < 2 or len(np.unique(codes[test])) < 2:
-            return None
-        n_classes, chance = len(classes), 1.0 / len(classes)
-    else:
-        codes = np.asarray(labels, dtype=np.float64)
-        if np.ptp(codes[train]) == 0 or np.ptp(codes[test]) == 0:
-            return None
-        n_classes, chance = None, 0.0
-    groups = np.arange(len(codes))
-    predictions = cross_validated_predictions(features, codes, groups, kind, [(train, test)], probe_config, n_classes)
-    metric = PRIMARY_METRIC[kind]
-    value = float(score(metric, codes[None, test], predictions[:, test])[0])
-    return {"metric": metric, "value": value, "chance": chance, "u": (value - chance) / (1.0 - chance),
-            "n_train": int(len(train)), "n_test": int(len(test))}
 
 
 def score_representations(representations: dict[str, pd.DataFrame], truth: pd.DataFrame, cohort: PanelCohort,
@@ -242,9 +209,6 @@ def _bench_pipeline(raw: dict, cohort_yaml: Path, seed: int, epochs: int | None,
 
 def _representations(run_dir: Path, baselines: Iterable[str] = BASELINES) -> dict[str, pd.DataFrame]:
     """Embedding tables of the run: common / salient (or main) and every baseline, keyed for scoring."""
-    from neurocl.probe import embedding_spaces
-    from neurocl.rundir import RunDir
-
     run = RunDir(run_dir)
     main = run.read_table(run.embeddings)
     keys = ["participant_id", "split"]
@@ -262,8 +226,6 @@ def _representations(run_dir: Path, baselines: Iterable[str] = BASELINES) -> dic
 def run_one(cohort: PanelCohort, seed: int, config: SeparationBenchConfig, workdir: Path, raw_pipeline: dict,
             log=None) -> dict:
     """Build one cohort, run the pipeline on it, score held-out; the run's record (results.json's ``runs``)."""
-    from neurocl.pipeline import run_pipeline
-
     started, cpu_started = time.monotonic(), time.process_time()
     cohort_seed = COHORT_SEED_OFFSET + seed
     folder = workdir / f"{cohort.name}-seed{seed}"
@@ -282,8 +244,6 @@ def run_one(cohort: PanelCohort, seed: int, config: SeparationBenchConfig, workd
 
 def bench_settings(config: SeparationBenchConfig) -> dict:
     """The pipeline with the bench's ``--set`` overrides, validated (ConfigError naming the field), as a dict."""
-    from neurocl.config import load_pipeline
-
     # Validated now, with every relative path resolved against the pipeline's folder (the bench
     # writes its copies elsewhere); the cohort is the bench's own.
     return load_pipeline(config.pipeline, {"cohort": str(config.pipeline)}, config.settings).model_dump(mode="json")
@@ -316,8 +276,6 @@ def run_separation_bench(config: SeparationBenchConfig, log=None) -> dict:
 
 
 def machine_description() -> dict:
-    import torch
-
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__}
 
@@ -356,8 +314,6 @@ def _cell(stats: dict) -> str:
 
 def print_separation(results: dict, console) -> None:
     """Per cohort: each attribute's held-out score from every representation, then the separation summary."""
-    from rich.table import Table
-
     descriptions = {cohort.name: cohort.stress for cohort in PANEL}
     for entry in results["table"]:
         representations = list(entry["rows"][0]["values"]) if entry["rows"] else []

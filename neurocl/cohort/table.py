@@ -1,0 +1,451 @@
+"""A :class:`Cohort`: the participants table joined to its images, groups and typed attributes,
+loaded leniently and validated on demand."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import track
+
+from neurocl.cohort.problems import Problem, _grid_differences, _read_grid, _voxel_problems, _where
+from neurocl.cohort.spec import MISSING_VALUES, PLACEHOLDERS, CohortSpec, GroupSpec, _spec_error, key_columns
+from neurocl.errors import CohortError
+from neurocl.images import Grid, GridSpec
+from neurocl.io import load_yaml
+from neurocl.logs import transient_progress
+
+
+def _read_participants(path: Path) -> pd.DataFrame:
+    """Read participants.tsv with every cell as a string, keeping TSV line numbers.
+
+    Values are kept as written (a site "01" stays "01", not 1) so categorical attributes and
+    group values compare exactly; blank lines are dropped but still count for line numbers.
+    """
+    try:
+        table = pd.read_csv(
+            path,
+            sep="\t",
+            dtype=str,
+            na_values=MISSING_VALUES,
+            keep_default_na=False,
+            skip_blank_lines=False,
+            encoding="utf-8-sig",  # spreadsheet exports often start with a byte-order mark
+        )
+    except pd.errors.EmptyDataError:
+        raise CohortError(f"{path}: participants table is empty (expected a header line with participant_id)") from None
+    except OSError as error:
+        raise CohortError(f"{path}: cannot read participants table ({error.strerror or error})") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise CohortError(f"{path}: cannot read participants table ({error})") from None
+    table.columns = [str(column).strip() for column in table.columns]
+    table = table.apply(lambda column: column.str.strip())
+    table["row"] = np.arange(len(table)) + 2
+    return table.dropna(how="all", subset=[c for c in table.columns if c != "row"]).reset_index(drop=True)
+
+
+def _resolved(path: Path, where: str) -> Path:
+    """``path`` made absolute with symlinks followed; a symlink loop is a one-line error, not a traceback."""
+    try:
+        return path.resolve(strict=False)
+    except (RuntimeError, OSError) as error:  # Python < 3.13 raises RuntimeError for a loop, later ones OSError
+        raise CohortError(f"{where}: {path} is a symbolic link loop ({error})") from None
+
+
+def _cell_text(value: Any) -> str | float:
+    """A DataFrame cell as participants.tsv would hold it: text, NaN when missing.
+
+    Integral floats lose their ".0" (a site column [1, 2, NaN] is float in pandas, but its
+    categories are "1" and "2", as in a TSV).
+    """
+    if pd.isna(value):
+        return np.nan
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return np.nan if text in MISSING_VALUES else text
+
+
+def _load_yaml(path: Path) -> dict:
+    raw = load_yaml(path, CohortError, "cohort spec")
+    if not isinstance(raw, dict):
+        raise CohortError(f"{path}: a cohort spec is a mapping of fields (name, participants, images, group, ...)")
+    if "participants" not in raw:
+        raise CohortError(f"{path}: participants: field required (path of the participants.tsv)")
+    return raw
+
+
+class Cohort:
+    """A validated-on-demand table of images with groups and typed attributes.
+
+    Parameters
+    ----------
+    participants : path or DataFrame
+        BIDS participants table (tab-separated, ``participant_id``, optional ``session_id``,
+        ``n/a`` for missing).
+    images : str
+        Image path template, e.g. ``"{participant_id}/anat/{participant_id}_desc-gm.nii.gz"``.
+    group : GroupSpec or dict
+        ``{"column": ..., "background": [...], "target": [...]}``.
+    attributes : dict, optional
+        Attribute name -> ``"continuous"`` or ``"categorical"``.
+    root : path
+        Folder the template is relative to (relative paths: to the current directory).
+    name : str
+        Cohort name.
+    required : list of str, optional
+        Attributes that must be present in every row.
+    grid : GridSpec or dict, optional
+        Grid of ``.npy`` / picture images (``{"affine": 4x4}`` or ``{"voxel_size": v}``).
+
+    Attributes
+    ----------
+    spec : CohortSpec
+    table : DataFrame
+        One row per image in TSV order: ``participant_id``, [``session_id``], ``group``
+        ("background" | "target" | NaN), each attribute (float for continuous, str for
+        categorical, NaN when missing), ``image`` (absolute path) and ``row`` (TSV line).
+    source : str
+        Where the cohort came from, used in messages: the YAML path, or ``cohort 'NAME'``.
+    categories : dict
+        Sorted categories of each categorical attribute (kept by :meth:`select`).
+    """
+
+    def __init__(
+        self,
+        participants: str | os.PathLike | pd.DataFrame,
+        images: str,
+        group: GroupSpec | dict,
+        attributes: dict[str, str] | None = None,
+        root: str | os.PathLike = ".",
+        name: str = "cohort",
+        required: Sequence[str] | None = None,
+        grid: GridSpec | dict | None = None,
+    ) -> None:
+        fields = {
+            "name": name,
+            "participants": None if isinstance(participants, pd.DataFrame) else participants,
+            "root": root,
+            "images": images,
+            "group": group.model_dump() if isinstance(group, GroupSpec) else group,
+            "attributes": attributes or {},
+            "required": list(required) if required is not None else None,
+            "grid": grid.model_dump() if isinstance(grid, GridSpec) else grid,
+        }
+        try:
+            spec = CohortSpec(**fields)
+        except ValidationError as error:
+            raise _spec_error(f"cohort {name!r}", error) from None
+        self._load(spec, Path.cwd(), participants if isinstance(participants, pd.DataFrame) else None, f"cohort {name!r}")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "Cohort":
+        """Load a cohort spec YAML; paths in it are relative to the YAML's folder."""
+        path = Path(path)
+        raw = _load_yaml(path)
+        try:
+            spec = CohortSpec(**raw)
+        except ValidationError as error:
+            raise _spec_error(str(path), error) from None
+        return cls.from_spec(spec, base_dir=path.resolve().parent, source=str(path))
+
+    @classmethod
+    def from_spec(cls, spec: CohortSpec, base_dir: str | os.PathLike = ".", source: str | None = None) -> "Cohort":
+        """Build a cohort from an already parsed spec (e.g. a pipeline's inline cohort section)."""
+        if spec.participants is None:
+            raise CohortError(f"{source or 'cohort ' + repr(spec.name)}: participants: field required")
+        cohort = cls.__new__(cls)
+        cohort._load(spec, Path(base_dir), None, source or f"cohort {spec.name!r}")
+        return cohort
+
+    def _load(self, spec: CohortSpec, base_dir: Path, frame: pd.DataFrame | None, source: str) -> None:
+        self.spec = spec
+        self.source = source
+        if frame is None:
+            participants_path = _resolved(base_dir / spec.participants, f"{source}: participants")
+            if not participants_path.is_file():
+                raise CohortError(f"{source}: participants: {participants_path} not found")
+            raw = _read_participants(participants_path)
+            table_name = str(participants_path)
+        else:
+            raw = frame.astype(object).map(_cell_text).reset_index(drop=True)
+            raw["row"] = np.arange(len(raw)) + 2
+            table_name = "the participants DataFrame"
+        self._root = (base_dir / spec.root).resolve()
+        self.table = self._build_table(raw, table_name)
+        self.categories = {
+            name: sorted(self.table[name].dropna().unique().tolist())
+            for name, kind in spec.attributes.items()
+            if kind == "categorical"
+        }
+        # The cells as written, for messages ("age 'abc' is not a number") and required checks.
+        self._written = raw[list(dict.fromkeys([spec.group.column, *spec.attributes]))].reset_index(drop=True)
+
+    def _build_table(self, raw: pd.DataFrame, table_name: str) -> pd.DataFrame:
+        spec = self.spec
+        columns = [c for c in raw.columns if c != "row"]
+
+        def need(column: str, field: str) -> None:
+            if column not in raw.columns:
+                raise CohortError(
+                    f"{self.source}: {field}: {column!r} is not a column of {table_name} (columns: {', '.join(columns)})"
+                )
+
+        need("participant_id", "participants")
+        need(spec.group.column, "group.column")
+        for attribute in spec.attributes:
+            need(attribute, f"attributes.{attribute}")
+        if spec.uses_sessions:
+            need("session_id", "images (the template uses {session_id})")
+
+        table = pd.DataFrame({"participant_id": raw["participant_id"].astype(object)})
+        if "session_id" in raw.columns:
+            table["session_id"] = raw["session_id"].astype(object)
+        groups = {value: "background" for value in spec.group.background}
+        groups.update({value: "target" for value in spec.group.target})
+        table["group"] = raw[spec.group.column].map(groups).astype(object)
+        for attribute, kind in spec.attributes.items():
+            values = raw[attribute]
+            if kind == "continuous":
+                table[attribute] = pd.to_numeric(values, errors="coerce").astype(float)
+            else:
+                table[attribute] = values.astype(object)
+        table["image"] = [self._image_path(record) for record in table.to_dict("records")]
+        table["row"] = raw["row"].astype(int).to_numpy()
+        return table.reset_index(drop=True)
+
+    def _image_path(self, record: dict) -> str | float:
+        ids = {key: record.get(key) for key in PLACEHOLDERS}
+        needed = ["participant_id"] + (["session_id"] if self.spec.uses_sessions else [])
+        if any(pd.isna(ids[key]) for key in needed):
+            return np.nan
+        return str(self._root / self.spec.images.format(**{k: v for k, v in ids.items() if not pd.isna(v)}))
+
+    @classmethod
+    def _subset(cls, parent: "Cohort", table: pd.DataFrame, written: pd.DataFrame) -> "Cohort":
+        cohort = cls.__new__(cls)
+        cohort.spec = parent.spec
+        cohort.source = parent.source
+        cohort._root = parent._root
+        cohort.categories = parent.categories
+        cohort.table = table.reset_index(drop=True)
+        cohort._written = written.reset_index(drop=True)
+        return cohort
+
+    # ------------------------------------------------------------------ views of the table
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __repr__(self) -> str:
+        counts = self.table["group"].value_counts()
+        return (
+            f"Cohort({self.spec.name!r}: {len(self)} images, {counts.get('background', 0)} background, "
+            f"{counts.get('target', 0)} target)"
+        )
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def n_images(self) -> int:
+        return len(self.table)
+
+    @property
+    def has_sessions(self) -> bool:
+        """Whether the participants table has a ``session_id`` column."""
+        return "session_id" in self.table.columns
+
+    @property
+    def image_paths(self) -> list[Path | None]:
+        """Absolute image path of each row (``None`` where the row has no participant_id)."""
+        return [Path(path) if isinstance(path, str) else None for path in self.table["image"]]
+
+    @property
+    def is_target(self) -> np.ndarray:
+        """Boolean mask of target-group rows (rows with no valid group are False)."""
+        return (self.table["group"] == "target").to_numpy(dtype=bool)
+
+    @property
+    def attribute_kinds(self) -> dict[str, str]:
+        return dict(self.spec.attributes)
+
+    def keys(self) -> pd.DataFrame:
+        """``participant_id`` and (when present) ``session_id`` of each row."""
+        return self.table[self.key_columns].copy()
+
+    @property
+    def key_columns(self) -> list[str]:
+        """The subject key of this cohort's rows (:data:`KEY_COLUMNS` present in its table)."""
+        return key_columns(self.table)
+
+    def attribute_matrix(self, names: Sequence[str] | None = None) -> np.ndarray:
+        """Attributes as a float matrix (n_images, len(names)), NaN where missing.
+
+        Categorical attributes become integer codes in the sorted order of the categories of the
+        whole cohort (``self.categories``), so codes agree between a cohort and its subsets.
+        """
+        names = list(self.spec.attributes) if names is None else list(names)
+        columns = []
+        for name in names:
+            kind = self.spec.attributes.get(name)
+            if kind is None:
+                raise CohortError(f"{self.source}: {name!r} is not an attribute (attributes: {sorted(self.spec.attributes)})")
+            values = self.table[name]
+            if kind == "categorical":
+                codes = {category: float(code) for code, category in enumerate(self.categories[name])}
+                values = values.map(codes)
+            columns.append(values.to_numpy(dtype=float))
+        return np.stack(columns, axis=1) if columns else np.empty((len(self), 0))
+
+    def select(self, rows: Sequence[int] | np.ndarray) -> "Cohort":
+        """Subset of rows (integer positions or a boolean mask), with the same spec and categories."""
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        return Cohort._subset(self, self.table.iloc[rows], self._written.iloc[rows])
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, check_images: bool = True, progress: bool = False) -> list[Problem]:
+        """Every problem of the cohort, by participants.tsv line.
+
+        Table checks: missing participant_id or (when the template needs it) session_id,
+        duplicate (participant_id, session_id), group value neither background nor target,
+        required attribute missing, continuous attribute not a finite number, empty background or
+        target group. Image checks (``check_images``): file missing, unreadable or corrupt, not
+        2D or 3D (singleton axes at the ends are dropped first), NaN/Inf voxels, and shape, voxel
+        size or affine (tolerance 1e-3 mm) differing from the reference grid, which is the grid of
+        the first image in table order whose header reads and which is 2D or 3D. The same checks
+        apply to ``.npy`` arrays and pictures (their grid comes from the spec).
+
+        Parameters
+        ----------
+        check_images : bool
+            Also open every image (headers first, then the voxels for NaN/Inf).
+        progress : bool
+            Show a progress bar over the images.
+
+        Returns
+        -------
+        list of Problem
+            Sorted by row; cohort-level problems (row None) last.
+        """
+        problems = self._table_problems()
+        if check_images:
+            problems += self._image_problems(progress)
+        return sorted(problems, key=lambda p: (p.row is None, p.row or 0))
+
+    def input_folder(self) -> Path | None:
+        """The folder holding every image of the cohort (their common parent), which nothing may write into.
+
+        None when the images are scattered across the filesystem (a common parent of fewer than
+        three parts, such as ``/`` or ``/data``, protects nothing).
+        """
+        folders = [str(Path(image).resolve().parent) for image in self.table["image"] if isinstance(image, str)]
+        if not folders:
+            return None
+        root = Path(os.path.commonpath(folders))
+        return root if len(root.parts) >= 3 else None
+
+    def check(self, check_images: bool = True) -> None:
+        """Raise one :class:`CohortError` listing every problem, if there is any."""
+        problems = self.validate(check_images=check_images)
+        if problems:
+            lines = [f"{self.source}: {len(problems)} problem(s); run `neurocl validate` for the table"]
+            lines += [f"  {_where(problem)}: {problem.problem}" for problem in problems]
+            raise CohortError("\n".join(lines))
+
+    def _table_problems(self) -> list[Problem]:
+        spec = self.spec
+        problems: list[Problem] = []
+        first_line: dict[tuple, int] = {}
+        for position, record in enumerate(self.table.to_dict("records")):
+            pid = None if pd.isna(record["participant_id"]) else record["participant_id"]
+            key = tuple("n/a" if pd.isna(record.get(c)) else record.get(c) for c in self.key_columns)
+            if pid is not None and key in first_line:
+                problems.append(Problem(record["row"], pid, f"duplicate of line {first_line[key]} ({', '.join(key)})"))
+            first_line.setdefault(key, record["row"])
+            problems += [Problem(record["row"], pid, text) for text in self._row_problems(position, record)]
+        counts = self.table["group"].value_counts()
+        for group, values in (("background", spec.group.background), ("target", spec.group.target)):
+            if counts.get(group, 0) == 0:
+                problems.append(Problem(None, None, f"{group} group is empty (no row has {spec.group.column} in {values})"))
+        return problems
+
+    def _row_problems(self, position: int, record: dict) -> list[str]:
+        """Problems of one row that need no other row: ids, group, attributes."""
+        spec = self.spec
+        found = []
+        if pd.isna(record["participant_id"]):
+            found.append("participant_id is missing")
+        if spec.uses_sessions and pd.isna(record.get("session_id")):
+            found.append("session_id is missing (the images template needs it)")
+        if pd.isna(record["group"]):
+            found.append(self._group_problem(position))
+        for attribute in spec.required or []:
+            if pd.isna(self._written.at[position, attribute]):
+                found.append(f"required attribute '{attribute}' is missing")
+        for attribute, kind in spec.attributes.items():
+            written = self._written.at[position, attribute]
+            if kind == "continuous" and not pd.isna(written) and not np.isfinite(record[attribute]):
+                found.append(f"{attribute} {written!r} is not a finite number (continuous attribute)")
+        return found
+
+    def _group_problem(self, position: int) -> str:
+        group = self.spec.group
+        value = self._written.at[position, group.column]
+        allowed = f"background {group.background}, target {group.target}"
+        if pd.isna(value):
+            return f"{group.column} is missing ({allowed})"
+        return f"{group.column} {value!r} is neither background nor target ({allowed})"
+
+    def _image_problems(self, progress: bool) -> list[Problem]:
+        records = self.table[["participant_id", "image", "row"]].to_dict("records")
+        reference: tuple[dict, Grid] | None = None
+        problems: list[Problem] = []
+        for record in track(
+            records, description="validating images", disable=not transient_progress(progress), console=Console(stderr=True),
+            transient=True
+        ):
+            if not isinstance(record["image"], str):
+                continue
+            pid = None if pd.isna(record["participant_id"]) else record["participant_id"]
+            path = Path(record["image"])
+            # The header (and its claimed size) is checked against the file and the reference grid
+            # before any voxel is read: a forged header cannot make validate allocate gigabytes.
+            grid = _read_grid(path, self.spec)
+            if isinstance(grid, str):
+                problems.append(Problem(record["row"], pid, grid))
+                continue
+            if reference is None:
+                reference = (record, grid)
+            else:
+                where = f"line {reference[0]['row']}, {reference[0]['participant_id']}"
+                differences = _grid_differences(grid, reference[1], where)
+                problems += [Problem(record["row"], pid, text) for text in differences]
+                if grid.shape != reference[1].shape:
+                    continue
+            problems += [Problem(record["row"], pid, text) for text in _voxel_problems(path, self.spec)]
+        return problems
+
+    def reference_grid(self) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:
+        """(shape, affine, zooms) of the first image whose header reads and which is 2D or 3D.
+
+        ``shape`` and ``zooms`` have 2 values for a 2D cohort (the affine is 4x4 either way).
+        """
+        for path in self.image_paths:
+            if path is not None:
+                grid = _read_grid(path, self.spec)
+                if isinstance(grid, Grid):
+                    return grid.shape, grid.affine, grid.zooms
+        raise CohortError(f"{self.source}: no readable 2D or 3D image to take the reference grid from")
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 or 3: the dimensionality of the reference grid (reads one header)."""
+        return len(self.reference_grid()[0])

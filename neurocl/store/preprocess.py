@@ -1,0 +1,62 @@
+"""How images become the stored array: :class:`PreprocessConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class PreprocessConfig(BaseModel):
+    """How images become the stored array.
+
+    Parameters
+    ----------
+    voxel_size : float or None
+        Isotropic voxel size in mm of the stored grid. ``None`` keeps the reference grid's voxels.
+    reference : Path or None
+        Image whose grid (shape, affine) is the target. ``None``: the cohort's first readable image.
+    mask : "auto", "none" or Path
+        Brain mask. ``auto``: voxels whose cohort mean exceeds ``mask_threshold`` times the cohort
+        mean's 99th percentile (after resampling); a path: a mask image (resampled with nearest
+        neighbour, > 0.5 is brain); ``none``: every voxel.
+    mask_threshold : float
+        ``auto`` mask: fraction of the cohort mean's robust maximum below which a voxel is
+        background. A threshold rather than ``> 0`` because resampled and modulated images carry
+        tiny positive values (1e-13 and up) far outside the head, which would make the mask the
+        whole field of view and put the background into every z-score.
+    normalise : "zscore", "minmax" or "none"
+        Per-image intensity normalisation computed inside the mask; voxels outside the mask are 0.
+    dtype : "float16" or "float32"
+        Storage type of the final array (float16 halves disk and GPU memory).
+    crop_to_mask : bool
+        Crop the grid to the mask's bounding box plus ``margin`` voxels (the affine follows).
+    margin : int
+        Voxels kept around the mask's bounding box when cropping.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    voxel_size: float | None = Field(default=None, gt=0, le=20)
+    reference: Path | None = None
+    mask: Literal["auto", "none"] | Path = "auto"
+    mask_threshold: float = Field(default=0.01, ge=0.0, lt=1.0)
+    normalise: Literal["zscore", "minmax", "none"] = "zscore"
+    dtype: Literal["float16", "float32"] = "float16"
+    crop_to_mask: bool = True
+    margin: int = Field(default=2, ge=0)
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"reference image {value} does not exist")
+        return value
+
+    @field_validator("mask")
+    @classmethod
+    def _mask_exists(cls, value):
+        if isinstance(value, Path) and not value.is_file():
+            raise ValueError(f"mask image {value} does not exist")
+        return value
