@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ from neurocl.cohort import Cohort
 from neurocl.errors import ConfigError
 from neurocl.probe import PROBE_COLUMNS, ProbeConfig, held_out_score, probe_attribute, probe_embeddings, separation
 
+REPO = Path(__file__).resolve().parent.parent
 CONFIG = ProbeConfig(n_permutations=199, n_bootstrap=100, n_jobs=1)
 
 
@@ -122,3 +125,14 @@ def test_the_separation_bench_scores_with_the_probe_package():
     train, test = np.arange(60) < 40, np.arange(60) >= 40
     assert held_out_score(x, y, "continuous", train, test)["value"] > 0.9
     assert held_out_score(x, y, "continuous", train, test & (np.arange(60) < 43)) is None  # 3 test subjects
+
+
+def test_a_pipeline_without_test_subjects_is_refused_before_training(tiny_cohort):
+    from neurocl.config import load_pipeline
+
+    settings = ["splits.test_fraction=0"]
+    with pytest.raises(ConfigError, match=r"splits.test_fraction is 0.*in_sample_cv"):
+        load_pipeline(REPO / "pipelines" / "demo.yaml", overrides={"cohort": str(tiny_cohort)}, settings=settings)
+    config = load_pipeline(REPO / "pipelines" / "demo.yaml", overrides={"cohort": str(tiny_cohort)},
+                           settings=settings + ["evaluation.probe.scope=in_sample_cv"])
+    assert config.evaluation.probe.scope == "in_sample_cv"
