@@ -16,8 +16,12 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from rich.progress import track
+from sklearn.model_selection import StratifiedKFold
 
 from neurocl.errors import ConfigError
+from neurocl.harmonise import HarmoniseConfig, harmonise_voxels
+from neurocl.logs import progress_console, transient_progress
 
 # Eigenvalues below this fraction of the largest are numerical zeros of the Gram matrix.
 _RANK_TOLERANCE = 1e-10
@@ -188,8 +192,6 @@ class ContrastivePCA:
         return is_target
 
     def _score_alphas(self, X: np.ndarray, is_target: np.ndarray) -> pd.DataFrame:
-        from sklearn.model_selection import StratifiedKFold
-
         n_splits = min(self.n_splits, int(is_target.sum()) // 2, int((~is_target).sum()) // 2)
         if n_splits < 2:
             raise ConfigError("alpha=None: too few subjects per group (need >= 4 of each) to choose alpha; give alpha")
@@ -241,9 +243,6 @@ def _contrastive_axes(basis, small, alpha: float, n_components: int) -> tuple[np
 
 def masked_voxels(store, rows: np.ndarray, progress: bool = False) -> np.ndarray:
     """(len(rows), n_mask_voxels) float64 matrix of the store's masked volumes, read in chunks."""
-    from rich.progress import track
-
-    from neurocl.logs import progress_console, transient_progress
 
     mask = np.asarray(store.mask, dtype=bool)
     out = np.empty((len(rows), int(mask.sum())), dtype=np.float64)
@@ -296,8 +295,6 @@ def voxel_embeddings(store, cohort, method: str = "pca", n_components: int = 16,
             split[splits.rows(cohort, name)] = name
         fit_rows &= split == "train"
     if method == "combat":
-        from neurocl.harmonise import HarmoniseConfig, harmonise_voxels
-
         background = fit_rows & group.eq("background").to_numpy()
         voxels = harmonise_voxels(voxels, cohort, background, HarmoniseConfig(site=site, protect=list(protect)))
     if method in ("pca", "combat"):

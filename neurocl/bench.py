@@ -22,8 +22,10 @@ ends on the device (baselines include the host-to-device copy) and is synchronis
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,8 +34,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from neurocl.errors import ConfigError
+from neurocl.store import VolumeStore
 from neurocl.views import ViewConfig, ViewSampler
 
 RECIPES = ("full", "light")
@@ -357,7 +362,6 @@ def installed(library: str) -> bool:
     """Whether a baseline library imports (neurocl itself always does)."""
     if library == "neurocl":
         return True
-    import importlib
 
     try:
         importlib.import_module(library)
@@ -370,8 +374,6 @@ def run_data_benchmark(config: DataBenchConfig, progress: bool = True) -> dict:
     """Measure every installed library on every recipe; returns the measurements, the ratios and
     ``missing``: the requested libraries that are not installed, which are left out instead of
     ending the run (a plain ``pip install -e .`` has no TorchIO)."""
-    from rich.console import Console
-
     console = Console(stderr=True, quiet=not progress)
     missing = [library for library in config.libraries if not installed(library)]
     libraries = [library for library in config.libraries if library not in missing]
@@ -381,8 +383,6 @@ def run_data_benchmark(config: DataBenchConfig, progress: bool = True) -> dict:
     measurements: list[Measurement] = []
     model = None
     with tempfile.TemporaryDirectory(prefix="neurocl-bench-") as scratch:
-        from neurocl.store import VolumeStore
-
         store = VolumeStore.from_array(volumes, Path(scratch) / "volumes").to(config.device, config.memory_budget_gb)
         threads = torch.get_num_threads()
         for recipe in config.recipes:
@@ -409,29 +409,40 @@ def run_data_benchmark(config: DataBenchConfig, progress: bool = True) -> dict:
 
 
 def describe_machine(device: str) -> str:
-    import platform
-
     cpu = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} + {cpu}, torch {torch.__version__}"
     return f"{cpu}, torch {torch.__version__}"
 
 
+def measurement_table(title: str, columns: Sequence[str], numeric: Sequence[str], rows) -> Table:
+    """A rich table of measurements: ``columns`` in order, those in ``numeric`` right-aligned."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right" if column in numeric else "left")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def print_missing_and_machine(console, missing: Sequence[str], device: str) -> None:
+    """The libraries not measured (with how to install each) and the machine line that ends every benchmark."""
+    for library in missing:
+        console.print(f"{library}: not installed, not measured; add it with "
+                      f"{INSTALL_HINTS.get(library, f'pip install {library}')}", markup=False)
+    console.print(f"machine: {describe_machine(device)}")
+
+
 def print_data_benchmark(result: dict, console=None) -> None:
     """The measured numbers as a rich table, then the ratios and the recipe notes."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     config: DataBenchConfig = result["config"]
     title = (f"neurocl bench data: {'x'.join(map(str, config.shape))}, batch {config.batch_size} x "
              f"{config.n_views} views, {config.n_batches} measured batches, device {config.device}")
-    table = Table(title=title)
-    for column in ("recipe", "library", "views", "seconds", "views/s", "setting"):
-        table.add_column(column, justify="right" if column in ("views", "seconds", "views/s") else "left")
-    for m in result["measurements"]:
-        table.add_row(m.recipe, m.library, str(m.views), f"{m.seconds:.2f}", f"{m.views_per_second:.1f}", m.note)
-    console.print(table)
+    rows = [(m.recipe, m.library, str(m.views), f"{m.seconds:.2f}", f"{m.views_per_second:.1f}", m.note)
+            for m in result["measurements"]]
+    console.print(measurement_table(title, ("recipe", "library", "views", "seconds", "views/s", "setting"),
+                                    ("views", "seconds", "views/s"), rows))
     for recipe, ratios in result["ratios"].items():
         if not ratios:
             continue
@@ -441,10 +452,7 @@ def print_data_benchmark(result: dict, console=None) -> None:
         model = result["model"]
         console.print(f"{config.model} training step: data path {model['data_s'] * 1000:.1f} ms, "
                       f"step {model['step_s'] * 1000:.1f} ms, data share {100 * model['data_share']:.1f}%")
-    for library in result.get("missing", []):
-        console.print(f"{library}: not installed, not measured; add it with "
-                      f"{INSTALL_HINTS.get(library, f'pip install {library}')}", markup=False)
-    console.print(f"machine: {describe_machine(config.device)}")
+    print_missing_and_machine(console, result.get("missing", []), config.device)
     for recipe in config.recipes:
         for note in recipe_notes(recipe):
             console.print(f"  note ({recipe}): {note}", style="dim")

@@ -32,10 +32,16 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from rich.console import Console
 
-from neurocl.bench import INSTALL_HINTS, _synchronise, _worker_seed, describe_machine, installed, synthetic_volumes
+from neurocl.bench import (
+    INSTALL_HINTS, _synchronise, _worker_seed, describe_machine, installed, measurement_table, print_missing_and_machine,
+    synthetic_volumes,
+)
 from neurocl.errors import ConfigError
-from neurocl.patches import random_corners, store_patches
+from neurocl.patches import PatchConfig, PatchSampler, random_corners, store_patches
+from neurocl.store import VolumeStore
+from neurocl.views import ViewConfig, ViewSampler
 
 LIBRARIES = ("neurocl", "torchio", "monai")
 SHAPES = ((121, 145, 121), (182, 218, 182))  # MNI at 1.5 mm and 1 mm (OpenBHB quasi-raw)
@@ -287,9 +293,6 @@ def model_step(make_inputs, device: torch.device, n_steps: int = 2, net=None) ->
 
 def _measure_models(store, volumes_shape, config: PatchBenchConfig) -> dict:
     """DenseNet121 steps on B * K patches (the patch path with the full view recipe) and on B * K whole volumes."""
-    from neurocl.patches import PatchConfig, PatchSampler
-    from neurocl.views import ViewConfig, ViewSampler
-
     device = torch.device(config.device)
     results: dict[str, ModelMeasurement] = {}
     generator = torch.Generator(device=store.device).manual_seed(config.seed)
@@ -316,9 +319,6 @@ def _measure_models(store, volumes_shape, config: PatchBenchConfig) -> dict:
 
 def run_patch_benchmark(config: PatchBenchConfig, progress: bool = True) -> dict:
     """Measure every installed library at every (shape, size); returns measurements, ratios, models, missing."""
-    from rich.console import Console
-
-    from neurocl.store import VolumeStore
 
     console = Console(stderr=True, quiet=not progress)
     missing = [library for library in config.libraries if not installed(library)]
@@ -379,20 +379,14 @@ def result_dict(result: dict) -> dict:
 
 def print_patch_benchmark(result: dict, console=None) -> None:
     """The measured numbers as rich tables, then the ratios and the model steps."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     config: PatchBenchConfig = result["config"]
     title = (f"neurocl bench patches: batch {config.batch_size} subjects x {config.per_subject} patches, "
              f"{config.n_batches} measured batches, device {config.device}")
-    table = Table(title=title)
-    for column in ("volume", "patch", "library", "patches", "seconds", "patches/s", "setting"):
-        table.add_column(column, justify="right" if column in ("patches", "seconds", "patches/s") else "left")
-    for m in result["measurements"]:
-        table.add_row("x".join(map(str, m.shape)), f"{m.size}^3", m.library, str(m.patches), f"{m.seconds:.2f}",
-                      f"{m.patches_per_second:.1f}", m.note)
-    console.print(table)
+    rows = [("x".join(map(str, m.shape)), f"{m.size}^3", m.library, str(m.patches), f"{m.seconds:.2f}",
+             f"{m.patches_per_second:.1f}", m.note) for m in result["measurements"]]
+    console.print(measurement_table(title, ("volume", "patch", "library", "patches", "seconds", "patches/s", "setting"),
+                                    ("patches", "seconds", "patches/s"), rows))
     for (shape, size), ratios in result["ratios"].items():
         if ratios:
             text = ", ".join(f"{name} = {value:.2f}x" for name, value in ratios.items())
@@ -406,9 +400,6 @@ def print_patch_benchmark(result: dict, console=None) -> None:
             share = f", input path {100 * m.data_share:.1f}% of the step" if m.data_share is not None else ""
             console.print(f"DenseNet121 bf16 step, {m.batch} x {name}: {memory}, step {m.step_s * 1000:.0f} ms, "
                           f"input {m.data_s * 1000:.1f} ms{share}")
-    for library in result["missing"]:
-        console.print(f"{library}: not installed, not measured; add it with "
-                      f"{INSTALL_HINTS.get(library, f'pip install {library}')}", markup=False)
-    console.print(f"machine: {describe_machine(config.device)}")
+    print_missing_and_machine(console, result["missing"], config.device)
     console.print("  note: sampling only (no augmentation) in every library; neurocl's patches stay on "
                   f"{config.device}, the baselines' are copied there", style="dim")

@@ -268,10 +268,8 @@ def run(
     if resume and auto_resume:
         raise ConfigError("--resume and --auto-resume: give one (--auto-resume decides by itself)")
     settings = list(set_ or ())
-    seed_list = _int_list("--seeds", seeds)
+    seed_list = _seed_list(seeds)
     if seed_list is not None:
-        if not seed_list:
-            raise ConfigError(f"--seeds {seeds!r}: give at least one seed, such as 0,1,2")
         # Both fields: --seeds replaces whatever seed the YAML gives (the first seed is the primary one).
         settings += [f"training.seeds=[{','.join(map(str, seed_list))}]", f"training.seed={seed_list[0]}"]
     again = " ".join(["neurocl run", str(pipeline), "--out", str(out), *[f"--set {s}" for s in set_ or ()],
@@ -305,14 +303,22 @@ def prepare(
 def demo(
     out: Path = typer.Option(Path("neurocl-demo"), "--out", help="Folder for the synthetic cohort and the run."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed demo run."),
+    seeds: Optional[str] = typer.Option(
+        None, "--seeds", metavar="S1,S2,...", help="Train one model per seed (each adds the demo's training time); "
+        "report.md gives each figure's mean ± sd over seeds, the printed checks are the first seed's."
+    ),
 ) -> None:
     """Synthetic cohort at 4 mm + small CNN + SepCLR, end to end (2.5 min on 2 idle CPU cores, up to 11 min shared).
 
     Example: neurocl demo --out neurocl-demo
+
+    Example (figures over seeds the demo's settings were not chosen on): neurocl demo --out demo-seeds --seeds 1,2,3
     """
     from neurocl.demo import run_demo
 
-    _resumable(f"neurocl demo --out {out} --resume", run_demo, out, resume=resume)
+    seed_list = _seed_list(seeds)
+    again = f"neurocl demo --out {out}" + (f" --seeds {seeds}" if seeds else "") + " --resume"
+    _resumable(again, run_demo, out, resume=resume, seeds=seed_list)
 
 
 @app.command()
@@ -460,12 +466,8 @@ def bench_data(
     how to add it (the "bench" extra of pyproject.toml, or: pip install torchio).
     """
     from neurocl.bench import MNI_2MM, DataBenchConfig, print_data_benchmark, run_data_benchmark
-    from neurocl.errors import ConfigError
 
-    try:
-        spatial = MNI_2MM if shape == "mni2mm" else tuple(int(n) for n in shape.split(","))
-    except ValueError:
-        raise ConfigError(f"--shape {shape!r}: expected comma-separated integers such as 121,145,121, or mni2mm")
+    spatial = MNI_2MM if shape == "mni2mm" else _shape("--shape", shape, " such as 121,145,121, or mni2mm")
     settings = dict(shape=spatial, batch_size=batch_size, n_views=views, n_batches=batches, n_subjects=subjects)
     if quick:
         settings.update(shape=(64,) * len(spatial), batch_size=8, n_batches=2, n_subjects=16)
@@ -494,12 +496,8 @@ def bench_epoch(
     Example: neurocl bench epoch --device cuda --subjects 1024 --batch-size 32
     """
     from neurocl.bench_epoch import EpochBenchConfig, print_epoch_benchmark, run_epoch_benchmark
-    from neurocl.errors import ConfigError
 
-    try:
-        spatial = tuple(int(n) for n in shape.split(","))
-    except ValueError:
-        raise ConfigError(f"--shape {shape!r}: expected comma-separated integers such as 121,145,121")
+    spatial = _shape("--shape", shape, " such as 121,145,121")
     config = EpochBenchConfig(method=method, encoder=encoder, shape=spatial, n_subjects=subjects,
                               batch_size=batch_size, epochs=epochs, device=device, precision=precision)
     print_epoch_benchmark(run_epoch_benchmark(config), results_console())
@@ -530,13 +528,10 @@ def bench_patches(
     Example: neurocl bench patches --device cuda --out patches-gpu.json
     """
     from neurocl.bench_patches import PatchBenchConfig, print_patch_benchmark, result_dict, run_patch_benchmark
-    from neurocl.errors import ConfigError
 
-    try:
-        shape_list = tuple(tuple(int(n) for n in part.split(",")) for part in shapes.split(";") if part.strip())
-        size_list = tuple(int(n) for n in sizes.split(",") if n.strip())
-    except ValueError:
-        raise ConfigError(f"--shapes {shapes!r} / --sizes {sizes!r}: expected integers such as 121,145,121;182,218,182 and 64,96")
+    shape_list = tuple(_shape("--shapes", part, " such as 121,145,121;182,218,182") for part in shapes.split(";")
+                       if part.strip())
+    size_list = _shape("--sizes", sizes, " such as 64,96", skip_blank=True)
     settings = dict(shapes=shape_list, sizes=size_list, per_subject=per_subject, batch_size=batch_size,
                     n_batches=batches, n_subjects=subjects)
     if quick:
@@ -628,6 +623,26 @@ def bench_vector(
     result = run_vector(VectorConfig.preset(quick=quick, **_validation_overrides(steps, seed)))
     print_vector(result, results_console())
     _write_validation_json(out, "vector", [result])
+
+
+def _shape(option: str, text: str, example: str, skip_blank: bool = False) -> tuple[int, ...]:
+    """Comma-separated integers (a volume shape, patch sizes) of a bench option; anything else is one error naming it."""
+    from neurocl.errors import ConfigError
+
+    try:
+        return tuple(int(n) for n in text.split(",") if n.strip() or not skip_blank)
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: expected comma-separated integers{example}") from None
+
+
+def _seed_list(text: Optional[str]) -> Optional[list[int]]:
+    """``--seeds 0,1,2`` of `run` and `demo`: at least one integer, or None when the option is not given."""
+    from neurocl.errors import ConfigError
+
+    seeds = _int_list("--seeds", text)
+    if seeds is not None and not seeds:
+        raise ConfigError(f"--seeds {text!r}: give at least one seed, such as 0,1,2")
+    return seeds
 
 
 def _int_list(option: str, text: Optional[str]) -> Optional[list[int]]:

@@ -38,10 +38,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from neurocl.errors import CohortError, ConfigError
+from neurocl.io import atomic_path, write_json, write_tsv
+from neurocl.store import VolumeStore
 
 if TYPE_CHECKING:
     from neurocl.cohort import Cohort
-    from neurocl.store import VolumeStore
 
 CONVERGENCE = 1e-4
 MAX_ITERATIONS = 1000
@@ -212,9 +213,6 @@ def harmonise_store(store: "VolumeStore", cohort: "Cohort", fit_rows: np.ndarray
     store that belongs to ``cohort`` is harmonised. Written like a store build: token-named files
     committed by replacing ``store.json`` atomically.
     """
-    from neurocl.io import atomic_path, write_json, write_tsv
-    from neurocl.store import VolumeStore
-
     rows = store.rows_for(cohort)
     mask = np.asarray(store.mask, dtype=bool)
     voxels = np.stack([np.asarray(store.volumes[row, 0], dtype=np.float64)[mask] for row in rows])

@@ -20,7 +20,9 @@ import os
 from pathlib import Path
 from typing import Literal, NamedTuple, Sequence
 
+import nibabel as nib
 import numpy as np
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ImageKind = Literal["nifti", "array", "picture"]
@@ -108,8 +110,6 @@ def read_grid(path: Path, kind: ImageKind, grid: GridSpec | None = None) -> Grid
         return f"image not found: {path}"
     try:
         if kind == "nifti":
-            import nibabel as nib
-
             image = nib.load(path)
             raw_shape, affine = image.shape, np.asarray(image.affine, dtype=float)
             header_zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
@@ -121,8 +121,6 @@ def read_grid(path: Path, kind: ImageKind, grid: GridSpec | None = None) -> Grid
             affine = grid.matrix() if grid is not None else np.eye(4)
             header_zooms = None
         else:
-            from PIL import Image
-
             with Image.open(path) as picture:
                 width, height = picture.size
             raw_shape = (height, width)  # rows first, as numpy.asarray(picture) holds them
@@ -179,8 +177,6 @@ def read_voxels(path: Path, kind: ImageKind) -> np.ndarray:
     (ITU-R 601-2 luma), since a store holds one channel per image.
     """
     if kind == "nifti":
-        import nibabel as nib
-
         data = np.asanyarray(nib.load(path).dataobj)
         return data.reshape(_squeeze_nifti(data.shape))
     if kind == "array":
@@ -188,7 +184,6 @@ def read_voxels(path: Path, kind: ImageKind) -> np.ndarray:
         if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
             raise ValueError(f"array of dtype {data.dtype} is not numeric")
         return data.reshape(squeeze_ends(data.shape))
-    from PIL import Image
 
     with Image.open(path) as picture:
         picture.load()

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from neurocl.errors import ConfigError, TrainingError
-from neurocl.kernels import covariate_kernels, normalised_hsic, rbf
+from neurocl.kernels import attribute_kernel, covariate_kernels, normalised_hsic, rbf
 
 __all__ = [
     "COMMON_OBJECTIVES",
@@ -633,8 +633,6 @@ def sepclr_loss(
             unif(c_hat[v]) for v in range(n_views)
         )
     else:
-        from neurocl.kernels import attribute_kernel
-
         prior = None
         if attributes is not None:
             prior = attribute_kernel(attributes, attribute_kinds, sigma=sigma, combine=kernel_combine).to(c.dtype)

@@ -196,9 +196,14 @@ class RunDir:
         now = _training_part(config.model_dump(mode="json"))
         changed = [section for section in _TRAINING_SECTIONS if before[section] != now[section]]
         if changed:
+            seeds = [(part.get("training") or {}).get("seeds") for part in (before, now)]
+            hint = ""
+            if seeds[0] != seeds[1]:
+                hint = (f" (training.seeds: the run was started with {seeds[0] or 'one seed'}, this command gives "
+                        f"{seeds[1] or 'one seed'}; pass the same --seeds)")
             raise ConfigError(
                 f"--resume: the pipeline differs from the run's {self.config} in section(s) {', '.join(changed)}, "
-                "which the trained weights depend on; resume with the same pipeline or start a new run"
+                f"which the trained weights depend on{hint}; resume with the same pipeline or start a new run"
             )
 
     def prepare(self, config: PipelineConfig, resume: bool) -> None:

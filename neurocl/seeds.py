@@ -90,11 +90,13 @@ def decodable_counts(separations: dict[int, dict]) -> pd.DataFrame:
 
 
 def collapse_spread(separations: dict[int, dict]) -> pd.DataFrame:
-    """Each numeric figure of separation.json's background_collapse over seeds."""
+    """Each numeric figure of separation.json's background_collapse over seeds (not the subject counts ``n_*``,
+    the same for every seed)."""
     names: list[str] = []
     for result in separations.values():
         for name, value in (result.get("background_collapse") or {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in names:
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if numeric and not name.startswith("n_") and name not in names:
                 names.append(name)
     rows = []
     for name in names:

@@ -21,16 +21,18 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
+import nibabel as nib
 import numpy as np
+import yaml
+from PIL import Image
 
 from neurocl import io
+from neurocl.cohort import Cohort
 from neurocl.errors import CohortError, ConfigError
 
 
 def _axial(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The volume in RAS+ orientation and its affine (axis 2 is then inferior -> superior)."""
-    import nibabel as nib
-
     image = nib.as_closest_canonical(nib.load(path))
     return np.asarray(image.get_fdata(dtype=np.float32)), image.affine
 
@@ -46,11 +48,6 @@ def subtype_slab(masks: list[np.ndarray]) -> slice:
 def slice_cohort(source_dir: str | os.PathLike, out_dir: str | os.PathLike,
                  image_format: Literal["png", "nifti"] = "png") -> Path:
     """Write the 2D cohort of the synthetic cohort in ``source_dir`` to ``out_dir``; return its cohort.yaml."""
-    import nibabel as nib
-    import yaml
-    from PIL import Image
-
-    from neurocl.cohort import Cohort
 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     if image_format not in ("png", "nifti"):

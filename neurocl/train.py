@@ -9,9 +9,13 @@ then train the same networks in the same order (:func:`train_as_worker`).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,15 +23,16 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch import loggers
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from neurocl.cohort import Cohort, Splits
 from neurocl.config import PipelineConfig, TrainingConfig
-from neurocl.logs import is_terminal, progress_console
 from neurocl.embed import grid_record
 from neurocl.errors import ConfigError, NeuroclError, TrainingError
 from neurocl.io import torch_save, write_text
+from neurocl.logs import is_terminal, progress_console
 from neurocl.methods import EpochBatches, MethodConfig, TrainingData, build_method
 from neurocl.rundir import RunDir
 from neurocl.store import VolumeStore
@@ -179,8 +184,6 @@ def experiment_loggers(training: TrainingConfig, run: RunDir) -> list:
     Nothing reaches the network unless the user configured it: MLflow logs to a local folder
     unless ``MLFLOW_TRACKING_URI`` is set, Weights & Biases runs offline unless ``WANDB_MODE`` is.
     """
-    from lightning.pytorch import loggers
-
     made = []
     for name in dict.fromkeys(training.loggers):
         if name == "csv":
@@ -199,8 +202,6 @@ def experiment_loggers(training: TrainingConfig, run: RunDir) -> list:
 
 
 def _require(package: str, logger: str) -> None:
-    import importlib.util
-
     if importlib.util.find_spec(package) is None:
         raise ConfigError(f"training.loggers: {logger!r} needs the {package} package: pip install 'neurocl[tracking]'")
 
@@ -335,8 +336,6 @@ def check_resumable(path: Path) -> None:
 
 def _load_failure(error: Exception) -> str:
     """A checkpoint loading error in a few words (torch's messages run to paragraphs)."""
-    import re
-
     text = str(error)
     unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if unsupported:
@@ -347,9 +346,6 @@ def _load_failure(error: Exception) -> str:
 
 def _restore_sigint() -> None:
     """Lightning ignores further Ctrl-C while it shuts down; callers in this process get it back."""
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -24,7 +24,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from neurocl import __version__
 from neurocl.errors import ConfigError
+from neurocl.io import atomic_path, write_json
 
 # Prefixes a file may hold each encoder's tensors under, in order of preference.
 _PREFIXES = {
@@ -152,8 +154,6 @@ def export_state(net: nn.Module) -> dict[str, torch.Tensor]:
 
 def export_record(module, checkpoint: str | os.PathLike) -> dict:
     """The JSON written beside an export: what the encoders are and where they came from."""
-    from neurocl import __version__
-
     encoder = module.encoder_config.model_dump(mode="json")
     encoder.pop("weights", None)
     encoder.pop("weights_strict", None)
@@ -177,8 +177,6 @@ def write_export(module, checkpoint: str | os.PathLike, out: str | os.PathLike) 
 
     Both files are written atomically; the state dict loads with ``torch.load(weights_only=True)``.
     """
-    from neurocl.io import atomic_path, write_json
-
     out = Path(out)
     if out.suffix == ".json":
         raise ConfigError(f"--out {out}: the weights file needs its own name (the record is written beside it as .json)")

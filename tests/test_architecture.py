@@ -110,3 +110,56 @@ def test_run_folder_file_names_are_spelled_in_rundir_only():
             if file_literal.search(code) or folder_join.search(code):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
     assert not offenders, "run-folder file names outside rundir.py:\n" + "\n".join(offenders)
+
+
+# Imports inside functions, where deferring buys something. cli.py defers for a fast `--help`; these
+# packages cost seconds to import and serve one path each, so the modules below import them where used.
+DEFERRED_PACKAGES = {
+    "monai": "seconds to import; only resampling (store) and the MONAI benchmarks use it",
+    "torchio": "an optional benchmark dependency",
+    "matplotlib": "figures only; the Agg backend is chosen before pyplot is imported",
+    "nilearn": "seconds to import; plots, the template and atlas resampling only",
+}
+# Modules that still hold function-local imports of other packages, and how many: the count may only
+# fall (move them to the top; an import cycle is fixed, not deferred). io and synth are imported by
+# cli.py for `--help`, so they keep nibabel, torch, scipy and yaml out of its start-up.
+STILL_LOCAL = {
+    "neurocl.io": 6,
+    "neurocl.synth": 10,
+}
+
+
+def _function_local_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level package) of every import that is not at module level (TYPE_CHECKING blocks aside)."""
+    tree = ast.parse(path.read_text())
+    module_level = {id(node) for node in tree.body}
+    module_level |= {id(inner) for node in tree.body if isinstance(node, ast.If) for inner in node.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in module_level:
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [(node.lineno, name.split(".")[0]) for name in names]
+    return found
+
+
+def test_imports_are_at_the_top_of_their_modules():
+    counts, offenders = {}, []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = _module_name(path)
+        if name == "neurocl.cli":
+            continue
+        local = [(line, package) for line, package in _function_local_imports(path) if package not in DEFERRED_PACKAGES]
+        if local:
+            counts[name] = len(local)
+            if len(local) > STILL_LOCAL.get(name, 0):
+                offenders += [f"{path.relative_to(PACKAGE.parent)}:{line}: import {package}" for line, package in local]
+    assert not offenders, ("imports inside functions (move them to the top of the module; see DEFERRED_PACKAGES "
+                           "for the ones that may wait):\n" + "\n".join(offenders))
+    assert all(counts.get(name, 0) <= limit for name, limit in STILL_LOCAL.items())
+
+
+def test_the_local_import_finder_sees_imports_in_functions_and_methods(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import os\nif True:\n    import sys\ndef f():\n    import json\nclass C:\n    def g(self):\n"
+                      "        from numpy import linalg\n")
+    assert _function_local_imports(module) == [(5, "json"), (8, "numpy")]

@@ -69,6 +69,26 @@ def test_demo_refuses_a_cohort_made_with_other_options(tmp_path):
         _demo_cohort(tmp_path / "cohort")
 
 
+def test_demo_seeds_reach_the_pipeline_as_training_seeds(tmp_path, monkeypatch):
+    """`neurocl demo --seeds 1,2` trains the demo pipeline with training.seeds [1, 2] (the run itself is not started here)."""
+    import neurocl.demo as demo
+    from typer.testing import CliRunner
+
+    from neurocl.cli import app
+
+    _fake_cohort_folder(tmp_path / "cohort", SynthConfig(**DEMO_COHORT).model_dump())
+    seen = {}
+
+    def stop(path, out, resume, overrides, settings):
+        seen["config"] = load_pipeline(path, overrides, settings)
+        raise ConfigError("stopped before training")
+
+    monkeypatch.setattr(demo, "run_pipeline", stop)
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--seeds", "1,2"])
+    assert "stopped before training" in result.output
+    assert seen["config"].training.seeds == [1, 2] and seen["config"].training.seed == 1
+
+
 def test_demo_refuses_an_interrupted_cohort(tmp_path):
     (tmp_path / "cohort" / "sub-0001").mkdir(parents=True)
     with pytest.raises(ConfigError, match="incomplete synthetic cohort"):

@@ -17,10 +17,10 @@ from neurocl.methods import (
     EpochBatches,
     MethodConfig,
     OptimConfig,
-    _lr_factor,
     build_method,
     method_from_checkpoint,
 )
+from neurocl.methods.base import _lr_factor
 
 
 def _groups(n_target: int, n_background: int) -> np.ndarray:

@@ -206,7 +206,7 @@ def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("method", ["PCA", "t-SNE"])
 def test_collapsed_space_is_reported_not_blown_up_into_noise(method):
-    from neurocl.report import _projection
+    from neurocl.report.figures import _projection
 
     rng = np.random.default_rng(0)
     collapsed = 0.7 + 1e-8 * rng.standard_normal((40, 4))

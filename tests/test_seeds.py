@@ -31,7 +31,7 @@ evaluation:
   attributes: [age, group]
   subsets: [all]
   probe: {{n_splits: 3, inner_splits: 2, n_permutations: 5, n_bootstrap: 10, n_jobs: 1}}
-maps: {{enabled: true, methods: [gradient_x_input], k_max: 3, n_bootstrap: 5, n_reference: 5, null_references: []}}
+maps: {{enabled: true, methods: [gradient_x_input], k_min: 2, k_max: 3, n_bootstrap: 5, n_reference: 5, null_references: []}}
 outputs: {{store: {store}, report: true}}
 """
 
@@ -107,8 +107,13 @@ def test_subtypes_consensus_over_seeds(two_seeds):
     assert consensus["n_subjects"] == subtypes["n_subjects"]
     # The primary seed's partition is the one maps/clusters.tsv holds.
     assert consensus["n_clusters"]["0"] == subtypes["n_clusters"]
-    assert -1.0 <= consensus["mean_pairwise_ari"] <= 1.0 and 0.0 <= consensus["unanimous_pair_fraction"] <= 1.0
-    assert "subtypes across training seeds" in run.report_md.read_text()
+    assert all(k >= 2 for k in consensus["n_clusters"].values())  # k_min 2: a partition to agree on, not k = 1
+    assert consensus["pairwise_ari"] == [consensus["mean_pairwise_ari"]] and -1.0 <= consensus["mean_pairwise_ari"] <= 1.0
+    assert 0.0 <= consensus["unanimous_pair_fraction"] <= 1.0
+    text = run.report_md.read_text()
+    assert "subtypes across training seeds" in text
+    assert f"| mean pairwise ARI between seeds | {consensus['mean_pairwise_ari']:.4g}" in text
+    assert f"| bootstrap stability (primary seed) | {subtypes['stability']:.4g}" in text
 
 
 def test_killed_multi_seed_run_resumes_at_the_seed_it_reached(two_seeds, workspace, pipeline_yaml, monkeypatch):
@@ -137,6 +142,13 @@ def test_killed_multi_seed_run_resumes_at_the_seed_it_reached(two_seeds, workspa
         resumed, expected = _weights(run.seed_runs([0, 1])[seed].last_checkpoint), _weights(reference.seed_runs([0, 1])[seed].last_checkpoint)
         assert all(torch.equal(resumed[name], expected[name]) for name in expected), f"seed {seed}"
     assert run.seed_run(1).probes.is_file() and run.seed_run(1).embeddings.is_file()
+
+
+def test_resume_without_the_runs_seeds_is_refused_with_a_hint(two_seeds, pipeline_yaml):
+    before = sorted(path.relative_to(two_seeds) for path in two_seeds.rglob("*"))
+    with pytest.raises(ConfigError, match=r"the run was started with \[0, 1\], this command gives one seed; pass the same --seeds"):
+        pipeline.run_pipeline(pipeline_yaml, two_seeds, resume=True)
+    assert sorted(path.relative_to(two_seeds) for path in two_seeds.rglob("*")) == before
 
 
 @pytest.mark.parametrize("seeds_setting, message", [
@@ -172,9 +184,9 @@ def test_spread_helpers_on_tables():
     assert row["mean"] == pytest.approx(0.6) and row["sd"] == pytest.approx(np.sqrt(0.02)) and row["per_seed"] == "3: 0.500, 4: 0.700"
     separations = {
         3: {"attributes": {"age": {"all": {"spaces": {"common": {}, "salient": {}}, "decodable_from": ["common"]}}},
-            "background_collapse": {"norm_auc": 0.9, "n": True}},
+            "background_collapse": {"norm_auc": 0.9, "n": True, "n_target": 4}},
         4: {"attributes": {"age": {"all": {"spaces": {"common": {}, "salient": {}}, "decodable_from": []}}},
-            "background_collapse": {"norm_auc": 0.7, "n": True}},
+            "background_collapse": {"norm_auc": 0.7, "n": True, "n_target": 4}},
     }
     counts = seeds.decodable_counts(separations).iloc[0]
     assert counts["decodable from common"] == "1/2" and counts["decodable from salient"] == "0/2"

@@ -10,8 +10,11 @@ import contextlib
 from typing import Iterator, Sequence
 
 import torch
+from rich.progress import track
 
 from neurocl.errors import ConfigError
+from neurocl.logs import progress_console
+from neurocl.patches import aggregate_patches, extract_patches
 
 
 @contextlib.contextmanager
@@ -154,11 +157,7 @@ def occlusion(
     torch.Tensor
         (N, 1, *S) non-negative effect map.
     """
-    from rich.progress import track
 
-    from neurocl.logs import progress_console
-
-    from neurocl.patches import aggregate_patches, extract_patches
 
     if len(volumes) == 0:
         raise ConfigError("occlusion: no volumes given")

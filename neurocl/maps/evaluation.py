@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import linear_sum_assignment
+from scipy.stats import rankdata
+from sklearn.metrics import adjusted_rand_score
 
 from neurocl.errors import ConfigError
 from neurocl.io import read_tsv
@@ -41,8 +44,6 @@ def map_auc(map_values, true_mask, brain_mask=None) -> float:
     float
         AUC in [0, 1]; 0.5 is chance.
     """
-    from scipy.stats import rankdata
-
     map_values = np.asarray(map_values, dtype=np.float64)
     true_mask = np.asarray(true_mask, dtype=bool)
     if map_values.shape != true_mask.shape:
@@ -59,8 +60,6 @@ def map_auc(map_values, true_mask, brain_mask=None) -> float:
 
 def match_clusters(clusters, subtypes) -> dict[int, int]:
     """Map each true subtype to the found cluster that overlaps it most, one-to-one (Hungarian algorithm)."""
-    from scipy.optimize import linear_sum_assignment
-
     clusters, subtypes = np.asarray(clusters), np.asarray(subtypes)
     found, true = np.unique(clusters), np.unique(subtypes)
     overlap = np.array([[np.sum((subtypes == t) & (clusters == c)) for c in found] for t in true])
@@ -169,8 +168,6 @@ def evaluate_subtypes(
         row per method and subtype), summary {method: mean_auc_cluster_map, mean_auc_subtype_map},
         reference_auc (one row per subtype), reference_summary.
     """
-    from sklearn.metrics import adjusted_rand_score
-
     clusters, truth = np.asarray(clusters), np.asarray(truth)
     brain_mask = np.asarray(brain_mask, dtype=bool)
     patients = truth > 0

@@ -6,16 +6,17 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
+from scipy import ndimage
+from sklearn.cluster import KMeans
 
 from neurocl.errors import ConfigError
 from neurocl.io import atomic_path, read_tsv
 
 
 def _as_image(img):
-    import nibabel as nib
-
     return nib.load(str(img)) if isinstance(img, (str, Path)) else img
 
 
@@ -48,8 +49,6 @@ def coarse_parcellation(
     names : pd.DataFrame
         Columns index, name, x, y, z (centroid in mm).
     """
-    from sklearn.cluster import KMeans
-
     voxels = np.argwhere(mask)
     if n_regions < 1 or n_regions > len(voxels):
         raise ConfigError(f"n_regions = {n_regions}: must be between 1 and the {len(voxels)} voxels of the mask")
@@ -223,9 +222,6 @@ def display_map(img, fraction: float = DISPLAY_FRACTION, fwhm_voxels: float = DI
         peak voxel), ``peak_voxel`` and ``n_voxels``; ``clusters[0]`` holds the map's peak, where
         the figure cuts. Empty clusters and ``peak`` 0 for an all-zero map.
     """
-    import nibabel as nib
-    from scipy import ndimage
-
     img = _as_image(img)
     data = np.asarray(img.dataobj, dtype=np.float64)
     voxel_mm = np.linalg.norm(img.affine[:3, :3], axis=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from neurocl.errors import ConfigError
+from neurocl.maps.subtypes import fdr_bh
 
 
 def relevance_shares(maps: np.ndarray) -> np.ndarray:
@@ -70,8 +71,6 @@ def paired_sign_flip_test(
     dict
         t (n_voxels,), p (n_voxels,) corrected p-values, correction, n_permutations, n_subjects.
     """
-    from neurocl.maps.subtypes import fdr_bh
-
     trained, null = np.asarray(trained, dtype=np.float64), np.asarray(null, dtype=np.float64)
     if trained.shape != null.shape or trained.ndim != 2:
         raise ConfigError(f"paired_sign_flip_test: need two (subjects, voxels) arrays of one shape, got {trained.shape} and {null.shape}")

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import random
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from rich.console import Console
 from rich.progress import track
 
+from neurocl.cohort import Splits
 from neurocl.config import MapsConfig
-from neurocl.embed import join_embeddings
+from neurocl.embed import join_embeddings, load_model
 from neurocl.errors import ConfigError
 from neurocl.io import save_nifti, write_json, write_tsv
 from neurocl.maps.attribution import _eval_mode, _representation, gradient_x_input, occlusion
@@ -25,8 +30,11 @@ from neurocl.maps.regions import (
     read_atlas_names,
     region_at,
 )
+from neurocl.maps.significance import paired_sign_flip_test, relevance_shares
 from neurocl.maps.subtypes import SubtypeClustering, cluster_associations, seed_consensus
-from neurocl.rundir import MapsFolder, load_run
+from neurocl.methods import MethodConfig, build_method
+from neurocl.rundir import MapsFolder, RunDir, load_run
+from neurocl.train import train
 
 
 class _GroupMeans:
@@ -166,8 +174,6 @@ def _attribution_maps(model, store, subjects: np.ndarray, memberships: list[list
     """Per-subject attribution maps averaged over each group: {method: {group: (*S) mean map}}, and the
     number of subjects behind each mean: {method: {group: n}}. With ``shares`` (a list), each subject's
     gradient x input relevance shares inside the brain mask are appended to it (for the significance test)."""
-    from neurocl.maps.significance import relevance_shares
-
     group_maps, counts = {}, {}
     brain = torch.as_tensor(np.asarray(store.mask, dtype=bool))
     if "gradient_x_input" in config.methods:
@@ -350,8 +356,6 @@ SIGNIFICANCE_LEVEL = 0.05
 
 def _significance_maps(shares: dict[str, list], store, config: MapsConfig, folder: MapsFolder) -> pd.DataFrame:
     """−log10 p NIfTI of "the trained network puts more relevance here than the null network", one per null."""
-    from neurocl.maps.significance import paired_sign_flip_test
-
     brain = np.asarray(store.mask, dtype=bool)
     trained = np.concatenate(shares["trained"])
     rows = []
@@ -530,14 +534,6 @@ def permuted_label_method(run, progress: bool = True):
     It is trained into ``RUN/maps/null_permuted_labels/`` (a run folder of its own); a finished one
     made from the same permutation is reused.
     """
-    import copy
-
-    from neurocl.cohort import Splits
-    from neurocl.embed import load_model
-    from neurocl.methods import MethodConfig
-    from neurocl.rundir import RunDir
-    from neurocl.train import train
-
     cohort = copy.copy(run.cohort)
     cohort.table = run.cohort.table.copy()
     labelled = cohort.table["group"].notna().to_numpy()
@@ -550,16 +546,12 @@ def permuted_label_method(run, progress: bool = True):
             and pd.read_csv(maps.permuted_groups, sep="\t", dtype=str).equals(permutation)):
         return load_model(network.last_checkpoint)
     if network.path.exists():
-        import shutil
-
         shutil.rmtree(network.path)  # an unfinished or other permutation's network: ours alone, under maps/
     network.path.mkdir(parents=True)
     write_tsv(maps.permuted_groups, permutation)
     splits = Splits.load(run.folder.splits, cohort)
     method = MethodConfig.model_validate(run.model.hparams["method"])
     if progress:
-        from rich.console import Console
-
         Console(stderr=True).print("[bold]maps[/] training the permuted-label null network")
     return train(run.config, method, network, cohort, run.store, splits, resume=False)
 
@@ -571,9 +563,6 @@ def untrained_method(module):
     method, so building it again from the checkpoint's hyper-parameters after the same seeding
     gives the weights training started from. The global generators are restored after.
     """
-    import random
-
-    from neurocl.methods import build_method
 
     hparams = module.hparams
     seed = int(hparams["seed"])

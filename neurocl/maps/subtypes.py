@@ -3,8 +3,14 @@ and association of the clusters with clinical attributes."""
 
 from __future__ import annotations
 
+from itertools import combinations
+
 import numpy as np
 import pandas as pd
+from scipy.stats import chi2_contingency, f_oneway, false_discovery_control, kruskal
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, silhouette_score
+from sklearn.mixture import GaussianMixture
 
 from neurocl.errors import ConfigError
 
@@ -109,17 +115,11 @@ class SubtypeClustering:
         return k_min, k_max
 
     def _estimator(self, k: int, seed: int):
-        from sklearn.cluster import KMeans
-        from sklearn.mixture import GaussianMixture
-
         if self.method == "kmeans":
             return KMeans(n_clusters=k, n_init=self.n_init, random_state=seed)
         return GaussianMixture(k, covariance_type=self.covariance_type, n_init=self.n_init, random_state=seed)
 
     def fit(self, X, y=None) -> "SubtypeClustering":
-        from sklearn.metrics import adjusted_rand_score, silhouette_score
-        from sklearn.mixture import GaussianMixture
-
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or not np.isfinite(X).all():
             raise ConfigError(f"X: need a finite (subjects, features) array, got shape {X.shape}")
@@ -177,8 +177,6 @@ class SubtypeClustering:
 
 def _log_dispersions(X: np.ndarray, k_max: int, n_init: int, seed: int) -> np.ndarray:
     """log W_k for k = 1..k_max, W_k the k-means within-cluster sum of squares."""
-    from sklearn.cluster import KMeans
-
     centred = X - X.mean(0)
     dispersions = [np.sum(centred**2)]
     for k in range(2, k_max + 1):
@@ -268,9 +266,6 @@ def seed_consensus(labelings) -> dict:
     dict
         n_seeds, n_clusters (per seed), mean_pairwise_ari, pairwise_ari, unanimous_pair_fraction.
     """
-    from itertools import combinations
-
-    from sklearn.metrics import adjusted_rand_score
 
     labelings = [np.asarray(labels) for labels in labelings]
     if len(labelings) < 2 or len({len(labels) for labels in labelings}) != 1:
@@ -290,8 +285,6 @@ def seed_consensus(labelings) -> dict:
 
 def fdr_bh(p_values) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (NaN entries stay NaN and are not counted)."""
-    from scipy.stats import false_discovery_control
-
     p_values = np.asarray(p_values, dtype=np.float64)
     adjusted = np.full_like(p_values, np.nan)
     finite = np.isfinite(p_values)
@@ -302,8 +295,6 @@ def fdr_bh(p_values) -> np.ndarray:
 
 def _categorical_association(clusters: np.ndarray, values: pd.Series) -> dict:
     """Chi-square test of independence, effect size Cramér's V = sqrt(χ² / (n (min(r, c) − 1)))."""
-    from scipy.stats import chi2_contingency
-
     table = pd.crosstab(clusters, values.to_numpy())
     n = int(table.to_numpy().sum())
     if min(table.shape) < 2:
@@ -317,8 +308,6 @@ def _categorical_association(clusters: np.ndarray, values: pd.Series) -> dict:
 
 def _continuous_association(clusters: np.ndarray, values: pd.Series, test: str) -> dict:
     """Kruskal-Wallis H with η²_H = (H − k + 1)/(n − k), or one-way ANOVA with η² = SS_between / SS_total."""
-    from scipy.stats import f_oneway, kruskal
-
     values = values.to_numpy(dtype=np.float64)
     groups = [values[clusters == c] for c in np.unique(clusters)]
     n, k = len(values), len(groups)

@@ -10,10 +10,10 @@ from rich.table import Table
 
 from neurocl.cohort import Cohort
 from neurocl.config import ProbeConfig, validated
-from neurocl.logs import progress_console, results_console
 from neurocl.embed import check_cohort, read_embeddings, refuse_existing
 from neurocl.errors import CohortError
 from neurocl.io import write_json, write_tsv
+from neurocl.logs import progress_console, results_console
 from neurocl.probe.probe import probe_embeddings
 from neurocl.probe.separation import separation, separation_table
 from neurocl.rundir import RunDir

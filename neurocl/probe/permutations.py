@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+from scipy.stats import beta
 
 from neurocl.probe.metrics import LOWER_IS_BETTER, score
 
@@ -47,8 +48,6 @@ def decision_is_clear(n_extreme: int, n_drawn: int, alpha: float = ALPHA, risk: 
     Lower bound ``Beta(risk/2; b, m - b + 1)`` (0 when b = 0), upper bound
     ``Beta(1 - risk/2; b + 1, m - b)`` (1 when b = m).
     """
-    from scipy.stats import beta
-
     lower = beta.ppf(risk / 2, n_extreme, n_drawn - n_extreme + 1) if n_extreme > 0 else 0.0
     upper = beta.ppf(1 - risk / 2, n_extreme + 1, n_drawn - n_extreme) if n_extreme < n_drawn else 1.0
     return bool(upper < alpha or lower > alpha)

@@ -9,6 +9,7 @@ from typing import Annotated, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from pydantic import AfterValidator, BaseModel, ValidationError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from neurocl.errors import ConfigError, TrainingError
@@ -141,8 +142,6 @@ def train(
     measure. Returns the loss of every step; a non-finite loss stops training with a
     :class:`TrainingError` naming the step.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     optimiser = torch.optim.Adam(parameters, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / steps))

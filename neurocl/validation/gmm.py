@@ -24,7 +24,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from rich.table import Table
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
+from neurocl import losses
 from neurocl.validation._core import seeded, train, validated_config
 from neurocl.validation.metrics import fisher_eigenvalues, fisher_subspace, pca_subspace, principal_angles_deg
 
@@ -122,9 +125,6 @@ class GMMResult:
 
 def run_gmm(config: GMMConfig, progress: bool = True) -> GMMResult:
     """Train a linear InfoNCE encoder on the mixture; compare its subspace, PCA's and LDA's with Fisher's."""
-    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-
-    from neurocl import losses
 
     start = time.perf_counter()
     rng = np.random.default_rng(config.seed)
@@ -161,8 +161,6 @@ def run_gmm(config: GMMConfig, progress: bool = True) -> GMMResult:
 
 def print_gmm(result: GMMResult, console) -> None:
     """Rich table of each method's principal angles to the Fisher subspace."""
-    from rich.table import Table
-
     config = result.config
     table = Table(title=f"Gaussian mixture (d={config.dim}, K={config.n_components}): "
                         f"principal angles to the Fisher subspace, degrees")

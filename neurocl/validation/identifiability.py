@@ -26,7 +26,9 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from rich.table import Table
 
+from neurocl import losses
 from neurocl.validation._core import HiddenWidths, mlp_encoder, random_mlp, seeded, standardised, train, validated_config
 from neurocl.validation.metrics import linear_r2, mcc
 
@@ -154,8 +156,6 @@ def _standardised(mixing: torch.nn.Module, space: str, n_latents: int, seed: int
 
 def run_identifiability(config: IdentifiabilityConfig, progress: bool = True) -> IdentifiabilityResult:
     """Train the encoder on the configured generative process and measure recovery on held-out samples."""
-    from neurocl import losses
-
     start, cpu_start = time.perf_counter(), time.process_time()
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -212,8 +212,6 @@ def run_identifiability(config: IdentifiabilityConfig, progress: bool = True) ->
 
 def print_identifiability(results: list[IdentifiabilityResult], console) -> None:
     """Rich table of the measured recovery, one row per experiment, with what learning must beat."""
-    from rich.table import Table
-
     table = Table(title="Identifiability (held-out samples): trained encoder vs untrained encoder vs observations x")
     for column in ("space", "p(z̃|z)", "loss", "n", "MCC", "R²", "untrained MCC", "untrained R²", "x MCC", "x R²",
                    "final loss", "seconds", "CPU s"):

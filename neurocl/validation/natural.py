@@ -35,9 +35,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import ndimage
+from sklearn.datasets import load_digits, load_sample_images
 
 from neurocl import io
 from neurocl.errors import ConfigError
@@ -77,8 +81,6 @@ class NaturalConfig(BaseModel):
 
 def _photographs() -> list[np.ndarray]:
     """The two photographs scikit-learn ships, as grey levels in [0, 1] (float32, 427 x 640)."""
-    from sklearn.datasets import load_sample_images
-
     images = load_sample_images()
     names = [Path(name).stem for name in images.filenames]
     if tuple(names) != PHOTOS:
@@ -88,15 +90,11 @@ def _photographs() -> list[np.ndarray]:
 
 def _upscale(digit: np.ndarray, size: int) -> np.ndarray:
     """An 8x8 digit (0-16) bilinearly upscaled to ``size`` x ``size`` pixels in [0, 1]."""
-    from scipy import ndimage
-
     return np.clip(ndimage.zoom(digit / 16.0, size / 8.0, order=1), 0.0, 1.0).astype(np.float32)
 
 
 def draw_factors(config: NaturalConfig) -> pd.DataFrame:
     """Every factor of every image (the ground truth), from ``config.seed``."""
-    from sklearn.datasets import load_digits
-
     rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(1)[0])
     n = config.n_subjects
     n_targets = round(config.target_fraction * n)
@@ -171,10 +169,6 @@ def make_natural_cohort(out_dir: str | Path, config: NaturalConfig | None = None
     including the digit's index in ``load_digits`` and the crop's pixel position), one thin NIfTI volume per image
     (``images/sub-XXXX.nii.gz``), ``dataset_description.json`` (the options) and ``cohort.yaml``.
     """
-    import nibabel as nib
-    import yaml
-    from sklearn.datasets import load_digits
-
     config = config or NaturalConfig()
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

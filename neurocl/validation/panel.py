@@ -17,8 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from neurocl import io
 from neurocl.errors import ConfigError
+from neurocl.synth import SynthConfig, make_synthetic_cohort
+from neurocl.validation.natural import NaturalConfig, make_natural_cohort
 
 # The demo cohort's generator settings (neurocl.demo.DEMO_COHORT) minus size, grid and seed,
 # which the panel's scale and the seed set. Spelled here rather than imported so that the panel
@@ -101,11 +105,8 @@ def build_cohort(cohort: PanelCohort, out_dir: str | Path, scale: PanelScale, se
     """Write ``cohort`` at ``scale`` with cohort seed ``seed`` into ``out_dir`` (new or empty); return its cohort.yaml."""
     out_dir = Path(out_dir)
     if cohort.natural:
-        from neurocl.validation.natural import NaturalConfig, make_natural_cohort
-
         config = NaturalConfig(n_subjects=scale.n_subjects, patch=scale.patch, seed=seed, **cohort.options)
         return make_natural_cohort(out_dir, config)
-    from neurocl.synth import SynthConfig, make_synthetic_cohort
 
     options = {**DEMO_GENERATOR, **cohort.options, "n_subjects": scale.n_subjects,
                "resolution": scale.resolution, "seed": seed}
@@ -117,8 +118,6 @@ def build_cohort(cohort: PanelCohort, out_dir: str | Path, scale: PanelScale, se
 
 def _rename(folder: Path) -> None:
     """Other column names and group labels in participants.tsv and cohort.yaml (ground_truth.tsv keeps its own)."""
-    import yaml
-
     participants = io.read_tsv(folder / "participants.tsv")
     participants["diagnosis"] = participants["diagnosis"].map(RENAMED_GROUPS)
     io.write_tsv(folder / "participants.tsv", participants.rename(columns=RENAMED_COLUMNS))

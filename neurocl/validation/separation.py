@@ -36,12 +36,18 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+from rich.table import Table
 
 from neurocl import io
+from neurocl.config import load_pipeline
 from neurocl.errors import ConfigError
+from neurocl.pipeline import run_pipeline
+from neurocl.probe import embedding_spaces
 from neurocl.probe.heldout import held_out_score
+from neurocl.rundir import RunDir
 from neurocl.validation.panel import PANEL, PanelCohort, PanelScale, build_cohort, panel_cohort
 
 DEMO_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yaml"
@@ -183,9 +189,6 @@ def _bench_pipeline(raw: dict, cohort_yaml: Path, seed: int, epochs: int | None)
 
 def _representations(run_dir: Path) -> dict[str, pd.DataFrame]:
     """Embedding tables of the run: common / salient (or main) and every baseline, keyed for scoring."""
-    from neurocl.probe import embedding_spaces
-    from neurocl.rundir import RunDir
-
     run = RunDir(run_dir)
     main = run.read_table(run.embeddings)
     keys = ["participant_id", "split"]
@@ -203,8 +206,6 @@ def _representations(run_dir: Path) -> dict[str, pd.DataFrame]:
 def run_one(cohort: PanelCohort, seed: int, config: SeparationBenchConfig, workdir: Path, raw_pipeline: dict,
             log=None) -> dict:
     """Build one cohort, run the pipeline on it, score held-out; the run's record (results.json's ``runs``)."""
-    from neurocl.pipeline import run_pipeline
-
     started, cpu_started = time.monotonic(), time.process_time()
     cohort_seed = COHORT_SEED_OFFSET + seed
     folder = workdir / f"{cohort.name}-seed{seed}"
@@ -223,8 +224,6 @@ def run_one(cohort: PanelCohort, seed: int, config: SeparationBenchConfig, workd
 
 def run_separation_bench(config: SeparationBenchConfig, log=None) -> dict:
     """Every cohort x seed of ``config``; results.json's content (runs, aggregated table, machine)."""
-    from neurocl.config import load_pipeline
-
     # Validated now, with every relative path resolved against the pipeline's folder (the bench
     # writes its copies elsewhere); the cohort is the bench's own.
     raw = load_pipeline(config.pipeline, {"cohort": str(config.pipeline)}).model_dump(mode="json")
@@ -252,8 +251,6 @@ def run_separation_bench(config: SeparationBenchConfig, log=None) -> dict:
 
 
 def machine_description() -> dict:
-    import torch
-
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__}
 
@@ -292,8 +289,6 @@ def _cell(stats: dict) -> str:
 
 def print_separation(results: dict, console) -> None:
     """Per cohort: each attribute's held-out score from every representation, then the separation summary."""
-    from rich.table import Table
-
     descriptions = {cohort.name: cohort.stress for cohort in PANEL}
     for entry in results["table"]:
         representations = list(entry["rows"][0]["values"]) if entry["rows"] else []

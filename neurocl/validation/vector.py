@@ -27,7 +27,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from rich.table import Table
 
+from neurocl import losses
+from neurocl.baselines import ContrastivePCA
 from neurocl.validation._core import HiddenWidths, mlp_encoder, random_mlp, seeded, standardised, train, validated_config
 from neurocl.validation.identifiability import sample_latents, sample_positives
 from neurocl.validation.metrics import linear_r2
@@ -138,8 +141,6 @@ class _Generative:
 
 def run_vector(config: VectorConfig, progress: bool = True) -> VectorResult:
     """Train SepCLR's two encoders on the generative process; score each space and cPCA by linear R²."""
-    from neurocl import losses
-
     start = time.perf_counter()
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -195,8 +196,6 @@ def run_vector(config: VectorConfig, progress: bool = True) -> VectorResult:
 
 def _fit_cpca(process: _Generative, config: VectorConfig, generator: torch.Generator):
     """Contrastive PCA with k_s components, fitted on fresh target and background observations."""
-    from neurocl.baselines import ContrastivePCA
-
     with torch.no_grad():
         target = process.mixing(process.latents(torch.ones(config.n_baseline, dtype=torch.bool), generator)).numpy()
         background = process.mixing(process.latents(torch.zeros(config.n_baseline, dtype=torch.bool), generator)).numpy()
@@ -207,8 +206,6 @@ def _fit_cpca(process: _Generative, config: VectorConfig, generator: torch.Gener
 
 def print_vector(result: VectorResult, console) -> None:
     """Rich table of the R² of every latent from every space, then the separation summary."""
-    from rich.table import Table
-
     table = Table(title="SepCLR on vector data: linear R² of each latent from each space (held-out targets)")
     table.add_column("latent")
     for space in result.r2:
