@@ -659,7 +659,7 @@ def _int_list(option: str, text: Optional[str]) -> Optional[list[int]]:
 @bench_app.command("separation")
 @user_errors
 def bench_separation(
-    quick: bool = typer.Option(False, "--quick", help="96-subject cohorts at 8 mm, 8 epochs, seed 0 (minutes)."),
+    quick: bool = typer.Option(False, "--quick", help="96-subject cohorts at 8 mm, 32 epochs (64 steps), seed 0 (minutes)."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated training seeds (default 0,1,2; --quick: 0)."),
     pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Pipeline YAML (default: the shipped demo)."),
     cohorts: Optional[str] = typer.Option(None, help="Comma-separated panel cohorts (default: all)."),
@@ -667,16 +667,26 @@ def bench_separation(
     n_subjects: Optional[int] = typer.Option(None, "--n-subjects", help="Subjects per cohort (default 160; --quick 96)."),
     workdir: Optional[Path] = typer.Option(None, help="Keep cohorts and runs here (default: a temporary folder)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write every run and the table as JSON here."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="SECTION.FIELD=VALUE", help="Override one field of the pipeline, as for neurocl run (repeatable)."
+    ),
+    baselines: Optional[str] = typer.Option(
+        None, "--baselines", help="Comma-separated baselines to run (default pca,cpca,simclr; without simclr a run trains one network)."
+    ),
 ) -> None:
     """Separation across a panel of cohorts x seeds, on held-out subjects, beside PCA, cPCA and SimCLR.
 
     Example: neurocl bench separation --quick --out separation.json
+
+    Example (one setting of a search): neurocl bench separation --quick --seeds 10 --set method.lam_cov=10
     """
     from neurocl.validation.separation import SeparationBenchConfig, print_separation, run_separation_bench
 
     config = SeparationBenchConfig.preset(
         quick, seeds=_int_list("--seeds", seeds), pipeline=pipeline, epochs=epochs, n_subjects=n_subjects,
         workdir=workdir, cohorts=[name.strip() for name in cohorts.split(",") if name.strip()] if cohorts else None,
+        settings=list(set_) if set_ else None,
+        baselines=[name.strip() for name in baselines.split(",") if name.strip()] if baselines else None,
     )
     results = run_separation_bench(config, log=lambda line: console.print(f"[bold]{line}[/]"))
     print_separation(results, results_console())

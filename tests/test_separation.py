@@ -177,3 +177,69 @@ def test_chance_counts_only_the_classes_of_the_scored_rows():
     rows = np.arange(90) >= 30  # the targets only: two classes, chance 1/2
     result = held_out_score(x, labels, "categorical", rows & (np.arange(90) < 70), rows & (np.arange(90) >= 70))
     assert result["chance"] == 0.5 and result["n_test"] == 20 and result["value"] > 0.8
+
+
+def test_set_overrides_reach_the_pipeline_and_bad_fields_are_named():
+    from neurocl.validation.separation import bench_settings
+
+    config = SeparationBenchConfig.preset(True, settings=["method.lam_cov=5", "method.attributes=[age,sex]",
+                                                            "training.lr=0.001"])
+    raw = bench_settings(config)
+    assert raw["method"]["lam_cov"] == 5.0 and raw["training"]["lr"] == 0.001
+    with pytest.raises(ConfigError, match="lam_covv"):
+        bench_settings(SeparationBenchConfig.preset(True, settings=["method.lam_covv=5"]))
+    with pytest.raises(ConfigError, match="unknown umap"):
+        SeparationBenchConfig.preset(True, baselines=["pca", "umap"])
+
+
+def test_covariates_follow_each_cohorts_own_column_names(tmp_path):
+    """An attribute-aware SepCLR on the renamed cohort trains with that cohort's columns, with PCA only."""
+    import yaml
+
+    from neurocl.validation.separation import DEMO_PIPELINE, covariates
+
+    assert covariates(panel_cohort("reference")) == ["age", "sex", "site"]
+    assert covariates(panel_cohort("independent")) == ["AGE", "gender", "scanner"]
+    assert covariates(panel_cohort("natural-digits")) == ["photo", "crop_row", "gamma"]
+    pipeline = yaml.safe_load(DEMO_PIPELINE.read_text())
+    pipeline["training"]["batch_size"] = 8
+    pipeline["encoder"]["width"] = 4
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(pipeline))
+    result = CliRunner().invoke(app, [
+        "bench", "separation", "--quick", "--pipeline", str(tmp_path / "small.yaml"), "--cohorts", "independent",
+        "--n-subjects", "40", "--epochs", "1", "--seeds", "4", "--baselines", "pca", "--workdir", str(tmp_path / "w"),
+        "--set", "method.attributes=[age,sex,site]", "--set", "method.common_objective=yaware",
+        "--set", "method.lam_cov=10", "--out", str(tmp_path / "r.json"),
+    ])
+    assert result.exit_code == 0, result.output
+    written = yaml.safe_load((tmp_path / "w" / "independent-seed4" / "pipeline.yaml").read_text())
+    assert written["method"]["attributes"] == ["AGE", "gender", "scanner"] and written["baselines"] == ["pca"]
+    import json
+
+    run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
+    assert set(run["rows"][0]["values"]) == {"common", "salient", "pca"}
+    assert run["summary"]["separation"] is not None
+
+
+def test_target_checks_mark_each_issue_target_met_or_missed_with_its_gap():
+    from neurocl.validation.separation import target_checks, targets_markdown
+
+    def cell(mean, sd=None):
+        return {"mean": mean, "sd": sd, "n": 3}
+
+    rows = [
+        {"attribute": "subtype", "role": "specific", "subset": "target", "chance": 0.5,
+         "values": {"common": cell(0.55), "salient": cell(0.95, 0.02), "pca": cell(0.80), "cpca": cell(0.85)}},
+        {"attribute": "sex", "role": "shared", "subset": "target", "chance": 0.5,
+         "values": {"common": cell(0.90, 0.10), "salient": cell(0.75), "pca": cell(0.92)}},
+    ]
+    checks = {(c["attribute"], c["check"]): c for c in target_checks({"cohort": "x", "rows": rows})}
+    assert checks[("subtype", "specific: salient >= best(PCA, cPCA) + 0.10")]["met"]  # 0.95 >= 0.95
+    assert checks[("subtype", "specific: common <= chance + 0.10")]["met"]
+    leak = checks[("sex", "shared: salient <= chance + 0.10")]
+    assert not leak["met"] and leak["gap"] == pytest.approx(0.15)
+    assert checks[("sex", "shared: common >= PCA - 0.05")]["met"]  # 0.90 >= 0.87
+    spread = checks[("sex", "SD over seeds <= 0.05 (common)")]
+    assert not spread["met"] and spread["gap"] == pytest.approx(0.05)
+    markdown = targets_markdown({"table": [{"cohort": "x", "rows": rows}]})
+    assert "| x | 4 of 6 |" in markdown and "gap 0.15" in markdown

@@ -48,7 +48,7 @@ from neurocl.pipeline import run_pipeline
 from neurocl.probe import embedding_spaces
 from neurocl.probe.heldout import held_out_score
 from neurocl.rundir import RunDir
-from neurocl.validation.panel import PANEL, PanelCohort, PanelScale, build_cohort, panel_cohort
+from neurocl.validation.panel import PANEL, RENAMED_COLUMNS, PanelCohort, PanelScale, build_cohort, panel_cohort
 
 DEMO_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yaml"
 COHORT_SEED_OFFSET = 1000
@@ -60,7 +60,7 @@ SEPARATED_MIN = 0.1  # separation index and salient u of every specific attribut
 # full: the pipeline's own training section on 160-subject cohorts.
 QUICK_SCALE = PanelScale(n_subjects=96, resolution=8.0, patch=48)
 FULL_SCALE = PanelScale(n_subjects=160, resolution=8.0, patch=64)
-QUICK_EPOCHS = 8
+QUICK_EPOCHS = 32
 
 
 class SeparationBenchConfig(BaseModel):
@@ -75,6 +75,10 @@ class SeparationBenchConfig(BaseModel):
     resolution: float = Field(FULL_SCALE.resolution, ge=4.0, le=16.0)
     patch: int = Field(FULL_SCALE.patch, ge=16)
     epochs: int | None = Field(None, gt=0, description="override the pipeline's training.epochs (None: keep)")
+    settings: list[str] = Field([], description="SECTION.FIELD=VALUE overrides of the pipeline (neurocl run --set), "
+                                "applied before the bench's own cohort, seed and epochs")
+    baselines: list[str] = Field(list(BASELINES), description="baselines run beside the method (subset of pca, cpca, "
+                                 "simclr; leaving out simclr halves the training time)")
     workdir: Path | None = Field(None, description="keep cohorts and runs here (default: a temporary folder)")
 
     @classmethod
@@ -90,6 +94,9 @@ class SeparationBenchConfig(BaseModel):
             raise ConfigError(f"bench separation: {error}") from None
         for name in config.cohorts:
             panel_cohort(name)
+        unknown = sorted(set(config.baselines) - set(BASELINES))
+        if unknown:
+            raise ConfigError(f"bench separation --baselines: unknown {', '.join(unknown)} (known: {', '.join(BASELINES)})")
         if not config.pipeline.is_file():
             raise ConfigError(f"--pipeline {config.pipeline} does not exist")
         return config
@@ -168,9 +175,22 @@ def summarise(rows: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- running the panel
 
 
-def _bench_pipeline(raw: dict, cohort_yaml: Path, seed: int, epochs: int | None) -> dict:
-    """The pipeline as the bench runs it on one cohort: same settings, the bench's cohort, seed and baselines."""
+def covariates(cohort: PanelCohort) -> list[str]:
+    """The cohort's shared attributes as its participants table names them (the covariates a user knows)."""
+    return [RENAMED_COLUMNS.get(name, name) if cohort.rename else name for name in cohort.shared]
+
+
+def _bench_pipeline(raw: dict, cohort_yaml: Path, seed: int, epochs: int | None,
+                    baselines: Iterable[str] = BASELINES, cohort: PanelCohort | None = None) -> dict:
+    """The pipeline as the bench runs it on one cohort: same settings, the bench's cohort, seed and baselines.
+
+    A method given ``attributes`` (covariates: kernel priors, covariate independence) gets the
+    cohort's own shared attributes instead, as that cohort's table names them: the panel's cohorts
+    do not share column names (``AGE``/``gender``/``scanner``; ``photo``/``crop_row``/``gamma``).
+    """
     raw = copy.deepcopy(raw)
+    if cohort is not None and raw.get("method", {}).get("attributes"):
+        raw["method"]["attributes"] = covariates(cohort)
     raw["cohort"] = str(cohort_yaml.absolute())
     raw.setdefault("training", {})["seed"] = seed
     if epochs is not None:
@@ -181,13 +201,13 @@ def _bench_pipeline(raw: dict, cohort_yaml: Path, seed: int, epochs: int | None)
     evaluation = raw.setdefault("evaluation", {})
     evaluation["attributes"] = []
     evaluation.setdefault("probe", {}).update({"n_permutations": 0, "n_bootstrap": 0})
-    raw["baselines"] = list(BASELINES)
+    raw["baselines"] = list(baselines)
     raw["maps"] = {"enabled": False}
     raw.setdefault("outputs", {}).update({"report": False, "store": None})
     return raw
 
 
-def _representations(run_dir: Path) -> dict[str, pd.DataFrame]:
+def _representations(run_dir: Path, baselines: Iterable[str] = BASELINES) -> dict[str, pd.DataFrame]:
     """Embedding tables of the run: common / salient (or main) and every baseline, keyed for scoring."""
     run = RunDir(run_dir)
     main = run.read_table(run.embeddings)
@@ -195,7 +215,7 @@ def _representations(run_dir: Path) -> dict[str, pd.DataFrame]:
     out = {}
     for space, columns in embedding_spaces(main).items():
         out[space if space in ("common", "salient") else "main"] = main[keys + columns]
-    for name in BASELINES:
+    for name in baselines:
         baseline = run.baseline(name)
         table = baseline.read_table(baseline.embeddings)
         columns = [c for columns in embedding_spaces(table).values() for c in columns]
@@ -213,20 +233,25 @@ def run_one(cohort: PanelCohort, seed: int, config: SeparationBenchConfig, workd
         shutil.rmtree(folder)
     scale = PanelScale(config.n_subjects, config.resolution, config.patch)
     cohort_yaml = build_cohort(cohort, folder / "cohort", scale, cohort_seed)
-    pipeline = _bench_pipeline(raw_pipeline, cohort_yaml, seed, config.epochs)
+    pipeline = _bench_pipeline(raw_pipeline, cohort_yaml, seed, config.epochs, config.baselines, cohort)
     pipeline_yaml = io.write_text(folder / "pipeline.yaml", yaml.safe_dump(pipeline, sort_keys=False))
     run_dir = run_pipeline(pipeline_yaml, folder / "run")
     truth = io.read_tsv(cohort_yaml.parent / "ground_truth.tsv")
-    rows, summary = score_representations(_representations(run_dir), truth, cohort)
+    rows, summary = score_representations(_representations(run_dir, config.baselines), truth, cohort)
     return {"cohort": cohort.name, "seed": seed, "cohort_seed": cohort_seed, "rows": rows, "summary": summary,
             "wall_s": round(time.monotonic() - started, 1), "cpu_s": round(time.process_time() - cpu_started, 1)}
 
 
-def run_separation_bench(config: SeparationBenchConfig, log=None) -> dict:
-    """Every cohort x seed of ``config``; results.json's content (runs, aggregated table, machine)."""
+def bench_settings(config: SeparationBenchConfig) -> dict:
+    """The pipeline with the bench's ``--set`` overrides, validated (ConfigError naming the field), as a dict."""
     # Validated now, with every relative path resolved against the pipeline's folder (the bench
     # writes its copies elsewhere); the cohort is the bench's own.
-    raw = load_pipeline(config.pipeline, {"cohort": str(config.pipeline)}).model_dump(mode="json")
+    return load_pipeline(config.pipeline, {"cohort": str(config.pipeline)}, config.settings).model_dump(mode="json")
+
+
+def run_separation_bench(config: SeparationBenchConfig, log=None) -> dict:
+    """Every cohort x seed of ``config``; results.json's content (runs, aggregated table, machine)."""
+    raw = bench_settings(config)
     started = time.monotonic()
     cleanup = config.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="neurocl-bench-separation-")) if cleanup else config.workdir
@@ -305,6 +330,11 @@ def print_separation(results: dict, console) -> None:
         console.print(f"  separation {_cell(summary['separation'])} (specific gap {_cell(summary['specific_gap'])}, "
                       f"shared gap {_cell(summary['shared_gap'])}); separated in {summary['separated_seeds']} of "
                       f"{len(entry['seeds'])} seeds")
+        checks = target_checks(entry)
+        missed = [c for c in checks if not c["met"]]
+        console.print(f"  targets (issue 13): {len(checks) - len(missed)} of {len(checks)} met"
+                      + ("" if not missed else "; missed: " + "; ".join(
+                          f"{c['attribute']} ({c['subset']}) {c['check']} by {c['gap']:.2f}" for c in missed)))
     console.print(f"bench separation: {len(results['runs'])} runs in {results['wall_s'] / 60:.1f} min")
 
 
@@ -329,4 +359,63 @@ def separation_markdown(results: dict) -> str:
         lines.append(f"| {entry['cohort']} | {','.join(map(str, entry['seeds']))} | {_cell(summary['separation'])} | "
                      f"{_cell(summary['specific_gap'])} | {_cell(summary['shared_gap'])} | "
                      f"{summary['separated_seeds']} of {len(entry['seeds'])} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the method's targets (issue 13)
+
+SPECIFIC_MARGIN, LEAK_MARGIN, SHARED_SLACK, MAX_SD = 0.10, 0.10, 0.05, 0.05
+
+
+def target_checks(entry: dict) -> list[dict]:
+    """The separation targets of one cohort's aggregated entry (``aggregate``), on the mean over seeds.
+
+    Each check: ``{"check", "attribute", "subset", "value", "bound", "met", "gap"}`` with ``gap`` how far
+    the value is on the wrong side of its bound (0 when met). The checks, per attribute:
+
+    - specific, salient >= max(PCA, cPCA) + 0.10 and common <= chance + 0.10 (targets);
+    - shared, salient <= chance + 0.10 (all subjects and targets; R^2 <= 0.10) and
+      common >= PCA - 0.05 (all subjects and targets);
+    - every one of these scores with a seed-to-seed SD <= 0.05 (when there are >= 2 seeds).
+    """
+    checks = []
+
+    def add(check, row, value, bound, above):
+        if value is None or bound is None:
+            return
+        gap = max(0.0, bound - value) if above else max(0.0, value - bound)
+        checks.append({"check": check, "attribute": row["attribute"], "subset": row["subset"], "value": value,
+                       "bound": bound, "met": gap == 0.0, "gap": gap})
+
+    for row in entry["rows"]:
+        values = row["values"]
+        mean = {rep: stats["mean"] for rep, stats in values.items()}
+        if row["chance"] is None:
+            continue
+        if row["role"] == "specific":
+            baselines = [mean.get(rep) for rep in ("pca", "cpca") if mean.get(rep) is not None]
+            add("specific: salient >= best(PCA, cPCA) + 0.10", row, mean.get("salient"),
+                max(baselines) + SPECIFIC_MARGIN if baselines else None, True)
+            add("specific: common <= chance + 0.10", row, mean.get("common"), row["chance"] + LEAK_MARGIN, False)
+        else:
+            add("shared: salient <= chance + 0.10", row, mean.get("salient"), row["chance"] + LEAK_MARGIN, False)
+            pca = mean.get("pca")
+            add("shared: common >= PCA - 0.05", row, mean.get("common"), None if pca is None else pca - SHARED_SLACK,
+                True)
+        for rep in ("common", "salient"):
+            sd = values.get(rep, {}).get("sd")
+            if sd is not None:
+                add(f"SD over seeds <= 0.05 ({rep})", row, sd, MAX_SD, False)
+    return checks
+
+
+def targets_markdown(results: dict) -> str:
+    """Per cohort: how many target checks are met, and each missed one with its gap (mean over seeds)."""
+    lines = ["| cohort | checks met | missed (value vs bound, gap) |", "| --- | --- | --- |"]
+    for entry in results["table"]:
+        checks = target_checks(entry)
+        missed = [f"{c['attribute']} ({c['subset']}) {c['check']}: {c['value']:.2f} vs {c['bound']:.2f}, "
+                  f"gap {c['gap']:.2f}" for c in checks if not c["met"]]
+        met = sum(c["met"] for c in checks)
+        lines.append(f"| {entry['cohort']} | {met} of {len(checks)} | {'; '.join(missed) or 'none'} |")
     return "\n".join(lines) + "\n"
