@@ -12,6 +12,7 @@ import neurocl.validation.separation as bench
 from neurocl.cohort import Cohort
 from neurocl.errors import ConfigError
 from neurocl.probe import PROBE_COLUMNS, ProbeConfig, held_out_score, probe_attribute, probe_embeddings, separation
+from neurocl.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = ProbeConfig(n_permutations=199, n_bootstrap=100, n_jobs=1)
@@ -136,3 +137,13 @@ def test_a_pipeline_without_test_subjects_is_refused_before_training(tiny_cohort
     config = load_pipeline(REPO / "pipelines" / "demo.yaml", overrides={"cohort": str(tiny_cohort)},
                            settings=settings + ["evaluation.probe.scope=in_sample_cv"])
     assert config.evaluation.probe.scope == "in_sample_cv"
+
+
+def test_a_split_too_small_for_held_out_probes_is_refused_before_the_first_write(tiny_cohort, tmp_path):
+    # 32 subjects, test_fraction 0.05: 1-2 test participants, below the held-out minimum; refused
+    # before the store or the run folder is written, not after training.
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"test participant\(s\) of 32; held-out probes need at least 4.*in_sample_cv"):
+        run_pipeline(REPO / "pipelines" / "demo.yaml", out, overrides={"cohort": str(tiny_cohort)},
+                     settings=["splits.test_fraction=0.05", f"outputs.store={tmp_path / 'store'}"])
+    assert not out.exists() and not (tmp_path / "store").exists()
