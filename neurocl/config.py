@@ -362,6 +362,16 @@ class PipelineConfig(_Section):
             raise ValueError(f"baseline listed twice: {', '.join(repeated)}")
         return value
 
+    @model_validator(mode="after")
+    def _test_subjects_for_held_out_probes(self) -> "PipelineConfig":
+        # Before any training: held-out probes score the test split, so a run without one cannot be evaluated.
+        if self.evaluation.probe.scope == "held_out" and self.splits.file is None and self.splits.test_fraction == 0:
+            raise ValueError("evaluation.probe.scope is held_out (the default) but splits.test_fraction is 0: no "
+                             "test subjects to score; set splits.test_fraction > 0 (e.g. 0.2) or "
+                             "evaluation.probe.scope: in_sample_cv (probes cross-validated over every subject, "
+                             "labelled in-sample)")
+        return self
+
 
 # ---------------------------------------------------------------- field types
 

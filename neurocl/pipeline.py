@@ -35,6 +35,7 @@ from neurocl.harmonise import harmonise_run_store
 from neurocl.io import write_json, write_text, write_tsv
 from neurocl.maps import run_maps
 from neurocl.probe import probe_embeddings, separation
+from neurocl.probe.heldout import ADVICE, MIN_TEST_PARTICIPANTS
 from neurocl.rundir import RunDir
 from neurocl.store import VolumeStore
 from neurocl.train import check_batch_sizes, is_primary_process, train, train_as_worker, training_jobs
@@ -199,6 +200,13 @@ def _splits(config: PipelineConfig, cohort: Cohort, run: RunDir) -> Splits:
         )
     if splits.column != "split":
         raise ConfigError(f"splits.file {config.splits.file}: training needs a holdout manifest (a 'split' column)")
+    if config.evaluation.probe.scope == "held_out":
+        # Refused before training, not after it: held-out probes cannot score fewer test participants than this.
+        tested = splits.table.loc[splits.table["split"] == "test", "participant_id"].nunique()
+        if tested < MIN_TEST_PARTICIPANTS:
+            source = config.splits.file or f"splits.test_fraction {config.splits.test_fraction}"
+            raise ConfigError(f"{source}: {tested} test participant(s) of {cohort.table['participant_id'].nunique()}; "
+                              f"held-out probes need at least {MIN_TEST_PARTICIPANTS}: {ADVICE}")
     return splits
 
 

@@ -670,7 +670,8 @@ def test_a_single_target_subject_is_warned_and_the_embeddings_checkpoint_named(t
     (cohort_dir / "participants.tsv").write_text("\n".join(kept) + "\n")
     # Batches of 2 take one target subject per step (target_fraction 0.5): training can run.
     pipeline = _pipeline(tmp_path, cohort_dir / tiny_cohort.name, store=tmp_path / "store", batch_size=2)
-    result = neurocl_cli("run", pipeline, "--out", tmp_path / "run", timeout=900)
+    result = neurocl_cli("run", pipeline, "--out", tmp_path / "run",
+                         "--set", "evaluation.probe.scope=in_sample_cv", timeout=900)  # 3 test subjects
     assert result.returncode == 0, result.stderr[-3000:]
     said = " ".join(result.stderr.split())
     assert "warning:" in said and "1 target subject" in said, said[-3000:]

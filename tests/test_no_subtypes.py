@@ -50,7 +50,9 @@ def _run(tmp_path_factory, subtypes: int):
         "encoder": {"name": "small_cnn", "width": 4},
         "training": {"epochs": 15, "batch_size": 16, "lr": 0.003, "accelerator": "cpu", "precision": "32-true",
                      "seed": 0},
-        "evaluation": {"attributes": [], "probe": {"n_splits": 2, "n_permutations": 0, "n_bootstrap": 0}},
+        # Every subject trains (no test split): the probes, if any, could only be in-sample.
+        "evaluation": {"attributes": [], "probe": {"scope": "in_sample_cv", "n_splits": 2, "n_permutations": 0,
+                                                   "n_bootstrap": 0}},
         # k over 1..2: the question is "none or some" (the gap test over k = 2..k_max decides it).
         "maps": {"enabled": True, "methods": ["gradient_x_input"], "null_references": [], "k_min": 1, "k_max": 2,
                  "n_bootstrap": 0, "n_reference": 39, "plots": False, "n_regions": 4},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +12,9 @@ import neurocl.validation.separation as bench
 from neurocl.cohort import Cohort
 from neurocl.errors import ConfigError
 from neurocl.probe import PROBE_COLUMNS, ProbeConfig, held_out_score, probe_attribute, probe_embeddings, separation
+from neurocl.pipeline import run_pipeline
 
+REPO = Path(__file__).resolve().parent.parent
 CONFIG = ProbeConfig(n_permutations=199, n_bootstrap=100, n_jobs=1)
 
 
@@ -122,3 +126,24 @@ def test_the_separation_bench_scores_with_the_probe_package():
     train, test = np.arange(60) < 40, np.arange(60) >= 40
     assert held_out_score(x, y, "continuous", train, test)["value"] > 0.9
     assert held_out_score(x, y, "continuous", train, test & (np.arange(60) < 43)) is None  # 3 test subjects
+
+
+def test_a_pipeline_without_test_subjects_is_refused_before_training(tiny_cohort):
+    from neurocl.config import load_pipeline
+
+    settings = ["splits.test_fraction=0"]
+    with pytest.raises(ConfigError, match=r"splits.test_fraction is 0.*in_sample_cv"):
+        load_pipeline(REPO / "pipelines" / "demo.yaml", overrides={"cohort": str(tiny_cohort)}, settings=settings)
+    config = load_pipeline(REPO / "pipelines" / "demo.yaml", overrides={"cohort": str(tiny_cohort)},
+                           settings=settings + ["evaluation.probe.scope=in_sample_cv"])
+    assert config.evaluation.probe.scope == "in_sample_cv"
+
+
+def test_a_split_too_small_for_held_out_probes_is_refused_before_the_first_write(tiny_cohort, tmp_path):
+    # 32 subjects, test_fraction 0.05: 1-2 test participants, below the held-out minimum; refused
+    # before the store or the run folder is written, not after training.
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"test participant\(s\) of 32; held-out probes need at least 4.*in_sample_cv"):
+        run_pipeline(REPO / "pipelines" / "demo.yaml", out, overrides={"cohort": str(tiny_cohort)},
+                     settings=["splits.test_fraction=0.05", f"outputs.store={tmp_path / 'store'}"])
+    assert not out.exists() and not (tmp_path / "store").exists()

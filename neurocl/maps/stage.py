@@ -334,10 +334,15 @@ def analyse_salient(
     if testing:
         write_tsv(folder.significance, _significance_maps(shares, store, config, folder))
     summary["null_references"] = sorted(null_maps)
+    # Who the clusters and maps are computed on: held out only on the test split (the encoder never
+    # trained on those subjects); otherwise in-sample, said so in the files and the report.
+    scope = {"split": config.split, "scope": "held_out" if config.split == "test" else "in_sample"}
+    summary.update(scope)
     write_json(folder.subtypes, _json_ready(summary))
     if truth is not None:
         evaluation = _evaluate(store, subjects, memberships, clusters, truth, true_masks, group_maps,
                                control_mean, ground_truth, config.batch_size, null_maps)
+        evaluation = {**scope, **evaluation}
         write_json(folder.evaluation, evaluation)
         summary = {**summary, "evaluation": evaluation}
     else:
