@@ -308,7 +308,7 @@ def demo(
         "report.md gives each figure's mean ± sd over seeds, the printed checks are the first seed's."
     ),
 ) -> None:
-    """Synthetic cohort at 4 mm + small CNN + SepCLR, end to end (2.5 min on 2 idle CPU cores, up to 11 min shared).
+    """Synthetic cohort at 4 mm + small CNN + SepCLR, end to end (2.0 min on 2 idle CPU cores, up to 11 min shared).
 
     Example: neurocl demo --out neurocl-demo
 
