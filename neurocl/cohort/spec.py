@@ -9,7 +9,7 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from neurocl.errors import CohortError
+from neurocl.errors import CohortError, validation_message
 from neurocl.images import GridSpec, ImageKind, image_kind
 
 # The subject key: a row of a cohort, a store manifest, an embeddings table or a splits manifest is
@@ -160,10 +160,5 @@ class CohortSpec(BaseModel):
 
 
 def _spec_error(source: str, error: ValidationError) -> CohortError:
-    lines = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "spec"
-        message = item["msg"].removeprefix("Value error, ")
-        given = "" if item["type"] in ("missing", "value_error") else f" (got {item['input']!r})"
-        lines.append(f"{source}: {field}: {message}{given}")
-    return CohortError("\n".join(lines))
+    # A model-level problem of a cohort spec is named "spec" (the spec as a whole).
+    return CohortError(validation_message(source, error, top="spec"))
