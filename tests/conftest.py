@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from neurocl.synth import SynthConfig, make_synthetic_cohort
 
@@ -35,3 +36,12 @@ def tiny_store(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory):
     from neurocl.store import VolumeStore
 
     return VolumeStore.build(Cohort.from_yaml(tiny_cohort), tmp_path_factory.mktemp("tiny_store"), workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
