@@ -38,7 +38,7 @@ from neurocl.probe import probe_embeddings, separation
 from neurocl.probe.heldout import ADVICE, MIN_TEST_PARTICIPANTS
 from neurocl.rundir import RunDir
 from neurocl.store import VolumeStore
-from neurocl.train import check_batch_sizes, is_primary_process, train, train_as_worker, training_jobs
+from neurocl.train import check_batch_sizes, is_primary_process, seed_job, train, train_as_worker, training_jobs
 
 console = progress_console()
 
@@ -170,7 +170,7 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool |
         # so the report can give each figure's spread over seeds.
         console.print(f"[bold]seed {seed}[/]: embedding and probing every subject")
         folder = run.seed_run(seed)
-        table = embeddings_table(modules[f"seeds/seed-{seed}"], store, cohort, splits, config.outputs.embed_batch_size,
+        table = embeddings_table(modules[seed_job(seed)], store, cohort, splits, config.outputs.embed_batch_size,
                                  progress=True)
         write_embeddings(folder.embeddings, table, cohort)
         _probe(table, cohort, config, folder, ground_truth)

@@ -387,8 +387,13 @@ def training_jobs(config: PipelineConfig, run: RunDir) -> list[tuple[str, Method
         if entry.trained:
             jobs.append((f"baselines/{entry.name}", entry.method(config.method), run.baseline(entry.name), config))
     for seed in config.training.run_seeds()[1:]:
-        jobs.append((f"seeds/seed-{seed}", config.method, run.seed_run(seed), seed_config(config, seed)))
+        jobs.append((seed_job(seed), config.method, run.seed_run(seed), seed_config(config, seed)))
     return jobs
+
+
+def seed_job(seed: int) -> str:
+    """The name of training seed ``seed``'s job in :func:`training_jobs` (a further seed, not the primary)."""
+    return f"seeds/seed-{seed}"
 
 
 def seed_config(config: PipelineConfig, seed: int) -> PipelineConfig:
