@@ -35,8 +35,8 @@ def volumes(batch: int = 4, shape=SHAPE, seed: int = 0) -> torch.Tensor:
 
 def loop_boxes(x: torch.Tensor, rows, corners, size) -> torch.Tensor:
     """The reference: one slice per patch."""
-    return torch.stack([x[row, :, a:a + size[0], b:b + size[1], c:c + size[2]]
-                        for row, (a, b, c) in zip(list(rows), corners.tolist())])
+    return torch.stack([x[(row, slice(None), *(slice(c, c + p) for c, p in zip(corner, size)))]
+                        for row, corner in zip(list(rows), corners.tolist())])
 
 
 def corner_of(volume: torch.Tensor, patch: torch.Tensor) -> list[tuple[int, ...]]:
@@ -81,6 +81,26 @@ def test_gather_boxes_equals_one_slice_per_patch():
     rows = torch.tensor([2, 0, 2, 1, 1, 0, 2])
     corners = random_corners(len(rows), SHAPE, size, generator)
     assert torch.equal(gather_boxes(x, rows, corners, size), loop_boxes(x, rows.tolist(), corners, size))
+
+
+def test_gather_boxes_handles_channels_2d_and_non_contiguous_input():
+    # The gather reads rows through the tensor's strides: check 2 channels, a 2D batch, a transposed
+    # (non-contiguous) batch and boxes flush with the far border.
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, *SHAPE, generator=generator)
+    size = (SHAPE[0], 2, 3)
+    rows = torch.tensor([1, 2, 0])
+    corners = random_corners(len(rows), SHAPE, size, generator)
+    corners[0] = torch.tensor([0, SHAPE[1] - 2, SHAPE[2] - 3])
+    assert torch.equal(gather_boxes(x, rows, corners, size), loop_boxes(x, rows.tolist(), corners, size))
+    image = torch.randn(4, 1, 9, 7, generator=generator)
+    corners = random_corners(5, (9, 7), (3, 7), generator)
+    rows = torch.tensor([3, 3, 0, 1, 2])
+    assert torch.equal(gather_boxes(image, rows, corners, (3, 7)), loop_boxes(image, rows.tolist(), corners, (3, 7)))
+    transposed = torch.randn(3, 1, SHAPE[2], SHAPE[1], SHAPE[0], generator=generator).transpose(2, 4)
+    corners = random_corners(2, SHAPE, (3, 3, 3), generator)
+    assert torch.equal(gather_boxes(transposed, torch.tensor([2, 0]), corners, (3, 3, 3)),
+                       loop_boxes(transposed, [2, 0], corners, (3, 3, 3)))
 
 
 def test_store_patches_from_the_memory_map_equal_slices_of_the_stored_volumes(store):
