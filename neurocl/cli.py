@@ -697,6 +697,30 @@ def bench_separation(
         console.print(f"wrote [bold]{out}[/]")
 
 
+@bench_app.command("separation-compare")
+@user_errors
+def bench_separation_compare(
+    settings: list[str] = typer.Argument(
+        ..., metavar="LABEL=FILE[,FILE...]",
+        help="A setting: a label and its bench separation --out files (runs pooled). The first is the reference.",
+    ),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds: compare only their runs (default: all)."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown (for docs)."),
+) -> None:
+    """Settings of a search side by side: separation paired with the first setting on (cohort, seed), issue 13's checks.
+
+    Example: neurocl bench separation-compare shipped=old-10.json,old-11.json lam30=cov30-10.json,cov30-11.json
+    """
+    from neurocl.validation.separation_compare import comparison_markdown, compare_settings, load_setting, print_comparison
+
+    wanted = _seed_list(seeds)
+    rows = compare_settings([load_setting(text, wanted) for text in settings])
+    if markdown:
+        typer.echo(comparison_markdown(rows), nl=False)
+    else:
+        print_comparison(rows, results_console())
+
+
 def _run() -> None:  # pragma: no cover - entry point for ``python -m neurocl``
     app()
 
