@@ -23,11 +23,12 @@ from neurocl.cohort import Cohort
 from neurocl.config import ProbeConfig
 from neurocl.logs import progress_console, results_console
 from neurocl.errors import ConfigError
-from neurocl.io import read_tsv, write_json
+from neurocl.io import write_json
 from neurocl.pipeline import run_pipeline
 from neurocl.probe import PRIMARY_METRIC, probe_attribute
 from neurocl.rundir import RunDir
 from neurocl.synth import SynthConfig, make_synthetic_cohort
+from neurocl.synthdir import SynthDir
 
 console = progress_console()
 
@@ -97,9 +98,9 @@ def run_demo(out: str | os.PathLike = "neurocl-demo", resume: bool = False, seed
 def _demo_cohort(folder: Path) -> Path:
     """``folder/cohort.yaml`` of the demo cohort, generated unless a complete one made alike is there."""
     config = SynthConfig(**DEMO_COHORT)
-    cohort_yaml = folder / "cohort.yaml"
+    cohort_yaml = SynthDir(folder).cohort_yaml
     if cohort_yaml.is_file():
-        description = folder / "dataset_description.json"
+        description = SynthDir(folder).description
         made_with = json.loads(description.read_text()).get("SynthConfig") if description.is_file() else None
         if _normalised(made_with) != config.model_dump():
             raise ConfigError(
@@ -142,12 +143,12 @@ def demo_summary(run_dir: str | os.PathLike, cohort_dir: str | os.PathLike) -> d
       ``maps/evaluation.json``; ``ari_test``: the ARI over the test patients only (held out).
     * ``targets``: each check and whether it holds (decodable = p < 0.05 and score above chance).
     """
-    run, cohort_dir = RunDir(run_dir), Path(cohort_dir)
+    run, cohort_dir = RunDir(run_dir), SynthDir(cohort_dir)
     config = run.read_config()
     probes = run.read_table(run.probes)
     embeddings = run.read_table(run.embeddings)
-    truth = read_tsv(cohort_dir / "ground_truth.tsv")
-    kinds = Cohort.from_yaml(cohort_dir / "cohort.yaml").attribute_kinds
+    truth = cohort_dir.read_ground_truth()
+    kinds = Cohort.from_yaml(cohort_dir.cohort_yaml).attribute_kinds
     results: dict[str, dict] = {}
     for attribute in DEMO_EXPECTED:
         if attribute == "subtype":

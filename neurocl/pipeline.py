@@ -38,6 +38,7 @@ from neurocl.probe import probe_embeddings, separation
 from neurocl.probe.heldout import ADVICE, MIN_TEST_PARTICIPANTS
 from neurocl.rundir import RunDir
 from neurocl.store import VolumeStore
+from neurocl.synthdir import SynthDir
 from neurocl.train import check_batch_sizes, is_primary_process, seed_job, train, train_as_worker, training_jobs
 
 console = progress_console()
@@ -222,5 +223,5 @@ def _probe(embeddings: pd.DataFrame, cohort: Cohort, config: PipelineConfig, run
 def _ground_truth(config: PipelineConfig) -> Path | None:
     if config.evaluation.ground_truth is not None:
         return config.evaluation.ground_truth
-    beside = config.cohort.parent / "ground_truth.tsv"
+    beside = SynthDir(config.cohort.parent).ground_truth
     return beside if beside.is_file() else None

@@ -29,6 +29,7 @@ from PIL import Image
 from neurocl import io
 from neurocl.cohort import Cohort
 from neurocl.errors import CohortError, ConfigError
+from neurocl.synthdir import SynthDir
 
 
 def _axial(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -50,14 +51,16 @@ def slice_cohort(source_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """Write the 2D cohort of the synthetic cohort in ``source_dir`` to ``out_dir``; return its cohort.yaml."""
 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
+    source, written = SynthDir(source_dir), SynthDir(out_dir)
     if image_format not in ("png", "nifti"):
         raise ConfigError(f"image_format {image_format!r}: use png or nifti")
-    mask_paths = sorted((source_dir / "masks").glob("subtype-*_mask.nii.gz"))
+    mask_paths = source.subtype_masks()
     if not mask_paths:
-        raise ConfigError(f"{source_dir} has no masks/subtype-*_mask.nii.gz: not a synthetic cohort")
+        pattern = source.subtype_mask("*").relative_to(source_dir)
+        raise ConfigError(f"{source_dir} has no {pattern}: not a synthetic cohort")
     masks = [_axial(path)[0] > 0.5 for path in mask_paths]
     slab = subtype_slab(masks)
-    cohort = Cohort.from_yaml(source_dir / "cohort.yaml")
+    cohort = Cohort.from_yaml(source.cohort_yaml)
     slices, affine = [], None
     for path in cohort.image_paths:
         volume, affine = _axial(path)
@@ -81,12 +84,12 @@ def slice_cohort(source_dir: str | os.PathLike, out_dir: str | os.PathLike,
             io.save_nifti(nib.Nifti1Image(image, slice_affine), target)
     for k, mask in enumerate(masks, start=1):
         io.save_nifti(nib.Nifti1Image(mask[:, :, slab].any(axis=2).astype(np.uint8), slice_affine),
-                      out_dir / "masks" / f"subtype-{k}_mask.nii.gz")
-    for name in ("participants.tsv", "ground_truth.tsv"):
-        shutil.copyfile(source_dir / name, out_dir / name)
-    spec = io.load_yaml(source_dir / "cohort.yaml", CohortError, "cohort spec")
+                      written.subtype_mask(k))
+    shutil.copyfile(source.participants, written.participants)
+    shutil.copyfile(source.ground_truth, written.ground_truth)
+    spec = io.load_yaml(source.cohort_yaml, CohortError, "cohort spec")
     spec["name"] = f"{spec['name']}-2d-slab{slab.start}-{slab.stop - 1}"
     spec["images"] = "images/{participant_id}" + suffix
     if image_format == "png":
         spec["grid"] = {"voxel_size": voxel}
-    return io.write_text(out_dir / "cohort.yaml", yaml.safe_dump(spec, sort_keys=False))
+    return io.write_text(written.cohort_yaml, yaml.safe_dump(spec, sort_keys=False))

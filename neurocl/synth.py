@@ -58,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from neurocl import io
 from neurocl.errors import ConfigError
+from neurocl.synthdir import SynthDir
 
 # Anatomically placed subtype regions (MNI152 mm), in different lobes and hemispheres,
 # each centred in GM-rich tissue (>= 75 % of the voxels within 12 mm have GM >= 0.25 in
@@ -502,9 +503,9 @@ def _cohort_yaml(name: str) -> str:
 
     spec = {
         "name": name,
-        "participants": "participants.tsv",
+        "participants": SynthDir.PARTICIPANTS,
         "root": ".",
-        "images": "{participant_id}/anat/{participant_id}_desc-gm.nii.gz",
+        "images": SynthDir.IMAGES,
         "group": {"column": "diagnosis", "background": ["control"], "target": ["patient"]},
         "attributes": {"age": "continuous", "sex": "categorical", "site": "categorical", "severity": "continuous"},
     }
@@ -536,7 +537,7 @@ def _write_subject(job) -> None:
     key, subject, seed, out_dir = job
     grid, region_weights, age_weights, lesion_space = _SUBJECT_CONTEXT[key]
     volume = subject_volume(grid, subject, region_weights, seed, age_weights, lesion_space)
-    path = Path(out_dir) / subject.participant_id / "anat" / f"{subject.participant_id}_desc-gm.nii.gz"
+    path = SynthDir(out_dir).image(subject.participant_id)
     io.save_nifti(_nifti(volume, grid.affine), path)
 
 
@@ -601,10 +602,11 @@ def make_synthetic_cohort(
                 for _ in pool.map(_write_subject, jobs, chunksize=4):
                     bar.advance(task)
 
-    io.save_nifti(_nifti((grid.brain >= 0.5).astype(np.uint8), grid.affine), out_dir / "brain_mask.nii.gz")
+    folder = SynthDir(out_dir)
+    io.save_nifti(_nifti((grid.brain >= 0.5).astype(np.uint8), grid.affine), folder.brain_mask)
     masks = subtype_masks(grid, config)
     for k, mask in enumerate(masks, start=1):
-        io.save_nifti(_nifti(mask.astype(np.uint8), grid.affine), out_dir / "masks" / f"subtype-{k}_mask.nii.gz")
+        io.save_nifti(_nifti(mask.astype(np.uint8), grid.affine), folder.subtype_mask(k))
     tissue = (grid.gm >= MASK_GM_THRESHOLD) & (grid.brain >= 0.5)
     rows = [
         {
@@ -619,11 +621,11 @@ def make_synthetic_cohort(
         for name, centre in regions
     ]
     regions = pd.DataFrame(rows, columns=["subtype", "region", "x_mm", "y_mm", "z_mm", "n_voxels"])
-    io.write_tsv(out_dir / "masks" / "regions.tsv", regions)
-    io.write_tsv(out_dir / "ground_truth.tsv", latents)
-    io.write_tsv(out_dir / "participants.tsv", _participants(latents))
+    io.write_tsv(folder.regions, regions)
+    io.write_tsv(folder.ground_truth, latents)
+    io.write_tsv(folder.participants, _participants(latents))
     io.write_json(
-        out_dir / "dataset_description.json",
+        folder.description,
         {
             "Name": f"neurocl synthetic cohort (seed {config.seed})",
             "BIDSVersion": "1.9.0",
@@ -632,7 +634,7 @@ def make_synthetic_cohort(
             "SynthConfig": config.model_dump(),
         },
     )
-    return io.write_text(out_dir / "cohort.yaml", _cohort_yaml(f"synthetic-seed{config.seed}"))
+    return io.write_text(folder.cohort_yaml, _cohort_yaml(f"synthetic-seed{config.seed}"))
 
 
 def _neurocl_version() -> str:

@@ -1,4 +1,5 @@
-"""The shape of the code: no import cycle inside neurocl/, and one owner of the run folder's file names."""
+"""The shape of the code: no import cycle inside neurocl/, and one owner each of the run folder's and the
+synthetic cohort folder's file names."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from pathlib import Path
 
 from neurocl.rundir import MapsFolder, RunDir
+from neurocl.synthdir import SynthDir
 
 PACKAGE = Path(__file__).resolve().parents[1] / "neurocl"
 
@@ -101,16 +103,37 @@ def test_run_folder_file_names_are_spelled_in_rundir_only():
     folders = [name for name in names if "." not in name and name != "store"]
     file_literal = re.compile(r"""["'](?:[^"'\n]*/)?(%s)["']""" % "|".join(map(re.escape, files)))
     folder_join = re.compile(r"""/\s*["'](%s)["']|["'](%s)["']\s*/""" % (("|".join(map(re.escape, folders)),) * 2))
+    offenders = _literal_offenders("rundir.py", file_literal, folder_join)
+    assert not offenders, "run-folder file names outside rundir.py:\n" + "\n".join(offenders)
+
+
+
+def _literal_offenders(owner: str, file_literal: re.Pattern, folder_join: re.Pattern) -> list[str]:
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path.name == "rundir.py":
+        if path.name == owner:
             continue
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             code = line.split("#", 1)[0]
             if file_literal.search(code) or folder_join.search(code):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
-    assert not offenders, "run-folder file names outside rundir.py:\n" + "\n".join(offenders)
+    return offenders
 
+
+def test_synthetic_cohort_truth_file_names_are_spelled_in_synthdir_only():
+    """ground_truth.tsv, brain_mask.nii.gz, masks/regions.tsv and masks/subtype-K_mask.nii.gz: as a string of
+    their own (or ending one, as in ``f"subtype-{k}_mask.nii.gz"``), or the masks folder joined as a path."""
+    folder = SynthDir("COHORT")
+    files = [folder.ground_truth.name, folder.brain_mask.name, folder.regions.name,
+             folder.subtype_mask(1).name.split("1", 1)[1]]
+    assert files == ["ground_truth.tsv", "brain_mask.nii.gz", "regions.tsv", "_mask.nii.gz"]
+    file_literal = re.compile(r"""["'][^"'\n]*(%s)["']""" % "|".join(map(re.escape, files)))
+    folder_join = re.compile(r"""/\s*["'](%s)["']|["'](%s)["']\s*/""" % ((folder.masks.name,) * 2))
+    # The checker sees what it should and not prose about the files.
+    assert file_literal.search('path / f"subtype-{k}_mask.nii.gz"') and folder_join.search('out / "masks" / x')
+    assert not file_literal.search('help="ground_truth.tsv of a synthetic cohort."')
+    offenders = _literal_offenders("synthdir.py", file_literal, folder_join)
+    assert not offenders, "synthetic cohort file names outside synthdir.py:\n" + "\n".join(offenders)
 
 # Imports inside functions, where deferring buys something. cli.py defers for a fast `--help`; these
 # packages cost seconds to import and serve one path each, so the modules below import them where used.

@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from neurocl.errors import ConfigError
-from neurocl.io import read_tsv, write_tsv
+from neurocl.io import write_tsv
 from neurocl.config import load_pipeline
 from neurocl.demo import DEMO_COHORT, DEMO_PIPELINE, _demo_cohort, demo_summary
 from neurocl.synth import SynthConfig
+from neurocl.synthdir import SynthDir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +109,7 @@ def fake_run(tiny_cohort, tmp_path):
     config = load_pipeline(DEMO_PIPELINE, overrides={"cohort": str(tiny_cohort)}).model_dump(mode="json")
     config["evaluation"]["probe"].update(n_permutations=200, n_bootstrap=20)  # held out: no refit per permutation
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    truth = read_tsv(tiny_cohort.parent / "ground_truth.tsv")
+    truth = SynthDir(tiny_cohort.parent).read_ground_truth()
     rng = np.random.default_rng(0)
     # Half the subjects are the run's test subjects (every other pair of the cohort table).
     split = np.where(np.arange(len(truth)) // 2 % 2 == 1, "test", "train")

@@ -14,6 +14,7 @@ from scipy import stats
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
 from neurocl.errors import ConfigError
+from neurocl.synthdir import SynthDir
 from neurocl.maps import (
     MapsConfig,
     SubtypeClustering,
@@ -586,7 +587,7 @@ def test_analyse_salient_ranks_each_subtype_region_first_in_a_user_atlas(tiny_ru
 
     cohort, store, model, embeddings, _ = tiny_run
     # An atlas on the source (uncropped) grid: label k = subtype k's true region; the store grid is cropped.
-    source_masks = [nib.load(tiny_cohort.parent / "masks" / f"subtype-{k}_mask.nii.gz") for k in (1, 2)]
+    source_masks = [nib.load(SynthDir(tiny_cohort.parent).subtype_mask(k)) for k in (1, 2)]
     labels = np.zeros(source_masks[0].shape, dtype=np.int16)
     for k, mask in enumerate(source_masks, start=1):
         labels[np.asarray(mask.dataobj) > 0] = k

@@ -14,6 +14,7 @@ from neurocl.cohort import Cohort
 from neurocl.errors import ConfigError
 from neurocl.io import read_tsv
 from neurocl.demo import DEMO_COHORT
+from neurocl.synthdir import SynthDir
 from neurocl.validation.natural import NaturalConfig, make_natural_cohort
 from neurocl.validation.panel import DEMO_GENERATOR, PANEL, PanelScale, build_cohort, panel_cohort
 
@@ -44,7 +45,7 @@ def test_each_synthetic_variant_is_built_with_its_options_and_validates(tmp_path
     for option, value in {**DEMO_GENERATOR, **cohort.options, "seed": 1001, "n_subjects": 16}.items():
         assert made_with[option] == value
     assert Cohort.from_yaml(spec).validate(check_images=False) == []
-    truth = read_tsv(spec.parent / "ground_truth.tsv")
+    truth = SynthDir(spec.parent).read_ground_truth()
     assert set(cohort.shared) | set(cohort.specific) <= set(truth.columns)
 
 
@@ -55,7 +56,7 @@ def test_the_independent_cohort_uses_other_column_names_and_group_labels(tmp_pat
     assert set(participants.dx) == {"HC", "PT"}
     loaded = Cohort.from_yaml(spec)
     assert sorted(loaded.attribute_kinds) == ["AGE", "gender", "scanner", "score"]
-    assert loaded.is_target.sum() == (read_tsv(spec.parent / "ground_truth.tsv").group == "target").sum()
+    assert loaded.is_target.sum() == (SynthDir(spec.parent).read_ground_truth().group == "target").sum()
 
 
 def _sklearn_background(row, patch):
@@ -75,7 +76,7 @@ def test_natural_images_are_sklearns_photographs_with_its_real_digits_blended_in
 
     config = NaturalConfig(n_subjects=24, patch=32, depth=3, seed=5)
     spec = make_natural_cohort(tmp_path / "n", config)
-    truth = read_tsv(spec.parent / "ground_truth.tsv")
+    truth = SynthDir(spec.parent).read_ground_truth()
     assert (truth.group == "target").sum() == 12 and set(truth.digit[truth.group == "target"]) == {0, 1}
     assert set(truth.photo) == {"china", "flower"}
     digits = load_digits()
@@ -111,7 +112,7 @@ def test_natural_images_are_sklearns_photographs_with_its_real_digits_blended_in
 def test_natural_cohort_is_reproducible_from_its_seed_and_refuses_bad_options(tmp_path):
     first = make_natural_cohort(tmp_path / "a", NaturalConfig(n_subjects=10, patch=32, seed=2)).parent
     second = make_natural_cohort(tmp_path / "b", NaturalConfig(n_subjects=10, patch=32, seed=2)).parent
-    assert (first / "ground_truth.tsv").read_bytes() == (second / "ground_truth.tsv").read_bytes()
+    assert SynthDir(first).ground_truth.read_bytes() == SynthDir(second).ground_truth.read_bytes()
     image = "images/sub-0003.nii.gz"
     np.testing.assert_array_equal(nib.load(first / image).get_fdata(), nib.load(second / image).get_fdata())
     with pytest.raises(ValueError, match="patch must be even"):

@@ -28,6 +28,7 @@ from neurocl.maps import MapsConfig, analyse_salient
 from neurocl.probe import ProbeConfig, probe_embeddings, separation
 from neurocl.report import write_report
 from neurocl.rundir import RunDir
+from neurocl.synthdir import SynthDir
 
 N_COMPONENTS = 3
 PROBE_CONFIG = ProbeConfig(n_splits=3, inner_splits=2, n_permutations=9, n_bootstrap=50, n_jobs=1)
@@ -105,7 +106,7 @@ def run_dir(tiny_cohort, tiny_store, tmp_path_factory):
     spaces = {f"{space}_{i}": outputs[f"{space}_rep"][:, i].numpy() for space in ("common", "salient") for i in range(N_COMPONENTS)}
     embeddings = pd.concat([keys, pd.DataFrame(spaces)], axis=1)
     write_tsv(run / "embeddings.tsv", embeddings)
-    truth = tiny_cohort.parent / "ground_truth.tsv"
+    truth = SynthDir(tiny_cohort.parent).ground_truth
     probes = probe_embeddings(embeddings, cohort, attributes=["age", "sex", "severity", "group"], config=PROBE_CONFIG)
     write_tsv(run / "probes.tsv", probes)
     write_json(run / "separation.json", separation(embeddings, cohort, probes, ground_truth=truth, config=PROBE_CONFIG))

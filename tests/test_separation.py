@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from neurocl.cli import app
 from neurocl.errors import ConfigError
 from neurocl.io import read_tsv
+from neurocl.synthdir import SynthDir
 from neurocl.validation.panel import PanelScale, build_cohort, panel_cohort
 from neurocl.validation.separation import (
     REPRESENTATIONS,
@@ -48,7 +49,7 @@ def truth(tmp_path_factory):
     """Ground truth of a panel cohort: the factors the embeddings below are made of."""
     spec = build_cohort(panel_cohort("reference"), tmp_path_factory.mktemp("ref") / "c",
                         PanelScale(n_subjects=120, resolution=16.0), seed=7)
-    table = read_tsv(spec.parent / "ground_truth.tsv")
+    table = SynthDir(spec.parent).read_ground_truth()
     table["split"] = np.where(np.arange(len(table)) % 3 == 0, "test", "train")
     return table
 

@@ -13,6 +13,7 @@ from PIL import Image
 from neurocl import pipeline
 from neurocl.cohort import Cohort
 from neurocl.slices import slice_cohort, subtype_slab
+from neurocl.synthdir import SynthDir
 
 DEMO_2D = Path(__file__).resolve().parents[1] / "pipelines" / "demo_2d.yaml"
 
@@ -41,10 +42,11 @@ def test_png_projections_keep_one_intensity_scale_and_every_subtype(png_cohort, 
         expected = np.clip(np.round(projections[index] * 255 / peak), 0, 255)
         # float32 sums in another order may land a value on the other side of .5: at most 1 grey level.
         assert np.abs(np.asarray(Image.open(cohort.image_paths[index]), dtype=float) - expected).max() <= 1
-    for mask in sorted((png_cohort.parent / "masks").glob("*.nii.gz")):
+    written, source = SynthDir(png_cohort.parent), SynthDir(tiny_cohort.parent)
+    assert len(written.subtype_masks()) == len(source.subtype_masks()) > 0
+    for mask in written.subtype_masks():
         assert nib.load(mask).get_fdata().sum() > 0
-    pd.testing.assert_frame_equal(pd.read_csv(png_cohort.parent / "ground_truth.tsv", sep="\t"),
-                                  pd.read_csv(tiny_cohort.parent / "ground_truth.tsv", sep="\t"))
+    pd.testing.assert_frame_equal(pd.read_csv(written.ground_truth, sep="\t"), pd.read_csv(source.ground_truth, sep="\t"))
 
 
 def test_2d_demo_pipeline_trains_embeds_and_probes_a_png_cohort(png_cohort, tmp_path):

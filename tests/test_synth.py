@@ -18,6 +18,7 @@ from neurocl.cli import app
 from neurocl.errors import ConfigError
 from neurocl.io import read_tsv
 from neurocl.synth import SynthConfig, draw_latents, make_synthetic_cohort
+from neurocl.synthdir import SynthDir
 
 SMALL = dict(n_subjects=8, subtypes=2, sites=2, resolution=10.0)
 
@@ -296,6 +297,23 @@ def test_an_age_gradient_takes_more_gm_at_the_front_than_at_the_back(tmp_path):
     assert slopes["gradient"] < -0.003
     assert abs(slopes["global"]) < abs(slopes["gradient"]) / 3
 
+
+
+def test_the_files_written_are_the_ones_synthdir_names(tmp_path):
+    """The generator and the readers agree on the layout: every file the generator writes is a SynthDir path."""
+    folder = SynthDir(make_synthetic_cohort(tmp_path / "c", SynthConfig(**SMALL, seed=1)).parent)
+    ids = read_tsv(folder.participants).participant_id
+    expected = {folder.cohort_yaml, folder.participants, folder.ground_truth, folder.brain_mask, folder.regions,
+                folder.description, folder.subtype_mask(1), folder.subtype_mask(2), *map(folder.image, ids)}
+    assert {path for path in folder.path.rglob("*") if path.is_file()} == expected
+    assert folder.subtype_masks() == [folder.subtype_mask(1), folder.subtype_mask(2)]
+    spec = yaml.safe_load(folder.cohort_yaml.read_text())
+    assert spec["participants"] == folder.PARTICIPANTS and spec["images"] == folder.IMAGES
+    # The on-disk names themselves (the format other tools read): spelled here on purpose.
+    assert folder.ground_truth == folder.path / "ground_truth.tsv" and folder.has_ground_truth()
+    assert folder.subtype_mask(2) == folder.path / "masks" / "subtype-2_mask.nii.gz"
+    truth = folder.read_ground_truth()
+    assert list(truth.participant_id) == list(ids) and "subtype" in truth.columns
 
 def test_head_size_noise_zero_ties_head_size_to_sex_alone():
     latents = draw_latents(SynthConfig(n_subjects=50, sex_effect=4.0, head_size_noise=0.0, seed=1))

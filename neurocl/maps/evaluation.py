@@ -12,8 +12,8 @@ from scipy.stats import rankdata
 from sklearn.metrics import adjusted_rand_score
 
 from neurocl.errors import ConfigError
-from neurocl.io import read_tsv
 from neurocl.maps.regions import _as_image
+from neurocl.synthdir import SynthDir
 
 
 #: How far a trained network's map AUC must exceed the untrained network's to pass; any other null
@@ -75,16 +75,16 @@ def load_ground_truth(folder: str | Path, store) -> tuple[pd.DataFrame, dict[int
     """
     from nilearn.image import resample_to_img
 
-    folder = Path(folder)
-    table = read_tsv(folder / "ground_truth.tsv")
+    folder = SynthDir(folder)
+    table = folder.read_ground_truth()
     if "subtype" not in table.columns:
-        raise ConfigError(f"{folder / 'ground_truth.tsv'}: no subtype column (has {list(table.columns)})")
+        raise ConfigError(f"{folder.ground_truth}: no subtype column (has {list(table.columns)})")
     grid = store.to_nifti(np.zeros(store.spatial_shape, dtype=np.float32))
     masks = {}
     for subtype in sorted(int(k) for k in table["subtype"].dropna().unique() if k > 0):
-        path = folder / "masks" / f"subtype-{subtype}_mask.nii.gz"
+        path = folder.subtype_mask(subtype)
         if not path.is_file():
-            raise ConfigError(f"{folder / 'ground_truth.tsv'} has subtype {subtype} but {path} does not exist")
+            raise ConfigError(f"{folder.ground_truth} has subtype {subtype} but {path} does not exist")
         resampled = resample_to_img(
             _as_image(path), grid, interpolation="nearest", force_resample=True, copy_header=True
         )
@@ -95,7 +95,7 @@ def load_ground_truth(folder: str | Path, store) -> tuple[pd.DataFrame, dict[int
 def find_ground_truth(cohort) -> Path | None:
     """The synthetic cohort folder (``ground_truth.tsv`` beside the cohort YAML), if there is one."""
     source = Path(str(getattr(cohort, "source", "")))
-    if source.suffix in (".yaml", ".yml") and (source.parent / "ground_truth.tsv").is_file():
+    if source.suffix in (".yaml", ".yml") and SynthDir(source.parent).has_ground_truth():
         return source.parent
     return None
 
@@ -104,7 +104,7 @@ def load_brain_mask(folder: str | Path, store) -> np.ndarray | None:
     """A synthetic cohort's ``brain_mask.nii.gz`` on the store grid (nearest neighbour), or None without one."""
     from nilearn.image import resample_to_img
 
-    path = Path(folder) / "brain_mask.nii.gz"
+    path = SynthDir(folder).brain_mask
     if not path.is_file():
         return None
     grid = store.to_nifti(np.zeros(store.spatial_shape, dtype=np.float32))

@@ -34,6 +34,7 @@ from neurocl.maps.significance import paired_sign_flip_test, relevance_shares
 from neurocl.maps.subtypes import SubtypeClustering, cluster_associations, seed_consensus
 from neurocl.methods import MethodConfig, build_method
 from neurocl.rundir import MapsFolder, RunDir, load_run
+from neurocl.synthdir import SynthDir
 from neurocl.train import train
 
 
@@ -308,7 +309,7 @@ def analyse_salient(
     truth = true_masks = None
     if ground_truth is not None:
         truth_table, true_masks = load_ground_truth(ground_truth, store)
-        truth = _true_subtypes(targets, truth_table, Path(ground_truth) / "ground_truth.tsv")
+        truth = _true_subtypes(targets, truth_table, SynthDir(ground_truth).ground_truth)
     memberships = [
         ["all", f"cluster-{c}"] + ([] if truth is None else [f"true-subtype-{truth[i]}"])
         for i, c in enumerate(clusters)
@@ -395,8 +396,9 @@ def _evaluate(store, subjects: np.ndarray, memberships: list[list[str]], cluster
     if true_brain is not None:
         domain = domain & true_brain
     evaluation = evaluate_subtypes(clusters, truth, true_masks, group_maps, domain, differences, control, null_maps)
-    evaluation["ground_truth"] = str(Path(ground_truth) / "ground_truth.tsv")
-    evaluation["evaluation_mask"] = "store mask" + ("" if true_brain is None else " ∩ brain_mask.nii.gz")
+    truth_files = SynthDir(ground_truth)
+    evaluation["ground_truth"] = str(truth_files.ground_truth)
+    evaluation["evaluation_mask"] = "store mask" + ("" if true_brain is None else f" ∩ {truth_files.brain_mask.name}")
     return _json_ready(evaluation)
 
 

@@ -13,6 +13,7 @@ from neurocl.errors import ConfigError, NeuroclError
 from neurocl.io import load_yaml, read_tsv
 from neurocl.rundir import RunDir
 from neurocl.seeds import seed_files
+from neurocl.synthdir import SynthDir
 
 
 def _cohort_name(spec_path) -> str:
@@ -108,7 +109,7 @@ def _cohort_tables(config: dict | None, run_dir: Path) -> tuple[pd.DataFrame | N
         lines = pd.to_numeric(table["row"], errors="coerce") - 2  # header = line 1
         valid = lines.between(0, len(raw) - 1)
         table["diagnosis"] = np.where(valid, raw[column].astype(str).reindex(lines.fillna(-1).astype(int)).to_numpy(), None)
-    truth_path = cohort_yaml.parent / "ground_truth.tsv"
+    truth_path = SynthDir(cohort_yaml.parent).ground_truth
     return table, _read_table(truth_path) if truth_path.is_file() else None, ""
 
 

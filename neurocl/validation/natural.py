@@ -45,6 +45,7 @@ from sklearn.datasets import load_digits, load_sample_images
 
 from neurocl import io
 from neurocl.errors import ConfigError
+from neurocl.synthdir import SynthDir
 
 PHOTOS = ("china", "flower")
 FLOOR = 0.02
@@ -171,6 +172,7 @@ def make_natural_cohort(out_dir: str | Path, config: NaturalConfig | None = None
     """
     config = config or NaturalConfig()
     out_dir = Path(out_dir)
+    files = SynthDir(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"output folder {out_dir} is not new or empty; give a new or empty folder")
     factors = draw_factors(config)
@@ -184,7 +186,7 @@ def make_natural_cohort(out_dir: str | Path, config: NaturalConfig | None = None
         nifti.header.set_xyzt_units("mm")
         io.save_nifti(nifti, out_dir / "images" / f"{row.participant_id}.nii.gz")
     truth = factors
-    io.write_tsv(out_dir / "ground_truth.tsv", truth)
+    io.write_tsv(files.ground_truth, truth)
     is_target = truth.group == "target"
     participants = pd.DataFrame(
         {
@@ -197,18 +199,18 @@ def make_natural_cohort(out_dir: str | Path, config: NaturalConfig | None = None
             "strength": truth.strength.round(3).where(is_target),
         }
     )
-    io.write_tsv(out_dir / "participants.tsv", participants)
-    io.write_json(out_dir / "dataset_description.json",
+    io.write_tsv(files.participants, participants)
+    io.write_json(files.description,
                   {"Name": f"neurocl natural-image contrastive cohort (seed {config.seed})",
                    "Sources": ["sklearn.datasets.load_sample_images", "sklearn.datasets.load_digits"],
                    "NaturalConfig": config.model_dump(mode="json")})
     spec = {
         "name": f"natural-digits-seed{config.seed}",
-        "participants": "participants.tsv",
+        "participants": SynthDir.PARTICIPANTS,
         "root": ".",
         "images": "images/{participant_id}.nii.gz",
         "group": {"column": "kind", "background": ["plain"], "target": ["digit"]},
         "attributes": {"photo": "categorical", "crop_row": "continuous", "gamma": "continuous",
                        "digit": "categorical", "strength": "continuous"},
     }
-    return io.write_text(out_dir / "cohort.yaml", yaml.safe_dump(spec, sort_keys=False))
+    return io.write_text(files.cohort_yaml, yaml.safe_dump(spec, sort_keys=False))

@@ -22,6 +22,7 @@ import yaml
 from neurocl import io
 from neurocl.errors import ConfigError
 from neurocl.synth import SynthConfig, make_synthetic_cohort
+from neurocl.synthdir import SynthDir
 from neurocl.validation.natural import NaturalConfig, make_natural_cohort
 
 # The demo cohort's generator settings (neurocl.demo.DEMO_COHORT) minus size, grid and seed,
@@ -118,11 +119,12 @@ def build_cohort(cohort: PanelCohort, out_dir: str | Path, scale: PanelScale, se
 
 def _rename(folder: Path) -> None:
     """Other column names and group labels in participants.tsv and cohort.yaml (ground_truth.tsv keeps its own)."""
-    participants = io.read_tsv(folder / "participants.tsv")
+    files = SynthDir(folder)
+    participants = io.read_tsv(files.participants)
     participants["diagnosis"] = participants["diagnosis"].map(RENAMED_GROUPS)
-    io.write_tsv(folder / "participants.tsv", participants.rename(columns=RENAMED_COLUMNS))
-    spec = io.load_yaml(folder / "cohort.yaml", ConfigError, "cohort spec")
+    io.write_tsv(files.participants, participants.rename(columns=RENAMED_COLUMNS))
+    spec = io.load_yaml(files.cohort_yaml, ConfigError, "cohort spec")
     spec["group"] = {"column": RENAMED_COLUMNS["diagnosis"], "background": [RENAMED_GROUPS["control"]],
                      "target": [RENAMED_GROUPS["patient"]]}
     spec["attributes"] = {RENAMED_COLUMNS.get(name, name): kind for name, kind in spec["attributes"].items()}
-    io.write_text(folder / "cohort.yaml", yaml.safe_dump(spec, sort_keys=False))
+    io.write_text(files.cohort_yaml, yaml.safe_dump(spec, sort_keys=False))

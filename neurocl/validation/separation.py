@@ -48,6 +48,7 @@ from neurocl.pipeline import run_pipeline
 from neurocl.probe import embedding_spaces
 from neurocl.probe.heldout import held_out_score
 from neurocl.rundir import RunDir
+from neurocl.synthdir import SynthDir
 from neurocl.validation.panel import PANEL, RENAMED_COLUMNS, PanelCohort, PanelScale, build_cohort, panel_cohort
 
 DEMO_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yaml"
@@ -236,7 +237,7 @@ def run_one(cohort: PanelCohort, seed: int, config: SeparationBenchConfig, workd
     pipeline = _bench_pipeline(raw_pipeline, cohort_yaml, seed, config.epochs, config.baselines, cohort)
     pipeline_yaml = io.write_text(folder / "pipeline.yaml", yaml.safe_dump(pipeline, sort_keys=False))
     run_dir = run_pipeline(pipeline_yaml, folder / "run")
-    truth = io.read_tsv(cohort_yaml.parent / "ground_truth.tsv")
+    truth = SynthDir(cohort_yaml.parent).read_ground_truth()
     rows, summary = score_representations(_representations(run_dir, config.baselines), truth, cohort)
     return {"cohort": cohort.name, "seed": seed, "cohort_seed": cohort_seed, "rows": rows, "summary": summary,
             "wall_s": round(time.monotonic() - started, 1), "cpu_s": round(time.process_time() - cpu_started, 1)}
