@@ -114,8 +114,8 @@ def gather_boxes(x: torch.Tensor, source: torch.Tensor, start: torch.Tensor, siz
     ``p_last`` elements (``as_strided``: a view, no copy) holds every possible row; one
     ``index_select`` takes the ``N * C * p0 * ... * p_{D-2}`` windows that start at the rows of the
     boxes. Each window is a contiguous run, so the CPU copies row by row; advanced indexing of an
-    ``unfold`` view (the first version) computes an offset per voxel and was 4-5x slower at 96^3
-    (measured, docs/benchmarks.md). On a GPU it is one kernel either way. ``x`` may be a tensor over
+    ``unfold`` view (the first version) computes an offset per voxel and was ~10x slower at 96^3
+    on one CPU thread (docs/benchmarks.md). On a GPU it is one kernel either way. ``x`` may be a tensor over
     a memory map: only the pages of the chosen rows are read.
     """
     batch, channels, *spatial = x.shape
