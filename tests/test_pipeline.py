@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -431,3 +432,34 @@ def test_prepare_then_a_requeued_job_completes_with_the_same_command(reference, 
     for name, value in expected["state_dict"].items():
         assert torch.equal(final["state_dict"][name], value), name
     assert json.loads((run_dir / "logs" / "prepared.json").read_text())["volumes"] == volumes_file  # not rebuilt
+
+
+class _SigintInFinalizer:
+    """Delivers SIGINT while Python runs this object's finalizer: its KeyboardInterrupt is swallowed."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100_000):  # bytecode for the eval loop to run the handler here, inside __del__
+            pass
+
+
+class _LoseACtrlC(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == 2:
+            _SigintInFinalizer()  # made and released at once: the finalizer runs now
+
+
+def test_a_ctrl_c_lost_in_a_finalizer_still_stops_training(workspace, pipeline_yaml, monkeypatch):
+    # Python drops a KeyboardInterrupt raised inside __del__ ("Exception ignored", via
+    # sys.unraisablehook); the run's InterruptGuard recorded the signal and stops training at the
+    # next batch all the same.
+    lost = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: lost.append(unraisable.exc_type))
+    _with_callback(monkeypatch, _LoseACtrlC())
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(pipeline_yaml, workspace / "lost-ctrl-c")
+    assert KeyboardInterrupt in lost  # the first interrupt really was swallowed
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    metrics = (workspace / "lost-ctrl-c" / "logs" / "metrics.tsv")
+    steps = [line for line in metrics.read_text().splitlines()[1:] if line.strip()] if metrics.exists() else []
+    assert len(steps) <= 4, f"training went on after the interrupt: {len(steps)} metric rows"
