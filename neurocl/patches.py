@@ -173,7 +173,7 @@ def extract_patches(
     """All patches of ``size`` on a ``stride`` grid of a batch, in one gather.
 
     The same patches as ``unfold`` along each axis (``x.unfold(2, p, t).unfold(3, ...)``) taken
-    in one ``index_select``; in addition the grid covers the whole volume: when ``stride`` does
+    in one :func:`gather_boxes`; in addition the grid covers the whole volume: when ``stride`` does
     not land on the far border, one more patch flush with it is added, so every voxel lies in at
     least one patch (``unfold`` would drop the border voxels).
 
@@ -196,10 +196,10 @@ def extract_patches(
     size = _as_tuple(size, dims, "size")
     stride = _as_tuple(stride, dims, "stride")
     coords = grid_corners(spatial, size, stride).to(x.device)
-    voxels = _patch_voxel_index(coords, size, spatial)
-    patches = x.reshape(batch, channels, -1).index_select(2, voxels)
-    patches = patches.view(batch, channels, coords.shape[0], *size).transpose(1, 2)
-    return patches, coords
+    # Every (subject, grid corner) pair, subject-major: the boxes gather_boxes cuts as rows.
+    source = torch.arange(batch, device=x.device).repeat_interleave(len(coords))
+    patches = gather_boxes(x, source, coords.repeat(batch, 1), size)
+    return patches.view(batch, len(coords), channels, *size), coords
 
 
 def aggregate_patches(
