@@ -98,9 +98,10 @@ def run_demo(out: str | os.PathLike = "neurocl-demo", resume: bool = False, seed
 def _demo_cohort(folder: Path) -> Path:
     """``folder/cohort.yaml`` of the demo cohort, generated unless a complete one made alike is there."""
     config = SynthConfig(**DEMO_COHORT)
-    cohort_yaml = SynthDir(folder).cohort_yaml
+    files = SynthDir(folder)
+    cohort_yaml = files.cohort_yaml
     if cohort_yaml.is_file():
-        description = SynthDir(folder).description
+        description = files.description
         made_with = json.loads(description.read_text()).get("SynthConfig") if description.is_file() else None
         if _normalised(made_with) != config.model_dump():
             raise ConfigError(
