@@ -366,6 +366,14 @@ def separation_markdown(results: dict) -> str:
 # ----------------------------------------------------------------------------- the method's targets (issue 13)
 
 SPECIFIC_MARGIN, LEAK_MARGIN, SHARED_SLACK, MAX_SD = 0.10, 0.10, 0.05, 0.05
+# The names of the kinds of check (in the order the comparison table gives them), and the prefix
+# of the seed-to-seed SD checks; neurocl.validation.separation_compare reads them from here.
+SPECIFIC_IN_SALIENT = "specific: salient >= best(PCA, cPCA) + 0.10"
+SPECIFIC_IN_COMMON = "specific: common <= chance + 0.10"
+SHARED_IN_SALIENT = "shared: salient <= chance + 0.10"
+SHARED_IN_COMMON = "shared: common >= PCA - 0.05"
+CHECK_KINDS = (SPECIFIC_IN_SALIENT, SPECIFIC_IN_COMMON, SHARED_IN_SALIENT, SHARED_IN_COMMON)
+SD_CHECK_PREFIX = "SD over seeds"
 
 
 def target_checks(entry: dict) -> list[dict]:
@@ -395,18 +403,18 @@ def target_checks(entry: dict) -> list[dict]:
             continue
         if row["role"] == "specific":
             baselines = [mean.get(rep) for rep in ("pca", "cpca") if mean.get(rep) is not None]
-            add("specific: salient >= best(PCA, cPCA) + 0.10", row, mean.get("salient"),
+            add(SPECIFIC_IN_SALIENT, row, mean.get("salient"),
                 max(baselines) + SPECIFIC_MARGIN if baselines else None, True)
-            add("specific: common <= chance + 0.10", row, mean.get("common"), row["chance"] + LEAK_MARGIN, False)
+            add(SPECIFIC_IN_COMMON, row, mean.get("common"), row["chance"] + LEAK_MARGIN, False)
         else:
-            add("shared: salient <= chance + 0.10", row, mean.get("salient"), row["chance"] + LEAK_MARGIN, False)
+            add(SHARED_IN_SALIENT, row, mean.get("salient"), row["chance"] + LEAK_MARGIN, False)
             pca = mean.get("pca")
-            add("shared: common >= PCA - 0.05", row, mean.get("common"), None if pca is None else pca - SHARED_SLACK,
+            add(SHARED_IN_COMMON, row, mean.get("common"), None if pca is None else pca - SHARED_SLACK,
                 True)
         for rep in ("common", "salient"):
             sd = values.get(rep, {}).get("sd")
             if sd is not None:
-                add(f"SD over seeds <= 0.05 ({rep})", row, sd, MAX_SD, False)
+                add(f"{SD_CHECK_PREFIX} <= 0.05 ({rep})", row, sd, MAX_SD, False)
     return checks
 
 

@@ -27,17 +27,8 @@ import numpy as np
 from rich.table import Table
 
 from neurocl.errors import ConfigError
-from neurocl.validation.separation import aggregate, target_checks
+from neurocl.validation.separation import CHECK_KINDS, SD_CHECK_PREFIX, aggregate, target_checks
 
-# The kinds of check of ``target_checks`` (its check names), in the table's column order; the
-# seed-to-seed SD checks are counted apart (they need 2 seeds and say nothing about a setting's mean).
-CHECK_KINDS = (
-    "specific: salient >= best(PCA, cPCA) + 0.10",
-    "specific: common <= chance + 0.10",
-    "shared: salient <= chance + 0.10",
-    "shared: common >= PCA - 0.05",
-)
-SD_CHECK_PREFIX = "SD over seeds"
 # Short column names (the caption and docs/benchmarks-separation.md give each bound).
 CHECK_HEADERS = ("gap: specific salient", "gap: specific common", "gap: shared salient", "gap: shared common")
 NOT_A_RESULT = "not a result of `neurocl bench separation --out`"
