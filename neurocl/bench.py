@@ -37,6 +37,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from neurocl.allocator import describe_allocator
 from neurocl.errors import ConfigError
 from neurocl.store import VolumeStore
 from neurocl.views import ViewConfig, ViewSampler
@@ -412,7 +413,7 @@ def describe_machine(device: str) -> str:
     cpu = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} + {cpu}, torch {torch.__version__}"
-    return f"{cpu}, torch {torch.__version__}"
+    return f"{cpu}, torch {torch.__version__}, {describe_allocator()}"
 
 
 def measurement_table(title: str, columns: Sequence[str], numeric: Sequence[str], rows) -> Table:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+from neurocl.allocator import keep_freed_memory
 from neurocl.logs import progress_console, quiet_libraries, results_console
 
 app = typer.Typer(
@@ -69,6 +70,7 @@ def main(
     """neurocl: contrastive analysis of brain MRI cohorts."""
     _state["debug"] = debug
     quiet_libraries()
+    keep_freed_memory()
 
 
 def user_errors(func: Callable) -> Callable:
