@@ -710,3 +710,51 @@ def test_distributed_losses_and_gradients_equal_one_process_on_the_whole_batch(t
             value, grad = results[(name, rank)]
             assert value == pytest.approx(loss.item(), rel=1e-5), name
             np.testing.assert_allclose(grad, model.weight.grad.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+# ---------------------------------------------------------------- SepCLR on patches: subject pooling
+
+
+def _patch_batch(n_subjects: int = 4, k: int = 3, n_views: int = 2, seed: int = 0):
+    """SepCLR inputs for K patches of each subject (subject-major, as same_location patches come)."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(n_views, n_subjects * k, 5, generator=g, dtype=torch.float64)
+    s = torch.randn(n_views, n_subjects * k, 3, generator=g, dtype=torch.float64)
+    subject_target = torch.tensor([True, False] * (n_subjects // 2))
+    groups = torch.arange(n_subjects).repeat_interleave(k) * 7  # any subject ids, e.g. store rows
+    attributes = torch.randn(n_subjects, 2, generator=g, dtype=torch.float64).repeat_interleave(k, dim=0)
+    return c, s, subject_target.repeat_interleave(k), groups, attributes
+
+
+def test_sepclr_subject_pooling_puts_the_salient_side_on_subject_means():
+    c, s, is_target, groups, attributes = _patch_batch()
+    kwargs = dict(lam_cov=3.0, attributes=attributes, attribute_kinds=["continuous", "continuous"])
+    _, pooled = losses.sepclr_loss(c, s, is_target, groups=groups, **kwargs)
+    _, per_patch = losses.sepclr_loss(c, s, is_target, **kwargs)
+    # The subjects' means by hand: ĉ averaged then renormalised, s averaged, flags and attributes per subject.
+    c_mean = torch.nn.functional.normalize(c, dim=-1).unflatten(1, (4, 3)).mean(2)
+    s_mean = s.unflatten(1, (4, 3)).mean(2)
+    _, on_means = losses.sepclr_loss(c_mean, s_mean, is_target[::3], lam_cov=3.0, attributes=attributes[::3],
+                              attribute_kinds=["continuous", "continuous"])
+    assert torch.allclose(pooled["common"], per_patch["common"])  # the common term stays per patch
+    for term in ("salient", "null", "mi", "cov"):
+        assert torch.allclose(pooled[term], on_means[term]), term
+        assert not torch.allclose(pooled[term], per_patch[term]), term
+
+
+def test_sepclr_one_sample_per_group_is_the_plain_loss_and_mixed_groups_are_refused():
+    c, s, is_target, _, _ = _patch_batch()
+    total, _ = losses.sepclr_loss(c, s, is_target, groups=torch.arange(len(is_target)).flip(0))
+    assert torch.allclose(total, losses.sepclr_loss(c, s, is_target)[0])
+    mixed = torch.zeros(len(is_target), dtype=torch.long)
+    with pytest.raises(ValueError, match="mix target and background"):
+        losses.sepclr_loss(c, s, is_target, groups=mixed)
+    with pytest.raises(ValueError, match="one entry per sample"):
+        losses.sepclr_loss(c, s, is_target, groups=mixed[:-1])
+
+
+def test_sepclr_subject_pooling_counts_subjects_when_checking_both_groups():
+    c, s, _, groups, _ = _patch_batch()
+    only_targets = torch.ones(len(groups), dtype=torch.bool)
+    with pytest.raises(TrainingError, match="got 4 target and 0 background"):
+        losses.sepclr_loss(c, s, only_targets, groups=groups)
