@@ -372,15 +372,6 @@ class PipelineConfig(_Section):
                              "labelled in-sample)")
         return self
 
-    @model_validator(mode="after")
-    def _subject_pooling_needs_patches(self) -> "PipelineConfig":
-        patches = self.views.patches
-        if self.method.salient_pooling == "subject" and (patches is None or patches.positives != "same_location"):
-            raise ValueError("method.salient_pooling: subject pools the patches of each subject, so it needs "
-                             "views.patches with positives: same_location (got "
-                             f"{'no views.patches' if patches is None else 'positives: ' + patches.positives})")
-        return self
-
 
 # ---------------------------------------------------------------- field types
 

@@ -495,7 +495,6 @@ def sepclr_loss(
     lam_cov: float = 0.0,
     null_weighting: str = "plain",
     view_weighting: str = "balanced",
-    groups: Tensor | None = None,
     distributed: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     r"""SepCLR: common and salient spaces of a background / target contrast (Louiset et al., ICLR 2024),
@@ -534,11 +533,6 @@ def sepclr_loss(
     - ``view_weighting``: ``"balanced"`` ω_V = 2/V, ``"reference"`` ω_V = 1. With V = 2 both
       are the paper's loss; with V > 2 "reference" lets the uniformity terms grow with V
       against the (averaged) alignment, null and MI terms, "balanced" keeps the balance.
-    - ``groups`` (patches of subjects): samples that share a group are patches of one subject.
-      The common term stays per patch; the salient, null, MI and covariate terms act on the
-      subjects, with s_{v,g} = mean_{i ∈ g} s_{v,i} and ĉ_{v,g} = normalise(mean_{i ∈ g} ĉ_{v,i}).
-      A patient's patches then need not each show what is specific to patients (most patches
-      miss a focal lesion); their mean must, as a whole volume's salient embedding must.
 
     Paper: "Separating common from salient patterns with Contrastive Representation
     Learning", https://arxiv.org/abs/2402.11928
@@ -571,11 +565,8 @@ def sepclr_loss(
         Weight of the covariate-independence term.
     null_weighting : {"plain", "reference"}
     view_weighting : {"balanced", "reference"}
-    groups : Tensor, (B,) int, optional
-        Subject of each sample (e.g. its store row) when the samples are patches; every sample
-        of a group must have the same is_target.
     distributed : bool
-        Gather c, s, is_target, attributes and groups from all ranks first.
+        Gather c, s, is_target and attributes from all ranks first.
 
     Returns
     -------
@@ -614,21 +605,16 @@ def sepclr_loss(
         c, s = gather(c, dim=1), gather(s, dim=1)
         is_target = gather(is_target)
         attributes = gather(attributes) if attributes is not None else None
-        groups = gather(groups) if groups is not None else None
     is_target = is_target.to(device=c.device, dtype=torch.bool)
-    c_hat = F.normalize(c, dim=-1)
-    # The salient side's samples: patches, or (with groups) their subjects.
-    c_sal, s_sal, target_sal, attributes_sal = c_hat, s, is_target, attributes
-    if groups is not None:
-        c_sal, s_sal, target_sal, attributes_sal = _subject_means(c_hat, s, is_target, attributes, groups)
-    n_target = int(target_sal.sum())
-    if n_target == 0 or n_target == len(target_sal):
+    n_target = int(is_target.sum())
+    if n_target == 0 or n_target == len(is_target):
         raise TrainingError(
             f"sepclr_loss needs target and background samples in every batch; got {n_target} target and "
-            f"{len(target_sal) - n_target} background: use a larger batch or a group-balanced sampler"
+            f"{len(is_target) - n_target} background: use a larger batch or a group-balanced sampler"
         )
     n_views = c.shape[0]
-    s_tilde = s_sal * target_sal[None, :, None].to(s.dtype)
+    c_hat = F.normalize(c, dim=-1)
+    s_tilde = s * is_target[None, :, None].to(s.dtype)
     view_pairs = [(v, w) for v in range(n_views) for w in range(v + 1, n_views)]
     view_weight = 2.0 / n_views if view_weighting == "balanced" else 1.0
 
@@ -654,42 +640,17 @@ def sepclr_loss(
             common = yaware_info_nce(c, kernel=prior, temperature=temperature)
         else:
             common = decoupled_uniformity(c, kernel=prior, lam=lam, t=t)
-    s_target = s_sal[:, target_sal]
+    s_target = s[:, is_target]
     null_scale = 1.0 / (2 * tau) if null_weighting == "reference" else 1.0
     terms = {
         "common": common,
         "salient": torch.stack([align(s_target[v], s_target[w]) for v, w in view_pairs]).mean()
         + view_weight * sum(unif(s_tilde[v]) for v in range(n_views)),
-        "null": null_scale * s_sal[:, ~target_sal].square().sum(dim=-1).mean(),
-        "mi": torch.stack([jem(c_sal[v], s_tilde[v]) for v in range(n_views)]).mean(),
+        "null": null_scale * s[:, ~is_target].square().sum(dim=-1).mean(),
+        "mi": torch.stack([jem(c_hat[v], s_tilde[v]) for v in range(n_views)]).mean(),
     }
     total = terms["common"] + beta_salient * terms["salient"] + beta_null * terms["null"] + lam_mi * terms["mi"]
     if lam_cov > 0:
-        terms["cov"] = covariate_independence(s_target, attributes_sal[target_sal], attribute_kinds, sigma=sigma,
-                                              tau=tau)
+        terms["cov"] = covariate_independence(s_target, attributes[is_target], attribute_kinds, sigma=sigma, tau=tau)
         total = total + lam_cov * terms["cov"]
     return total, terms
-
-
-def _subject_means(c_hat: Tensor, s: Tensor, is_target: Tensor, attributes: Tensor | None, groups: Tensor
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Per-group means of ĉ (renormalised) and s over the patches of each subject, with the group's
-    target flag and attributes (those of its first patch; a subject's patches share them)."""
-    groups = torch.as_tensor(groups, device=s.device)
-    if groups.shape != is_target.shape:
-        raise ValueError(f"groups {tuple(groups.shape)} must have one entry per sample {tuple(is_target.shape)}")
-    _, inverse = torch.unique(groups, return_inverse=True)
-    n_groups = int(inverse.max()) + 1
-    flags = torch.zeros(n_groups, dtype=torch.long, device=s.device).index_add_(0, inverse, is_target.long())
-    counts = torch.bincount(inverse, minlength=n_groups)
-    if bool(((flags != 0) & (flags != counts)).any()):
-        raise ValueError("sepclr_loss: the patches of one subject (one group) mix target and background samples")
-    first = torch.full((n_groups,), len(inverse), dtype=torch.long, device=s.device)
-    first = first.scatter_reduce(0, inverse, torch.arange(len(inverse), device=s.device), reduce="amin")
-
-    def mean(x: Tensor) -> Tensor:
-        total = x.new_zeros(x.shape[0], n_groups, x.shape[2]).index_add(1, inverse, x)
-        return total / counts.to(x.dtype)[None, :, None]
-
-    attributes = attributes[first] if attributes is not None else None
-    return F.normalize(mean(c_hat), dim=-1), mean(s), is_target[first], attributes

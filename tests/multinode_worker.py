@@ -28,13 +28,12 @@ STEPS = 3
 LR = 0.01
 
 
-def make_module(name: str, encoder: dict = ENCODER, **settings):
+def make_module(name: str, encoder: dict = ENCODER):
     """The same freshly initialised module on every rank (and in the single-process reference), in training mode.
 
     Also the module of tests/test_distributed.py (which switches it to eval mode for its BatchNorm)."""
     torch.manual_seed(0)
-    method = {"name": name, "common_dim": 4, "salient_dim": 4, "proj_dim": 8, "attributes": ["age"], "sigma": 5.0,
-              **settings}
+    method = {"name": name, "common_dim": 4, "salient_dim": 4, "proj_dim": 8, "attributes": ["age"], "sigma": 5.0}
     method = {key: value for key, value in method.items() if key == "name" or key in METHOD_CLASSES[name].settings}
     module = build_method(method, encoder, seed=0)
     generator = torch.Generator().manual_seed(1)

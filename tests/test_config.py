@@ -124,16 +124,3 @@ def test_docstring_entries_read_numpydoc_parameters():
 
     assert docstring_entries(Documented) == {"alpha": "The first line and the second.", "beta": "Shared text.",
                                              "gamma": "Shared text."}
-
-
-@pytest.mark.parametrize("views, got", [("", "no views.patches"),
-                                         ("views: {patches: {size: 8, positives: same_subject}}\n",
-                                          "positives: same_subject")])
-def test_subject_pooling_is_refused_without_same_location_patches(views, got, tmp_path, tiny_cohort):
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(f"cohort: {tiny_cohort}\nmethod: {{salient_pooling: subject}}\n{views}")
-    with pytest.raises(ConfigError, match=rf"pipeline.yaml: .*salient_pooling: subject .*same_location \(got {got}\)"):
-        load_pipeline(path)
-    path.write_text(f"cohort: {tiny_cohort}\nmethod: {{salient_pooling: subject}}\n"
-                    "views: {patches: {size: 8, positives: same_location}}\n")
-    assert load_pipeline(path).method.salient_pooling == "subject"

@@ -30,8 +30,6 @@ def _free_port() -> int:
 
 def _module(name: str):
     # Eval mode: BatchNorm uses its running statistics, identical on every rank (no SyncBatchNorm on CPU).
-    if name == "sepclr/subject_pooling":  # the subjects' patches gathered from both ranks before pooling
-        return make_module("sepclr", ENCODER, salient_pooling="subject").eval()
     return make_module(name, ENCODER).eval()
 
 
@@ -73,11 +71,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             views, rows = _patch_views()
             mine = slice(rank * BATCH // 2 * K, (rank + 1) * BATCH // 2 * K)
             results[f"{name}/patches"] = _loss_and_gradients(module, views[:, mine], rows[mine])
-        module = _module("sepclr/subject_pooling")
-        module.net = DistributedDataParallel(module.net)
-        views, rows = _patch_views()
-        mine = slice(rank * BATCH // 2 * K, (rank + 1) * BATCH // 2 * K)
-        results["sepclr/subject_pooling/patches"] = _loss_and_gradients(module, views[:, mine], rows[mine])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -94,7 +87,7 @@ def test_ddp_loss_and_gradients_equal_one_process_on_the_whole_batch(name, ddp_r
             torch.testing.assert_close(ddp_gradient, single_gradient, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", [*METHODS, "sepclr/subject_pooling"])
+@pytest.mark.parametrize("name", METHODS)
 def test_ddp_on_patch_samples_equals_one_process_on_every_patch(name, ddp_results):
     single_loss, single_gradients = _loss_and_gradients(_module(name), *_patch_views())
     for rank in range(2):

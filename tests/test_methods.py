@@ -416,16 +416,3 @@ def test_checkpoint_keeps_the_patch_recipe_for_embedding(tmp_path):
     assert restored.patches == module.patches
     assert method_from_checkpoint({"hyper_parameters": dict(module.hparams),
                                    "state_dict": module.state_dict()}).patches is None
-
-
-def test_sepclr_subject_pooling_hands_the_loss_each_samples_subject():
-    """method.salient_pooling: subject: the salient side of the loss sees the subjects' means of
-    their patches (rows repeat a subject once per patch), the common side every patch."""
-    rows = np.array([0, 0, 1, 1, 2, 2])  # subjects 0 and 2 are targets, 1 background
-    views = _views()
-    _, per_patch = _module("sepclr").compute_loss(views, rows)
-    _, pooled = _module("sepclr", salient_pooling="subject").compute_loss(views, rows)
-    assert torch.allclose(pooled["common"], per_patch["common"])
-    assert not torch.allclose(pooled["salient"], per_patch["salient"])
-    with pytest.raises(ValueError, match="salient_pooling: not a setting of method 'simclr'"):
-        MethodConfig.model_validate({"name": "simclr", "salient_pooling": "subject"})

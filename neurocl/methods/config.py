@@ -67,11 +67,6 @@ class MethodConfig(BaseModel):
         "balanced", description="SepCLR, more than 2 views: uniformity terms averaged (x2/V, balanced) or summed over "
         "views (reference). Same loss for 2 views.",
     )
-    salient_pooling: Literal["patch", "subject"] = Field(
-        "patch", description="SepCLR with views.patches (same_location): the salient, null and independence terms act "
-        "on each patch (patch) or on the mean of each subject's patches in the step (subject), so that a patient's "
-        "patches need not each show what is specific to patients.",
-    )
     embed: Literal["loss_space", "representation"] = Field(
         "loss_space", description="SepCLR: the spaces probed and mapped: the ones the loss shapes (after the MLP) or the "
         "representation before it (what the SepCLR paper probes).",

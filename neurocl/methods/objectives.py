@@ -82,7 +82,7 @@ class SepCLR(BaseMethod):
 
     settings = ("common_dim", "salient_dim", "shared_trunk", "embed", "tau", "beta_salient", "beta_null", "lam_mi",
                 "target_fraction", "attributes", "sigma", "kernel_combine", "standardise", "common_objective",
-                "temperature", "lam", "t", "lam_cov", "null_weighting", "view_weighting", "salient_pooling")
+                "temperature", "lam", "t", "lam_cov", "null_weighting", "view_weighting")
 
     @classmethod
     def check_settings(cls, config: "MethodConfig") -> None:
@@ -111,8 +111,7 @@ class SepCLR(BaseMethod):
             attribute_kinds=self.data.attribute_kinds if config.attributes else None, sigma=config.sigma,
             kernel_combine=config.kernel_combine, common_objective=config.common_objective,
             temperature=config.temperature, lam=config.lam, t=config.t, lam_cov=config.lam_cov,
-            null_weighting=config.null_weighting, view_weighting=config.view_weighting,
-            groups=rows.to(self.device) if config.salient_pooling == "subject" else None, distributed=_distributed(),
+            null_weighting=config.null_weighting, view_weighting=config.view_weighting, distributed=_distributed(),
         )
 
     def embed(self, x: Tensor) -> dict[str, Tensor]:
