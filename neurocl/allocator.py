@@ -4,7 +4,7 @@ A training step on the CPU allocates the same large tensors again and again (a b
 patches of 96^3 is 113 MB, and every view op makes another). glibc's ``malloc`` serves any block
 over 32 MB with a fresh ``mmap`` and hands it back to the kernel on ``free``, so each new batch is
 faulted in page by page: copying a batch into a fresh tensor took 0.09 s against 0.012 s into a
-reused one, and the patch gather ran 5-6x slower (docs/benchmarks.md, "Patches"). Telling glibc to
+reused one, and the patch gather ran about 6x slower (docs/benchmarks.md, "Patches"). Telling glibc to
 serve large blocks from its heap and never trim it (``M_MMAP_MAX = 0``, ``M_TRIM_THRESHOLD`` at
 its maximum; what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` do from the environment) turns
 the next batch into a reuse of the last one's pages. The process then keeps its peak memory until it
@@ -14,7 +14,7 @@ separation bench gave identical scores with and without).
 The ``neurocl`` command applies it at start; Python users who want it call
 :func:`keep_freed_memory` before their first large tensor. ``NEUROCL_KEEP_FREED_MEMORY=0`` turns it
 off; it is skipped where malloc is not glibc's (macOS, Windows, musl) or where the user already
-chose (``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_`` set, or an allocator preloaded with
+chose (``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_`` set, or a malloc preloaded with
 ``LD_PRELOAD``, e.g. jemalloc or tcmalloc, which cache freed memory themselves).
 """
 
@@ -31,7 +31,7 @@ OPT_OUT = "NEUROCL_KEEP_FREED_MEMORY"
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_MAX = -4
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int; the largest one means "never give the heap top back"
-_USER_CHOICES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+_USER_CHOICES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 _state = {"applied": False, "outcome": "not asked"}
 
 
@@ -73,6 +73,9 @@ def _apply() -> str:
     chosen = [name for name in _USER_CHOICES if os.environ.get(name)]
     if chosen:
         return f"skipped: {chosen[0]} is set"
+    # jemalloc, tcmalloc, mimalloc...: their own caches replace glibc's malloc altogether.
+    if "malloc" in os.environ.get("LD_PRELOAD", ""):
+        return "skipped: an allocator is preloaded (LD_PRELOAD)"
     libc = _glibc()
     if libc is None:
         return "skipped: not glibc"

@@ -49,7 +49,8 @@ def test_the_user_can_turn_it_off_or_choose_their_own(monkeypatch):
     import os
 
     for name, value, expected in [("NEUROCL_KEEP_FREED_MEMORY", "0", "off: NEUROCL_KEEP_FREED_MEMORY=0"),
-                                  ("MALLOC_MMAP_MAX_", "65536", "skipped: MALLOC_MMAP_MAX_ is set")]:
+                                  ("MALLOC_MMAP_MAX_", "65536", "skipped: MALLOC_MMAP_MAX_ is set"),
+                                  ("LD_PRELOAD", "libjemalloc.so.2", "skipped: an allocator is preloaded (LD_PRELOAD)")]:
         env = {**os.environ, name: value}
         outcome, described, faults = _last_step_faults("keep", env)
         assert outcome == expected and described == f"malloc as it was ({expected})"
