@@ -49,7 +49,9 @@ class PatchConfig(BaseModel):
 
     ``size`` is the patch side in voxels of the stored grid (one value for every axis, or one per
     axis); ``per_subject`` the K patches drawn from each subject of a batch, at uniform random
-    positions (the patch lies inside the volume, like TorchIO's ``UniformSampler``).
+    positions (``placement: random``: the patch lies inside the volume, like TorchIO's
+    ``UniformSampler``) or at uniformly drawn positions of the sliding-window grid (``placement:
+    grid``: the same places in every subject, the places ``embed: sliding`` averages over).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -60,6 +62,10 @@ class PatchConfig(BaseModel):
         "same_location", description="Views of one patch (same_location) or K patches of one subject (same_subject)."
     )
 
+    placement: Literal["random", "grid"] = Field(
+        "random", description="Where patches are cut: anywhere they fit (random) or at the positions of the sliding-window "
+        "grid (grid, step embed_stride), the same places in every subject.",
+    )
     embed: Literal["sliding", "whole"] = Field(
         "sliding", description="Embed a volume by the mean of its patches' features (sliding) or the encoder on it whole."
     )
@@ -82,6 +88,13 @@ class PatchConfig(BaseModel):
     def sizes(self, dims: int) -> tuple[int, ...]:
         """The patch side along each of ``dims`` spatial axes."""
         return _as_tuple(self.size, dims, "size")
+
+    def grid_strides(self, dims: int) -> tuple[int, ...]:
+        """The sliding-window grid's step along each axis in voxels: ``embed_stride`` patch sides.
+
+        The one grid of a patch model: where ``placement: grid`` cuts training patches and where
+        ``embed: sliding`` averages patch features."""
+        return tuple(max(1, round(self.embed_stride * side)) for side in self.sizes(dims))
 
 
 # ---------------------------------------------------------------- random patches
@@ -332,7 +345,7 @@ def store_patches(store, rows, corners: torch.Tensor, size: Sequence[int]) -> to
 
 
 class PatchSampler:
-    """The training views of ``views.patches``: K random patches per subject, then the view recipe.
+    """The training views of ``views.patches``: K patches per subject (random or grid positions), then the view recipe.
 
     Parameters
     ----------
@@ -372,7 +385,11 @@ class PatchSampler:
         # that the (K * B) patches reshape to K views of B subjects.
         rows = np.repeat(indices, k) if same_location else np.tile(indices, k)
         device = generator.device if generator is not None else self.store.device
-        corners = random_corners(len(rows), self.store.spatial_shape, self.size, generator, device)
+        if self.config.placement == "grid":
+            grid = grid_corners(self.store.spatial_shape, self.size, self.config.grid_strides(len(self.size))).to(device)
+            corners = grid[torch.randint(len(grid), (len(rows),), generator=generator, device=device)]
+        else:
+            corners = random_corners(len(rows), self.store.spatial_shape, self.size, generator, device)
         patches = store_patches(self.store, rows, corners, self.size)
         if same_location:
             return self.views(patches, n_views=n_views, generator=generator), rows

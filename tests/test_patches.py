@@ -160,6 +160,27 @@ def test_same_subject_views_are_k_boxes_of_the_same_subject(store):
     assert sampler.samples_per_subject() == 1
 
 
+def test_grid_placement_cuts_patches_at_the_sliding_window_grid_only(store):
+    """placement: grid: every patch sits at a corner of the grid that embed: sliding averages over,
+    and over many draws every grid position is used (uniformly drawn, with replacement)."""
+    config = PatchConfig(size=(4, 5, 3), per_subject=8, placement="grid", embed_stride=1.0)
+    grid = {tuple(corner) for corner in grid_corners(store.spatial_shape, (4, 5, 3), config.grid_strides(3)).tolist()}
+    assert config.grid_strides(3) == (4, 5, 3) and len(grid) == 27  # starts 0, 4, 6 x 0, 5, 7 x 0, 3, 6
+    sampler = PatchSampler(config, ViewSampler(IDENTITY), store)
+    stored = torch.from_numpy(np.array(store.volumes))
+    seen = set()
+    for seed in range(12):
+        views, rows = sampler([0, 3, 5], n_views=2, generator=torch.Generator().manual_seed(seed))
+        assert views.shape == (2, 24, 1, 4, 5, 3)
+        for sample, row in enumerate(rows):
+            corners = corner_of(stored[row], views[0, sample])
+            assert len(corners) == 1 and corners[0] in grid, f"sample {sample}: {corners} is not a grid corner"
+            seen.add(corners[0])
+    assert seen == grid
+    again, _ = sampler([0, 3, 5], n_views=2, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(views, again)
+
+
 def test_patch_views_apply_the_recipe_and_follow_the_seed(store):
     flip = ViewConfig(p_crop=0.0, p_flip=1.0, flip_mode="each", p_noise=0.0, p_blur=0.0, p_cutout=0.0)
     sampler = PatchSampler(PatchConfig(size=(4, 5, 3), per_subject=2), ViewSampler(flip), store)

@@ -261,7 +261,7 @@ class BaseMethod(L.LightningModule):
         sliding = self.patches is not None and self.patches.embed == "sliding"
         if sliding:
             size = self.patches.sizes(store.spatial_dims)
-            stride = tuple(max(1, round(self.patches.embed_stride * side)) for side in size)
+            stride = self.patches.grid_strides(store.spatial_dims)
         chunks: dict[str, list[np.ndarray]] = {}
         with Progress(transient=True, disable=not transient_progress(progress), console=progress_console()) as bar:
             task = bar.add_task("embedding", total=len(indices))
