@@ -48,10 +48,13 @@ class PatchConfig(BaseModel):
     """Patch-batched training (embeds in a pipeline YAML under ``views.patches``).
 
     ``size`` is the patch side in voxels of the stored grid (one value for every axis, or one per
-    axis); ``per_subject`` the K patches drawn from each subject of a batch, at uniform random
-    positions (``placement: random``: the patch lies inside the volume, like TorchIO's
-    ``UniformSampler``) or at uniformly drawn positions of the sliding-window grid (``placement:
-    grid``: the same places in every subject, the places ``embed: sliding`` averages over).
+    axis); ``per_subject`` the K patches drawn from each subject of a batch, at uniformly drawn
+    positions of the sliding-window grid (``placement: grid``, the default: the same places in
+    every subject, the places ``embed: sliding`` averages over) or at uniform random positions
+    (``placement: random``: anywhere the patch lies inside the volume, like TorchIO's
+    ``UniformSampler``). Grid placement separated better on every measurement so far
+    (docs/benchmarks.md, "Grid placement"): registered volumes put the same anatomy at the same
+    grid position, so a patch position means the same thing in every subject.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -62,9 +65,9 @@ class PatchConfig(BaseModel):
         "same_location", description="Views of one patch (same_location) or K patches of one subject (same_subject)."
     )
 
-    placement: Literal["random", "grid"] = Field(
-        "random", description="Where patches are cut: anywhere they fit (random) or at the positions of the sliding-window "
-        "grid (grid, step embed_stride), the same places in every subject.",
+    placement: Literal["grid", "random"] = Field(
+        "grid", description="Where patches are cut: at positions of the sliding-window grid (grid, step embed_stride), the "
+        "same places in every subject, or anywhere they fit (random, TorchIO's UniformSampler).",
     )
     embed: Literal["sliding", "whole"] = Field(
         "sliding", description="Embed a volume by the mean of its patches' features (sliding) or the encoder on it whole."

@@ -161,7 +161,7 @@ def test_same_subject_views_are_k_boxes_of_the_same_subject(store):
 
 
 def test_grid_placement_cuts_patches_at_the_sliding_window_grid_only(store):
-    """placement: grid: every patch sits at a corner of the grid that embed: sliding averages over,
+    """placement: grid (the default): every patch sits at a corner of the grid that embed: sliding averages over,
     and over many draws every grid position is used (uniformly drawn, with replacement)."""
     config = PatchConfig(size=(4, 5, 3), per_subject=8, placement="grid", embed_stride=1.0)
     grid = {tuple(corner) for corner in grid_corners(store.spatial_shape, (4, 5, 3), config.grid_strides(3)).tolist()}
@@ -179,6 +179,11 @@ def test_grid_placement_cuts_patches_at_the_sliding_window_grid_only(store):
     assert seen == grid
     again, _ = sampler([0, 3, 5], n_views=2, generator=torch.Generator().manual_seed(11))
     assert torch.equal(views, again)
+    # placement: random cuts anywhere the patch fits, mostly off the grid.
+    anywhere = PatchSampler(config.model_copy(update={"placement": "random"}), ViewSampler(IDENTITY), store)
+    views, rows = anywhere([0, 3, 5], n_views=1, generator=torch.Generator().manual_seed(0))
+    corners = [corner_of(stored[row], views[0, sample])[0] for sample, row in enumerate(rows)]
+    assert sum(corner not in grid for corner in corners) > len(corners) // 2
 
 
 def test_patch_views_apply_the_recipe_and_follow_the_seed(store):
