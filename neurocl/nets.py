@@ -137,6 +137,9 @@ class _ConvWithFastBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, weight = ctx.saved_tensors
+        dtype = x.dtype
+        if dtype != torch.float64:  # half-precision forward (CPU autocast): float32 backward, cast back below
+            x, weight, grad_output = x.float(), weight.float(), grad_output.float()
         stride, padding = ctx.stride, ctx.padding
         dims = x.dim() - 2
         grad_x = grad_w = grad_b = None
@@ -152,6 +155,7 @@ class _ConvWithFastBackward(torch.autograd.Function):
             grad_w = full[(slice(None), slice(None), *(slice(0, k) for k in kernel))].transpose(0, 1)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_output.sum(dim=(0, *range(2, 2 + dims)))
+        grad_x, grad_w, grad_b = (None if g is None else g.to(dtype) for g in (grad_x, grad_w, grad_b))
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -160,19 +164,26 @@ _CONV_T = {2: torch.nn.functional.conv_transpose2d, 3: torch.nn.functional.conv_
 
 
 class FastBackwardConv3d(nn.Conv3d):
-    """``nn.Conv3d`` with :class:`_ConvWithFastBackward` when training on CPU (same parameters, same state dict)."""
+    """``nn.Conv3d`` with :class:`_ConvWithFastBackward` when training on CPU (same parameters, same state dict).
+
+    Under CPU autocast too: torch 2.13's native bf16 weight gradient of a 3D convolution is
+    uninitialised memory wherever the kernel overlaps only padding (inputs of 1-2 voxels along an
+    axis, e.g. the last stage of an encoder on small patches; garbage or NaN, differing from run to
+    run, tested in tests/test_nets.py). The forward stays in the autocast dtype, as autocast would
+    run it; the backward's convolutions run in float32 on the saved bf16 tensors, so the gradient is
+    exact for them.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
-        # Under CPU autocast (bf16) the native path casts inputs itself; keep it there.
-        if (
-            x.is_cuda
-            or torch.is_autocast_enabled("cpu")
-            or not torch.is_grad_enabled()
-            or not (x.requires_grad or self.weight.requires_grad)
-        ):
+        if x.is_cuda or not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
             return super().forward(x)
         padding = self.padding if isinstance(self.padding, tuple) else None
-        return _ConvWithFastBackward.apply(x, self.weight, self.bias, self.stride, padding)
+        if not torch.is_autocast_enabled("cpu"):
+            return _ConvWithFastBackward.apply(x, self.weight, self.bias, self.stride, padding)
+        dtype = torch.get_autocast_dtype("cpu")
+        bias = None if self.bias is None else self.bias.to(dtype)
+        with torch.autocast("cpu", enabled=False):
+            return _ConvWithFastBackward.apply(x.to(dtype), self.weight.to(dtype), bias, self.stride, padding)
 
 
 def use_fast_cpu_backward(module: nn.Module) -> nn.Module:

@@ -254,6 +254,30 @@ def test_non_finite_term_is_reported_with_its_name_and_the_step():
         module._check_finite(torch.tensor(float("inf")), terms)
 
 
+def test_a_non_finite_gradient_stops_training_before_the_optimiser_step(tmp_path):
+    """A finite loss with a NaN gradient (as torch's bf16 CPU convolution backward can give) must not
+    reach the weights: the step raises, naming the parameter, and the weights stay as they were."""
+    import lightning as L
+
+    from neurocl.store import VolumeStore
+    from neurocl.views import ViewConfig, ViewSampler
+
+    volumes = np.random.default_rng(0).normal(size=(BATCH, *SHAPE)).astype(np.float32)
+    store = VolumeStore.from_array(volumes, tmp_path / "store")
+    module = _module("simclr")
+    module.data.store = store
+    module.data.sampler = ViewSampler(ViewConfig(), spatial_dims=3, store=store)
+    name, poisoned = next((n, p) for n, p in module.named_parameters() if n.endswith("weight") and p.dim() == 5)
+    poisoned.register_hook(lambda grad: grad * float("nan"))
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    with pytest.raises(TrainingError, match=rf"non-finite gradient at step 0 \(epoch 0\) in 1 parameter\(s\), "
+                                            rf"first '{name}'; the loss was finite"):
+        trainer.fit(module.train())
+    assert all(torch.equal(b, p.detach()) for b, p in zip(before, module.parameters()))
+
+
 def test_step_seeds_differ_between_positions_epochs_ranks_and_streams():
     from neurocl.methods import step_seed
 
@@ -278,12 +302,14 @@ def test_batches_larger_than_a_group_are_refused_rather_than_repeating_subjects(
 # ---------------------------------------------------------------- one training step in bf16
 
 def _shipped_view_recipes() -> dict[str, dict]:
-    """The ``views`` section of every shipped pipeline, by file name."""
+    """The ``views`` section of every shipped pipeline, by file name; patches made tiny (4^3) for SHAPE."""
     import yaml
 
     root = Path(__file__).parents[1]
     paths = sorted((root / "pipelines").glob("*.yaml")) + [root / "neurocl" / "pipelines" / "demo.yaml"]
-    return {f"{path.parent.name}/{path.stem}": yaml.safe_load(path.read_text()).get("views", {}) for path in paths}
+    recipes = {f"{path.parent.name}/{path.stem}": yaml.safe_load(path.read_text()).get("views", {}) for path in paths}
+    return {name: {**views, "patches": {**views["patches"], "size": 4}} if views.get("patches") else views
+            for name, views in recipes.items()}
 
 
 VIEW_RECIPES = {

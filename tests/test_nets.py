@@ -256,6 +256,32 @@ def test_fast_cpu_backward_gives_the_native_gradients(stride):
         assert torch.allclose(a, b, atol=1e-10)
 
 
+@pytest.mark.parametrize(("shape", "stride"), [((1, 1, 1), 2), ((2, 2, 2), 1), ((2, 1, 3), 1), ((6, 7, 5), 2)])
+def test_fast_cpu_backward_under_bf16_autocast_is_exact_where_the_native_one_reads_garbage(shape, stride):
+    """torch 2.13's native bf16 CPU weight gradient of a conv whose kernel overlaps only padding somewhere
+    (inputs of 1-2 voxels along an axis) is uninitialised memory. FastBackwardConv3d under autocast:
+    bf16 forward, and a weight gradient equal to float32's on the same bf16-rounded tensors, every time,
+    whatever freed memory holds."""
+    from neurocl.nets import FastBackwardConv3d
+
+    torch.manual_seed(0)
+    conv = FastBackwardConv3d(16, 32, 3, stride=stride, padding=1)
+    for _ in range(5):
+        garbage = [torch.full((1 << 16,), float("nan")) for _ in range(20)]
+        del garbage  # freed memory full of NaN, where an uninitialised buffer would read it
+        x = torch.randn(8, 16, *shape).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = conv(x)
+        assert output.dtype == torch.bfloat16
+        upstream = torch.randn(output.shape)
+        (weight_grad,) = torch.autograd.grad((output.float() * upstream).sum(), conv.weight)
+        x16, w16 = x.detach().bfloat16().float(), conv.weight.detach().bfloat16().float().requires_grad_(True)
+        reference = torch.nn.functional.conv3d(x16, w16, conv.bias.detach().bfloat16().float(), stride=stride, padding=1)
+        (expected,) = torch.autograd.grad((reference * upstream.bfloat16().float()).sum(), w16)
+        assert torch.isfinite(weight_grad).all()
+        torch.testing.assert_close(weight_grad, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
 def test_encoders_use_the_fast_backward_without_changing_parameter_names():
     from neurocl.nets import FastBackwardConv3d, SmallCNN
 

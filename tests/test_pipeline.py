@@ -324,6 +324,28 @@ def test_patch_trained_run_embeds_by_sliding_window_and_embed_reproduces_it(tiny
     np.testing.assert_allclose(model.embed_store(store, rows)["salient"], direct, rtol=1e-4, atol=1e-5)
 
 
+def test_the_shipped_patch_template_runs_tiny_in_bf16(tiny_cohort, workspace):
+    """pipelines/study_patches_1mm.yaml as a user runs it, made tiny (--set): its patch recipe (grid
+    placement, sliding-window embedding), method, bf16-mixed precision, probes, baselines and maps,
+    on a CPU with a small encoder and 8^3 patches of the 8 mm tiny cohort."""
+    template = Path(__file__).parents[1] / "pipelines" / "study_patches_1mm.yaml"
+    tiny = [f"cohort={tiny_cohort}", f"outputs.store={workspace / 'patch_template_store'}", "splits.stratify=[group]",
+            "views.patches.size=8", "encoder.name=small_cnn", "encoder.width=4", "training.epochs=1",
+            "training.batch_size=4", "training.warmup_steps=2", "training.accelerator=cpu", "training.devices=1",
+            "training.strategy=auto", "training.sync_batchnorm=false", "evaluation.attributes=[age, group]",
+            "evaluation.probe.n_splits=3", "evaluation.probe.n_permutations=5", "evaluation.probe.n_bootstrap=10"]
+    run_dir = pipeline.run_pipeline(template, workspace / "patch_template", settings=tiny)
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert recorded["training"]["precision"] == "bf16-mixed"
+    assert recorded["views"]["patches"]["placement"] == "grid" and recorded["encoder"]["name"] == "small_cnn"
+    patches = _checkpoint(run_dir)["neurocl_patches"]
+    assert patches["size"] == 8 and patches["embed"] == "sliding" and patches["placement"] == "grid"
+    embeddings = read_tsv(run_dir / "embeddings.tsv")
+    spaces = [column for column in embeddings.columns if column.startswith(("common_", "salient_"))]
+    assert len(spaces) == 128 + 32 and np.isfinite(embeddings[spaces].to_numpy()).all()
+    assert (run_dir / "probes.tsv").is_file() and (run_dir / "maps").is_dir()
+
+
 def test_load_model_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     bad = tmp_path / "notes.ckpt"
     bad.write_text("not a checkpoint")

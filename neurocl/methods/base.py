@@ -229,6 +229,19 @@ class BaseMethod(L.LightningModule):
                     f"term {name!r} = {value.item()}; lower training.lr, check the inputs for NaN, or use fp32"
                 )
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # A finite loss can still give non-finite gradients (a half-precision kernel's overflow, a
+        # 0/0 in a backward): stepping on them writes NaN into the weights, which later stages would
+        # only show as NaN embeddings or maps. One host sync per step, as for the loss.
+        gradients = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
+        if gradients and not bool(torch.stack([g.isfinite().all() for _, g in gradients]).all()):
+            bad = [name for name, g in gradients if not g.isfinite().all()]
+            raise TrainingError(
+                f"non-finite gradient at step {self.global_step} (epoch {self.current_epoch}) in {len(bad)} "
+                f"parameter(s), first {bad[0]!r}; the loss was finite. Lower training.lr, or use precision: 32-true "
+                "if it happens under bf16/fp16"
+            )
+
     def configure_optimizers(self):
         config = self.optim_config
         parameters = [p for p in self.parameters() if p.requires_grad]
