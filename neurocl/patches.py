@@ -284,7 +284,7 @@ def sliding_window_features(
     (side ``size``, step ``stride``, the last patch of each axis flush with the border), so an
     encoder trained on patches embeds whole volumes at full resolution with a patch-sized
     activation footprint. The patches of all subjects go through ``encode`` ``batch_size`` at a
-    time.
+    time. :class:`SlidingWindow` is the same mean as a differentiable module (for maps).
 
     Parameters
     ----------
@@ -296,6 +296,26 @@ def sliding_window_features(
     -------
     {name: (B, d) tensor}
     """
+    return _grid_mean(encode, volumes, size, stride, batch_size)
+
+
+class SlidingWindow(torch.nn.Module):
+    """``network`` applied to a volume the way a patch model embeds it: the mean of its outputs over
+    the volume's grid patches (:func:`sliding_window_features`, differentiable).
+
+    The maps of a model trained with ``views.patches`` (``embed: sliding``) explain this, the
+    representation its embeddings are, rather than the network run once on the whole volume.
+    """
+
+    def __init__(self, network: torch.nn.Module, size: Sequence[int], stride: Sequence[int], batch_size: int = 32):
+        super().__init__()
+        self.network, self.size, self.stride, self.batch_size = network, tuple(size), tuple(stride), batch_size
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return _grid_mean(self.network, x, self.size, self.stride, self.batch_size)
+
+
+def _grid_mean(encode, volumes: torch.Tensor, size, stride, batch_size: int) -> dict[str, torch.Tensor]:
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     spatial = tuple(volumes.shape[2:])
@@ -310,9 +330,9 @@ def sliding_window_features(
         part = slice(first, first + batch_size)
         outputs = encode(gather_boxes(volumes, subject[part], where[part], size))
         for name, value in outputs.items():
-            total = sums.setdefault(name, torch.zeros(n_subjects, value.shape[1], device=volumes.device,
-                                                      dtype=torch.float64))
-            total.index_add_(0, subject[part], value.double())
+            total = sums.get(name, torch.zeros(n_subjects, value.shape[1], device=volumes.device, dtype=torch.float64))
+            # Out of place, so that autograd can differentiate the mean (maps).
+            sums[name] = total.index_add(0, subject[part], value.double())
     return {name: (total / n_patches).float() for name, total in sums.items()}
 
 

@@ -318,7 +318,16 @@ def test_patch_trained_run_embeds_by_sliding_window_and_embed_reproduces_it(tiny
     rows = store.rows_for(Cohort.from_yaml(tiny_cohort))[:4]
     salient = expected[[c for c in spaces if c.startswith("salient_")]].to_numpy()[:4]
     np.testing.assert_allclose(model.embed_store(store, rows)["salient"], salient, rtol=1e-4, atol=1e-5)
+    # The maps explain the same representation: the network's mean over the grid, differentiable.
+    from neurocl.maps.stage import explained_network
+
+    explained = explained_network(model, model.patches, store.spatial_dims).eval()
+    volumes = store.batch(rows).requires_grad_(True)
+    represented = explained(volumes)["salient_rep"]
+    np.testing.assert_allclose(represented.detach().double().numpy(), salient, rtol=1e-4, atol=1e-5)
+    assert torch.autograd.grad(represented.square().sum(), volumes)[0].abs().sum() > 0
     model.patches = model.patches.model_copy(update={"embed": "whole"})
+    assert explained_network(model, model.patches, store.spatial_dims) is model.net
     with torch.no_grad():
         direct = model.embed(store.batch(rows))["salient"].double().numpy()
     np.testing.assert_allclose(model.embed_store(store, rows)["salient"], direct, rtol=1e-4, atol=1e-5)

@@ -33,6 +33,7 @@ from neurocl.maps.regions import (
 from neurocl.maps.significance import paired_sign_flip_test, relevance_shares
 from neurocl.maps.subtypes import SubtypeClustering, cluster_associations, seed_consensus
 from neurocl.methods import MethodConfig, build_method
+from neurocl.patches import SlidingWindow
 from neurocl.rundir import MapsFolder, RunDir, load_run
 from neurocl.synthdir import SynthDir
 from neurocl.train import train
@@ -481,18 +482,32 @@ def run_maps(
     out_dir = run.folder.maps.path
     # load_run gives the trained method (a Lightning module); its ``net`` returns the representations.
     # Occlusion runs thousands of forward passes per subject: on the GPU the model is on, with the store there too.
-    network = getattr(run.model, "net", run.model)
+    patches = getattr(run.model, "patches", None)
+    network = explained_network(run.model, patches, run.store.spatial_dims)
     run.store.to(next(network.parameters()).device)
     null_models = {}
     if "untrained" in config.null_references:
         untrained = untrained_method(run.model)
-        null_models["untrained"] = getattr(untrained, "net", untrained).to(run.store.device)
+        null_models["untrained"] = explained_network(untrained, patches, run.store.spatial_dims).to(run.store.device)
     if "permuted_labels" in config.null_references:
         permuted = permuted_label_method(run, progress)
-        null_models["permuted_labels"] = getattr(permuted, "net", permuted).to(run.store.device)
+        null_models["permuted_labels"] = explained_network(permuted, patches, run.store.spatial_dims).to(run.store.device)
     analyse_salient(network, run.store, run.cohort, run.embeddings, out_dir, config, ground_truth, progress, null_models)
     subtypes_over_seeds(run, config)
     return out_dir
+
+
+def explained_network(method, patches, spatial_dims: int) -> torch.nn.Module:
+    """The network whose representation the maps explain: the one the run's embeddings come from.
+
+    A method's ``net`` on the whole volume, or, for a model trained on patches that embeds by the
+    sliding window (``views.patches.embed: sliding``), the mean of ``net`` over the same grid
+    (:class:`neurocl.patches.SlidingWindow`), so maps, centres and embeddings agree.
+    """
+    network = getattr(method, "net", method)
+    if patches is None or patches.embed != "sliding":
+        return network
+    return SlidingWindow(network, patches.sizes(spatial_dims), patches.grid_strides(spatial_dims))
 
 
 def subtypes_over_seeds(run, config: MapsConfig) -> dict | None:
