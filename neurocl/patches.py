@@ -48,8 +48,8 @@ class PatchConfig(BaseModel):
     """Patch-batched training (embeds in a pipeline YAML under ``views.patches``).
 
     ``size`` is the patch side in voxels of the stored grid (one value for every axis, or one per
-    axis); ``per_subject`` the K patches drawn from each subject of a batch, at K distinct uniformly
-    drawn positions of the sliding-window grid (``placement: grid``, the default: the same places in
+    axis); ``per_subject`` the K patches drawn from each subject of a batch, at uniformly drawn
+    positions of the sliding-window grid (``placement: grid``, the default: the same places in
     every subject, the places ``embed: sliding`` averages over) or at uniform random positions
     (``placement: random``: anywhere the patch lies inside the volume, like TorchIO's
     ``UniformSampler``). Grid placement separated better on every measurement so far
@@ -410,11 +410,7 @@ class PatchSampler:
         device = generator.device if generator is not None else self.store.device
         if self.config.placement == "grid":
             grid = grid_corners(self.store.spatial_shape, self.size, self.config.grid_strides(len(self.size))).to(device)
-            # K distinct grid places per subject (a random permutation's first K, cycling if K exceeds
-            # the grid): two samples of one subject at one place would be a negative pair of the same patch.
-            order = torch.rand((len(indices), len(grid)), generator=generator, device=device).argsort(dim=1)
-            picks = order[:, torch.arange(k, device=device) % len(grid)]  # (B, K)
-            corners = grid[picks.reshape(-1) if same_location else picks.t().reshape(-1)]
+            corners = grid[torch.randint(len(grid), (len(rows),), generator=generator, device=device)]
         else:
             corners = random_corners(len(rows), self.store.spatial_shape, self.size, generator, device)
         patches = store_patches(self.store, rows, corners, self.size)

@@ -162,7 +162,7 @@ def test_same_subject_views_are_k_boxes_of_the_same_subject(store):
 
 def test_grid_placement_cuts_patches_at_the_sliding_window_grid_only(store):
     """placement: grid (the default): every patch sits at a corner of the grid that embed: sliding averages over,
-    the K patches of a subject at K distinct places, and over many draws every grid position is used."""
+    and over many draws every grid position is used (uniformly drawn, with replacement)."""
     config = PatchConfig(size=(4, 5, 3), per_subject=8, placement="grid", embed_stride=1.0)
     grid = {tuple(corner) for corner in grid_corners(store.spatial_shape, (4, 5, 3), config.grid_strides(3)).tolist()}
     assert config.grid_strides(3) == (4, 5, 3) and len(grid) == 27  # starts 0, 4, 6 x 0, 5, 7 x 0, 3, 6
@@ -172,21 +172,11 @@ def test_grid_placement_cuts_patches_at_the_sliding_window_grid_only(store):
     for seed in range(12):
         views, rows = sampler([0, 3, 5], n_views=2, generator=torch.Generator().manual_seed(seed))
         assert views.shape == (2, 24, 1, 4, 5, 3)
-        places = []
         for sample, row in enumerate(rows):
             corners = corner_of(stored[row], views[0, sample])
             assert len(corners) == 1 and corners[0] in grid, f"sample {sample}: {corners} is not a grid corner"
-            places.append(corners[0])
-        for subject in range(3):  # rows are subject-major: a subject's K samples are consecutive
-            assert len(set(places[subject * 8:(subject + 1) * 8])) == 8, "a subject got one place twice"
-        seen.update(places)
+            seen.add(corners[0])
     assert seen == grid
-    # same_subject: the K views of a subject are K distinct places; K beyond the grid cycles through it.
-    for k, distinct in ((5, 5), (30, 27)):
-        config_k = config.model_copy(update={"per_subject": k, "positives": "same_subject"})
-        views_k, _ = PatchSampler(config_k, ViewSampler(IDENTITY), store)([2], generator=torch.Generator().manual_seed(3))
-        places = {corner_of(stored[2], views_k[view, 0])[0] for view in range(k)}
-        assert len(places) == distinct and places <= grid
     again, _ = sampler([0, 3, 5], n_views=2, generator=torch.Generator().manual_seed(11))
     assert torch.equal(views, again)
     # placement: random cuts anywhere the patch fits, mostly off the grid.
