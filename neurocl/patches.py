@@ -330,7 +330,9 @@ def _grid_mean(encode, volumes: torch.Tensor, size, stride, batch_size: int) -> 
         part = slice(first, first + batch_size)
         outputs = encode(gather_boxes(volumes, subject[part], where[part], size))
         for name, value in outputs.items():
-            total = sums.get(name, torch.zeros(n_subjects, value.shape[1], device=volumes.device, dtype=torch.float64))
+            total = sums.get(name)
+            if total is None:
+                total = torch.zeros(n_subjects, value.shape[1], device=volumes.device, dtype=torch.float64)
             # Out of place, so that autograd can differentiate the mean (maps).
             sums[name] = total.index_add(0, subject[part], value.double())
     return {name: (total / n_patches).float() for name, total in sums.items()}
@@ -391,6 +393,9 @@ class PatchSampler:
         self.size = config.sizes(store.spatial_dims)
         if any(p > s for p, s in zip(self.size, store.spatial_shape)):
             raise ConfigError(f"views.patches.size {self.size} is larger than the stored volumes {store.spatial_shape}")
+        # The places of placement: grid, fixed by the store's shape: made once, not every step.
+        self.grid = (grid_corners(store.spatial_shape, self.size, config.grid_strides(len(self.size)))
+                     if config.placement == "grid" else None)
 
     def __repr__(self) -> str:
         return f"PatchSampler(size={self.size}, per_subject={self.config.per_subject}, positives={self.config.positives!r})"
@@ -409,7 +414,7 @@ class PatchSampler:
         rows = np.repeat(indices, k) if same_location else np.tile(indices, k)
         device = generator.device if generator is not None else self.store.device
         if self.config.placement == "grid":
-            grid = grid_corners(self.store.spatial_shape, self.size, self.config.grid_strides(len(self.size))).to(device)
+            grid = self.grid.to(device)
             # With replacement: K distinct places per subject (commit cb2fd75) separated no better on the
             # choosing seeds and worse at 2 mm (docs/benchmarks.md, "Grid placement").
             corners = grid[torch.randint(len(grid), (len(rows),), generator=generator, device=device)]
