@@ -61,7 +61,7 @@ def keep_freed_memory() -> str:
 
 
 def describe_allocator() -> str:
-    """The allocator setting of this process in words, for benchmark machine lines and run records."""
+    """The allocator setting of this process in words, for the benchmarks' machine line."""
     if _state["applied"]:
         return "malloc keeps freed memory"
     return f"malloc as it was ({_state['outcome']})"
