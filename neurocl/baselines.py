@@ -1,11 +1,14 @@
-"""Linear baselines on masked voxels: PCA and contrastive PCA (cPCA).
+"""Linear baselines on masked voxels: PCA, contrastive PCA (cPCA) and their two-space pair (lin2).
 
 They answer "does a deep contrastive model find anything that a linear decomposition of the
-voxels does not?". Both are compared with the main method on the same probes (the pipeline's
-``baselines: [pca, cpca]``; trained single-space encoders, SimCLR and y-Aware, come from
-:mod:`neurocl.pipeline`).
+voxels does not?". All are compared with the main method on the same probes (the pipeline's
+``baselines: [pca, cpca, lin2]``; trained single-space encoders, SimCLR and y-Aware, come from
+:mod:`neurocl.pipeline`). :class:`LinearTwoSpace` (``lin2``) is the linear floor of a two-space
+method: a common space (PCA of the background subjects) and a salient space (cPCA), written as
+``common_*`` / ``salient_*`` columns like SepCLR's, so every figure of a salient or common space
+has a linear one beside it.
 
-Both work on high-dimensional voxel data without forming a voxel-by-voxel matrix: every
+All work on high-dimensional voxel data without forming a voxel-by-voxel matrix: every
 covariance they need has rank at most the number of subjects n, so they work in the row space of
 the (n, V) data matrix through its (n, n) Gram matrix, in O(n² V) time and O(n V) memory.
 """
@@ -209,6 +212,63 @@ class ContrastivePCA:
         return pd.DataFrame({"alpha": self.alphas, "held_out_contrast": scores})
 
 
+class LinearTwoSpace:
+    """The linear two-space baseline (``lin2``): a common space and a salient space from two linear decompositions.
+
+    * common: the top ``common_dim`` principal axes of the **background** subjects alone
+      (:class:`PCABaseline`): the variation every subject has (age, site, head size), learnt where
+      no target-only variation can enter it;
+    * salient: the top ``salient_dim`` contrastive axes (:class:`ContrastivePCA`, target covariance
+      minus alpha x background covariance) of every fitting subject, alpha chosen by cross-validation
+      over those subjects (``alpha=None``) or given.
+
+    It is what a two-space method must beat: ``transform`` returns both spaces side by side, so the
+    same probes, separation and clustering apply to it as to SepCLR's ``common_*`` / ``salient_*``.
+
+    Parameters
+    ----------
+    common_dim, salient_dim : int
+        Dimensions of each space.
+    alpha, alphas, n_splits, random_state :
+        Those of :class:`ContrastivePCA` (the salient space's).
+
+    Attributes
+    ----------
+    common_ : fitted :class:`PCABaseline` (background subjects only)
+    salient_ : fitted :class:`ContrastivePCA`
+    alpha_ : float, the salient space's contrast strength
+    """
+
+    def __init__(self, common_dim: int = 16, salient_dim: int = 4, alpha: float | None = None,
+                 alphas: Sequence[float] | None = None, n_splits: int = 3, random_state: int = 0) -> None:
+        self.common_dim = common_dim
+        self.salient_dim = salient_dim
+        self.alpha = alpha
+        self.alphas = alphas
+        self.n_splits = n_splits
+        self.random_state = random_state
+
+    def fit(self, X, y) -> "LinearTwoSpace":
+        """Fit on X (n, V) with ``y`` (n,): True (or 1) for target subjects, False (0) for background ones."""
+        for name in ("common_dim", "salient_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        X = _as_matrix(X)
+        is_target = ContrastivePCA._targets(y, len(X))
+        self.common_ = PCABaseline(self.common_dim).fit(X[~is_target])
+        self.salient_ = ContrastivePCA(self.salient_dim, alpha=self.alpha, alphas=self.alphas, n_splits=self.n_splits,
+                                       random_state=self.random_state).fit(X, is_target)
+        self.alpha_ = self.salient_.alpha_
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        """(n, common_dim + salient_dim): the common coordinates, then the salient ones."""
+        return np.hstack([self.common_.transform(X), self.salient_.transform(X)])
+
+    def fit_transform(self, X, y) -> np.ndarray:
+        return self.fit(X, y).transform(X)
+
+
 def _centred(rows: np.ndarray) -> np.ndarray:
     return rows - rows.mean(axis=0)
 
@@ -257,35 +317,41 @@ def masked_voxels(store, rows: np.ndarray, progress: bool = False) -> np.ndarray
 
 def voxel_embeddings(store, cohort, method: str = "pca", n_components: int = 16, splits=None,
                      alpha: float | None = None, seed: int = 0, progress: bool = False,
-                     site: str = "site", protect: Sequence[str] = ()) -> pd.DataFrame:
-    """PCA or cPCA of the masked voxels of every cohort row, or PCA after ComBat, as an embeddings table.
+                     site: str = "site", protect: Sequence[str] = (), common_dim: int = 16,
+                     salient_dim: int = 4) -> pd.DataFrame:
+    """PCA, cPCA or lin2 of the masked voxels of every cohort row, or PCA after ComBat, as an embeddings table.
 
     Parameters
     ----------
     store : VolumeStore
         The cohort's preprocessed volumes (the same as the main method's).
     cohort : Cohort
-    method : "pca", "cpca" or "combat"
-        ``combat``: the voxels are ComBat-harmonised over ``site`` (fitted on the background
-        subjects among those PCA is fitted on, protecting ``protect``; :mod:`neurocl.harmonise`),
-        then PCA: the classic harmonise-then-decompose pipeline the trained spaces are compared with.
+    method : "pca", "cpca", "lin2" or "combat"
+        ``lin2``: :class:`LinearTwoSpace`, its common PCA fitted on the background subjects among
+        those the decomposition is fitted on. ``combat``: the voxels are ComBat-harmonised over
+        ``site`` (fitted on the background subjects among those PCA is fitted on, protecting
+        ``protect``; :mod:`neurocl.harmonise`), then PCA: the classic harmonise-then-decompose
+        pipeline the trained spaces are compared with.
     n_components : int
+        Components of ``pca``, ``cpca`` and ``combat``.
     splits : Splits or None
         With a holdout manifest, the decomposition is fitted on the ``train`` subjects only and
         applied to everyone (cPCA uses the group labels, so fitting it on test subjects would leak
-        them into a later probe of ``group``). Without one (or with k-fold folds), on every subject
-        with a group.
+        them into a later probe of ``group``; alpha is chosen by cross-validation over the same
+        train subjects). Without one (or with k-fold folds), on every subject with a group.
     alpha : float or None
-        cPCA's alpha (None: automatic, see :class:`ContrastivePCA`).
+        cPCA's (and lin2's salient) alpha (None: automatic, see :class:`ContrastivePCA`).
+    common_dim, salient_dim : int
+        ``lin2``: dimensions of its two spaces.
 
     Returns
     -------
     DataFrame
         embeddings.tsv format: ``participant_id``, [``session_id``], ``split``, ``group``, then
-        ``emb_0 ... emb_{k-1}`` (single-space).
+        ``emb_0 ... emb_{k-1}`` (single-space), or ``common_*`` and ``salient_*`` (``lin2``).
     """
-    if method not in ("pca", "cpca", "combat"):
-        raise ConfigError(f"method must be 'pca', 'cpca' or 'combat', got {method!r}")
+    if method not in ("pca", "cpca", "lin2", "combat"):
+        raise ConfigError(f"method must be 'pca', 'cpca', 'lin2' or 'combat', got {method!r}")
     voxels = masked_voxels(store, store.rows_for(cohort), progress=progress)
     group = cohort.table["group"]
     fit_rows = group.notna().to_numpy().copy()
@@ -294,17 +360,22 @@ def voxel_embeddings(store, cohort, method: str = "pca", n_components: int = 16,
         for name in ("train", "val", "test"):
             split[splits.rows(cohort, name)] = name
         fit_rows &= split == "train"
+    is_target = group[fit_rows].eq("target").to_numpy()
     if method == "combat":
         background = fit_rows & group.eq("background").to_numpy()
         voxels = harmonise_voxels(voxels, cohort, background, HarmoniseConfig(site=site, protect=list(protect)))
     if method in ("pca", "combat"):
         estimator = PCABaseline(n_components).fit(voxels[fit_rows])
+        columns = [f"emb_{i}" for i in range(n_components)]
+    elif method == "cpca":
+        estimator = ContrastivePCA(n_components, alpha=alpha, random_state=seed).fit(voxels[fit_rows], is_target)
+        columns = [f"emb_{i}" for i in range(n_components)]
     else:
-        estimator = ContrastivePCA(n_components, alpha=alpha, random_state=seed)
-        estimator.fit(voxels[fit_rows], group[fit_rows].eq("target").to_numpy())
+        estimator = LinearTwoSpace(common_dim, salient_dim, alpha=alpha, random_state=seed)
+        estimator.fit(voxels[fit_rows], is_target)
+        columns = [f"common_{i}" for i in range(common_dim)] + [f"salient_{i}" for i in range(salient_dim)]
     coordinates = estimator.transform(voxels)
     table = cohort.keys().reset_index(drop=True)
     table["split"] = split
     table["group"] = group.to_numpy()
-    embedding = pd.DataFrame(coordinates, columns=[f"emb_{i}" for i in range(coordinates.shape[1])])
-    return pd.concat([table, embedding], axis=1)
+    return pd.concat([table, pd.DataFrame(coordinates, columns=columns)], axis=1)

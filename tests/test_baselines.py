@@ -1,4 +1,4 @@
-"""PCA and contrastive PCA on (high-dimensional) voxels."""
+"""PCA, contrastive PCA and the linear two-space baseline on (high-dimensional) voxels."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-from neurocl.baselines import ContrastivePCA, PCABaseline, voxel_embeddings
+from neurocl.baselines import ContrastivePCA, LinearTwoSpace, PCABaseline, masked_voxels, voxel_embeddings
 from neurocl.cohort import Cohort, make_splits
 from neurocl.errors import ConfigError
 
@@ -89,3 +89,45 @@ def test_voxel_embeddings_of_a_store(tiny_cohort, tiny_store, method):
     refit = voxel_embeddings(store, train_only, method=method, n_components=4)
     np.testing.assert_allclose(refit[[f"emb_{i}" for i in range(4)]].to_numpy(),
                                table.loc[table["split"] == "train", [f"emb_{i}" for i in range(4)]].to_numpy(), atol=1e-6)
+
+
+def test_lin2_salient_recovers_a_target_only_direction_that_pca_misses():
+    rng = np.random.default_rng(3)
+    n = 120
+    data = rng.normal(size=(2 * n, 40))
+    data[:, :3] += rng.normal(size=(2 * n, 3)) * [10.0, 8.0, 6.0]  # shared by everyone
+    planted = np.zeros(40)
+    planted[[5, 6]] = 1 / np.sqrt(2)
+    is_target = np.arange(2 * n) < n
+    data[is_target] += 4.0 * rng.normal(size=(n, 1)) * planted  # targets only, less variance than any shared one
+    pca_axes = PCA(3).fit(data).components_
+    assert np.linalg.norm(pca_axes @ planted) < 0.2
+    lin2 = LinearTwoSpace(common_dim=3, salient_dim=1, random_state=0).fit(data, is_target)
+    assert abs(lin2.salient_.components_[0] @ planted) > 0.95
+    # The common space holds the shared directions, not the target-only one.
+    assert np.linalg.norm(lin2.common_.components_ @ planted) < 0.2
+    assert lin2.transform(data).shape == (2 * n, 4)
+
+
+def test_lin2_parameters_are_checked_when_fitted():
+    data, is_target = _planted(10)
+    lin2 = LinearTwoSpace(common_dim=0)
+    assert lin2.common_dim == 0  # stored as given
+    with pytest.raises(ConfigError, match="common_dim must be >= 1"):
+        lin2.fit(data, is_target)
+
+
+def test_lin2_common_space_is_pca_of_the_training_controls_and_ignores_test_rows(tiny_cohort, tiny_store):
+    cohort, store = Cohort.from_yaml(tiny_cohort), tiny_store
+    splits = make_splits(cohort, test_fraction=0.25, val_fraction=0.0, seed=0)
+    table = voxel_embeddings(store, cohort, method="lin2", splits=splits, common_dim=2, salient_dim=2)
+    assert list(table.columns[3:]) == ["common_0", "common_1", "salient_0", "salient_1"]
+    voxels = masked_voxels(store, store.rows_for(cohort))
+    train_controls = (table["split"].eq("train") & table["group"].eq("background")).to_numpy()
+    reference = PCA(2).fit(voxels[train_controls]).transform(voxels)
+    np.testing.assert_allclose(np.abs(table[["common_0", "common_1"]].to_numpy()), np.abs(reference), rtol=1e-6, atol=1e-6)
+    # Fitted without the test rows (alpha's cross-validation included): refitting on the train rows alone agrees.
+    train_only = cohort.select(np.flatnonzero(table["split"] == "train"))
+    refit = voxel_embeddings(store, train_only, method="lin2", common_dim=2, salient_dim=2)
+    columns = ["common_0", "common_1", "salient_0", "salient_1"]
+    np.testing.assert_allclose(refit[columns].to_numpy(), table.loc[table["split"] == "train", columns].to_numpy(), atol=1e-6)
