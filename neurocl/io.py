@@ -10,7 +10,11 @@ one :class:`~neurocl.errors.OutputError` naming the file, and nothing half-writt
 
 YAML (pipeline and cohort specs) is read by one loader, :func:`load_yaml`: safe
 (no Python objects) and with alias expansion bounded, so a "billion laughs" file is
-refused in microseconds instead of exhausting memory downstream.
+refused in microseconds instead of exhausting memory downstream. A mapping that gives one key
+twice is refused too: YAML keeps the last silently, so a second ``group:`` block would swap a
+cohort's patients and controls without a word. Tables (:func:`read_tsv`) are refused when a
+column name is repeated, for the same reason (pandas would rename the second ``age`` to
+``age.1`` and every reader would use the first).
 """
 
 from __future__ import annotations
@@ -168,17 +172,45 @@ def write_tsv(path: str | os.PathLike, table) -> Path:
     return Path(path)
 
 
-def read_tsv(path: str | os.PathLike):
-    """Read a BIDS-style TSV: ``n/a`` (and empty cells) are missing; ids stay strings."""
+def read_tsv(path: str | os.PathLike, error: type[NeuroclError] = NeuroclError, what: str = "table"):
+    """Read a BIDS-style TSV: ``n/a`` (and empty cells) are missing; ids stay strings.
+
+    A column name given twice is refused as one ``error`` naming the file and the columns
+    (``what`` names the table's role).
+    """
     import pandas as pd
 
-    return pd.read_csv(
+    table = pd.read_csv(
         path,
         sep="\t",
         na_values=["n/a", "N/A", "NA", ""],
         keep_default_na=False,
         dtype={"participant_id": str, "session_id": str},
     )
+    refuse_duplicate_columns(path, error, what)
+    return table
+
+
+def refuse_duplicate_columns(path: str | os.PathLike, error: type[NeuroclError], what: str,
+                             encoding: str = "utf-8") -> None:
+    """Raise ``error`` when the header line of the TSV ``path`` names a column twice.
+
+    The header is read as written (pandas renames a repeated ``age`` to ``age.1``, and that name
+    could also be a genuine column), its names stripped of surrounding spaces as the tables'
+    readers strip them.
+    """
+    import csv
+
+    with open(path, encoding=encoding, newline="") as handle:
+        header = next(csv.reader(handle, delimiter="\t"), [])
+    positions: dict[str, list[int]] = {}
+    for position, name in enumerate(header, start=1):
+        positions.setdefault(name.strip(), []).append(position)
+    repeated = {name: where for name, where in positions.items() if len(where) > 1}
+    if repeated:
+        said = "; ".join(f"{name!r} in columns {', '.join(map(str, where))}" for name, where in repeated.items())
+        raise error(f"{path}: {what} names a column more than once ({said}); "
+                    "only the first would be read: rename or remove the others")
 
 
 def save_nifti(img, path: str | os.PathLike) -> Path:
@@ -212,13 +244,8 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
 def load_yaml(path: str | os.PathLike, error: type[NeuroclError], what: str) -> Any:
     """Read a YAML file safely: plain data only, alias expansion bounded, errors as one ``error`` line.
 
-    ``what`` names the file's role in messages ("pipeline", "cohort spec"). The document is
-    composed into YAML nodes first and its size with every alias expanded is counted (each node
-    once, by identity, so the count itself is linear); beyond :data:`YAML_MAX_EXPANDED_NODES`, or
-    with an alias that contains itself, the file is refused before any Python object is built.
+    ``what`` names the file's role in messages ("pipeline", "cohort spec"). See :func:`parse_yaml`.
     """
-    import yaml
-
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -230,6 +257,20 @@ def load_yaml(path: str | os.PathLike, error: type[NeuroclError], what: str) -> 
         raise error(f"{path}: {what} is not UTF-8 text ({problem.reason} at byte {problem.start})") from None
     except OSError as problem:
         raise error(f"{path}: cannot read the {what} ({problem.strerror or problem})") from None
+    return parse_yaml(text, error, str(path), what)
+
+
+def parse_yaml(text: str, error: type[NeuroclError], source: str, what: str = "YAML") -> Any:
+    """YAML text as plain data, or one ``error`` line starting with ``source`` (a path, a --set option).
+
+    The document is composed into YAML nodes first and its size with every alias expanded is
+    counted (each node once, by identity, so the count itself is linear); beyond
+    :data:`YAML_MAX_EXPANDED_NODES`, or with an alias that contains itself, the text is refused
+    before any Python object is built. A mapping that gives a key twice is refused, naming the key
+    and both lines (merge keys ``<<`` may still be overridden, as YAML defines them).
+    """
+    import yaml
+
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -238,17 +279,64 @@ def load_yaml(path: str | os.PathLike, error: type[NeuroclError], what: str) -> 
         size = _expanded_size(node, {}, set())
         if size > YAML_MAX_EXPANDED_NODES:
             raise error(
-                f"{path}: {what} expands to more than {YAML_MAX_EXPANDED_NODES:,} values through YAML aliases "
+                f"{source}: {what} expands to more than {YAML_MAX_EXPANDED_NODES:,} values through YAML aliases "
                 "(an alias bomb?); refused"
             )
+        repeated = _repeated_key(loader, node, "", set())
+        if repeated:
+            raise error(f"{source}: {repeated}; YAML would keep only the last one silently: remove or rename one")
         return loader.construct_document(node)
     except yaml.YAMLError as problem:
         message = " ".join(str(problem).split())
-        raise error(f"{path}: not valid YAML ({message})") from None
+        raise error(f"{source}: not valid YAML ({message})") from None
     except RecursionError:
-        raise error(f"{path}: {what} is nested too deeply to be a spec; refused") from None
+        raise error(f"{source}: {what} is nested too deeply to be a spec; refused") from None
     finally:
         loader.dispose()
+
+
+def _repeated_key(loader, node, where: str, seen: set[int]) -> str | None:
+    """The first key given twice in one mapping under ``node`` ("duplicate key ... (lines i and j)"), or None.
+
+    Keys compare as the values they construct to (``1`` and ``0x1`` are one key, ``1`` and ``"1"``
+    are two); only scalar keys are compared. Each node is visited once, so aliases cost nothing.
+    """
+    import yaml
+
+    if id(node) in seen:
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        children = [(f"{where}[{index}]", child) for index, child in enumerate(node.value)]
+    elif isinstance(node, yaml.MappingNode):
+        first_line: dict[Any, Any] = {}
+        children = []
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = loader.construct_object(key_node)
+                mark = key_node.start_mark
+                with contextlib.suppress(TypeError):  # an unhashable key is the constructor's to refuse
+                    if key in first_line:
+                        inside = f" in {where}" if where else " at the top level"
+                        return f"duplicate key {key!r}{inside} ({_two_places(first_line[key], mark)})"
+                    first_line[key] = mark
+                children.append((f"{where}.{key}" if where else str(key), value_node))
+            else:
+                children.append((where, value_node))
+    else:
+        return None
+    for child_where, child in children:
+        found = _repeated_key(loader, child, child_where, seen)
+        if found:
+            return found
+    return None
+
+
+def _two_places(first, second) -> str:
+    """Where two YAML marks are, for a message: "lines 3 and 9", or columns when on one line."""
+    if first.line == second.line:
+        return f"line {first.line + 1}, columns {first.column + 1} and {second.column + 1}"
+    return f"lines {first.line + 1} and {second.line + 1}"
 
 
 def _expanded_size(node, sizes: dict[int, int], active: set[int]) -> int:

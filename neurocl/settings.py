@@ -3,31 +3,33 @@
 Each value is read as a YAML scalar or flow collection (``1e-3`` is a number, as is any text
 that Python's ``float`` reads, ``true`` a boolean,
 ``[age, sex]`` a list, ``null`` None), then merged into the pipeline's YAML before the schema
-validates the result, so a setting is checked exactly like the same line in the file.
+validates the result, so a setting is checked exactly like the same line in the file. Values are
+read by the one YAML reader (:func:`neurocl.io.parse_yaml`: a flow mapping that repeats a key is
+refused), and a field set twice is refused rather than the last setting winning unseen.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-import yaml
-
 from neurocl.errors import ConfigError
+from neurocl.io import parse_yaml
 
 
 def parse_settings(settings: Sequence[str]) -> dict[str, Any]:
     """``["a.b=1", "a.c=x"]`` -> ``{"a": {"b": 1, "c": "x"}}``; a malformed setting raises ConfigError."""
     nested: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for setting in settings:
         key, equals, text = setting.partition("=")
         path = key.strip().split(".")
         if not equals or any(not part for part in path):
             raise ConfigError(f"--set {setting!r}: expected SECTION.FIELD=VALUE, e.g. --set training.lr=1e-3")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"--set {setting!r}: the value is not valid YAML ({error})") from None
-        value = _number(value)
+        value = _number(parse_yaml(text, ConfigError, f"--set {setting!r}", "the value") if text.strip() else None)
+        dotted = ".".join(path)
+        if dotted in given:
+            raise ConfigError(f"--set {setting!r}: {dotted} is already set by --set {given[dotted]!r}; give it once")
+        given[dotted] = setting
         holder = nested
         for depth, part in enumerate(path[:-1]):
             existing = holder.setdefault(part, {})
