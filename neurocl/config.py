@@ -207,19 +207,26 @@ class EvaluationConfig(_Section):
 
 
 class BaselineConfig(_Section):
-    """One baseline compared with the main method (``pca``, ``cpca``, ``simclr`` or ``yaware``).
+    """One baseline compared with the main method (``pca``, ``cpca``, ``lin2``, ``combat``, ``simclr`` or ``yaware``).
 
     A trained baseline (``simclr``, ``yaware``) takes every setting it does not name here from
     the pipeline's ``method`` section (``n_views``), ``encoder``, ``views`` and ``training``.
     """
 
-    name: Literal["pca", "cpca", "combat", "simclr", "yaware"] = Field(
+    name: Literal["pca", "cpca", "lin2", "combat", "simclr", "yaware"] = Field(
         ..., description="`pca`, `cpca` (contrastive PCA of the stored voxels, fitted on the training subjects), "
+        "`lin2` (the linear two-space floor: common = PCA of the training controls, salient = contrastive PCA of "
+        "the training subjects; `common_*`/`salient_*` columns like SepCLR's), "
         "`combat` (PCA of ComBat-harmonised voxels), `simclr` or `yaware` (trained with this pipeline's encoder, "
         "views and training section).",
     )
     n_components: int = Field(16, gt=0, description="`pca` / `cpca` / `combat`: components kept.")
-    alpha: float | None = Field(None, gt=0, description="`cpca`: contrast strength α (`null`: chosen automatically).")
+    common_dim: int | None = Field(
+        None, gt=0, description="`lin2`: common-space components (`null`: the pipeline method's `common_dim`).")
+    salient_dim: int | None = Field(
+        None, gt=0, description="`lin2`: salient-space components (`null`: the pipeline method's `salient_dim`).")
+    alpha: float | None = Field(None, gt=0, description="`cpca` / `lin2`: contrast strength α (`null`: chosen by "
+                                "cross-validation over the training subjects, never the test ones).")
     attributes: list[str] = Field(["age"], description="`yaware`: attributes of the kernel prior.")
     sigma: float | list[float] = Field(5.0, description="`yaware`: kernel bandwidth per attribute, in the attribute's units.")
     temperature: float = Field(0.1, gt=0, description="`simclr` / `yaware`: InfoNCE temperature.")
@@ -340,7 +347,7 @@ class PipelineConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     baselines: list[BaselineConfig] = Field(
         default_factory=list,
-        description="Baselines computed on the same store and splits: `pca`, `cpca`, `combat`, `simclr`, `yaware`, as "
+        description="Baselines computed on the same store and splits: `pca`, `cpca`, `lin2`, `combat`, `simclr`, `yaware`, as "
         "names or mappings (`{name: yaware, attributes: [age], sigma: 5.0}`); fields in `baselines[]` below.",
     )
     maps: MapsConfig = Field(default_factory=MapsConfig)

@@ -60,15 +60,19 @@ def prepare_store(path: str | os.PathLike, out: str | os.PathLike, settings: Seq
     started = time.perf_counter()
     console.print(f"[bold]cohort[/] {config.cohort}")
     cohort = Cohort.from_yaml(config.cohort)
+    inputs = {"pipeline": Path(path), **cohort.input_paths()}
+    if not run.own.is_run():
+        run.check_out(config, resume=False, inputs=inputs)
     cohort.check(check_images=True)
     check_attribute_names(config, cohort)
     store = VolumeStore.build(cohort, run.store_folder(config, harmonised=False), config.preprocess, workers=workers,
                               progress=True)
     store.verify()
-    if not run.config.is_file():
+    if not run.own.is_run():
         # The run folder of a run that has not trained yet: `neurocl run ... --auto-resume` (or
         # the same command without it) starts there and finds this store up to date.
-        write_text(run.config, config_yaml(config))
+        with run.own.hold():
+            run.prepare(config, resume=False, inputs=inputs)
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
     print(f"store: {store.cache_dir}\nvolumes: {len(store)} x {'x'.join(map(str, store.spatial_shape))} "
           f"({store.nbytes / 1e9:.2f} GB, {store.volumes.dtype})\nrebuilt: {len(store.rebuilt)}\n"
@@ -110,24 +114,35 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool |
     config = load_pipeline(path, overrides, settings)
     run = RunDir(Path(out).absolute())
     if resume == "auto":
-        # A requeued job runs its first command again. A folder that neurocl made (config.yaml:
+        # A requeued job runs its first command again. A folder that neurocl made (its run marker:
         # prepared, or trained for a while) is continued, each training from its last checkpoint if
         # it has one (the pipeline must match the recorded one); anything else starts a new run.
         trained = run.path.is_dir() and any(run.path.glob("**/checkpoints/*.ckpt"))
-        resume = run.config.is_file()
+        resume = run.own.is_run()
         console.print(f"--auto-resume: {'resuming the run in' if trained else 'starting a new run in'} {run.path}")
     if not is_primary_process():
         return train_as_worker(config, run, resume)
     # Every check first, then the first write: a failed check leaves --out as it was.
-    run.check_out(config, resume)
+    inputs = {"pipeline": Path(path)}
+    run.check_out(config, resume, inputs)
     console.print(f"[bold]cohort[/] {config.cohort}")
     cohort = Cohort.from_yaml(config.cohort)
-    run.check_out(config, resume, cohort)
+    inputs.update(cohort.input_paths())
+    run.check_out(config, resume, inputs)
+    with run.own.hold():
+        return _run_stages(config, run, cohort, resume, inputs)
+
+
+def _run_stages(config: PipelineConfig, run: RunDir, cohort: Cohort, resume: bool, inputs: dict) -> Path:
+    """Every stage after the checks of ``--out``, with the run folder held (:meth:`OutputFolder.hold`)."""
     cohort.check(check_images=True)
     check_attribute_names(config, cohort)
+    resuming = resume and run.trained()
+    if resuming:
+        run.check_resume(cohort)
     splits = _splits(config, cohort, run)
     check_batch_sizes(config, cohort, splits)
-    run.prepare(config, resume)
+    run.prepare(config, resume, inputs)
     if not run.splits.is_file():
         splits.save(run.splits)
 
@@ -135,6 +150,8 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool |
     if config.harmonise is not None:
         console.print(f"[bold]harmonising[/] {config.harmonise.site} with ComBat (protecting {config.harmonise.protect})")
         store = harmonise_run_store(store, cohort, splits, config.harmonise, run.store_folder(config))
+    if resuming:
+        run.check_resume(cohort, store)
     run.record_inputs(store, cohort)
 
     modules = {}
@@ -162,7 +179,9 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool |
             # Fitted on the training subjects only, like the trained networks.
             table = baselines.voxel_embeddings(store, cohort, method=entry.name, n_components=entry.n_components,
                                                splits=splits, alpha=entry.alpha, seed=config.training.seed,
-                                               progress=True, site=entry.site, protect=entry.protect)
+                                               progress=True, site=entry.site, protect=entry.protect,
+                                               common_dim=entry.common_dim or config.method.common_dim,
+                                               salient_dim=entry.salient_dim or config.method.salient_dim)
         write_embeddings(folder.embeddings, table, cohort)
         _probe(table, cohort, config, folder, ground_truth)
 
