@@ -17,7 +17,7 @@ from neurocl.cohort.problems import Problem, _grid_differences, _read_grid, _vox
 from neurocl.cohort.spec import MISSING_VALUES, PLACEHOLDERS, CohortSpec, GroupSpec, _spec_error, key_columns
 from neurocl.errors import CohortError
 from neurocl.images import Grid, GridSpec
-from neurocl.io import load_yaml
+from neurocl.io import load_yaml, refuse_duplicate_columns
 from neurocl.logs import transient_progress
 
 
@@ -25,7 +25,8 @@ def _read_participants(path: Path) -> pd.DataFrame:
     """Read participants.tsv with every cell as a string, keeping TSV line numbers.
 
     Values are kept as written (a site "01" stays "01", not 1) so categorical attributes and
-    group values compare exactly; blank lines are dropped but still count for line numbers.
+    group values compare exactly; blank lines are dropped but still count for line numbers. A
+    column named twice is refused (pandas would read the first ``age`` and rename the other).
     """
     try:
         table = pd.read_csv(
@@ -43,6 +44,7 @@ def _read_participants(path: Path) -> pd.DataFrame:
         raise CohortError(f"{path}: cannot read participants table ({error.strerror or error})") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         raise CohortError(f"{path}: cannot read participants table ({error})") from None
+    refuse_duplicate_columns(path, CohortError, "participants table", encoding="utf-8-sig")
     table.columns = [str(column).strip() for column in table.columns]
     table = table.apply(lambda column: column.str.strip())
     table["row"] = np.arange(len(table)) + 2
@@ -189,6 +191,10 @@ class Cohort:
     def _build_table(self, raw: pd.DataFrame, table_name: str) -> pd.DataFrame:
         spec = self.spec
         columns = [c for c in raw.columns if c != "row"]
+        repeated = sorted({str(c) for c in raw.columns[raw.columns.duplicated()]})
+        if repeated:
+            raise CohortError(f"{self.source}: {table_name} names a column more than once ({', '.join(repeated)}); "
+                              "only the first would be read: rename or remove the others")
 
         def need(column: str, field: str) -> None:
             if column not in raw.columns:
