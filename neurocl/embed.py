@@ -172,7 +172,7 @@ def read_embeddings(path: str | os.PathLike) -> pd.DataFrame:
     """
     path = Path(path)
     try:
-        table = read_tsv(path)
+        table = read_tsv(path, CohortError, "embeddings table")
     except pd.errors.EmptyDataError:
         raise CohortError(f"{path}: embeddings table is empty (expected a header with participant_id and "
                           "<space>_<i> columns)") from None
