@@ -459,3 +459,46 @@ def test_shipped_study_template_loads_against_a_matching_table(tmp_path):
     cohort = Cohort.from_spec(CohortSpec.model_validate(raw), base_dir=tmp_path)
     assert cohort.table.loc[0, "group"] == "target"
     assert cohort.table.loc[0, "image"].endswith("mri/mwp1sub-01_ses-1_T1w.nii.gz")
+
+
+TRUTH_TSV = "participant_id\tsubtype\tseverity\tlatent\nsub-01\t0\t0\t0.25\nsub-02\t2\t7.5\t-1.5\n"
+
+
+def test_ground_truth_is_read_relative_to_the_spec_and_keyed_by_participant(tmp_path):
+    spec = write_spec(tmp_path / "c", TSV, ground_truth="truth/factors.tsv")
+    (tmp_path / "c" / "truth").mkdir()
+    (tmp_path / "c" / "truth" / "factors.tsv").write_text(TRUTH_TSV)
+    truth = Cohort.from_yaml(spec).ground_truth()
+    assert truth["participant_id"].tolist() == ["sub-01", "sub-02"]
+    assert truth["subtype"].tolist() == [0, 2] and truth["latent"].tolist() == [0.25, -1.5]
+    assert Cohort.from_yaml(write_spec(tmp_path / "none", TSV)).ground_truth() is None
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"ground_truth: .*factors\.tsv not found"),
+    ("subject\tsubtype\nsub-01\t1\n", "no participant_id column"),
+    ("participant_id\nsub-01\n", "no factor column"),
+    (TRUTH_TSV + "sub-01\t1\t2\t3\n", r"factors\.tsv line 4: duplicate of line 2 \(sub-01\)"),
+    (TRUTH_TSV + "n/a\t1\t2\t3\n", r"factors\.tsv line 4: participant_id is missing"),
+    (TRUTH_TSV + "sub-99\t1\t2\t3\n", r"factors\.tsv line 4: sub-99 is not a row of the cohort"),
+    ("participant_id\tsession_id\tsubtype\nsub-01\tses-1\t1\n", "session_id column but the cohort"),
+])
+def test_ground_truth_problems_name_the_file_and_line(tmp_path, content, message):
+    spec = write_spec(tmp_path, TSV, ground_truth="factors.tsv")
+    if content is not None:
+        (tmp_path / "factors.tsv").write_text(content)
+    cohort = Cohort.from_yaml(spec)
+    with pytest.raises(CohortError, match=message):
+        cohort.ground_truth()
+
+
+def test_ground_truth_factors_leave_out_attributes_and_find_subtype_like_ones(tmp_path):
+    from neurocl.cohort.truth import target_only_factors, truth_factors
+
+    spec = write_spec(tmp_path, TSV, ground_truth="factors.tsv")
+    (tmp_path / "factors.tsv").write_text("participant_id\tgroup\tage\tsubtype\tlatent\nsub-01\tbackground\t30\t0\t0.3\n"
+                                          "sub-02\ttarget\t40\t2\t1.7\nsub-03\ttarget\t41\t1\t2.2\n")
+    cohort = Cohort.from_yaml(spec)
+    truth = cohort.ground_truth()
+    assert truth_factors(truth, cohort) == {"subtype": "categorical", "latent": "continuous"}
+    assert target_only_factors(truth, ["subtype", "latent"]) == {"subtype": 2}

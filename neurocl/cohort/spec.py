@@ -94,6 +94,10 @@ class CohortSpec(BaseModel):
         Attribute name -> ``"continuous"`` (numeric) or ``"categorical"`` (kept as strings).
     required : list of str or None
         Attributes that must be present in every row (default: none).
+    ground_truth : Path or None
+        A TSV of known latent factors (a synthetic cohort's ``ground_truth.tsv``), keyed by
+        ``participant_id`` (and ``session_id`` when it has that column); the pipeline probes and
+        clusters every factor that is not already an attribute (:mod:`neurocl.cohort.truth`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -106,6 +110,7 @@ class CohortSpec(BaseModel):
     group: GroupSpec
     attributes: dict[str, Literal["continuous", "categorical"]] = {}
     required: list[str] | None = None
+    ground_truth: Path | None = None
 
     @field_validator("images")
     @classmethod

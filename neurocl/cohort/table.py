@@ -15,6 +15,7 @@ from rich.progress import track
 
 from neurocl.cohort.problems import Problem, _grid_differences, _read_grid, _voxel_problems, _where
 from neurocl.cohort.spec import MISSING_VALUES, PLACEHOLDERS, CohortSpec, GroupSpec, _spec_error, key_columns
+from neurocl.cohort.truth import read_ground_truth
 from neurocl.errors import CohortError
 from neurocl.images import Grid, GridSpec
 from neurocl.io import load_yaml, refuse_duplicate_columns
@@ -179,6 +180,8 @@ class Cohort:
             raw["row"] = np.arange(len(raw)) + 2
             table_name = "the participants DataFrame"
         self._root = (base_dir / spec.root).resolve()
+        self.ground_truth_path = (None if spec.ground_truth is None
+                                  else _resolved(base_dir / spec.ground_truth, f"{source}: ground_truth"))
         self.table = self._build_table(raw, table_name)
         self.categories = {
             name: sorted(self.table[name].dropna().unique().tolist())
@@ -238,6 +241,7 @@ class Cohort:
         cohort.spec = parent.spec
         cohort.source = parent.source
         cohort._root = parent._root
+        cohort.ground_truth_path = parent.ground_truth_path
         cohort.categories = parent.categories
         cohort.table = table.reset_index(drop=True)
         cohort._written = written.reset_index(drop=True)
@@ -289,6 +293,10 @@ class Cohort:
     def key_columns(self) -> list[str]:
         """The subject key of this cohort's rows (:data:`KEY_COLUMNS` present in its table)."""
         return key_columns(self.table)
+
+    def ground_truth(self) -> pd.DataFrame | None:
+        """The spec's ``ground_truth`` table, validated against this cohort (None when the spec has none)."""
+        return None if self.ground_truth_path is None else read_ground_truth(self.ground_truth_path, self)
 
     def attribute_matrix(self, names: Sequence[str] | None = None) -> np.ndarray:
         """Attributes as a float matrix (n_images, len(names)), NaN where missing.
