@@ -508,6 +508,7 @@ def _cohort_yaml(name: str) -> str:
         "images": SynthDir.IMAGES,
         "group": {"column": "diagnosis", "background": ["control"], "target": ["patient"]},
         "attributes": {"age": "continuous", "sex": "categorical", "site": "categorical", "severity": "continuous"},
+        "ground_truth": SynthDir.GROUND_TRUTH,
     }
     return yaml.safe_dump(spec, sort_keys=False)
 

@@ -6,7 +6,7 @@ checks that no other module spells the ground-truth ones); :mod:`neurocl.synth` 
 the pipeline, probes, maps, report, demo and benchmarks read the truth back. Layout
 (``docs/synthetic.md``)::
 
-    DIR/cohort.yaml                  the cohort spec (written last: its presence means complete)
+    DIR/cohort.yaml                  the cohort spec (written last: its presence means complete; names ground_truth.tsv)
     DIR/participants.tsv             what a real cohort would have (observed attributes only)
     DIR/sub-XXXX/anat/sub-XXXX_desc-gm.nii.gz   each subject's grey-matter volume
     DIR/ground_truth.tsv             every latent factor, full precision (participant_id, group, ..., subtype)
@@ -34,15 +34,16 @@ __all__ = ["SynthDir"]
 class SynthDir:
     """The paths of a synthetic cohort folder (:mod:`neurocl.synth`'s output)."""
 
-    # Relative paths that cohort.yaml also names (its participants table and image template).
+    # Relative paths that cohort.yaml also names (its participants table, image template and ground truth).
     PARTICIPANTS = "participants.tsv"
+    GROUND_TRUTH = "ground_truth.tsv"
     IMAGES = "{participant_id}/anat/{participant_id}_desc-gm.nii.gz"
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.cohort_yaml = self.path / "cohort.yaml"
         self.participants = self.path / self.PARTICIPANTS
-        self.ground_truth = self.path / "ground_truth.tsv"
+        self.ground_truth = self.path / self.GROUND_TRUTH
         self.brain_mask = self.path / "brain_mask.nii.gz"
         self.masks = self.path / "masks"
         self.regions = self.masks / "regions.tsv"

@@ -502,3 +502,10 @@ def test_ground_truth_factors_leave_out_attributes_and_find_subtype_like_ones(tm
     truth = cohort.ground_truth()
     assert truth_factors(truth, cohort) == {"subtype": "categorical", "latent": "continuous"}
     assert target_only_factors(truth, ["subtype", "latent"]) == {"subtype": 2}
+
+
+def test_a_synthetic_cohort_spec_names_its_ground_truth(tiny_cohort):
+    cohort = Cohort.from_yaml(tiny_cohort)
+    truth = cohort.ground_truth()
+    assert cohort.ground_truth_path == tiny_cohort.parent / "ground_truth.tsv"
+    assert set(truth["participant_id"]) == set(cohort.table["participant_id"]) and "subtype" in truth

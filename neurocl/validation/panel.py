@@ -107,7 +107,9 @@ def build_cohort(cohort: PanelCohort, out_dir: str | Path, scale: PanelScale, se
     out_dir = Path(out_dir)
     if cohort.natural:
         config = NaturalConfig(n_subjects=scale.n_subjects, patch=scale.patch, seed=seed, **cohort.options)
-        return make_natural_cohort(out_dir, config)
+        spec = make_natural_cohort(out_dir, config)
+        _declare_ground_truth(out_dir)
+        return spec
 
     options = {**DEMO_GENERATOR, **cohort.options, "n_subjects": scale.n_subjects,
                "resolution": scale.resolution, "seed": seed}
@@ -115,6 +117,14 @@ def build_cohort(cohort: PanelCohort, out_dir: str | Path, scale: PanelScale, se
     if cohort.rename:
         _rename(out_dir)
     return spec
+
+
+def _declare_ground_truth(folder: Path) -> None:
+    """Name the folder's ground_truth.tsv in its cohort.yaml, so the pipeline probes and clusters its factors."""
+    files = SynthDir(folder)
+    spec = io.load_yaml(files.cohort_yaml, ConfigError, "cohort spec")
+    spec.setdefault("ground_truth", SynthDir.GROUND_TRUTH)
+    io.write_text(files.cohort_yaml, yaml.safe_dump(spec, sort_keys=False))
 
 
 def _rename(folder: Path) -> None:
