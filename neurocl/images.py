@@ -12,11 +12,20 @@ Three kinds, chosen by the cohort spec's ``images`` template suffix:
 An image is 2D or 3D. Singleton axes at either end are dropped first (OpenBHB arrays are
 ``(1, X, Y, Z)``; a NIfTI slice may be ``(X, Y, 1)``), so ``(X, Y, 1)`` is a 2D image. A 2D
 image's affine is still 4x4 (the third column is the slice axis), as a 2D NIfTI header holds it.
+
+Voxels must be real numbers: integers, floats or booleans. Complex voxels (whose imaginary part a
+cast to float would drop), text, Python objects, records (NIfTI RGB) and dates are refused by
+name from the header, before any voxel is read. So is a NIfTI scaling that is not a number
+(``scl_slope = inf``): readers then ignore the scaling and the voxels come back unscaled, a
+thousand times too bright for a typical int16 image. ``scl_slope = nan`` alone means "no
+scaling" (nibabel writes it for every unscaled image) and is accepted.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 from typing import Literal, NamedTuple, Sequence
 
@@ -25,11 +34,19 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from neurocl.errors import CohortError
+
 ImageKind = Literal["nifti", "array", "picture"]
 # Deflate's largest compression ratio: a gzip file of n bytes holds at most ~1032 n bytes.
 GZIP_MAX_RATIO = 1032
 ARRAY_SUFFIXES = (".npy",)
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# NumPy dtype kinds a voxel may have: boolean, signed and unsigned integers, floats.
+VOXEL_KINDS = "biuf"
+# What the refused kinds hold, for messages.
+REFUSED_KINDS = {"c": "complex numbers: reading them as real would drop the imaginary part; save the magnitude or the real part",
+                 "O": "Python objects", "U": "text", "S": "bytes", "V": "records, such as RGB colour",
+                 "M": "dates", "m": "time spans"}
 
 
 class GridSpec(BaseModel):
@@ -106,17 +123,22 @@ def _zooms(affine: np.ndarray, n_axes: int) -> tuple[float, ...]:
 
 def read_grid(path: Path, kind: ImageKind, grid: GridSpec | None = None) -> Grid | str:
     """The image's grid from its header, or the problem that prevents reading it (a message)."""
-    if not path.is_file():
-        return f"image not found: {path}"
+    missing = not_a_file(path, "image")
+    if missing:
+        return missing
     try:
         if kind == "nifti":
             image = nib.load(path)
             raw_shape, affine = image.shape, np.asarray(image.affine, dtype=float)
             header_zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
-            forged = _nifti_size_problem(image)
-            if forged:
-                return forged
+            refused = (_nifti_size_problem(image) or dtype_problem(image.header.get_data_dtype(), path.name)
+                       or _scaling_problem(image, path.name))
+            if refused:
+                return refused
         elif kind == "array":
+            refused = dtype_problem(_npy_dtype(path), path.name)
+            if refused:
+                return refused
             raw_shape = np.load(path, mmap_mode="r").shape
             affine = grid.matrix() if grid is not None else np.eye(4)
             header_zooms = None
@@ -133,6 +155,73 @@ def read_grid(path: Path, kind: ImageKind, grid: GridSpec | None = None) -> Grid
         return f"image is {len(shape)}D with shape {tuple(raw_shape)}, expected 2D or 3D"
     zooms = header_zooms[: len(shape)] if header_zooms is not None else _zooms(affine, len(shape))
     return Grid(shape, affine, tuple(zooms))
+
+
+def not_a_file(path: Path, what: str) -> str | None:
+    """None when ``path`` is a regular file (symlinks followed), else what it is instead, for a message.
+
+    "not found" alone would send a user looking for a file that is there: a folder, a symbolic
+    link loop or a dangling link needs another fix. A pipe or device is refused too, since reading
+    one could block forever.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"{what} is a symbolic link loop: {path}"
+        if path.is_symlink():
+            return f"{what} is a broken symbolic link: {path} -> {os.readlink(path)} (no such file)"
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"{what} not found: {path}"
+        return f"{what} cannot be read: {path} ({error.strerror or error})"
+    if stat.S_ISDIR(mode):
+        return f"{what} is a folder, not a file: {path}"
+    if not stat.S_ISREG(mode):
+        return f"{what} is not a regular file (a pipe, socket or device): {path}"
+    return None
+
+
+def dtype_problem(dtype: np.dtype, name: str) -> str | None:
+    """None when voxels of ``dtype`` are real numbers (:data:`VOXEL_KINDS`), else the refusal, naming both."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in VOXEL_KINDS and dtype.fields is None:
+        return None
+    held = REFUSED_KINDS.get("V" if dtype.fields is not None else dtype.kind, "not real numbers")
+    return f"{name} holds {dtype} voxels ({held}); neurocl reads integer, float or bool voxels only"
+
+
+def _npy_dtype(path: Path) -> np.dtype:
+    """The data type an ``.npy`` file's header declares, read without its data (an object array cannot be mapped)."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return read_header(handle)[2]
+
+
+def _scaling_problem(image, name: str) -> str | None:
+    """A NIfTI scaling (``scl_slope``, ``scl_inter``) that readers would silently ignore, or None.
+
+    nibabel, like the NIfTI reference library, reads the voxels unscaled when the slope is 0 or
+    not finite. 0 and NaN are the two spellings of "no scaling"; an infinite slope, or a NaN slope
+    beside a real intercept, is a damaged header whose voxels would be read at the wrong scale. (A
+    real slope beside a non-finite intercept is refused by nibabel itself: an unreadable header.)
+    The header is read again as the file holds it: a loaded image's header has its scaling reset.
+    """
+    try:
+        with image.file_map["header" if "header" in image.file_map else "image"].get_prepare_fileobj("rb") as handle:
+            header = image.header_class.from_fileobj(handle)
+    except Exception:  # formats whose headers cannot be re-read alone carry no NIfTI scaling
+        return None
+    if "scl_slope" not in header.keys():
+        return None
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"]) if "scl_inter" in header.keys() else 0.0
+    if np.isinf(slope):
+        return (f"header of {name} has scl_slope = {slope}: not a finite scaling, so the voxels would be read "
+                "unscaled; fix the header's scl_slope")
+    if np.isnan(slope) and np.isfinite(inter) and inter != 0:
+        return (f"header of {name} has scl_slope = nan beside scl_inter = {inter:g}: the scaling would be ignored "
+                "and the voxels read unscaled; fix the header's scl_slope")
+    return None
 
 
 def _nifti_size_problem(image) -> str | None:
@@ -177,12 +266,17 @@ def read_voxels(path: Path, kind: ImageKind) -> np.ndarray:
     (ITU-R 601-2 luma), since a store holds one channel per image.
     """
     if kind == "nifti":
-        data = np.asanyarray(nib.load(path).dataobj)
+        image = nib.load(path)
+        refused = dtype_problem(image.header.get_data_dtype(), path.name) or _scaling_problem(image, path.name)
+        if refused:
+            raise CohortError(f"{path}: {refused}")
+        data = np.asanyarray(image.dataobj)
         return data.reshape(_squeeze_nifti(data.shape))
     if kind == "array":
+        refused = dtype_problem(_npy_dtype(path), path.name)
+        if refused:
+            raise CohortError(f"{path}: {refused}")
         data = np.load(path, allow_pickle=False)
-        if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
-            raise ValueError(f"array of dtype {data.dtype} is not numeric")
         return data.reshape(squeeze_ends(data.shape))
 
     with Image.open(path) as picture:
