@@ -4,6 +4,7 @@ loaded leniently and validated on demand."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +22,9 @@ from neurocl.images import Grid, GridSpec
 from neurocl.io import load_yaml, refuse_duplicate_columns
 from neurocl.logs import transient_progress
 
+# An id names the image's file (through the images template), so it may hold only what a BIDS
+# label holds (letters and digits) and the entity separators '-' and '_': never '/', '..' or spaces.
+ID_CHARACTERS = re.compile(r"[A-Za-z0-9_-]+")
 
 def _read_participants(path: Path) -> pd.DataFrame:
     """Read participants.tsv with every cell as a string, keeping TSV line numbers.
@@ -392,13 +396,14 @@ class Cohort:
         return problems
 
     def _row_problems(self, position: int, record: dict) -> list[str]:
-        """Problems of one row that need no other row: ids, group, attributes."""
+        """Problems of one row that need no other row: ids, image path, group, attributes."""
         spec = self.spec
         found = []
         if pd.isna(record["participant_id"]):
             found.append("participant_id is missing")
         if spec.uses_sessions and pd.isna(record.get("session_id")):
             found.append("session_id is missing (the images template needs it)")
+        found += self._path_problems(record)
         if pd.isna(record["group"]):
             found.append(self._group_problem(position))
         for attribute in spec.required or []:
@@ -418,16 +423,36 @@ class Cohort:
             return f"{group.column} is missing ({allowed})"
         return f"{group.column} {value!r} is neither background nor target ({allowed})"
 
+    def _path_problems(self, record: dict) -> list[str]:
+        """Why this row's image may not be opened: an id that is not a label, or a path outside the root.
+
+        The path is compared as written (normalised, symlinks not followed): links that the
+        cohort's owner placed inside the root may point to shared storage, but no id or template
+        may climb out of it.
+        """
+        found = []
+        for column in ("participant_id", "session_id") if self.spec.uses_sessions else ("participant_id",):
+            value = record.get(column)
+            if isinstance(value, str) and not ID_CHARACTERS.fullmatch(value):
+                others = "".join(dict.fromkeys(re.sub(r"[A-Za-z0-9_-]", "", value)))
+                found.append(f"{column} {value!r} has characters a BIDS label cannot hold ({others!r}): ids name "
+                             "image files, so only letters, digits, '-' and '_' are allowed")
+        image = record.get("image")
+        if not found and isinstance(image, str) and not Path(os.path.normpath(image)).is_relative_to(self._root):
+            found.append(f"image path {os.path.normpath(image)} is outside the cohort's root {self._root} "
+                         "(from the images template): set root to a folder that holds every image")
+        return found
+
     def _image_problems(self, progress: bool) -> list[Problem]:
-        records = self.table[["participant_id", "image", "row"]].to_dict("records")
+        records = self.table.to_dict("records")
         reference: tuple[dict, Grid] | None = None
         problems: list[Problem] = []
         for record in track(
             records, description="validating images", disable=not transient_progress(progress), console=Console(stderr=True),
             transient=True
         ):
-            if not isinstance(record["image"], str):
-                continue
+            if not isinstance(record["image"], str) or self._path_problems(record):
+                continue  # reported with the row's ids; an image outside the root is never opened
             pid = None if pd.isna(record["participant_id"]) else record["participant_id"]
             path = Path(record["image"])
             # The header (and its claimed size) is checked against the file and the reference grid
