@@ -78,6 +78,8 @@ REGION_RADIUS_MM = 16.0  # effect tapers to zero here; regions never overlap (ce
 REGION_MASK_WEIGHT = 0.5  # the mask holds GM voxels where the planted loss is >= half its peak
 MASK_GM_THRESHOLD = 0.25  # "GM voxel" in the template at the output resolution
 MAX_SUBTYPE_LOSS = 0.4
+MAX_SUBTYPE_SHRINK = 0.3  # atrophy=shrink: the core's linear size / (1 + 0.3) at severity 10 (about -55 % volume)
+COURSE_AGE_SPAN = 30.0  # lesion_course=age: the progressive loss is x (age - 20) / 30, 1 on average over U(20, 80)
 AGE_LOSS_PER_DECADE = 0.03
 VENTRICLE_EXPANSION_PER_YEAR = 0.005
 VENTRICLE_CENTRE_MM = np.array([0.0, -10.0, 16.0])
@@ -113,6 +115,31 @@ class SynthConfig(BaseModel):
         description="where the loss is planted: template (before the warp, it follows the anatomy) or subject "
         "(after the warp, at fixed image coordinates)",
     )
+    lesion_pattern: Literal["regions", "foci"] = Field(
+        "regions",
+        description="regions: each subtype has its own lesion_regions regions; foci: subtype k is k foci, each at "
+        "1/k of the loss, in k distinct regions drawn per patient from a pool of lesion_pool regions shared by "
+        "every subtype (the subtypes' mean images are equal: no linear readout of the voxels tells them apart)",
+    )
+    lesion_pool: int = Field(
+        4, ge=1, le=len(REGIONS), description="lesion_pattern foci: the first lesion_pool regions, where foci fall"
+    )
+    lesion_jitter: float = Field(
+        0.0, ge=0.0, le=30.0,
+        description="each lesion region's centre moves by U(-j, j) mm per axis, drawn per subject and region "
+        "(0: fixed centres); ground_truth.tsv holds every subject's centres",
+    )
+    atrophy: Literal["loss", "shrink"] = Field(
+        "loss",
+        description="how a region atrophies: loss (GM intensity falls) or shrink (a warp contracts the anatomy "
+        "about the region's centre, its GM values kept)",
+    )
+    lesion_course: Literal["constant", "age"] = Field(
+        "constant",
+        description="constant: the loss is set by severity; age (2 subtypes): both subtypes have the same regions "
+        "and mean loss, subtype 1's growing with age (x (age - 20) / 30), subtype 2's not: only the age x loss "
+        "interaction tells them apart",
+    )
     age_pattern: Literal["global", "gradient"] = Field(
         "global", description="age GM loss: global (uniform) or gradient (anterior-posterior, none at the back)"
     )
@@ -139,11 +166,23 @@ class SynthConfig(BaseModel):
             )
         if n_patients < self.subtypes:
             raise ValueError(f"subtypes={self.subtypes} but only {n_patients} patients; each subtype needs one")
-        if self.n_patterns * self.lesion_regions > len(REGIONS):
+        if self.lesion_pattern == "regions" and self.n_patterns * self.lesion_regions > len(REGIONS):
             raise ValueError(
                 f"subtypes={self.subtypes} with lesion_regions={self.lesion_regions} needs "
                 f"{self.n_patterns * self.lesion_regions} distinct regions; there are {len(REGIONS)}"
             )
+        if self.lesion_pattern == "foci" and not 1 <= self.subtypes <= self.lesion_pool:
+            raise ValueError(
+                f"lesion_pattern=foci gives subtype k k foci in distinct regions of the pool: it needs "
+                f"1 <= subtypes <= lesion_pool (subtypes={self.subtypes}, lesion_pool={self.lesion_pool})"
+            )
+        if self.lesion_course == "age" and (self.subtypes != 2 or self.lesion_pattern != "regions"):
+            raise ValueError(
+                f"lesion_course=age contrasts a progressive subtype 1 with a static subtype 2: it needs subtypes=2 "
+                f"and lesion_pattern=regions (subtypes={self.subtypes}, lesion_pattern={self.lesion_pattern})"
+            )
+        if self.atrophy == "shrink" and self.lesion_space == "subject":
+            raise ValueError("atrophy=shrink warps the anatomy: it needs lesion_space=template")
         if self.confound > 0 and self.sites < 2:
             raise ValueError(f"confound={self.confound} needs at least 2 sites (sites={self.sites})")
         return self
@@ -154,9 +193,24 @@ class SynthConfig(BaseModel):
         return max(self.subtypes, 1)
 
     def pattern_regions(self) -> list[list[tuple[str, tuple[float, float, float]]]]:
-        """The regions (name, MNI centre) of each pattern: consecutive runs of :data:`REGIONS`."""
+        """The regions (name, MNI centre) each pattern can hit: consecutive runs of :data:`REGIONS`, or, for
+        foci, the pool for every subtype, and with ``lesion_course=age`` the first run for both subtypes."""
+        if self.lesion_pattern == "foci":
+            return [list(REGIONS[: self.lesion_pool])] * self.n_patterns
         m = self.lesion_regions
+        if self.lesion_course == "age":
+            return [list(REGIONS[:m])] * self.n_patterns
         return [list(REGIONS[k * m : (k + 1) * m]) for k in range(self.n_patterns)]
+
+    def lesion_sites(self) -> list[tuple[str, tuple[float, float, float]]]:
+        """Every distinct region that a pattern can hit, in :data:`REGIONS` order: ``lesion{r}_*`` of the truth."""
+        return list(dict.fromkeys(region for regions in self.pattern_regions() for region in regions))
+
+    @property
+    def per_subject_lesions(self) -> bool:
+        """Whether each subject's lesions are drawn (position, focus, shape, course) and written per region."""
+        return (self.lesion_pattern != "regions" or self.lesion_jitter > 0 or self.atrophy != "loss"
+                or self.lesion_course != "constant")
 
     @classmethod
     def from_options(cls, **options: Any) -> "SynthConfig":
@@ -417,7 +471,77 @@ def draw_latents(config: SynthConfig) -> pd.DataFrame:
             "subtype_gm_loss": config.subtype_effect * MAX_SUBTYPE_LOSS * severity / 10.0,
         }
     )
+    if config.per_subject_lesions:
+        latents = _lesion_latents(config, latents, rng)
     return latents
+
+
+def _lesion_latents(config: SynthConfig, latents: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
+    """``latents`` with each subject's lesion at every site of :meth:`SynthConfig.lesion_sites`.
+
+    Per site ``r``: ``lesion{r}_x_mm``/``_y_mm``/``_z_mm``, the centre (MNI mm, jittered), and
+    ``lesion{r}_effect``, the GM loss fraction (``atrophy=loss``) or the contraction magnitude
+    (``shrink``) at the core, 0 where the subject has no lesion. ``subtype_gm_loss`` becomes the
+    patient's whole loss (with the age factor of ``lesion_course=age``; 0 when it shrinks instead,
+    ``subtype_shrinkage`` then holds the magnitude). Drawn after every other factor, so that a cohort
+    without these options is the same as before they existed.
+    """
+    sites = config.lesion_sites()
+    site_index = {site: r for r, site in enumerate(sites)}
+    subtype = latents.subtype.to_numpy()
+    full = MAX_SUBTYPE_SHRINK if config.atrophy == "shrink" else MAX_SUBTYPE_LOSS
+    depth = config.subtype_effect * full * latents.severity.to_numpy() / 10.0
+    if config.lesion_course == "age":
+        depth = np.where(subtype == 1, depth * (latents.age.to_numpy() - 20.0) / COURSE_AGE_SPAN, depth)
+    effect = np.zeros((len(latents), len(sites)))
+    for i in np.flatnonzero(subtype > 0):
+        k = subtype[i]
+        if config.lesion_pattern == "foci":
+            # k foci share the loss, so every site's expected loss is the same for every subtype.
+            effect[i, rng.choice(len(sites), size=k, replace=False)] = depth[i] / k
+        else:
+            effect[i, [site_index[site] for site in config.pattern_regions()[k - 1]]] = depth[i]
+    jitter, shape = config.lesion_jitter, (len(latents), len(sites), 3)
+    offset = rng.uniform(-jitter, jitter, size=shape) if jitter > 0 else np.zeros(shape)
+    columns = {}
+    for r, (_, centre) in enumerate(sites):
+        for axis, name in enumerate("xyz"):
+            columns[f"lesion{r + 1}_{name}_mm"] = centre[axis] + offset[:, r, axis]
+        columns[f"lesion{r + 1}_effect"] = effect[:, r]
+    latents = latents.assign(subtype_gm_loss=0.0 if config.atrophy == "shrink" else depth)
+    if config.atrophy == "shrink":
+        latents["subtype_shrinkage"] = depth
+    return pd.concat([latents, pd.DataFrame(columns, index=latents.index)], axis=1)
+
+
+class LesionPlan(NamedTuple):
+    """How a subject's per-site lesions (:func:`_lesion_latents`) are planted."""
+
+    n_sites: int
+    size: float  # lesion_size
+    atrophy: str  # loss | shrink
+
+
+def _subject_sites(subject: Any, plan: LesionPlan) -> list[tuple[np.ndarray, float]]:
+    """(centre (3,) mm, effect) of each site where the subject has a lesion."""
+    sites = []
+    for r in range(1, plan.n_sites + 1):
+        effect = float(getattr(subject, f"lesion{r}_effect"))
+        if effect > 0:
+            centre = np.array([getattr(subject, f"lesion{r}_{axis}_mm") for axis in "xyz"], dtype=np.float32)
+            sites.append((centre, effect))
+    return sites
+
+
+def _shrink(point: np.ndarray, centre: np.ndarray, magnitude: float, width: float) -> np.ndarray:
+    """Radial contraction about ``centre``: a point at distance r shows the template at r (1 + m g(r)).
+
+    ``g(r) = exp(-r^2 / (2 width^2))``: the structure at the centre appears ``1 + m`` times smaller and its
+    surroundings move in; monotone (no folding) while ``m < e`` (about 2.72; at most 0.75 here).
+    """
+    offset = point - centre.reshape(3, 1, 1, 1)
+    falloff = np.exp(-0.5 * (offset**2).sum(0) / width**2)
+    return centre.reshape(3, 1, 1, 1) + offset * (1.0 + magnitude * falloff)
 
 
 def _warp(grid: Grid, subject: Any, rng: np.random.Generator) -> np.ndarray:
@@ -440,13 +564,15 @@ def subject_volume(
     seed: np.random.SeedSequence,
     age_weights: np.ndarray | None = None,
     lesion_space: str = "template",
+    plan: LesionPlan | None = None,
 ) -> np.ndarray:
     """One subject's GM map (float32, grid shape, values in [0, 1]) from its latent factors.
 
     ``subject`` is a row of :func:`draw_latents` (attribute access, e.g. from ``itertuples``);
     ``seed`` drives its deformation and noise, so a subject does not depend on the others.
     ``region_weights`` are :func:`pattern_weights`, ``age_weights`` :func:`age_weight` (None:
-    global loss); ``lesion_space`` "subject" plants the loss after the warp.
+    global loss); ``lesion_space`` "subject" plants the loss after the warp. With ``plan`` the
+    lesions are the subject's own ``lesion{r}_*`` sites instead of ``region_weights``.
     """
     from scipy import ndimage
 
@@ -456,12 +582,20 @@ def subject_volume(
     else:
         tissue = grid.gm * np.clip(1.0 - np.float32(subject.age_gm_loss) * age_weights, 0.0, 1.0)
     lesion = None
-    if subject.subtype > 0:
+    sites = [] if plan is None else _subject_sites(subject, plan)
+    if plan is not None and plan.atrophy == "loss" and sites:
+        loss = np.sum([effect * region_weight(grid.world, centre, plan.size) for centre, effect in sites], axis=0)
+        lesion = np.clip(1.0 - loss, 0.0, 1.0).astype(np.float32)
+    elif plan is None and subject.subtype > 0:
         lesion = 1.0 - np.float32(subject.subtype_gm_loss) * region_weights[subject.subtype - 1]
         lesion = np.clip(lesion, 0.0, 1.0)
-        if lesion_space == "template":
-            tissue = tissue * lesion
-    index = _to_index(np.linalg.inv(grid.affine), _warp(grid, subject, rng))
+    if lesion is not None and lesion_space == "template":
+        tissue = tissue * lesion
+    point = _warp(grid, subject, rng)
+    if plan is not None and plan.atrophy == "shrink":
+        for centre, magnitude in sites:
+            point = _shrink(point, centre, magnitude, REGION_CORE_MM * plan.size)
+    index = _to_index(np.linalg.inv(grid.affine), point)
     volume = _sample(tissue, index, grid.shape)
     if lesion is not None and lesion_space == "subject":
         volume = volume * lesion
@@ -519,8 +653,9 @@ def _check_out_dir(out_dir: Path) -> None:
         raise ConfigError(f"output folder {out_dir} is {kind}; give a new or empty folder")
 
 
-# Config JSON -> (grid, pattern weights, age weights, lesion space), filled by the parent before forking workers.
-_SUBJECT_CONTEXT: dict[str, tuple[Grid, list[np.ndarray], np.ndarray | None, str]] = {}
+# Config JSON -> (grid, pattern weights, age weights, lesion space, lesion plan), filled by the parent before
+# forking workers.
+_SUBJECT_CONTEXT: dict[str, tuple[Grid, list[np.ndarray], np.ndarray | None, str, LesionPlan | None]] = {}
 
 
 def _worker_count(workers: int | None, n_jobs: int) -> int:
@@ -536,8 +671,8 @@ def _worker_count(workers: int | None, n_jobs: int) -> int:
 
 def _write_subject(job) -> None:
     key, subject, seed, out_dir = job
-    grid, region_weights, age_weights, lesion_space = _SUBJECT_CONTEXT[key]
-    volume = subject_volume(grid, subject, region_weights, seed, age_weights, lesion_space)
+    grid, region_weights, age_weights, lesion_space, plan = _SUBJECT_CONTEXT[key]
+    volume = subject_volume(grid, subject, region_weights, seed, age_weights, lesion_space, plan)
     path = SynthDir(out_dir).image(subject.participant_id)
     io.save_nifti(_nifti(volume, grid.affine), path)
 
@@ -576,7 +711,10 @@ def make_synthetic_cohort(
     latents = draw_latents(config)
     key = config.model_dump_json()
     _SUBJECT_CONTEXT.clear()  # one cohort's arrays at a time
-    _SUBJECT_CONTEXT[key] = (grid, pattern_weights(grid, config), age_weight(grid, config), config.lesion_space)
+    plan = None
+    if config.per_subject_lesions:
+        plan = LesionPlan(len(config.lesion_sites()), config.lesion_size, config.atrophy)
+    _SUBJECT_CONTEXT[key] = (grid, pattern_weights(grid, config), age_weight(grid, config), config.lesion_space, plan)
     subject_seeds = np.random.SeedSequence(config.seed).spawn(config.n_subjects + 1)[1:]
     jobs = [
         (key, SimpleNamespace(**subject), seed, str(out_dir))
