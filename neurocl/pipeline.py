@@ -27,6 +27,7 @@ import pandas as pd
 
 from neurocl import baselines, report
 from neurocl.cohort import Cohort, Splits, make_splits
+from neurocl.cohort.truth import read_ground_truth
 from neurocl.config import PipelineConfig, check_attribute_names, config_yaml, load_pipeline
 from neurocl.logs import progress_console
 from neurocl.embed import embeddings_table, write_embeddings
@@ -34,7 +35,7 @@ from neurocl.errors import ConfigError
 from neurocl.harmonise import harmonise_run_store
 from neurocl.io import write_json, write_text, write_tsv
 from neurocl.maps import run_maps
-from neurocl.probe import probe_embeddings, separation
+from neurocl.probe import probe_embeddings, probe_ground_truth, separation
 from neurocl.probe.heldout import ADVICE, MIN_TEST_PARTICIPANTS
 from neurocl.rundir import RunDir
 from neurocl.store import VolumeStore
@@ -137,6 +138,9 @@ def _run_stages(config: PipelineConfig, run: RunDir, cohort: Cohort, resume: boo
     """Every stage after the checks of ``--out``, with the run folder held (:meth:`OutputFolder.hold`)."""
     cohort.check(check_images=True)
     check_attribute_names(config, cohort)
+    ground_truth = _ground_truth(config, cohort)
+    # Read (and refused when malformed) before any training, not after it.
+    truth = None if ground_truth is None else read_ground_truth(ground_truth, cohort)
     resuming = resume and run.trained()
     if resuming:
         run.check_resume(cohort)
@@ -163,10 +167,9 @@ def _run_stages(config: PipelineConfig, run: RunDir, cohort: Cohort, resume: boo
     console.print("[bold]embedding[/] every subject")
     embeddings = embeddings_table(modules["main"], store, cohort, splits, config.outputs.embed_batch_size, progress=True)
     write_embeddings(run.embeddings, embeddings, cohort)
-    ground_truth = _ground_truth(config)
     attributes = config.evaluation.attributes
     console.print("[bold]probing[/] " + ("every attribute" if attributes is None else ", ".join(attributes) or "nothing"))
-    _probe(embeddings, cohort, config, run, ground_truth)
+    _probe(embeddings, cohort, config, run, ground_truth, truth)
 
     for entry in config.baselines:
         folder = run.baseline(entry.name)
@@ -183,7 +186,7 @@ def _run_stages(config: PipelineConfig, run: RunDir, cohort: Cohort, resume: boo
                                                common_dim=entry.common_dim or config.method.common_dim,
                                                salient_dim=entry.salient_dim or config.method.salient_dim)
         write_embeddings(folder.embeddings, table, cohort)
-        _probe(table, cohort, config, folder, ground_truth)
+        _probe(table, cohort, config, folder, ground_truth, truth)
 
     for seed in config.training.run_seeds()[1:]:
         # Every further seed's model is embedded and probed like the primary one, on the same split,
@@ -193,7 +196,7 @@ def _run_stages(config: PipelineConfig, run: RunDir, cohort: Cohort, resume: boo
         table = embeddings_table(modules[seed_job(seed)], store, cohort, splits, config.outputs.embed_batch_size,
                                  progress=True)
         write_embeddings(folder.embeddings, table, cohort)
-        _probe(table, cohort, config, folder, ground_truth)
+        _probe(table, cohort, config, folder, ground_truth, truth)
 
     if config.maps.enabled:
         console.print("[bold]maps[/]")
@@ -230,17 +233,24 @@ def _splits(config: PipelineConfig, cohort: Cohort, run: RunDir) -> Splits:
     return splits
 
 
-def _probe(embeddings: pd.DataFrame, cohort: Cohort, config: PipelineConfig, run: RunDir, ground_truth) -> None:
+def _probe(embeddings: pd.DataFrame, cohort: Cohort, config: PipelineConfig, run: RunDir, ground_truth,
+           truth: pd.DataFrame | None) -> None:
     evaluation = config.evaluation
     probes = probe_embeddings(embeddings, cohort, attributes=evaluation.attributes, subsets=evaluation.subsets,
                               config=evaluation.probe, progress=True)
     write_tsv(run.probes, probes)
+    if truth is not None:
+        write_tsv(run.truth_probes, probe_ground_truth(embeddings, cohort, truth, subsets=evaluation.subsets,
+                                                       config=evaluation.probe, progress=True))
     write_json(run.separation,
                separation(embeddings, cohort, probes, ground_truth=ground_truth, config=evaluation.probe))
 
 
-def _ground_truth(config: PipelineConfig) -> Path | None:
+def _ground_truth(config: PipelineConfig, cohort: Cohort) -> Path | None:
+    """evaluation.ground_truth, else the cohort spec's ground_truth, else a ground_truth.tsv beside the cohort YAML."""
     if config.evaluation.ground_truth is not None:
         return config.evaluation.ground_truth
+    if cohort.ground_truth_path is not None:
+        return cohort.ground_truth_path
     beside = SynthDir(config.cohort.parent).ground_truth
     return beside if beside.is_file() else None

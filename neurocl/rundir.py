@@ -7,6 +7,7 @@ other module spells them); every stage asks it for its paths. Layout (``docs/pip
     RUN/store/             the preprocessed cohort (unless outputs.store points elsewhere)
     RUN/checkpoints/       last.ckpt, best.ckpt           RUN/logs/            metrics.csv, prepared.json
     RUN/embeddings.tsv     + its cohort sidecar           RUN/probes.tsv  RUN/separation.json
+    RUN/truth_probes.tsv   the cohort's ground-truth factors probed (when its spec names a ground_truth)
     RUN/baselines/<name>/  a run folder of its own         RUN/maps/            see :class:`MapsFolder`
     RUN/seeds/seed-<s>/    each further training seed's model (``training.seeds``): checkpoints/, logs/,
                            embeddings.tsv, probes.tsv, separation.json; RUN itself is the primary seed's
@@ -101,6 +102,8 @@ class RunDir:
         self.trackers = self.logs / "trackers"  # Lightning loggers' folders (tensorboard/, csv/, mlruns/, wandb/)
         self.embeddings = self.path / "embeddings.tsv"
         self.probes = self.path / "probes.tsv"
+        # The cohort's ground-truth factors probed like attributes (probes.tsv format), when it has one.
+        self.truth_probes = self.path / "truth_probes.tsv"
         self.separation = self.path / "separation.json"
         self.separation_table = self.path / "separation.tsv"
         self.report_html = self.path / "report.html"

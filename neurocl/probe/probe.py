@@ -17,7 +17,7 @@ from neurocl.logs import progress_console, transient_progress
 from neurocl.embed import embedding_spaces, join_embeddings
 from neurocl.errors import CohortError, ConfigError
 from neurocl.probe.cv import bootstrap_weights, cross_validated_predictions, outer_folds, permutation_indices
-from neurocl.probe.heldout import TEST_SPLIT, TOO_FEW, fit_and_test_rows, held_out_probe
+from neurocl.probe.heldout import FIT_SPLITS, TEST_SPLIT, TOO_FEW, fit_and_test_rows, held_out_probe
 from neurocl.probe.metrics import METRICS, PRIMARY_METRIC, chance_level, score
 from neurocl.probe.permutations import n_extreme, sequential_predictions
 
@@ -240,7 +240,8 @@ def _first_position(jobs, attribute) -> int:
 
 
 def _split_column(table, config):
-    """Each row's split (held-out scope), or None (in-sample CV); refuses embeddings without a test split."""
+    """Each row's split (held-out scope), or None (in-sample CV); refuses embeddings without test rows, or
+    without train/val rows to fit on (every probe would be skipped, and a table of skips is no result)."""
     if config.scope != "held_out":
         return None
     split = table["split"] if "split" in table.columns else pd.Series(np.nan, index=table.index)
@@ -251,6 +252,12 @@ def _split_column(table, config):
             f"'test' rows (found: {found or 'no split column'}); use a run's embeddings.tsv, raise "
             "splits.test_fraction above 0, or set evaluation.probe.scope: in_sample_cv "
             "(neurocl probe --scope in_sample_cv) to cross-validate over every subject, labelled in-sample")
+    if not split.isin(FIT_SPLITS).any():
+        found = sorted(split.dropna().astype(str).unique())
+        raise ConfigError(
+            f"held-out probes: the embeddings have no 'train' or 'val' rows to fit the probes on (splits found: {found}); "
+            "use a run's embeddings.tsv, or pass --scope in_sample_cv (evaluation.probe.scope: in_sample_cv) "
+            "to cross-validate over every subject, labelled in-sample")
     return split.to_numpy(dtype=object)
 
 
