@@ -40,8 +40,9 @@ from neurocl.probe.command import probe_command, probes_table
 from neurocl.probe.cv import cross_validated_predictions, outer_folds, permutation_indices
 from neurocl.probe.heldout import held_out_probe, held_out_score
 from neurocl.probe.metrics import LOWER_IS_BETTER, METRICS, PRIMARY_METRIC, chance_level, score
-from neurocl.probe.probe import GROUP_ATTRIBUTE, PROBE_COLUMNS, SUBSETS, probe_attribute, probe_embeddings
+from neurocl.probe.probe import GROUP_ATTRIBUTE, PROBE_COLUMNS, SUBSETS, probe_attribute, probe_embeddings, probe_table
 from neurocl.probe.separation import ground_truth_recovery, separation, separation_table
+from neurocl.probe.truth import cluster_recovery, probe_ground_truth
 from neurocl.probe.solvers import fit_logistic, ridge_path_predictions
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "SUBSETS",
     "ProbeConfig",
     "chance_level",
+    "cluster_recovery",
     "cross_validated_predictions",
     "embedding_spaces",
     "fit_logistic",
@@ -65,6 +67,8 @@ __all__ = [
     "probe_attribute",
     "probe_command",
     "probe_embeddings",
+    "probe_ground_truth",
+    "probe_table",
     "probes_table",
     "ridge_path_predictions",
     "score",

@@ -149,10 +149,22 @@ def probe_embeddings(
     if unknown:
         raise ConfigError(f"attributes: {unknown} not in the cohort (it has {sorted(kinds)})")
     kinds[GROUP_ATTRIBUTE] = "categorical"
-    table = join_embeddings(embeddings, cohort)
-    spaces = embedding_spaces(embeddings)
+    return probe_table(join_embeddings(embeddings, cohort), embedding_spaces(embeddings), kinds, attributes, subsets,
+                       config, progress)
+
+
+def probe_table(table: pd.DataFrame, spaces: dict[str, list[str]], kinds: dict[str, str], attributes: Sequence[str],
+                subsets: Iterable[str] = SUBSETS, config: ProbeConfig | None = None, progress: bool = False) -> pd.DataFrame:
+    """Probe ``attributes`` (name -> kind in ``kinds``) from every space of a joined table (probes.tsv format).
+
+    ``table``: rows of :func:`~neurocl.embed.join_embeddings` (``participant_id``, ``group``, [``split``],
+    the ``spaces`` columns) with a column per attribute; what :func:`probe_embeddings` does after the join,
+    and what the ground-truth probes (:mod:`neurocl.probe.truth`) share with it.
+    """
+    config = config or ProbeConfig()
+    subsets = list(subsets)
     if not spaces:
-        raise CohortError(f"embeddings: no '<space>_<i>' numeric columns (columns: {list(embeddings.columns)})")
+        raise CohortError(f"embeddings: no '<space>_<i>' numeric columns (columns: {list(table.columns)})")
     sites = _site_column(table, config)
     splits = _split_column(table, config)
     jobs = [

@@ -16,6 +16,7 @@ from neurocl.probe.heldout import TEST_SPLIT, fit_and_test_rows, held_out_folds,
 from neurocl.probe.metrics import PRIMARY_METRIC, score
 from neurocl.probe.permutations import ALPHA
 from neurocl.probe.probe import GROUP_ATTRIBUTE, probe_attribute
+from neurocl.probe.truth import cluster_recovery
 
 
 def separation(embeddings: pd.DataFrame, cohort, probes: pd.DataFrame, ground_truth=None, config: ProbeConfig | None = None) -> dict:
@@ -37,7 +38,9 @@ def separation(embeddings: pd.DataFrame, cohort, probes: pd.DataFrame, ground_tr
         ``salient_minus_common``. ``background_collapse`` (two-space embeddings): mean salient norm of
         background and target rows, their ratio, the AUC of the salient norm for target vs background,
         and the cross-validated target-vs-background AUC of a probe on the salient space.
-        ``ground_truth`` (optional): held-out R^2 of each factor from each space, and the MCC.
+        ``ground_truth`` (optional): held-out R^2 of each factor from each space, the MCC, and
+        ``clustering``: ARI and NMI of k-means against each subtype-like factor on the target test
+        subjects (:func:`neurocl.probe.truth.cluster_recovery`).
     """
     config = config or ProbeConfig()
     spaces = embedding_spaces(embeddings)
@@ -46,7 +49,9 @@ def separation(embeddings: pd.DataFrame, cohort, probes: pd.DataFrame, ground_tr
     if "salient" in spaces:
         result["background_collapse"] = _background_collapse(embeddings, cohort, spaces["salient"], probes, config)
     if ground_truth is not None:
+        truth = ground_truth if isinstance(ground_truth, pd.DataFrame) else read_tsv(ground_truth)
         result["ground_truth"] = ground_truth_recovery(embeddings, ground_truth, config)
+        result["ground_truth"]["clustering"] = cluster_recovery(embeddings, cohort, truth, config)
     return result
 
 
