@@ -26,6 +26,9 @@ from neurocl.errors import ConfigError
 from neurocl.harmonise import HarmoniseConfig, harmonise_voxels
 from neurocl.logs import progress_console, transient_progress
 
+# The baselines that are linear decompositions of the voxels (the floor every figure is set against).
+LINEAR_BASELINES = ("pca", "cpca", "lin2", "combat")
+
 # Eigenvalues below this fraction of the largest are numerical zeros of the Gram matrix.
 _RANK_TOLERANCE = 1e-10
 

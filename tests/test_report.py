@@ -257,3 +257,37 @@ def test_in_sample_probes_are_labelled_in_sample(run_dir, tmp_path):
         text = md_path.read_text()
         assert "## Probes: which attribute lives in which space (in-sample" in text
         assert "## Separation (in-sample" in text and "held-out test subjects" not in text
+
+
+def _probe_rows(space_values: dict, attribute: str, metric: str = "balanced_accuracy", subset: str = "target", n: int = 12):
+    """probes.tsv rows (held out) of one attribute: space -> primary value."""
+    return pd.DataFrame([{"space": space, "attribute": attribute, "subset": subset, "scope": "held_out", "metric": metric,
+                          "value": value, "ci_low": np.nan, "ci_high": np.nan, "p_value": 0.01, "n_permutations": 99,
+                          "chance": 0.5, "n": n, "n_fit": 40, "note": ""} for space, value in space_values.items()])
+
+
+def _clustering(spaces: dict) -> dict:
+    return {"scope": "held_out", "ground_truth": {"r2": {}, "mcc": {}, "clustering": {"subtype": {
+        "k": 2, "n": 12, "scope": "held_out", "spaces": {s: {"ari": a, "nmi": m} for s, (a, m) in spaces.items()}}}}}
+
+
+def test_report_sets_every_headline_figure_beside_the_best_linear_one_with_ground_truth_and_ari(tmp_path):
+    write_tsv(tmp_path / "probes.tsv", _probe_rows({"common": 0.52, "salient": 0.91}, "sex", subset="all"))
+    write_tsv(tmp_path / "truth_probes.tsv", _probe_rows({"common": 0.55, "salient": 0.875}, "subtype"))
+    write_json(tmp_path / "separation.json", _clustering({"common": (0.01, 0.02), "salient": (0.625, 0.5)}))
+    lin2, pca = tmp_path / "baselines" / "lin2", tmp_path / "baselines" / "pca"
+    write_tsv(lin2 / "probes.tsv", _probe_rows({"common": 0.97, "salient": 0.6}, "sex", subset="all"))
+    write_tsv(lin2 / "truth_probes.tsv", _probe_rows({"common": 0.5, "salient": 0.75}, "subtype"))
+    write_json(lin2 / "separation.json", _clustering({"common": (0.0, 0.01), "salient": (0.375, 0.25)}))
+    write_tsv(pca / "probes.tsv", _probe_rows({"emb": 0.8}, "sex", subset="all"))
+    write_tsv(pca / "truth_probes.tsv", _probe_rows({"emb": 0.8125}, "subtype"))
+    write_json(pca / "separation.json", _clustering({"emb": (0.125, 0.2)}))
+    text = write_report(tmp_path)[1].read_text()
+    floor = text[text.index("## Against the linear floor"):]
+    # Ground-truth rows, each figure beside the best linear one (and lin2's two spaces).
+    assert "| sex | all | balanced_accuracy | 0.5 | 0.52 | 0.91 | 0.97 (lin2 common) | 0.97 | 0.6 | 12 |" in floor
+    assert "| subtype (truth) | target | balanced_accuracy | 0.5 | 0.55 | 0.875 | 0.8125 (pca) | 0.5 | 0.75 | 12 |" in floor
+    assert "| subtype | ARI | 2 | 12 | 0.01 | 0.625 | 0.375 (lin2 salient) | 0 | 0.375 |" in floor
+    assert "| subtype | NMI | 2 | 12 | 0.02 | 0.5 | 0.25 (lin2 salient) | 0.01 | 0.25 |" in floor
+    # The probe and separation sections show the ground truth too.
+    assert "ground truth: subtype" in text and "Ground truth by clustering" in text

@@ -7,8 +7,11 @@ section per output it finds (what each number means: ``docs/probing.md``):
 section                   read from
 ========================  ===================================================================
 Run                       ``config.yaml``, ``splits.tsv``, ``embeddings.tsv``
-Probes: common vs salient ``probes.tsv`` (one figure and one table per attribute)
-Separation                ``separation.json``
+Probes: common vs salient ``probes.tsv`` (one figure and one table per attribute), ``truth_probes.tsv``
+                          (the cohort's ground-truth factors)
+Against the linear floor  the run's probes and ARI/NMI beside the best linear baseline's (``pca``,
+                          ``cpca``, ``lin2``, ``combat``), on the same test subjects
+Separation                ``separation.json`` (with ground truth: R², MCC, k-means ARI and NMI)
 Spread over seeds         each seed's ``probes.tsv`` and ``separation.json`` (``training.seeds``)
 Training curves           ``logs/metrics.csv`` (one panel per loss term, train and val)
 Embedding views           ``embeddings.tsv`` (+ the cohort of ``config.yaml``, ``ground_truth.tsv``

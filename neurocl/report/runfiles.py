@@ -41,6 +41,7 @@ class _RunFiles:
         self.method = str(method.get("name", "run")) if isinstance(method, dict) else "run"
         self.embeddings = _read_table(folder.embeddings)
         self.probes = _read_table(folder.probes)
+        self.truth_probes = _read_table(folder.truth_probes)
         self.splits = _read_table(folder.splits)
         self.separation = _read_json(folder.separation)
         self.metrics = _read_table(folder.metrics, sep=",")
@@ -49,6 +50,9 @@ class _RunFiles:
             for name in folder.baseline_names()
             if folder.baseline(name).probes.is_file()
         }
+        # Each baseline's ground-truth probes and separation.json (clustering), where it has them.
+        self.baseline_truth_probes = {name: _read_table(folder.baseline(name).truth_probes) for name in self.baselines}
+        self.baseline_separations = {name: _read_json(folder.baseline(name).separation) for name in self.baselines}
         maps = folder.maps
         self.maps_dir = maps.path
         self.maps_index = _read_table(maps.index)
@@ -86,7 +90,8 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _cohort_tables(config: dict | None, run_dir: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None, str]:
-    """The cohort named by config.yaml (attributes and raw group labels, for colouring) and ground_truth.tsv beside it."""
+    """The cohort named by config.yaml (attributes and raw group labels, for colouring) and its ground truth
+    (the spec's ``ground_truth``, else a ground_truth.tsv beside it)."""
     if not config or not config.get("cohort"):
         return None, None, ""
     cohort_yaml = Path(config["cohort"])
@@ -109,7 +114,7 @@ def _cohort_tables(config: dict | None, run_dir: Path) -> tuple[pd.DataFrame | N
         lines = pd.to_numeric(table["row"], errors="coerce") - 2  # header = line 1
         valid = lines.between(0, len(raw) - 1)
         table["diagnosis"] = np.where(valid, raw[column].astype(str).reindex(lines.fillna(-1).astype(int)).to_numpy(), None)
-    truth_path = SynthDir(cohort_yaml.parent).ground_truth
+    truth_path = cohort.ground_truth_path or SynthDir(cohort_yaml.parent).ground_truth
     return table, _read_table(truth_path) if truth_path.is_file() else None, ""
 
 

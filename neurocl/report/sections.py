@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
+from neurocl.baselines import LINEAR_BASELINES
 from neurocl.embed import embedding_spaces
 from neurocl.maps.subtypes import STABILITY_CAUTION
 from neurocl.probe import PRIMARY_METRIC, separation_table
@@ -76,6 +77,11 @@ def _probe_section(run: _RunFiles, figures: _Figures) -> _Section | None:
                     "Primary score of each attribute by space and subset (bars: 95% CI; dashed: chance; filled: p < 0.05)")
     for attribute, rows in probes.groupby("attribute", sort=False):
         section.table(_probe_table(rows), caption=f"{attribute}: {scope}")
+    if run.truth_probes is not None:
+        truth = run.truth_probes[run.truth_probes["metric"] != "none"]
+        for factor, rows in truth.groupby("attribute", sort=False):
+            section.table(_probe_table(rows), caption=f"ground truth: {factor} (a factor of the cohort's ground truth, "
+                                                      f"not in its participants table): {scope}")
     skipped = run.probes[run.probes["metric"] == "none"]
     if not skipped.empty:
         section.table(skipped[["space", "attribute", "subset", "note"]], caption="Skipped combinations")
@@ -126,12 +132,109 @@ def _separation_section(run: _RunFiles) -> _Section | None:
         for subset, spaces in truth.get("r2", {}).items():
             frame = pd.DataFrame(spaces).rename_axis("factor").reset_index()
             section.table(_rounded(frame), caption=f"Ground truth ({scope}): R² of each latent factor from each space ({subset} subjects)")
+        clustering = _clustering_table(truth.get("clustering") or {})
+        if not clustering.empty:
+            section.table(clustering, caption=f"Ground truth by clustering: k-means with k = the true number of "
+                                              f"subtypes on the coordinates of the target subjects among the {scope}, "
+                                              "adjusted Rand index and normalised mutual information against the "
+                                              "true labels (a probe can be high where ARI is 0)")
         mcc = truth.get("mcc") or {}
         if mcc:
             frame = pd.DataFrame([{"space": space, **{k: _fmt(v) for k, v in values.items()}} for space, values in mcc.items()])
             section.table(frame, caption=f"Mean correlation coefficient ({scope}; Hungarian matching of dimensions to "
                                          "continuous factors on the fitting subjects)")
     return section
+
+
+def _clustering_table(clustering: dict) -> pd.DataFrame:
+    """One row per subtype-like factor and score (ARI, NMI), one column per space."""
+    rows = []
+    for factor, entry in clustering.items():
+        for score in ("ari", "nmi"):
+            row = {"factor": factor, "score": score.upper(), "k": entry.get("k"), "n": entry.get("n")}
+            row.update({space: _fmt(values[score]) for space, values in (entry.get("spaces") or {}).items()})
+            if "note" in entry:
+                row["note"] = entry["note"]
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _floor_section(run: _RunFiles) -> _Section | None:
+    """Every headline figure of the run's spaces beside the best linear baseline's, on the same test subjects."""
+    linear = [name for name in run.baselines if name in LINEAR_BASELINES]
+    if run.probes is None or not linear:
+        return None
+    section = _Section("Against the linear floor")
+    section.text(
+        f"Each primary score of the run's spaces beside the best of the linear baselines ({', '.join(linear)}; "
+        "every space of each), scored with the same probes on the same subjects (n: the run's scored rows, and the "
+        "linear baselines' where they differ). lin2 is the linear two-space model: common = PCA of the training "
+        "controls, salient = contrastive PCA. A space that does not beat the best linear figure has learnt nothing "
+        "a linear decomposition of the voxels does not give."
+    )
+    sources = [("", run.probes, run.baselines)]
+    if run.truth_probes is not None:
+        sources.append((" (truth)", run.truth_probes, run.baseline_truth_probes))
+    rows = []
+    for suffix, own, baselines in sources:
+        frames = [probes.assign(model=probes["space"].map(lambda s, name=name: name if s == "emb" else f"{name} {s}"))
+                  for name, probes in baselines.items() if name in linear and probes is not None]
+        floor = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["attribute"])
+        floor = floor[floor["metric"].isin(_PRIMARY)] if frames else floor
+        primary = own[own["metric"].isin(_PRIMARY)]
+        for (attribute, subset), scored in primary.groupby(["attribute", "subset"], sort=False):
+            rows.append(_floor_row(f"{attribute}{suffix}", subset, scored, floor[(floor["attribute"] == attribute)
+                                                                                & (floor["subset"] == subset)]))
+    if rows:
+        section.table(pd.DataFrame(rows).fillna(""), caption=f"Primary probe scores against the linear floor "
+                                                             f"({probes_title(run.probes, run.separation)})")
+    clustering = _floor_clustering(run, linear)
+    if not clustering.empty:
+        section.table(clustering.fillna(""), caption="Subtype recovery by clustering against the linear floor "
+                                                     "(k-means, k = the true number of subtypes; ARI and NMI)")
+    return section
+
+
+def _floor_row(attribute: str, subset: str, scored: pd.DataFrame, floor: pd.DataFrame) -> dict:
+    row = {"attribute": attribute, "subset": subset, "metric": scored["metric"].iloc[0],
+           "chance": _fmt(scored["chance"].iloc[0])}
+    row.update({space: _fmt(value) for space, value in zip(scored["space"], scored["value"])})
+    finite = floor[np.isfinite(floor["value"].astype(float))]
+    if not finite.empty:
+        best = finite.loc[finite["value"].astype(float).idxmax()]
+        row["best linear"] = f"{_fmt(best['value'])} ({best['model']})"
+    for model in ("lin2 common", "lin2 salient"):
+        match = floor[floor["model"] == model] if "model" in floor else floor.iloc[:0]
+        if not match.empty:
+            row[model] = _fmt(match["value"].iloc[0])
+    row["n"] = str(int(scored["n"].iloc[0])) if np.isfinite(scored["n"].iloc[0]) else "n/a"
+    other = sorted({int(n) for n in floor.get("n", pd.Series(dtype=float)).dropna()} - {int(scored["n"].iloc[0])})
+    if other:
+        row["n"] += f" (linear: {', '.join(map(str, other))})"
+    return row
+
+
+def _floor_clustering(run: _RunFiles, linear: list[str]) -> pd.DataFrame:
+    own = ((run.separation or {}).get("ground_truth") or {}).get("clustering") or {}
+    rows = []
+    for factor, entry in own.items():
+        if not entry.get("spaces"):
+            continue
+        for score in ("ari", "nmi"):
+            row = {"factor": factor, "score": score.upper(), "k": entry["k"], "n": entry["n"]}
+            row.update({space: _fmt(values[score]) for space, values in entry["spaces"].items()})
+            floor = {}
+            for name in linear:
+                theirs = (((run.baseline_separations.get(name) or {}).get("ground_truth") or {}).get("clustering")
+                          or {}).get(factor) or {}
+                for space, values in (theirs.get("spaces") or {}).items():
+                    floor[name if space == "emb" else f"{name} {space}"] = values[score]
+            if floor:
+                best = max(floor, key=floor.get)
+                row["best linear"] = f"{_fmt(floor[best])} ({best})"
+            row.update({model: _fmt(floor[model]) for model in ("lin2 common", "lin2 salient") if model in floor})
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _held_out(probes: pd.DataFrame | None) -> bool:

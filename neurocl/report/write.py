@@ -12,7 +12,7 @@ from neurocl.report.render import _render_html, _render_md
 from neurocl.report.runfiles import _RunFiles
 from neurocl.rundir import RunDir
 from neurocl.report.sections import (
-    _baseline_section, _embedding_section, _maps_section, _probe_section, _run_section, _seeds_section,
+    _baseline_section, _embedding_section, _floor_section, _maps_section, _probe_section, _run_section, _seeds_section,
     _separation_section, _training_section,
 )
 
@@ -52,6 +52,7 @@ def write_report(run_dir) -> tuple[Path, Path]:
         for section in (
             _run_section(run),
             _probe_section(run, figures),
+            _floor_section(run),
             _separation_section(run),
             _seeds_section(run),
             _training_section(run, figures),
