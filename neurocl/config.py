@@ -222,7 +222,8 @@ class BaselineConfig(_Section):
     )
     n_components: int = Field(16, gt=0, description="`pca` / `cpca` / `combat`: components kept.")
     common_dim: int | None = Field(
-        None, gt=0, description="`lin2`: common-space components (`null`: the pipeline method's `common_dim`).")
+        None, gt=0, description="`lin2`: common-space components (`null`: the pipeline method's `common_dim`, at most "
+        "the number of training controls minus one, the rank of their PCA).")
     salient_dim: int | None = Field(
         None, gt=0, description="`lin2`: salient-space components (`null`: the pipeline method's `salient_dim`).")
     alpha: float | None = Field(None, gt=0, description="`cpca` / `lin2`: contrast strength α (`null`: chosen by "
@@ -240,6 +241,12 @@ class BaselineConfig(_Section):
             attributes=self.attributes if self.name == "yaware" else [],
             sigma=self.sigma if self.name == "yaware" else 1.0,
         )
+
+    def lin2_dims(self, main: MethodConfig, n_background: int) -> tuple[int, int]:
+        """``lin2``'s (common_dim, salient_dim): this entry's, else ``main``'s (the common one at most
+        ``n_background - 1``: a PCA of ``n_background`` training controls has no more axes)."""
+        common = self.common_dim or min(main.common_dim, max(n_background - 1, 1))
+        return common, self.salient_dim or main.salient_dim
 
     @property
     def trained(self) -> bool:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Literal, Sequence
 
+import numpy as np
 import pandas as pd
 
 from neurocl import baselines, report
@@ -179,12 +180,13 @@ def _run_stages(config: PipelineConfig, run: RunDir, cohort: Cohort, resume: boo
                                      config.outputs.embed_batch_size, progress=True)
         else:
             console.print(f"[bold]baseline[/] {entry.name}")
+            train_controls = np.intersect1d(splits.rows(cohort, "train"), np.flatnonzero(cohort.table["group"].eq("background")))
+            common_dim, salient_dim = entry.lin2_dims(config.method, len(train_controls))
             # Fitted on the training subjects only, like the trained networks.
             table = baselines.voxel_embeddings(store, cohort, method=entry.name, n_components=entry.n_components,
                                                splits=splits, alpha=entry.alpha, seed=config.training.seed,
                                                progress=True, site=entry.site, protect=entry.protect,
-                                               common_dim=entry.common_dim or config.method.common_dim,
-                                               salient_dim=entry.salient_dim or config.method.salient_dim)
+                                               common_dim=common_dim, salient_dim=salient_dim)
         write_embeddings(folder.embeddings, table, cohort)
         _probe(table, cohort, config, folder, ground_truth, truth)
 
