@@ -317,7 +317,7 @@ def _repeated_key(loader, node, where: str, seen: set[int]) -> str | None:
                 mark = key_node.start_mark
                 with contextlib.suppress(TypeError):  # an unhashable key is the constructor's to refuse
                     if key in first_line:
-                        inside = f" in {where}" if where else " at the top level"
+                        inside = f" in {where}" if where else ""
                         return f"duplicate key {key!r}{inside} ({_two_places(first_line[key], mark)})"
                     first_line[key] = mark
                 children.append((f"{where}.{key}" if where else str(key), value_node))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from neurocl.cohort.spec import GRID_TOLERANCE_MM, CohortSpec
@@ -92,7 +93,9 @@ def print_problems(problems: Sequence[Problem], console=None, cohort: "Cohort | 
     table.add_column("participant_id")
     table.add_column("problem", overflow="fold")
     for problem in problems:
-        table.add_row("-" if problem.row is None else str(problem.row), problem.participant_id or "-", problem.problem)
+        # Escaped: ids, paths and dtypes such as datetime64[s] hold brackets that rich would read as markup.
+        table.add_row("-" if problem.row is None else str(problem.row), escape(problem.participant_id or "-"),
+                      escape(problem.problem))
     console.print(table)
     n_rows = len({problem.row for problem in problems if problem.row is not None})
     console.print(f"[bold red]{len(problems)} problem(s)[/] in {n_rows} row(s)", highlight=False)

@@ -19,6 +19,7 @@ from neurocl.config import MapsConfig
 from neurocl.embed import join_embeddings, load_model
 from neurocl.errors import ConfigError
 from neurocl.io import save_nifti, write_json, write_tsv
+from neurocl.logs import progress_console
 from neurocl.maps.attribution import _eval_mode, _representation, gradient_x_input, occlusion
 from neurocl.maps.evaluation import evaluate_subtypes, find_ground_truth, load_brain_mask, load_ground_truth
 from neurocl.maps.regions import (
@@ -183,7 +184,7 @@ def _attribution_maps(model, store, subjects: np.ndarray, memberships: list[list
         starts = range(0, len(subjects), config.batch_size)
         batches = store.batches(subjects, config.batch_size)
         for first, (_, volumes) in track(zip(starts, batches), f"gradient x input{label}", total=len(starts),
-                                         disable=not progress):
+                                         disable=not progress, console=progress_console()):
             attribution = gradient_x_input(model, volumes, center=center, baseline=baseline)
             means.add(attribution, memberships[first : first + len(volumes)])
             if shares is not None:
@@ -211,7 +212,7 @@ def _write_maps(group_maps: dict, counts: dict, groups: list[str], store, atlas:
     atlas_img, names = atlas
     rows = []
     jobs = [(method, group) for method in group_maps for group in groups]
-    for method, group in track(jobs, "writing maps", disable=not progress):
+    for method, group in track(jobs, "writing maps", disable=not progress, console=progress_console()):
         name = f"{method}_{group}"
         files = folder.map_names(name)
         image = store.to_nifti((group_maps[method][group] * brain).astype(np.float32))

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from neurocl.errors import ConfigError, TrainingError
+from neurocl.logs import progress_console
 
 
 @contextlib.contextmanager
@@ -149,7 +150,7 @@ def train(
     history: list[float] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"))
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with Progress(*columns, disable=not progress, transient=False, console=progress_console()) as bar:
         task = bar.add_task(description, total=steps, loss=float("nan"))
         for step in range(steps):
             loss = loss_at_step(step)
