@@ -676,3 +676,269 @@ def test_a_single_target_subject_is_warned_and_the_embeddings_checkpoint_named(t
     said = " ".join(result.stderr.split())
     assert "warning:" in said and "1 target subject" in said, said[-3000:]
     assert "embeddings come from" in said and "last.ckpt" in said, said[-3000:]
+
+
+# ---- strict readers: every command checks what it reads (duplicate keys and columns, voxel types, ids, scaling)
+
+
+def _validate_problems(spec: Path) -> dict[int, str]:
+    """``neurocl validate`` must fail without a traceback; its problems by participants.tsv line (one line each)."""
+    result = neurocl_cli("validate", spec)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    problems = {problem.row: problem.problem for problem in Cohort.from_yaml(spec).validate()}
+    for problem in problems.values():
+        assert "\n" not in problem and " ".join(problem.split()[:3]) in " ".join(result.stdout.split()), problem
+    return problems
+
+
+DUPLICATE_GROUP = "group:\n  column: dx\n  background: [PT]\n  target: [HC]\n"
+
+
+@pytest.mark.parametrize("where", ["cohort", "pipeline", "set"])
+def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(tmp_path, where):
+    spec = small_cohort(tmp_path / "cohort")
+    if where == "cohort":  # the second group: block swaps patients and controls
+        spec.write_text(spec.read_text() + DUPLICATE_GROUP)
+        target, fragments = spec, ["duplicate key 'group'", "lines 4 and 5"]
+    else:
+        target = _pipeline(tmp_path / "p", spec)
+        if where == "pipeline":  # a second training: block would drop the first one's settings
+            target.write_text(target.read_text() + "training: {epochs: 3}\n")
+            lines = target.read_text().splitlines()
+            first = next(number for number, line in enumerate(lines, start=1) if line.startswith("training:"))
+            fragments = ["duplicate key 'training'", f"lines {first} and {len(lines)}"]
+        else:
+            fragments = ["--set 'training.lr=0.1'", "training.lr is already set by --set 'training.lr=0.01'"]
+    before = tree_digest(tmp_path)
+    extra = ["--set", "training.lr=0.01", "--set", "training.lr=0.1"] if where == "set" else []
+    one_error(neurocl_cli("validate", target, *extra), *fragments, *([str(target)] if where != "set" else []))
+    assert tree_digest(tmp_path) == before
+
+
+def test_a_flow_mapping_repeating_a_key_in_a_setting_is_refused():
+    from neurocl.errors import ConfigError
+    from neurocl.settings import parse_settings
+
+    with pytest.raises(ConfigError, match=r"--set 'training.x=\{a: 1, a: 2\}': duplicate key 'a' \(line 1, columns 2 and 8\)"):
+        parse_settings(["training.x={a: 1, a: 2}"])
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    from neurocl.errors import ConfigError
+    from neurocl.io import load_yaml
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("base: &base {lr: 0.1, epochs: 3}\nrun: {<<: *base, epochs: 5}\n")
+    assert load_yaml(path, ConfigError, "pipeline")["run"] == {"lr": 0.1, "epochs": 5}
+
+
+def test_a_participants_column_named_twice_is_refused_naming_the_file_and_the_columns(tmp_path):
+    spec = small_cohort(tmp_path / "cohort")
+    table = tmp_path / "cohort" / "participants.tsv"
+    # A second dx column with the groups swapped: the first one would be used without a word.
+    lines = table.read_text().splitlines()
+    swapped = {"dx": "dx", "HC": "PT", "PT": "HC"}
+    table.write_text("\n".join(f"{line}\t{swapped[line.split(chr(9))[1]]}" for line in lines) + "\n")
+    before = tree_digest(tmp_path)
+    one_error(neurocl_cli("validate", spec), str(table), "'dx' in columns 2, 3")
+    assert tree_digest(tmp_path) == before
+
+
+def _fake_embeddings(spec: Path, path: Path, split: str = "train", columns=("salient_0", "salient_1")) -> Path:
+    """An embeddings table of the cohort's rows with random values (made outside neurocl: no sidecar)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cohort = Cohort.from_yaml(spec)
+    rng = np.random.default_rng(0)
+    header = ["participant_id", "split", "group", *columns]
+    rows = ["\t".join([pid, split, "target" if target else "background", *(f"{v:.3f}" for v in rng.normal(size=len(columns)))])
+            for pid, target in zip(cohort.table["participant_id"], cohort.is_target)]
+    path.write_text("\n".join(["\t".join(header), *rows]) + "\n")
+    return path
+
+
+def test_an_embeddings_column_named_twice_is_refused_naming_the_file_and_the_column(tmp_path):
+    spec = small_cohort(tmp_path / "cohort")
+    embeddings = _fake_embeddings(spec, tmp_path / "in" / "embeddings.tsv", columns=("salient_0", "salient_1", "salient_0"))
+    before = tree_digest(tmp_path)
+    result = neurocl_cli("probe", embeddings, "--cohort", spec, "--out", tmp_path / "out", *PROBE_OPTIONS[2:],
+                         "--other-cohort")
+    one_error(result, str(embeddings), "embeddings table", "'salient_0' in columns 4, 6")
+    assert tree_digest(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_held_out_probes_without_train_or_val_rows_are_one_error_pointing_to_in_sample_cv(tmp_path):
+    spec = small_cohort(tmp_path / "cohort", n=12)
+    embeddings = _fake_embeddings(spec, tmp_path / "in" / "embeddings.tsv", split="test")
+    before = tree_digest(tmp_path)
+    result = neurocl_cli("probe", embeddings, "--cohort", spec, "--out", tmp_path / "out", *PROBE_OPTIONS[2:],
+                         "--other-cohort")
+    one_error(result, "no 'train' or 'val' rows", "--scope in_sample_cv")
+    assert tree_digest(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def _array_cohort(folder: Path, odd: np.ndarray, suffix: str = ".npy") -> Path:
+    """A 4-image cohort (.npy with a grid, or NIfTI) whose sub-01 (line 3) holds ``odd``."""
+    spec = small_cohort(folder, suffix=".nii")
+    rng = np.random.default_rng(1)
+    for index in range(4):
+        (folder / f"sub-{index:02d}.nii").unlink()
+        data = odd if index == 1 else rng.random((8, 8, 8), dtype=np.float32) + 1
+        if suffix == ".npy":
+            np.save(folder / f"sub-{index:02d}.npy", data, allow_pickle=True)
+        else:
+            nib.save(nib.Nifti1Image(data, np.eye(4)), folder / f"sub-{index:02d}{suffix}")
+    text = spec.read_text().replace(".nii", suffix)
+    spec.write_text(text + ("grid: {voxel_size: 1}\n" if suffix == ".npy" else ""))
+    return spec
+
+
+REAL = np.random.default_rng(2).random((8, 8, 8), dtype=np.float32) + 1
+ODD_VOXELS = {
+    "complex64": (REAL + 1j * REAL).astype(np.complex64),
+    "object": REAL.astype(object),
+    "<U32": REAL.astype(str),
+    "datetime64[s]": np.zeros((8, 8, 8), "datetime64[s]"),
+    "[('r', 'u1'), ('g', 'u1')]": np.zeros((8, 8, 8), [("r", "u1"), ("g", "u1")]),
+}
+
+
+@pytest.mark.parametrize("suffix, dtype", [*((".npy", name) for name in ODD_VOXELS), (".nii.gz", "complex64"),
+                                           (".nii.gz", "[('R', 'u1'), ('G', 'u1'), ('B', 'u1')]")])
+def test_voxels_that_are_not_real_numbers_are_refused_by_name(tmp_path, suffix, dtype):
+    from neurocl.errors import CohortError
+    from neurocl.images import read_voxels
+
+    rgb = np.zeros((8, 8, 8), [("R", "u1"), ("G", "u1"), ("B", "u1")])
+    odd = rgb if "'R'" in dtype else ODD_VOXELS[dtype]
+    spec = _array_cohort(tmp_path / "cohort", odd, suffix)
+    before = tree_digest(tmp_path)
+    problems = _validate_problems(spec)
+    assert list(problems) == [3], problems
+    assert problems[3].startswith(f"sub-01{suffix} holds {dtype} voxels ("), problems[3]
+    # The store reads voxels through the same reader: refused there too, never cast.
+    with pytest.raises(CohortError, match=r"sub-01.* holds .* voxels"):
+        read_voxels(tmp_path / "cohort" / f"sub-01{suffix}", "array" if suffix == ".npy" else "nifti")
+    assert tree_digest(tmp_path) == before
+
+
+def _scaled_int16(path: Path, slope: float, inter: float) -> Path:
+    """An int16 NIfTI whose header's scl_slope / scl_inter are written as given (nibabel would reset them)."""
+    nib.save(nib.Nifti1Image((REAL * 1000).astype(np.int16), np.eye(4)), path)
+    with open(path, "r+b") as handle:
+        handle.seek(112)  # scl_slope, scl_inter: two float32 at bytes 112-119 of a NIfTI-1 header
+        handle.write(np.array([slope, inter], "<f4").tobytes())
+    return path
+
+
+def test_a_nifti_scaling_that_is_not_a_number_is_reported_by_validate(tmp_path):
+    spec = small_cohort(tmp_path / "cohort", suffix=".nii", n=6)
+    folder = tmp_path / "cohort"
+    _scaled_int16(folder / "sub-01.nii", np.inf, 0.0)
+    _scaled_int16(folder / "sub-02.nii", np.nan, 5.0)
+    _scaled_int16(folder / "sub-03.nii", np.nan, np.nan)  # nibabel's own "no scaling": accepted
+    _scaled_int16(folder / "sub-04.nii", 0.001, 0.0)  # a real scaling: accepted
+    before = tree_digest(tmp_path)
+    problems = _validate_problems(spec)
+    assert problems == {
+        3: "header of sub-01.nii has scl_slope = inf: not a finite scaling, so the voxels would be read unscaled; "
+           "fix the header's scl_slope",
+        4: "header of sub-02.nii has scl_slope = nan beside scl_inter = 5: the scaling would be ignored and the voxels "
+           "read unscaled; fix the header's scl_slope",
+    }
+    assert tree_digest(tmp_path) == before
+
+
+def test_an_image_that_is_a_folder_a_symlink_loop_or_a_broken_link_is_said_as_such(tmp_path):
+    spec = small_cohort(tmp_path / "cohort", n=6)
+    folder = tmp_path / "cohort"
+    (folder / "sub-01.nii.gz").unlink()
+    (folder / "sub-01.nii.gz").mkdir()
+    (folder / "sub-02.nii.gz").unlink()
+    (folder / "sub-02.nii.gz").symlink_to(folder / "loop.nii.gz")
+    (folder / "loop.nii.gz").symlink_to(folder / "sub-02.nii.gz")
+    (folder / "sub-03.nii.gz").unlink()
+    (folder / "sub-03.nii.gz").symlink_to(folder / "moved.nii.gz")
+    before = tree_digest(tmp_path)
+    problems = _validate_problems(spec)
+    assert problems == {
+        3: f"image is a folder, not a file: {folder / 'sub-01.nii.gz'}",
+        4: f"image is a symbolic link loop: {folder / 'sub-02.nii.gz'}",
+        5: f"image is a broken symbolic link: {folder / 'sub-03.nii.gz'} -> {folder / 'moved.nii.gz'} (no such file)",
+    }
+    assert tree_digest(tmp_path) == before
+
+
+def test_an_id_that_climbs_out_of_the_cohort_is_reported_and_its_image_never_opened(tmp_path, monkeypatch):
+    from neurocl.cohort import table as table_module
+
+    spec = small_cohort(tmp_path / "cohort")
+    outside = tmp_path / "outside.nii.gz"
+    shutil.copy(tmp_path / "cohort" / "sub-00.nii.gz", outside)
+    participants = tmp_path / "cohort" / "participants.tsv"
+    participants.write_text(participants.read_text().replace("sub-01\t", "../outside\t").replace("sub-02\t", "sub 02\t"))
+    before = tree_digest(tmp_path)
+    problems = _validate_problems(spec)
+    assert problems == {
+        3: "participant_id '../outside' has characters a BIDS label cannot hold ('./'): ids name image files, "
+           "so only letters, digits, '-' and '_' are allowed",
+        4: "participant_id 'sub 02' has characters a BIDS label cannot hold (' '): ids name image files, "
+           "so only letters, digits, '-' and '_' are allowed",
+    }
+    opened = []
+    original = table_module._read_grid
+    monkeypatch.setattr(table_module, "_read_grid", lambda path, spec: opened.append(Path(path)) or original(path, spec))
+    Cohort.from_yaml(spec).validate()
+    assert outside not in [path.resolve() for path in opened] and len(opened) == 2
+    assert tree_digest(tmp_path) == before
+
+
+def test_an_images_template_that_leaves_the_root_is_a_problem_of_every_row(tmp_path):
+    spec = small_cohort(tmp_path / "cohort")
+    spec.write_text(spec.read_text().replace('images: "', 'images: "../elsewhere/'))
+    result = neurocl_cli("validate", spec, "--no-images")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    problems = Cohort.from_yaml(spec).validate(check_images=False)
+    root = (tmp_path / "cohort").resolve()
+    assert [(p.row, p.problem) for p in problems] == [
+        (line, f"image path {tmp_path.resolve() / 'elsewhere' / f'sub-{line - 2:02d}.nii.gz'} is outside the cohort's "
+               f"root {root} (from the images template): set root to a folder that holds every image")
+        for line in range(2, 6)
+    ]
+
+
+def test_the_maps_stage_shows_its_progress_on_stderr_and_keeps_stdout_for_results(tiny_cohort, tiny_store, tmp_path,
+                                                                                  capsys):
+    import torch
+
+    from neurocl.config import MapsConfig
+    from neurocl.io import read_tsv
+    from neurocl.maps import analyse_salient
+
+    class MeanModel(torch.nn.Module):
+        """A differentiable two-space network: the mean of its input, and its mean square."""
+
+        def forward(self, x):
+            voxels = x.flatten(1)
+            mean = voxels.mean(1, keepdim=True)
+            return {"salient_rep": torch.cat([mean, (voxels ** 2).mean(1, keepdim=True)], 1), "common_rep": mean}
+
+    embeddings = read_tsv(_fake_embeddings(tiny_cohort, tmp_path / "embeddings.tsv"))
+    config = MapsConfig(methods=["gradient_x_input"], k_min=2, k_max=2, n_bootstrap=0, n_regions=4, plots=False)
+    analyse_salient(MeanModel(), tiny_store, Cohort.from_yaml(tiny_cohort), embeddings, tmp_path / "maps", config,
+                    progress=True)
+    captured = capsys.readouterr()
+    for bar in ("gradient x input", "writing maps"):
+        assert bar not in captured.out and bar in captured.err, (bar, captured.out[-2000:])
+
+
+def test_every_progress_bar_is_drawn_on_the_progress_console():
+    """rich's ``track`` and ``Progress`` draw on stdout unless told otherwise: each call in neurocl names its console."""
+    import ast
+
+    unbound = []
+    for source in Path(PACKAGE_ROOT, "neurocl").rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in ("track", "Progress"):
+                if not any(keyword.arg == "console" for keyword in node.keywords):
+                    unbound.append(f"{source.relative_to(PACKAGE_ROOT)}:{node.lineno}")
+    assert unbound == []
