@@ -673,10 +673,10 @@ def bench_separation(
         None, "--set", metavar="SECTION.FIELD=VALUE", help="Override one field of the pipeline, as for neurocl run (repeatable)."
     ),
     baselines: Optional[str] = typer.Option(
-        None, "--baselines", help="Comma-separated baselines to run (default pca,cpca,simclr; without simclr a run trains one network)."
+        None, "--baselines", help="Comma-separated baselines to run (default pca,cpca,lin2,simclr; without simclr a run trains one network)."
     ),
 ) -> None:
-    """Separation across a panel of cohorts x seeds, on held-out subjects, beside PCA, cPCA and SimCLR.
+    """Separation across a panel of cohorts x seeds, on held-out subjects, beside PCA, cPCA, lin2 and SimCLR.
 
     Example: neurocl bench separation --quick --out separation.json
 

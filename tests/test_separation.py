@@ -235,12 +235,36 @@ def test_target_checks_mark_each_issue_target_met_or_missed_with_its_gap():
          "values": {"common": cell(0.90, 0.10), "salient": cell(0.75), "pca": cell(0.92)}},
     ]
     checks = {(c["attribute"], c["check"]): c for c in target_checks({"cohort": "x", "rows": rows})}
-    assert checks[("subtype", "specific: salient >= best(PCA, cPCA) + 0.10")]["met"]  # 0.95 >= 0.95
+    assert checks[("subtype", "specific: salient >= best linear (PCA, cPCA, lin2 salient) + 0.10")]["met"]  # 0.95 >= 0.95
     assert checks[("subtype", "specific: common <= chance + 0.10")]["met"]
     leak = checks[("sex", "shared: salient <= chance + 0.10")]
     assert not leak["met"] and leak["gap"] == pytest.approx(0.15)
-    assert checks[("sex", "shared: common >= PCA - 0.05")]["met"]  # 0.90 >= 0.87
+    assert checks[("sex", "shared: common >= best linear (PCA, lin2 common) - 0.05")]["met"]  # 0.90 >= 0.87
     spread = checks[("sex", "SD over seeds <= 0.05 (common)")]
     assert not spread["met"] and spread["gap"] == pytest.approx(0.05)
     markdown = targets_markdown({"table": [{"cohort": "x", "rows": rows}]})
     assert "| x | 4 of 6 |" in markdown and "gap 0.15" in markdown
+
+
+def test_the_linear_floor_of_the_targets_includes_lin2s_two_spaces():
+    from neurocl.validation.separation import SHARED_IN_COMMON, SPECIFIC_IN_SALIENT, target_checks
+
+    def cell(mean):
+        return {"mean": mean, "sd": None, "n": 1}
+
+    rows = [
+        {"attribute": "subtype", "role": "specific", "subset": "target", "chance": 0.5,
+         "values": {"common": cell(0.5), "salient": cell(0.95), "pca": cell(0.6), "cpca": cell(0.7),
+                    "lin2_common": cell(0.99), "lin2_salient": cell(0.9)}},
+        {"attribute": "age", "role": "shared", "subset": "all", "chance": 0.0,
+         "values": {"common": cell(0.6), "salient": cell(0.0), "pca": cell(0.5), "cpca": cell(0.9),
+                    "lin2_common": cell(0.8), "lin2_salient": cell(0.95)}},
+    ]
+    checks = {(c["attribute"], c["check"]): c for c in target_checks({"cohort": "x", "rows": rows})}
+    # The salient space must beat lin2's salient space (0.90 + 0.10), not only PCA and cPCA; lin2's common
+    # space is not a salient floor.
+    specific = checks[("subtype", SPECIFIC_IN_SALIENT)]
+    assert specific["bound"] == pytest.approx(1.0) and not specific["met"] and specific["gap"] == pytest.approx(0.05)
+    # The common space is held against lin2's common space (0.80 - 0.05), not cPCA's or lin2's salient one.
+    shared = checks[("age", SHARED_IN_COMMON)]
+    assert shared["bound"] == pytest.approx(0.75) and shared["gap"] == pytest.approx(0.15)
