@@ -20,6 +20,7 @@ column name is repeated, for the same reason (pandas would rename the second ``a
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import json
 import os
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import yaml
 
 from neurocl.errors import NeuroclError, OutputError
 
@@ -199,8 +201,6 @@ def refuse_duplicate_columns(path: str | os.PathLike, error: type[NeuroclError],
     could also be a genuine column), its names stripped of surrounding spaces as the tables'
     readers strip them.
     """
-    import csv
-
     with open(path, encoding=encoding, newline="") as handle:
         header = next(csv.reader(handle, delimiter="\t"), [])
     positions: dict[str, list[int]] = {}
@@ -269,8 +269,6 @@ def parse_yaml(text: str, error: type[NeuroclError], source: str, what: str = "Y
     before any Python object is built. A mapping that gives a key twice is refused, naming the key
     and both lines (merge keys ``<<`` may still be overridden, as YAML defines them).
     """
-    import yaml
-
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -301,8 +299,6 @@ def _repeated_key(loader, node, where: str, seen: set[int]) -> str | None:
     Keys compare as the values they construct to (``1`` and ``0x1`` are one key, ``1`` and ``"1"``
     are two); only scalar keys are compared. Each node is visited once, so aliases cost nothing.
     """
-    import yaml
-
     if id(node) in seen:
         return None
     seen.add(id(node))
@@ -341,8 +337,6 @@ def _two_places(first, second) -> str:
 
 def _expanded_size(node, sizes: dict[int, int], active: set[int]) -> int:
     """Nodes in ``node`` with aliases expanded; memoised per node, a node inside itself is refused."""
-    import yaml
-
     key = id(node)
     if key in sizes:
         return sizes[key]
