@@ -78,7 +78,8 @@ REGION_RADIUS_MM = 16.0  # effect tapers to zero here; regions never overlap (ce
 REGION_MASK_WEIGHT = 0.5  # the mask holds GM voxels where the planted loss is >= half its peak
 MASK_GM_THRESHOLD = 0.25  # "GM voxel" in the template at the output resolution
 MAX_SUBTYPE_LOSS = 0.4
-MAX_SUBTYPE_SHRINK = 0.3  # atrophy=shrink: the core's linear size / (1 + 0.3) at severity 10 (about -55 % volume)
+MAX_SUBTYPE_SHRINK = 0.4  # atrophy=shrink: the core's linear size / (1 + 0.4) at severity 10 (about -64 % volume)
+SHRINK_WIDTH_MM = 16.0  # atrophy=shrink: the contraction's Gaussian width (times lesion_size)
 COURSE_AGE_SPAN = 30.0  # lesion_course=age: the progressive loss is x (age - 20) / 30, 1 on average over U(20, 80)
 AGE_LOSS_PER_DECADE = 0.03
 VENTRICLE_EXPANSION_PER_YEAR = 0.005
@@ -537,7 +538,7 @@ def _shrink(point: np.ndarray, centre: np.ndarray, magnitude: float, width: floa
     """Radial contraction about ``centre``: a point at distance r shows the template at r (1 + m g(r)).
 
     ``g(r) = exp(-r^2 / (2 width^2))``: the structure at the centre appears ``1 + m`` times smaller and its
-    surroundings move in; monotone (no folding) while ``m < e`` (about 2.72; at most 0.75 here).
+    surroundings move in; monotone (no folding) while ``m < e`` (about 2.72; at most 1 here).
     """
     offset = point - centre.reshape(3, 1, 1, 1)
     falloff = np.exp(-0.5 * (offset**2).sum(0) / width**2)
@@ -594,7 +595,7 @@ def subject_volume(
     point = _warp(grid, subject, rng)
     if plan is not None and plan.atrophy == "shrink":
         for centre, magnitude in sites:
-            point = _shrink(point, centre, magnitude, REGION_CORE_MM * plan.size)
+            point = _shrink(point, centre, magnitude, SHRINK_WIDTH_MM * plan.size)
     index = _to_index(np.linalg.inv(grid.affine), point)
     volume = _sample(tissue, index, grid.shape)
     if lesion is not None and lesion_space == "subject":

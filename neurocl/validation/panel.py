@@ -78,6 +78,18 @@ PANEL: tuple[PanelCohort, ...] = (
     PanelCohort("independent", "what a new user brings: other column names, 2 regions per subtype, "
                 "an age gradient and a site confound together",
                 {"lesion_regions": 2, "age_pattern": "gradient", "confound": 0.5}, rename=True),
+    PanelCohort("reference-hard", "a subtle subtype loss under strong covariates (age, site, individual "
+                "deformation): linear methods no longer read the subtype perfectly",
+                {"subtype_effect": 1.0, "age_effect": 2.0, "site_effect": 2.0, "deformation": 1.0}),
+    PanelCohort("focal-jitter", "subtype k is k foci in regions drawn per patient from a pool of 4, each moved "
+                "up to 10 mm per axis: equal subtype mean images, so no linear readout of voxels tells them apart",
+                {"lesion_pattern": "foci", "lesion_pool": 4, "lesion_jitter": 10.0}),
+    PanelCohort("shrink-foci", "atrophy by warping (regions contract, GM values kept), subtype k is k shrinking "
+                "regions of a pool of 4: a shape change with equal subtype mean images",
+                {"lesion_pattern": "foci", "lesion_pool": 4, "atrophy": "shrink"}),
+    PanelCohort("age-interaction", "an age x diagnosis interaction: subtype 1's region loses GM faster with age, "
+                "subtype 2's has the same mean loss at every age: only the interaction tells them apart",
+                {"lesion_course": "age", "subtype_effect": 1.25}),
     PanelCohort("natural-digits", "real images: photographs (scikit-learn), real handwritten digits blended into "
                 "the targets", natural=True,
                 shared={"photo": "categorical", "crop_row": "continuous", "gamma": "continuous"},
