@@ -19,13 +19,14 @@ from pydantic import ValidationError
 from rich.table import Table
 from sklearn.metrics import adjusted_rand_score
 
+from neurocl.baselines import LINEAR_BASELINES
 from neurocl.cohort import Cohort
 from neurocl.config import ProbeConfig
 from neurocl.logs import progress_console, results_console
 from neurocl.errors import ConfigError
 from neurocl.io import write_json
 from neurocl.pipeline import run_pipeline
-from neurocl.probe import PRIMARY_METRIC, probe_attribute
+from neurocl.probe import PRIMARY_METRIC, embedding_spaces, probe_attribute
 from neurocl.rundir import RunDir
 from neurocl.synth import SynthConfig, make_synthetic_cohort
 from neurocl.synthdir import SynthDir
@@ -150,15 +151,9 @@ def demo_summary(run_dir: str | os.PathLike, cohort_dir: str | os.PathLike) -> d
     embeddings = run.read_table(run.embeddings)
     truth = cohort_dir.read_ground_truth()
     kinds = Cohort.from_yaml(cohort_dir.cohort_yaml).attribute_kinds
-    results: dict[str, dict] = {}
-    for attribute in DEMO_EXPECTED:
-        if attribute == "subtype":
-            results[attribute] = _probe_subtype(embeddings, truth, config.evaluation.probe)
-            continue
-        subset = "target" if attribute == "severity" else "all"
-        rows = probes[(probes["attribute"] == attribute) & (probes["subset"] == subset)
-                      & (probes["metric"] == PRIMARY_METRIC[kinds[attribute]])]
-        results[attribute] = {row["space"]: _probe_record(row, subset) for _, row in rows.iterrows()}
+    results = {attribute: _attribute_records(attribute, probes, embeddings, truth, kinds, config.evaluation.probe)
+               for attribute in DEMO_EXPECTED}
+    linear = _linear_floor(run, truth, kinds, config.evaluation.probe)
     targets = []
     # The maps are over every subject (maps.split: all): in-sample, and the checks say so.
     maps_scope = "held-out test subjects" if config.maps.split == "test" else f"in-sample, maps.split {config.maps.split}"
@@ -168,6 +163,13 @@ def demo_summary(run_dir: str | os.PathLike, cohort_dir: str | os.PathLike) -> d
             reached = record is not None and record["decodable"] == expected
             targets.append({"check": f"{attribute} {'decodable' if expected else 'not decodable'} from {space}",
                             "reached": reached})
+        # The floor: the space that should hold the attribute scores at least the best linear baseline's figure.
+        floor, record = linear.get(attribute), results[attribute].get(wanted)
+        if floor is not None:
+            targets.append({"check": f"{attribute}: {wanted} >= best linear ({floor['model']}, "
+                                     f"{_number(floor['value'], 2)}) on the same test subjects",
+                            "reached": record is not None and record["value"] is not None
+                            and record["value"] >= floor["value"]})
     maps = _demo_maps(run)
     for method, auc in maps.get("mean_auc_subtype_map", {}).items():
         targets.append({"check": f"{method} map AUC >= {DEMO_MAP_AUC} ({maps_scope})",
@@ -184,8 +186,35 @@ def demo_summary(run_dir: str | os.PathLike, cohort_dir: str | os.PathLike) -> d
                         "reached": ari is not None and ari >= DEMO_ARI})
     scope = config.evaluation.probe.scope
     n_test = int(embeddings.loc[embeddings["split"].eq("test"), "participant_id"].nunique()) if "split" in embeddings else None
-    return {"run": str(run.path), "scope": scope, "n_test_subjects": n_test, "probes": results, "maps": maps,
-            "targets": targets, "all_reached": all(target["reached"] for target in targets)}
+    return {"run": str(run.path), "scope": scope, "n_test_subjects": n_test, "probes": results, "linear": linear,
+            "maps": maps, "targets": targets, "all_reached": all(target["reached"] for target in targets)}
+
+
+def _attribute_records(attribute: str, probes: pd.DataFrame, embeddings: pd.DataFrame, truth: pd.DataFrame,
+                       kinds: dict, probe_config: ProbeConfig) -> dict:
+    """Space -> primary probe record of one demo attribute (the subtype probed from the truth, on target subjects)."""
+    if attribute == "subtype":
+        return _probe_subtype(embeddings, truth, probe_config)
+    subset = "target" if attribute == "severity" else "all"
+    rows = probes[(probes["attribute"] == attribute) & (probes["subset"] == subset)
+                  & (probes["metric"] == PRIMARY_METRIC[kinds[attribute]])]
+    return {row["space"]: _probe_record(row, subset) for _, row in rows.iterrows()}
+
+
+def _linear_floor(run: RunDir, truth: pd.DataFrame, kinds: dict, probe_config: ProbeConfig) -> dict:
+    """Attribute -> the best primary record among the run's linear baselines (every space of each), with its ``model``."""
+    floor: dict = {}
+    for name in run.baseline_names():
+        folder = run.baseline(name)
+        if name not in LINEAR_BASELINES or not folder.probes.is_file():
+            continue
+        probes, embeddings = folder.read_table(folder.probes), folder.read_table(folder.embeddings)
+        for attribute in DEMO_EXPECTED:
+            for space, record in _attribute_records(attribute, probes, embeddings, truth, kinds, probe_config).items():
+                best = floor.get(attribute)
+                if record["value"] is not None and (best is None or record["value"] > best["value"]):
+                    floor[attribute] = {**record, "model": name if space == "emb" else f"{name} {space}"}
+    return floor
 
 
 def _test_ari(run: RunDir, embeddings: pd.DataFrame, truth: pd.DataFrame) -> tuple[float | None, int]:
@@ -212,13 +241,12 @@ def _probe_record(row, subset: str) -> dict:
 
 
 def _probe_subtype(embeddings: pd.DataFrame, truth: pd.DataFrame, probe_config: ProbeConfig) -> dict:
-    """Subtype (1..K) of the target subjects probed from each space (balanced accuracy)."""
+    """Subtype (1..K) of the target subjects probed from each space of ``embeddings`` (balanced accuracy)."""
     table = embeddings.merge(truth[["participant_id", "subtype"]], on="participant_id", how="inner")
     table = table[table["group"] == "target"]
     splits = table["split"].to_numpy(dtype=object) if "split" in table.columns else None
     records = {}
-    for space in ("common", "salient"):
-        columns = [c for c in table.columns if c.startswith(f"{space}_")]
+    for space, columns in embedding_spaces(embeddings).items():
         rows, _ = probe_attribute(table[columns].to_numpy(dtype=np.float64), table["subtype"].astype(int).to_numpy(),
                                   table["participant_id"].to_numpy(), "categorical", probe_config, splits=splits)
         primary = [row for row in rows if row["metric"] == "balanced_accuracy"]
@@ -261,13 +289,17 @@ def _print_demo_summary(summary: dict) -> None:
     else:
         scored_on = "in-sample: cross-validated over every subject"
     table = Table(title=f"neurocl demo: what is decodable from which space (linear probes, {scored_on})")
-    for column in ("attribute", "subjects", "metric", "common", "salient", "chance"):
+    linear = summary.get("linear") or {}
+    for column in ("attribute", "subjects", "metric", "common", "salient", *(["best linear"] if linear else []), "chance"):
         table.add_column(column)
     for attribute, spaces in summary["probes"].items():
         if not spaces:
             continue
         first = next(iter(spaces.values()))
         cells = [_demo_cell(spaces.get(space)) for space in ("common", "salient")]
+        if linear:
+            floor = linear.get(attribute)
+            cells.append("n/a" if floor is None else f"{_demo_cell(floor)} {floor['model']}")
         table.add_row(attribute, first["subset"], first["metric"], *cells, _number(first["chance"], 2))
     out.print(table)
     maps = summary["maps"]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from neurocl.errors import ConfigError
-from neurocl.io import write_tsv
+from neurocl.io import read_tsv, write_tsv
 from neurocl.config import load_pipeline
 from neurocl.demo import DEMO_COHORT, DEMO_PIPELINE, _demo_cohort, demo_summary
 from neurocl.synth import SynthConfig
@@ -215,3 +215,19 @@ def test_getting_started_lists_the_demo_embedding_columns():
     listed = re.search(r"embeddings\.tsv\s+participant_id, split, group, common_0\.\.(\d+), salient_0\.\.(\d+)", text)
     assert listed, "getting-started no longer lists embeddings.tsv's columns"
     assert (int(listed[1]), int(listed[2])) == (config.method.common_dim - 1, config.method.salient_dim - 1)
+
+
+def test_demo_summary_sets_each_attribute_beside_the_best_linear_baseline(fake_run):
+    run_dir, cohort_dir = fake_run
+    embeddings = read_tsv(run_dir / "embeddings.tsv")
+    lin2 = run_dir / "baselines" / "lin2"
+    write_tsv(lin2 / "embeddings.tsv", embeddings)  # the same spaces: the same subtype probe
+    rows = [_probe_row(space, "sex", "all", "balanced_accuracy", value, 0.01, 0.5)
+            for space, value in (("common", 0.95), ("salient", 0.6))]
+    write_tsv(lin2 / "probes.tsv", pd.DataFrame(rows))
+    summary = demo_summary(run_dir, cohort_dir)
+    assert summary["linear"]["sex"]["model"] == "lin2 common" and summary["linear"]["sex"]["value"] == 0.95
+    assert summary["linear"]["subtype"]["value"] == summary["probes"]["subtype"]["salient"]["value"]
+    reached = {target["check"]: target["reached"] for target in summary["targets"]}
+    assert reached["sex: common >= best linear (lin2 common, 0.95) on the same test subjects"] is False  # 0.90 < 0.95
+    assert any(check.startswith("subtype: salient >= best linear (lin2 salient") and hit for check, hit in reached.items())
