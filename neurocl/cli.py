@@ -348,6 +348,7 @@ def export(
     run_dir: Path = typer.Argument(..., help="A run folder (its checkpoints/last.ckpt) or a checkpoint file."),
     out: Path = typer.Option(..., "--out", help="The encoder state dict to write (e.g. encoder.pt); OUT.json beside it."),
     checkpoint: str = typer.Option("last", help="Which checkpoint of a run folder: last or best."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out (and its .json) if neurocl wrote them."),
 ) -> None:
     """Write a trained run's encoder(s) as a plain state dict, with a JSON of their configuration.
 
@@ -692,6 +693,36 @@ def bench_separation(
     )
     results = run_separation_bench(config, log=lambda line: console.print(f"[bold]{line}[/]"))
     print_separation(results, results_console())
+    if out is not None:
+        from neurocl.io import write_json
+
+        write_json(out, results)
+        console.print(f"wrote [bold]{out}[/]")
+
+
+@bench_app.command("oracles")
+@user_errors
+def bench_oracles(
+    cohorts: Optional[str] = typer.Option(None, help="Comma-separated synthetic panel cohorts (default: those built "
+                                          "against linear methods, and reference)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds; cohort seed = 1000 + seed (default 0,1,2)."),
+    n_subjects: Optional[int] = typer.Option(None, "--n-subjects", help="Subjects per cohort (default 160)."),
+    resolution: Optional[float] = typer.Option(None, help="Voxel size in mm (default 8)."),
+    workdir: Optional[Path] = typer.Option(None, help="Keep the cohorts here (default: a temporary folder)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write every run and the table as JSON here."),
+) -> None:
+    """Each panel cohort's oracle feature beside PCA and cPCA of its voxels, on held-out subjects (no training).
+
+    Example: neurocl bench oracles --cohorts focal-jitter,age-interaction --seeds 0,1,2
+    """
+    from neurocl.validation.oracles import OracleBenchConfig, print_oracles, run_oracle_bench
+
+    config = OracleBenchConfig.checked(
+        cohorts=[name.strip() for name in cohorts.split(",") if name.strip()] if cohorts else None,
+        seeds=_seed_list(seeds), n_subjects=n_subjects, resolution=resolution, workdir=workdir,
+    )
+    results = run_oracle_bench(config, log=lambda line: console.print(f"[bold]{line}[/]"))
+    print_oracles(results, results_console())
     if out is not None:
         from neurocl.io import write_json
 
