@@ -364,7 +364,8 @@ def export(
     if checkpoint not in ("last", "best"):
         raise ConfigError(f"--checkpoint {checkpoint!r}: use last or best")
     path = RunDir(run_dir).checkpoint(checkpoint) if run_dir.is_dir() else run_dir
-    weights, record = write_export(load_model(path), path, out)
+    weights, record = write_export(load_model(path), path, out, overwrite=overwrite,
+                                   inputs={"run folder" if run_dir.is_dir() else "checkpoint": run_dir})
     console.print(f"wrote encoder weights: [bold]{weights}[/] and their record: [bold]{record}[/]", highlight=False)
 
 

@@ -25,6 +25,7 @@ from neurocl.config import ProbeConfig
 from neurocl.logs import progress_console, results_console
 from neurocl.errors import ConfigError
 from neurocl.io import write_json
+from neurocl.outputs import OutputFolder, record_files
 from neurocl.pipeline import run_pipeline
 from neurocl.probe import PRIMARY_METRIC, embedding_spaces, probe_attribute
 from neurocl.rundir import RunDir
@@ -84,6 +85,8 @@ def run_demo(out: str | os.PathLike = "neurocl-demo", resume: bool = False, seed
     """
     started = time.monotonic()
     out = Path(out)
+    summary_path = out / "demo_summary.json"
+    OutputFolder(out).check_replace([summary_path], overwrite=True)  # a file of that name neurocl did not write stays
     cohort_yaml = _demo_cohort(out / "cohort")
     settings = [f"training.seeds=[{','.join(map(str, seeds))}]", f"training.seed={seeds[0]}"] if seeds else []
     run_dir = run_pipeline(DEMO_PIPELINE, out / "run", resume=resume,
@@ -91,7 +94,8 @@ def run_demo(out: str | os.PathLike = "neurocl-demo", resume: bool = False, seed
     summary = demo_summary(run_dir, cohort_yaml.parent)
     summary["wall_time_s"] = round(time.monotonic() - started, 1)
     summary["resumed"] = resume
-    write_json(out / "demo_summary.json", summary)
+    write_json(summary_path, summary)
+    record_files([summary_path])
     _print_demo_summary(summary)
     return run_dir
 

@@ -28,8 +28,10 @@ import torch
 from neurocl.cohort import Cohort, key_columns
 from neurocl.logs import progress_console
 from neurocl.errors import CohortError, ConfigError, NeuroclError, OutputError
-from neurocl.io import read_tsv, write_json, write_tsv
+from neurocl.images import Grid, read_grid
+from neurocl.io import read_tsv, torch_load_failure, write_json, write_tsv
 from neurocl.methods import BaseMethod, method_from_checkpoint
+from neurocl.outputs import claim_files, record_files
 from neurocl.store import PreprocessConfig, VolumeStore
 
 console = progress_console()
@@ -43,7 +45,6 @@ __all__ = [
     "join_embeddings",
     "load_model",
     "read_embeddings",
-    "refuse_existing",
     "sidecar_path",
     "write_embeddings",
 ]
@@ -77,7 +78,7 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for a damaged file
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from None
+        raise ConfigError(f"checkpoint {path} cannot be read ({torch_load_failure(error)})") from None
     if not isinstance(state, dict) or "hyper_parameters" not in state or "state_dict" not in state:
         raise ConfigError(f"checkpoint {path} is not a neurocl training checkpoint")
     try:
@@ -135,11 +136,13 @@ def embed_cohort(checkpoint: str | os.PathLike, cohort_yaml: str | os.PathLike, 
     ``overwrite``; the refusal comes before any work. The network runs on ``device`` (a GPU
     when there is one by default), ``batch_size`` subjects at a time.
     """
-    refuse_existing([Path(out_tsv), sidecar_path(out_tsv)], overwrite)
+    cohort = Cohort.from_yaml(cohort_yaml)
+    outputs = [Path(out_tsv), sidecar_path(out_tsv)]
+    claim_files(outputs, overwrite, {"checkpoint": Path(checkpoint), **cohort.input_paths()})
     module = load_model(checkpoint, device)
     if not module.grid:
         raise ConfigError(f"checkpoint {checkpoint} has no training grid record; it was not written by neurocl run")
-    cohort = Cohort.from_yaml(cohort_yaml)
+    check_dimensions(module, cohort, checkpoint)
     cohort.check(check_images=True)
     affine = np.asarray(module.grid["affine"], dtype=float)
     mask = module.grid["mask"].numpy().astype(np.uint8)
@@ -152,15 +155,20 @@ def embed_cohort(checkpoint: str | os.PathLike, cohort_yaml: str | os.PathLike, 
         })
         store = VolumeStore.build(cohort, scratch / "volumes", preprocess, progress=True)
         embeddings = embeddings_table(module, store, cohort, batch_size=batch_size)
-    return write_embeddings(out_tsv, embeddings, cohort)
+    write_embeddings(out_tsv, embeddings, cohort)
+    record_files(outputs)
+    return Path(out_tsv)
 
 
-def refuse_existing(paths: list[Path], overwrite: bool) -> None:
-    """Refuse to replace outputs that exist (one line naming them) unless ``overwrite``."""
-    existing = [str(path) for path in paths if path.exists()]
-    if existing and not overwrite:
-        raise OutputError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
-                          "pass --overwrite to replace, or choose another --out")
+def check_dimensions(module, cohort: Cohort, checkpoint: str | os.PathLike) -> None:
+    """Refuse, in one line, a cohort of 2D images for a 3D checkpoint or the reverse (read from the first image's header)."""
+    trained = int(module.grid["mask"].ndim)
+    first = next((Path(image) for image in cohort.table["image"] if isinstance(image, str)), None)
+    grid = read_grid(first, cohort.spec.kind, cohort.spec.grid) if first is not None else None
+    if isinstance(grid, Grid) and len(grid.shape) != trained:
+        raise ConfigError(f"{checkpoint}: the model was trained on {trained}D images but {cohort.source} holds "
+                          f"{len(grid.shape)}D images ({first.name}: shape {grid.shape}); embed it with a "
+                          f"{len(grid.shape)}D model")
 
 
 def read_embeddings(path: str | os.PathLike) -> pd.DataFrame:
@@ -229,13 +237,17 @@ def write_embeddings(path: str | os.PathLike, table: pd.DataFrame, cohort: Cohor
 def check_cohort(embeddings_tsv: str | os.PathLike, cohort: Cohort, allow_other: bool = False) -> None:
     """Refuse to use embeddings with a cohort other than the one they were made from.
 
-    Embeddings without a sidecar (made elsewhere) are accepted with a notice; with
-    ``allow_other`` a mismatch is only reported.
+    Embeddings without a sidecar (made elsewhere, or copied without it) are refused too, since
+    nothing then says which cohort they describe; with ``allow_other`` either is only reported.
     """
     sidecar = sidecar_path(embeddings_tsv)
     if not sidecar.is_file():
-        console.print(f"[yellow]note:[/] {embeddings_tsv} has no sidecar {sidecar.name}: "
-                      f"cannot check that it was made from cohort {cohort.source}")
+        message = f"{embeddings_tsv} has no sidecar {sidecar.name}, so nothing says which cohort it was made from"
+        if not allow_other:
+            # Ids alone cannot tell: two cohorts of sub-0001 ... sub-0200 would be joined row by row.
+            raise CohortError(f"{message}; copy the sidecar with it, or pass --other-cohort to probe it against "
+                              f"{cohort.source} anyway")
+        console.print(f"[yellow]warning:[/] {message}; probing it against {cohort.source} anyway (--other-cohort)")
         return
     try:
         record = json.loads(sidecar.read_text())

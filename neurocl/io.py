@@ -24,6 +24,7 @@ import csv
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -239,6 +240,24 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
         with open(tmp, "wb") as handle:
             handle.write(buffer.getbuffer())
     return Path(path)
+
+
+def torch_load_failure(error: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words.
+
+    torch's messages run to paragraphs that advise ``weights_only=False`` (which would run the
+    file's code): neurocl never does that, so the advice is dropped and only what is wrong stays.
+    """
+    text = str(error)
+    blocked = re.search(r"(?:GLOBAL|global:?) (?:GLOBAL )?([\w.]+)", text)
+    if "Weights only load failed" in text or blocked:
+        what = f" ({blocked.group(1)})" if blocked else ""
+        return f"it holds a Python object{what} beyond tensors and plain data, which neurocl never loads"
+    if "zip archive" in text or "central directory" in text or isinstance(error, (EOFError, KeyError)):
+        return "damaged or truncated: not a complete torch file"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    sentence = first.split(". ")[0].rstrip(".")
+    return f"{type(error).__name__}: {sentence if len(sentence) <= 120 else sentence[:117].rsplit(' ', 1)[0] + ' ...'}"
 
 
 def load_yaml(path: str | os.PathLike, error: type[NeuroclError], what: str) -> Any:

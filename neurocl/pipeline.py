@@ -29,12 +29,12 @@ import pandas as pd
 from neurocl import baselines, report
 from neurocl.cohort import Cohort, Splits, make_splits
 from neurocl.cohort.truth import read_ground_truth
-from neurocl.config import PipelineConfig, check_attribute_names, config_yaml, load_pipeline
+from neurocl.config import PipelineConfig, check_attribute_names, load_pipeline
 from neurocl.logs import progress_console
 from neurocl.embed import embeddings_table, write_embeddings
 from neurocl.errors import ConfigError
 from neurocl.harmonise import harmonise_run_store
-from neurocl.io import write_json, write_text, write_tsv
+from neurocl.io import write_json, write_tsv
 from neurocl.maps import run_maps
 from neurocl.probe import probe_embeddings, probe_ground_truth, separation
 from neurocl.probe.heldout import ADVICE, MIN_TEST_PARTICIPANTS
@@ -67,14 +67,14 @@ def prepare_store(path: str | os.PathLike, out: str | os.PathLike, settings: Seq
         run.check_out(config, resume=False, inputs=inputs)
     cohort.check(check_images=True)
     check_attribute_names(config, cohort)
-    store = VolumeStore.build(cohort, run.store_folder(config, harmonised=False), config.preprocess, workers=workers,
-                              progress=True)
-    store.verify()
-    if not run.own.is_run():
-        # The run folder of a run that has not trained yet: `neurocl run ... --auto-resume` (or
-        # the same command without it) starts there and finds this store up to date.
-        with run.own.hold():
+    with run.own.hold():
+        if not run.own.is_run():
+            # The run folder of a run that has not trained yet: `neurocl run ... --auto-resume` (or
+            # the same command without it) starts there and finds this store up to date.
             run.prepare(config, resume=False, inputs=inputs)
+        store = VolumeStore.build(cohort, run.store_folder(config, harmonised=False), config.preprocess,
+                                  workers=workers, progress=True)
+        store.verify()
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
     print(f"store: {store.cache_dir}\nvolumes: {len(store)} x {'x'.join(map(str, store.spatial_shape))} "
           f"({store.nbytes / 1e9:.2f} GB, {store.volumes.dtype})\nrebuilt: {len(store.rebuilt)}\n"

@@ -36,6 +36,7 @@ from neurocl.embed import cohort_fingerprint, load_model
 from neurocl.errors import ConfigError, NeuroclError
 from neurocl.io import load_yaml, read_tsv, write_json, write_text
 from neurocl.logs import progress_console
+from neurocl.outputs import OutputFolder, check_outside_inputs
 from neurocl.store import VolumeStore
 
 __all__ = ["MapsFolder", "Run", "RunDir", "load_run", "store_fingerprint"]
@@ -112,6 +113,7 @@ class RunDir:
         self.baselines = self.path / "baselines"
         self.seeds = self.path / "seeds"
         self.maps = MapsFolder(self.path / "maps")
+        self.own = OutputFolder(self.path)  # .neurocl/: the marker that this is a run folder, its lock
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -169,30 +171,31 @@ class RunDir:
 
     def _untrained_leftovers(self) -> list[Path] | None:
         """What a run that failed before training left here (config.yaml, splits.tsv, logs/, the store), or
-        None when the folder holds anything else (another run's results, files of the user)."""
+        None when the folder is not a neurocl run (no marker) or holds anything else (another run's
+        results, files of the user)."""
         own = {self.config, self.splits, self.logs, self.default_store, self.harmonised_store, self.checkpoints}
-        contents = list(self.path.iterdir())
-        if not self.config.is_file() or self.trained() or any(path not in own for path in contents):
+        if not self.own.is_run() or self.trained() or any(path not in own for path in self.own.contents()):
             return None
         return [path for path in (self.config, self.splits, self.prepared) if path.exists()]
 
-    def check_out(self, config: PipelineConfig, resume: bool, cohort: Cohort | None = None) -> None:
-        """Refuse an unusable ``--out`` before anything is written: inside the cohort's input folder, not
-        empty for a new run (unless it holds a run that never trained), or ``--resume`` of another training."""
+    def check_out(self, config: PipelineConfig, resume: bool, inputs: dict[str, Path | None] | None = None) -> None:
+        """Refuse an unusable ``--out`` before anything is written: an input of the run or inside one
+        (:func:`neurocl.outputs.check_outside_inputs`), not empty for a new run (unless it holds a
+        neurocl run that never trained), or ``--resume`` of another training or of a folder neurocl did not make."""
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"--out {self.path} is a file; give a folder")
-        inputs = cohort.input_folder() if cohort is not None else None
-        if inputs is not None and (self.path == inputs or inputs in self.path.parents):
-            raise ConfigError(f"--out {self.path} lies inside the cohort's input folder {inputs}; "
-                              "neurocl never writes there: choose a folder outside it")
-        if not self.path.exists() or not any(self.path.iterdir()):
+        check_outside_inputs([self.path], inputs or {}, folder=True)
+        if not self.own.contents():
             if resume:
-                raise ConfigError(f"--resume: {self.path} holds no run (config.yaml missing); start it without --resume")
+                raise ConfigError(f"--resume: {self.path} holds no run; start it without --resume")
             return
         if self._untrained_leftovers() is not None:
             return  # a run that failed before training: the same command starts it again (see prepare)
+        if not self.own.is_run():
+            raise ConfigError(f"--out {self.path} exists, is not empty and is not a neurocl run folder (it holds "
+                              "files neurocl did not write); choose a new or empty folder")
         if not resume:
-            raise ConfigError(f"--out {self.path} exists and is not empty; choose a new folder or pass --resume")
+            raise ConfigError(f"--out {self.path} holds a run already; choose a new folder or pass --resume")
         if not self.config.is_file():
             raise ConfigError(f"--resume: {self.path} holds no run (config.yaml missing); start it without --resume")
         before = _training_part(load_yaml(self.config, ConfigError, "run configuration"))
@@ -209,33 +212,71 @@ class RunDir:
                 f"which the trained weights depend on{hint}; resume with the same pipeline or start a new run"
             )
 
-    def prepare(self, config: PipelineConfig, resume: bool) -> None:
-        """Save config.yaml, after :meth:`check_out` and every other check passed.
+    def prepare(self, config: PipelineConfig, resume: bool, inputs: dict[str, Path | None] | None = None) -> None:
+        """Mark the folder as a run and save config.yaml, after :meth:`check_out` and every other check passed.
 
         A run that never trained starts afresh: the split manifest and inputs record of the failed
         attempt are removed (its store is kept: an up-to-date store is reused, not rebuilt).
         """
-        self.check_out(config, resume)
-        leftovers = self._untrained_leftovers() if self.path.is_dir() and any(self.path.iterdir()) else None
+        self.check_out(config, resume, inputs)
+        leftovers = self._untrained_leftovers()
         if leftovers:
             console.print(f"[yellow]note:[/] {self.path} holds a run that never trained; starting it again "
                           f"(replacing {', '.join(str(path.relative_to(self.path)) for path in leftovers)})")
             for path in leftovers:
                 if path != self.config:
                     path.unlink()
+        self.own.mark_run()
         write_text(self.config, config_yaml(config))
 
     # ------------------------------------------------------------ inputs record
 
     def record_inputs(self, store: VolumeStore, cohort: Cohort) -> None:
-        """logs/prepared.json: the store and cohort this run trains on (see the module docstring)."""
+        """logs/prepared.json: the store and cohort this run trains on (see the module docstring).
+
+        Besides the fingerprints, each subject's row digest and image hash, so that a resume on a
+        cohort that changed since can say which subjects differ (:meth:`check_resume`).
+        """
         write_json(self.prepared, {
             "store": str(store.cache_dir),
             "volumes": store.record["volumes"],
             "store_fingerprint": store_fingerprint(store),
             "cohort": str(cohort.source),
             "cohort_fingerprint": cohort_fingerprint(cohort),
+            "cohort_rows": _row_digests(cohort),
+            "images": _image_digests(store),
         })
+
+    def check_resume(self, cohort: Cohort, store: VolumeStore | None = None) -> None:
+        """Refuse to resume training on a cohort (rows, then images) or store other than the recorded ones.
+
+        Called before the store is opened (``store`` None: the participants table) and again once it
+        is (the images' content and the preprocessing). A run recorded by an older neurocl, without
+        row digests, is checked by its fingerprints only.
+        """
+        record = self.read_inputs()
+        if record is None:
+            return
+        advice = "resuming would train on a mix of both; start a new --out (or restore the inputs)"
+        if store is None:
+            rows = record.get("cohort_rows")
+            if rows is not None:
+                difference = _differences(rows, _row_digests(cohort))
+                if difference:
+                    table = cohort.participants_path or cohort.source
+                    raise ConfigError(f"{table} changed since this run started: {difference}; {advice}")
+            elif record.get("cohort_fingerprint") not in (None, cohort_fingerprint(cohort)):
+                raise ConfigError(f"{cohort.source} changed since this run started (other rows, groups or "
+                                  f"attributes); {advice}")
+            return
+        images = record.get("images")
+        if images is not None:
+            difference = _differences(images, _image_digests(store), what="image")
+            if difference:
+                raise ConfigError(f"the images of {cohort.source} changed since this run started: {difference}; {advice}")
+        if record.get("store_fingerprint") not in (None, store_fingerprint(store)):
+            raise ConfigError(f"{self.path}: the store {store.cache_dir} holds other volumes than the ones this run "
+                              f"started on (other preprocessing); {advice}")
 
     def read_inputs(self) -> dict | None:
         """logs/prepared.json, or None when the run has none (yet, or from an older neurocl)."""
@@ -280,6 +321,37 @@ def _training_part(config: dict) -> dict:
     if isinstance(part["training"], dict):
         part["training"] = {k: v for k, v in part["training"].items() if k not in _FREE_TRAINING_FIELDS}
     return part
+
+
+def _subject(record: dict) -> str:
+    return "/".join(str(record[key]) for key in ("participant_id", "session_id") if key in record)
+
+
+def _row_digests(cohort: Cohort) -> dict[str, str]:
+    """Subject -> sha256 (16 hex digits) of its key, group and attributes as text."""
+    columns = [*cohort.key_columns, "group", *cohort.attribute_kinds]
+    return {_subject(row): hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for row in cohort.table[columns].astype(str).to_dict("records")}
+
+
+def _image_digests(store: VolumeStore) -> dict[str, str]:
+    """Subject -> sha256 of its image file, as the store read it."""
+    manifest = store.manifest
+    return {_subject(row): str(row["sha256"]) for row in manifest.to_dict("records")} if "sha256" in manifest else {}
+
+
+def _differences(before: dict[str, str], now: dict[str, str], what: str = "row") -> str:
+    """'2 rows differ (sub-0003, sub-0007), 1 added (sub-0201)' ('' when the same)."""
+    parts = []
+    for label, subjects in (("differ", [s for s in before if s in now and before[s] != now[s]]),
+                            ("added", [s for s in now if s not in before]),
+                            ("removed", [s for s in before if s not in now])):
+        if subjects:
+            shown = ", ".join(subjects[:5]) + (f", ... ({len(subjects) - 5} more)" if len(subjects) > 5 else "")
+            verb = label if label == "differ" else f"{'was' if len(subjects) == 1 else 'were'} {label}"
+            noun = what if len(subjects) == 1 else f"{what}s"
+            parts.append(f"{len(subjects)} {noun} {'differs' if label == 'differ' and len(subjects) == 1 else verb} ({shown})")
+    return ", ".join(parts)
 
 
 def store_fingerprint(store: VolumeStore) -> str:

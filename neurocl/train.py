@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -31,7 +30,7 @@ from neurocl.cohort import Cohort, Splits
 from neurocl.config import PipelineConfig, TrainingConfig
 from neurocl.embed import grid_record
 from neurocl.errors import ConfigError, NeuroclError, TrainingError
-from neurocl.io import torch_save, write_text
+from neurocl.io import torch_load_failure, torch_save, write_text
 from neurocl.logs import is_terminal, progress_console
 from neurocl.methods import EpochBatches, MethodConfig, TrainingData, build_method
 from neurocl.rundir import RunDir
@@ -362,21 +361,11 @@ def check_resumable(path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many unrelated types for a damaged or crafted file
         raise TrainingError(
-            f"{path}: cannot resume from this checkpoint ({_load_failure(error)}); restore a good copy, "
+            f"{path}: cannot resume from this checkpoint ({torch_load_failure(error)}); restore a good copy, "
             "or delete it and run again with --resume to retrain from the start"
         ) from None
     if not isinstance(state, dict) or "state_dict" not in state or "loops" not in state:
         raise TrainingError(f"{path}: not a neurocl training checkpoint; --resume cannot continue from it")
-
-
-def _load_failure(error: Exception) -> str:
-    """A checkpoint loading error in a few words (torch's messages run to paragraphs)."""
-    text = str(error)
-    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if unsupported:
-        return f"it holds a Python object ({unsupported.group(1)}) that is never loaded"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
-    return f"{type(error).__name__}: {first[:200]}"
 
 
 def _restore_sigint() -> None:

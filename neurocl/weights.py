@@ -26,7 +26,8 @@ from torch import nn
 
 from neurocl import __version__
 from neurocl.errors import ConfigError
-from neurocl.io import atomic_path, write_json
+from neurocl.io import atomic_path, torch_load_failure, write_json
+from neurocl.outputs import claim_files, record_files
 
 # Prefixes a file may hold each encoder's tensors under, in order of preference.
 _PREFIXES = {
@@ -73,7 +74,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for damaged or unsafe files
-        raise ConfigError(f"encoder.weights: {path} cannot be read as a torch file ({type(error).__name__}: {error})") from None
+        raise ConfigError(f"encoder.weights: {path} cannot be read as a torch file ({torch_load_failure(error)})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -172,16 +173,21 @@ def export_record(module, checkpoint: str | os.PathLike) -> dict:
     }
 
 
-def write_export(module, checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Path]:
+def write_export(module, checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
+                 inputs: dict | None = None) -> tuple[Path, Path]:
     """Write ``module``'s encoders to ``out`` (a plain state dict) and ``out`` with ``.json`` (its record).
 
     Both files are written atomically; the state dict loads with ``torch.load(weights_only=True)``.
+    Existing files are replaced only with ``overwrite``, and only when neurocl wrote them
+    (:func:`neurocl.outputs.claim_files`); nothing is written into ``inputs``.
     """
     out = Path(out)
     if out.suffix == ".json":
         raise ConfigError(f"--out {out}: the weights file needs its own name (the record is written beside it as .json)")
+    record = out.with_suffix(".json")
+    claim_files([out, record], overwrite, {"checkpoint": checkpoint, **(inputs or {})})
     with atomic_path(out) as tmp:
         torch.save(export_state(module.net), tmp)
-    record = out.with_suffix(".json")
     write_json(record, export_record(module, checkpoint))
+    record_files([out, record])
     return out, record

@@ -678,6 +678,191 @@ def test_a_single_target_subject_is_warned_and_the_embeddings_checkpoint_named(t
     assert "embeddings come from" in said and "last.ckpt" in said, said[-3000:]
 
 
+# ---- outputs are neurocl's own: never an input, never a file neurocl did not write, one process at a time
+
+
+@pytest.fixture(scope="module")
+def own_run(tiny_cohort, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(pipeline, run folder, cohort.yaml) of a finished one-epoch run on a copy of the tiny cohort that tests may edit
+    (on copies of the run: each test copies both, since the run records the cohort's path)."""
+    folder = tmp_path_factory.mktemp("own_run")
+    cohort = Path(shutil.copytree(tiny_cohort.parent, folder / "cohort")) / tiny_cohort.name
+    pipeline = _pipeline(folder, cohort)
+    result = neurocl_cli("run", pipeline, "--out", folder / "run", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return pipeline, folder / "run", cohort
+
+
+def test_embed_and_probe_never_write_into_the_cohort_even_with_overwrite(trained_run, tiny_cohort_copy, tmp_path):
+    _, run = trained_run
+    cohort_dir = tiny_cohort_copy.parent
+    before = tree_digest(cohort_dir)
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    result = neurocl_cli("embed", checkpoint, tiny_cohort_copy, "--out", cohort_dir / "participants.tsv", "--overwrite")
+    one_error(result, str(cohort_dir / "participants.tsv"), "participants table", "never writes over its inputs")
+    result = neurocl_cli("embed", checkpoint, tiny_cohort_copy, "--out", cohort_dir / "new.tsv")
+    one_error(result, "new.tsv", "lies inside the cohort root")
+    embeddings = _embeddings_copy(run, tmp_path / "in")
+    result = neurocl_cli("probe", embeddings, "--cohort", tiny_cohort_copy, "--out", cohort_dir / "probes",
+                         *PROBE_OPTIONS, "--other-cohort")
+    one_error(result, "probes", "lies inside the cohort root")
+    assert tree_digest(cohort_dir) == before
+    assert neurocl_cli("validate", tiny_cohort_copy).returncode == 0
+
+
+def test_run_never_takes_a_users_folder_for_a_run(tiny_cohort, tmp_path):
+    study = tmp_path / "study"
+    study.mkdir()
+    pipeline = study / "config.yaml"
+    pipeline.write_text("# my study, hand-written\n" + RUN_PIPELINE.format(cohort=tiny_cohort, epochs=1, store=tmp_path / "s",
+                                                                          batch_size=4))
+    (study / "splits.tsv").write_text("participant_id\tsplit\nsub-0001\ttrain\n")
+    before = tree_digest(study)
+    one_error(neurocl_cli("run", pipeline, "--out", study), str(study), "holds the pipeline")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text("mine: true\n")
+    (other / "splits.tsv").write_text("participant_id\tsplit\n")
+    before_other = tree_digest(other)
+    for flag in ([], ["--resume"], ["--auto-resume"]):
+        one_error(neurocl_cli("run", pipeline, "--out", other, *flag), str(other), "not a neurocl run folder")
+    assert tree_digest(study) == before and tree_digest(other) == before_other
+
+
+def _own_copy(own_run, tmp_path) -> tuple[Path, Path, Path]:
+    """Copies of the run and its cohort, the run's records pointing at the copied cohort."""
+    pipeline, run, cohort = own_run
+    cohort_copy = Path(shutil.copytree(cohort.parent, tmp_path / "cohort")) / cohort.name
+    run_copy = Path(shutil.copytree(run, tmp_path / "run"))
+    pipeline_copy = tmp_path / pipeline.name
+    moves = {str(cohort): str(cohort_copy), str(run.parent / "store"): str(tmp_path / "store")}
+    for path in (pipeline_copy, run_copy / "config.yaml", run_copy / "logs" / "prepared.json"):
+        text = (pipeline if path == pipeline_copy else path).read_text()
+        for old, new in moves.items():
+            text = text.replace(old, new)
+        path.write_text(text)
+    return pipeline_copy, run_copy, cohort_copy
+
+
+def test_resume_after_the_cohort_changed_is_refused_naming_the_rows(own_run, tmp_path):
+    pipeline, run, cohort = _own_copy(own_run, tmp_path)
+    table = cohort.parent / "participants.tsv"
+    lines = table.read_text().splitlines()
+    header = lines[0].split("\t")
+    dx = header.index("diagnosis")
+    swapped = []
+    for number in range(1, len(lines)):
+        cells = lines[number].split("\t")
+        if len(swapped) < 2 and (not swapped or cells[dx] != swapped[0][1]):
+            swapped.append((cells[0], cells[dx]))
+    pair = {swapped[0][0]: swapped[1][1], swapped[1][0]: swapped[0][1]}
+    edited = [lines[0]] + ["\t".join(cells[:dx] + [pair.get(cells[0], cells[dx])] + cells[dx + 1:])
+                           for cells in (line.split("\t") for line in lines[1:])]
+    table.write_text("\n".join(edited) + "\n")
+    before = tree_digest(run)
+    for flag in ("--resume", "--auto-resume"):
+        line = one_error(neurocl_cli("run", pipeline, "--out", run, flag, timeout=600),
+                         str(table), "changed since this run started", "2 rows differ", "start a new --out")
+        assert all(pid in line for pid in pair), line
+    assert tree_digest(run) == before
+
+
+def test_resume_after_an_image_changed_is_refused_naming_it(own_run, tmp_path):
+    pipeline, run, cohort = _own_copy(own_run, tmp_path)
+    loaded, image = _first_image(cohort)
+    picture = nib.load(image)
+    nib.save(nib.Nifti1Image(np.asarray(picture.dataobj) * 1.5, picture.affine), image)
+    line = one_error(neurocl_cli("run", pipeline, "--out", run, "--resume", timeout=600),
+                     "images", "changed since this run started", "1 image differs",
+                     loaded.table["participant_id"].iloc[0])
+    assert "start a new --out" in line
+
+
+def test_export_replaces_only_its_own_files(own_run, tmp_path):
+    _, run, _ = own_run
+    mine = tmp_path / "encoder.pt"
+    mine.write_bytes(b"my own weights")
+    one_error(neurocl_cli("export", run, "--out", mine), str(mine), "already exists", "--overwrite")
+    one_error(neurocl_cli("export", run, "--out", mine, "--overwrite"), str(mine), "not written by neurocl")
+    assert mine.read_bytes() == b"my own weights"
+    ours = tmp_path / "ours.pt"
+    assert neurocl_cli("export", run, "--out", ours).returncode == 0
+    one_error(neurocl_cli("export", run, "--out", ours), "already exist", "--overwrite")
+    assert neurocl_cli("export", run, "--out", ours, "--overwrite").returncode == 0
+    ours.write_bytes(ours.read_bytes() + b"edited by hand")
+    one_error(neurocl_cli("export", run, "--out", ours, "--overwrite"), "not written by neurocl (or changed since")
+    one_error(neurocl_cli("export", run, "--out", run / "checkpoints" / "last.ckpt", "--overwrite"), "checkpoint")
+
+
+def test_a_second_command_on_a_held_run_folder_is_refused_naming_the_holder(own_run, tmp_path):
+    from neurocl.outputs import OutputFolder
+
+    pipeline, run, _ = _own_copy(own_run, tmp_path)
+    before = tree_digest(run)
+    with OutputFolder(run).hold():
+        line = one_error(neurocl_cli("run", pipeline, "--out", run, "--resume"), str(run), "is in use by",
+                         f"neurocl process {os.getpid()}")
+        assert "wait for it" in line
+    assert tree_digest(run) == before
+
+
+def test_a_holder_record_of_a_dead_process_is_taken_over_with_a_message(tmp_path, capsys):
+    from neurocl.outputs import OutputFolder
+
+    folder = OutputFolder(tmp_path / "out")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder.own.mkdir(parents=True)
+    folder.owner.write_text(json.dumps({"pid": dead.pid, "command": "neurocl run x.yaml --out out"}))
+    with folder.hold():
+        assert json.loads(folder.owner.read_text())["pid"] == os.getpid()
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"taking over from neurocl process {dead.pid}" in said and "neurocl run x.yaml" in said
+    assert not folder.owner.exists()  # a finished command leaves no holder behind
+
+
+def test_probe_of_embeddings_without_their_sidecar_is_refused(trained_run, tiny_cohort, tmp_path):
+    _, run = trained_run
+    embeddings = _embeddings_copy(run, tmp_path / "in")
+    embeddings.with_suffix(".json").unlink()
+    one_error(neurocl_cli("probe", embeddings, "--cohort", tiny_cohort, "--out", tmp_path / "out", *PROBE_OPTIONS),
+              str(embeddings), "no sidecar", "--other-cohort")
+    assert not (tmp_path / "out").exists()
+
+
+def test_embed_of_a_2d_cohort_with_a_3d_checkpoint_is_one_line(trained_run, tmp_path):
+    _, run = trained_run
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    lines = ["participant_id\tdx"]
+    for index in range(4):
+        lines.append(f"sub-{index:02d}\t{'HC' if index % 2 == 0 else 'PT'}")
+        nib.save(nib.Nifti1Image(np.random.default_rng(index).random((8, 8), dtype=np.float32) + 1, np.eye(4)),
+                 folder / f"sub-{index:02d}.nii.gz")
+    (folder / "participants.tsv").write_text("\n".join(lines) + "\n")
+    spec = _cohort_spec(folder)
+    one_error(neurocl_cli("embed", run / "checkpoints" / "last.ckpt", spec, "--out", tmp_path / "e.tsv"),
+              "trained on 3D images", "2D images")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "hostile", "not_torch"])
+def test_checkpoint_load_errors_are_a_short_line_without_torchs_advice(trained_run, tiny_cohort, tmp_path, damage):
+    _, run = trained_run
+    checkpoint = tmp_path / "last.ckpt"
+    content = (run / "checkpoints" / "last.ckpt").read_bytes()
+    if damage == "truncated":
+        checkpoint.write_bytes(content[: len(content) // 2])
+    elif damage == "hostile":
+        import torch
+
+        torch.save({"payload": os.system}, checkpoint)
+    else:
+        checkpoint.write_bytes(b"hello")
+    line = one_error(neurocl_cli("embed", checkpoint, tiny_cohort, "--out", tmp_path / "e.tsv"), str(checkpoint))
+    assert "weights_only" not in line and len(line) < 300, line
+    assert ("Python object" in line) == (damage == "hostile"), line
+
+
 # ---- strict readers: every command checks what it reads (duplicate keys and columns, voxel types, ids, scaling)
 
 

@@ -14,7 +14,7 @@ from neurocl.cli import app
 from neurocl.cohort import Cohort
 from neurocl.config import load_pipeline
 from neurocl.embed import write_embeddings
-from neurocl.errors import ConfigError, NeuroclError
+from neurocl.errors import ConfigError, NeuroclError, OutputError
 from neurocl.io import write_text
 from neurocl.rundir import RunDir, load_run, store_fingerprint
 from neurocl.store import VolumeStore
@@ -92,8 +92,9 @@ def test_a_baseline_folder_is_a_run_folder_of_its_own(tmp_path):
 
 
 def _failed_before_training(folder: Path, cohort_yaml: Path) -> tuple[RunDir, Path]:
-    """A run folder as an older neurocl left it after failing before training: config.yaml, splits.tsv, logs/."""
+    """A run folder as neurocl leaves it after failing before training: its marker, config.yaml, splits.tsv, logs/."""
     run = RunDir(folder / "run")
+    run.own.mark_run()
     pipeline = folder / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump({"cohort": str(cohort_yaml), "training": {"batch_size": 4}}))
     write_text(run.config, "cohort: somewhere/else.yaml\n")
@@ -115,18 +116,29 @@ def test_a_run_that_never_trained_restarts_with_the_same_command(tmp_path, tiny_
 def test_a_folder_with_other_files_is_not_taken_for_an_untrained_run(tmp_path, tiny_cohort):
     run, pipeline = _failed_before_training(tmp_path, tiny_cohort)
     (run.path / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(ConfigError, match="holds a run already"):
         run.check_out(load_pipeline(pipeline), resume=False)
+
+
+def test_a_folder_of_run_file_names_without_the_marker_is_not_taken_for_a_run(tmp_path, tiny_cohort):
+    run, pipeline = _failed_before_training(tmp_path, tiny_cohort)
+    run.own.run_marker.unlink()  # a user's folder that happens to hold a config.yaml and a splits.tsv
+    config = load_pipeline(pipeline)
+    with pytest.raises(ConfigError, match="not a neurocl run folder"):
+        run.check_out(config, resume=False)
+    with pytest.raises(ConfigError, match="not a neurocl run folder"):
+        run.check_out(config, resume=True)
+    assert run.config.read_text() == "cohort: somewhere/else.yaml\n"
 
 
 def test_a_trained_run_is_not_restarted(tmp_path, tiny_cohort):
     run, pipeline = _failed_before_training(tmp_path, tiny_cohort)
     write_text(run.last_checkpoint, "weights")
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(ConfigError, match="holds a run already"):
         run.check_out(load_pipeline(pipeline), resume=False)
 
 
 def test_out_inside_the_cohort_folder_is_refused(tiny_cohort):
     cohort = Cohort.from_yaml(tiny_cohort)
-    with pytest.raises(ConfigError, match="inside the cohort's input folder"):
-        RunDir(tiny_cohort.parent / "runs" / "a").check_out(None, resume=False, cohort=cohort)
+    with pytest.raises(OutputError, match="inside the cohort root"):
+        RunDir(tiny_cohort.parent / "runs" / "a").check_out(None, resume=False, inputs=cohort.input_paths())

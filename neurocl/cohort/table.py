@@ -179,7 +179,9 @@ class Cohort:
                 raise CohortError(f"{source}: participants: {participants_path} not found")
             raw = _read_participants(participants_path)
             table_name = str(participants_path)
+            self.participants_path: Path | None = participants_path.resolve()
         else:
+            self.participants_path = None
             raw = frame.astype(object).map(_cell_text).reset_index(drop=True)
             raw["row"] = np.arange(len(raw)) + 2
             table_name = "the participants DataFrame"
@@ -369,6 +371,13 @@ class Cohort:
             return None
         root = Path(os.path.commonpath(folders))
         return root if len(root.parts) >= 3 else None
+
+    def input_paths(self) -> dict[str, Path]:
+        """What this cohort reads, by role: its spec, participants table, root and images' folder (never written)."""
+        paths = {"cohort spec": Path(self.source), "participants table": self.participants_path,
+                 "cohort root": self._root, "cohort's image folder": self.input_folder()}
+        return {role: path for role, path in paths.items()
+                if path is not None and (role != "cohort spec" or Path(path).is_file())}
 
     def check(self, check_images: bool = True) -> None:
         """Raise one :class:`CohortError` listing every problem, if there is any."""

@@ -10,7 +10,8 @@ from rich.table import Table
 
 from neurocl.cohort import Cohort
 from neurocl.config import ProbeConfig, validated
-from neurocl.embed import check_cohort, read_embeddings, refuse_existing
+from neurocl.embed import check_cohort, read_embeddings, sidecar_path
+from neurocl.outputs import claim_files, record_files
 from neurocl.errors import CohortError
 from neurocl.io import write_json, write_tsv
 from neurocl.logs import progress_console, results_console
@@ -49,8 +50,7 @@ def probe_command(
     """
     embeddings_tsv, out_dir = Path(embeddings_tsv), Path(out_dir)
     out = RunDir(out_dir)
-    # Before any work: a run's own probes (or another model's) are replaced only when asked.
-    refuse_existing([out.probes, out.separation, out.separation_table], overwrite)
+    outputs = [out.probes, out.separation, out.separation_table]
     if not embeddings_tsv.is_file():
         raise CohortError(f"embeddings: no file {embeddings_tsv}")
     if ground_truth is not None and not Path(ground_truth).is_file():
@@ -60,6 +60,10 @@ def probe_command(
                leave_site_out=leave_site_out, seed=seed, n_jobs=n_jobs).items() if value is not None}
     config = validated(ProbeConfig, options, "probe options")
     cohort = Cohort.from_yaml(cohort_yaml)
+    # Before any work: never into the inputs, and a run's own probes (or another model's) are
+    # replaced only when asked.
+    claim_files(outputs, overwrite, {"embeddings table": embeddings_tsv, "embeddings sidecar": sidecar_path(embeddings_tsv),
+                                     "ground truth": ground_truth, **cohort.input_paths()})
     check_cohort(embeddings_tsv, cohort, allow_other=other_cohort)
     embeddings = read_embeddings(embeddings_tsv)
     probes = probe_embeddings(embeddings, cohort, attributes=attributes, config=config, progress=True)
@@ -67,6 +71,7 @@ def probe_command(
     probes_path = write_tsv(out.probes, probes)
     separation_path = write_json(out.separation, result)
     write_tsv(out.separation_table, separation_table(result))
+    record_files(outputs)
     results = results_console()
     results.print(probes_table(probes, result))
     results.print(f"wrote [bold]{probes_path}[/], [bold]{separation_path}[/]")
