@@ -51,7 +51,7 @@ class Splits:
         if not path.is_file():
             raise CohortError(f"{path}: split manifest not found")
         try:
-            table = read_tsv(path)
+            table = read_tsv(path, CohortError, "split manifest")
         except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
             raise CohortError(f"{path}: cannot read split manifest ({error})") from None
         splits = cls(table, source=str(path))
