@@ -144,6 +144,10 @@ def test_probes_and_separation_score_only_the_test_subjects_of_the_run(reference
         scored = probes[probes["metric"] != "none"]
         assert len(scored) and (probes["scope"] == "held_out").all()
         assert (scored["n"] == n_test).all() and (scored["n_fit"] == len(splits) - n_test).all()
+        # The cohort's ground-truth factors that its participants table lacks are probed the same way.
+        truth = read_tsv(folder / "truth_probes.tsv")
+        assert "subtype" in set(truth["attribute"]) and not {"age", "sex", "site", "severity"} & set(truth["attribute"])
+        assert (truth["scope"] == "held_out").all() and (truth.loc[truth["subset"].eq("all") & truth["metric"].ne("none"), "n"] == n_test).all()
     result = json.loads((run_dir / "separation.json").read_text())
     assert result["scope"] == "held_out" and result["n_test_subjects"] == n_test
     collapse = result["background_collapse"]
