@@ -376,3 +376,111 @@ def test_cli_synth_takes_every_default_from_synthconfig(tmp_path, monkeypatch):
     assert seen["config"] == expected
     bad = CliRunner().invoke(app, ["synth", str(tmp_path / "y"), "--lesion-space", "native"])
     assert bad.exit_code == 1 and "lesion_space='native'" in bad.output
+
+
+def _centre(subject, r: int) -> np.ndarray:
+    return np.array([getattr(subject, f"lesion{r}_{axis}_mm") for axis in "xyz"])
+
+
+def _deficits(tmp_path, **options):
+    """Truth, the images' affine and each patient's deficit: the same cohort without the loss minus with it.
+
+    The same seed draws the same subjects, centres and noise in both, so the difference is the planted effect.
+    """
+    common = dict(n_subjects=8, sites=1, resolution=6.0, deformation=0.0, age_effect=0.0, seed=5, **STILL, **options)
+    lesioned = make_synthetic_cohort(tmp_path / "lesioned", SynthConfig(**common)).parent
+    intact = make_synthetic_cohort(tmp_path / "intact", SynthConfig(**{**common, "subtype_effect": 0.0})).parent
+    truth = read_tsv(lesioned / "ground_truth.tsv")
+    patients = truth[truth.subtype > 0]
+    deficit = _images(intact, patients.participant_id) - _images(lesioned, patients.participant_id)
+    return patients, nib.load(lesioned / "brain_mask.nii.gz"), deficit
+
+
+def test_a_jittered_lesion_moves_between_subjects_and_its_deficit_follows_the_recorded_centre(tmp_path):
+    patients, image, deficit = _deficits(tmp_path, subtypes=1, subtype_effect=2.5, lesion_jitter=20.0)
+    nominal = np.array([-26.0, -18.0, -16.0])  # the left medial temporal lobe, subtype 1's region
+    centres = np.stack([_centre(subject, 1) for subject in patients.itertuples()])
+    assert np.abs(centres - nominal).max() <= 20.0 and np.linalg.norm(centres - nominal, axis=1).max() > 10.0
+    assert len({tuple(c) for c in centres.round(3)}) == len(centres)
+    world = (image.affine[:3, :3] @ np.indices(image.shape).reshape(3, -1) + image.affine[:3, 3:4])
+    for centre, loss in zip(centres, deficit):
+        weight = np.clip(loss.reshape(-1), 0.0, None)
+        centroid = (world * weight).sum(1) / weight.sum()
+        # The deficit's centre of mass sits on the recorded centre (GM is uneven: within 8 mm), not the nominal one.
+        assert np.linalg.norm(centroid - centre) < 8.0
+        assert np.linalg.norm(centroid - centre) < np.linalg.norm(centroid - nominal)
+
+
+def test_foci_give_subtype_k_k_sites_at_a_kth_of_the_loss_and_every_subtype_the_same_mean_loss_per_site():
+    config = SynthConfig(n_subjects=3000, subtypes=2, lesion_pattern="foci", lesion_pool=4, seed=1)
+    truth = draw_latents(config)
+    effects = truth[[f"lesion{r}_effect" for r in range(1, 5)]].to_numpy()
+    for k in (1, 2):
+        rows = truth.subtype.to_numpy() == k
+        hit = effects[rows] > 0
+        assert (hit.sum(1) == k).all()
+        np.testing.assert_allclose(effects[rows][hit].reshape(-1, k).sum(1), truth.subtype_gm_loss[rows])
+        # Each site's expected share of the patient's loss is 1/4 whatever the subtype: equal mean images.
+        share = effects[rows] / truth.subtype_gm_loss[rows].to_numpy()[:, None]
+        np.testing.assert_allclose(share.mean(0), 0.25, atol=0.03)
+    assert (effects[truth.subtype.to_numpy() == 0] == 0).all()
+
+
+def test_foci_plant_their_loss_at_the_recorded_sites_only(tmp_path):
+    patients, image, deficit = _deficits(tmp_path, subtypes=2, subtype_effect=2.5, lesion_pattern="foci",
+                                         lesion_pool=4)
+    for subject, loss in zip(patients.itertuples(), deficit):
+        at = [loss[_world_distance(image.affine, image.shape, _centre(subject, r)) <= 8.0].mean() for r in range(1, 5)]
+        hit = [getattr(subject, f"lesion{r}_effect") > 0 for r in range(1, 5)]
+        assert sum(hit) == subject.subtype
+        assert min(a for a, h in zip(at, hit) if h) > 0.02 > max([a for a, h in zip(at, hit) if not h] or [0.0])
+
+
+def test_shrinking_atrophy_takes_gm_volume_with_its_magnitude_and_keeps_the_gm_values(tmp_path):
+    common = dict(n_subjects=12, subtypes=1, sites=1, resolution=4.0, deformation=0.0, age_effect=0.0, seed=3,
+                  **STILL)
+    shrunk = make_synthetic_cohort(tmp_path / "shrunk", SynthConfig(**common, atrophy="shrink", subtype_effect=2.5))
+    intact = make_synthetic_cohort(tmp_path / "intact", SynthConfig(**common, atrophy="shrink", subtype_effect=0.0))
+    truth = read_tsv(shrunk.parent / "ground_truth.tsv")
+    patients = truth[truth.subtype == 1]
+    assert (patients.subtype_gm_loss == 0).all()
+    np.testing.assert_allclose(patients.lesion1_effect, patients.subtype_shrinkage)
+    np.testing.assert_allclose(patients.subtype_shrinkage, 2.5 * 0.4 * patients.severity / 10.0)
+    image = nib.load(shrunk.parent / "brain_mask.nii.gz")
+    distance = _world_distance(image.affine, image.shape, (-26.0, -18.0, -16.0))
+    core, near = distance <= 8.0, distance <= 12.0
+    after, before = _images(shrunk.parent, patients.participant_id), _images(intact.parent, patients.participant_id)
+    volume_ratio = after[:, core].sum(1) / before[:, core].sum(1)
+    # The GM within 8 mm of the centre falls with the recorded magnitude (rank correlation): the structure shrinks.
+    ranks = pd.Series(volume_ratio).rank().to_numpy(), patients.subtype_shrinkage.rank().to_numpy()
+    assert np.corrcoef(*ranks)[0, 1] < -0.8 and volume_ratio.max() < 0.9
+    # A warp moves tissue, it does not dim it: the region's highest GM values stay (an intensity loss scales them).
+    np.testing.assert_allclose(np.percentile(after[:, near], 99, axis=1), np.percentile(before[:, near], 99, axis=1),
+                               rtol=0.08)
+
+
+def test_an_age_course_makes_subtype_1_lose_with_age_and_subtype_2_the_same_mean_loss_at_every_age():
+    truth = draw_latents(SynthConfig(n_subjects=4000, lesion_course="age", seed=2))
+    depth = 0.4 * truth.severity / 10.0
+    one, two = truth.subtype == 1, truth.subtype == 2
+    np.testing.assert_allclose(truth.subtype_gm_loss[one], depth[one] * (truth.age[one] - 20.0) / 30.0)
+    np.testing.assert_allclose(truth.subtype_gm_loss[two], depth[two])
+    # Both subtypes lose at the same site (pattern 1's region) and, on average, the same amount.
+    assert list(truth.filter(like="_effect").columns) == ["lesion1_effect"]
+    np.testing.assert_allclose(truth.lesion1_effect, truth.subtype_gm_loss)
+    assert abs(truth.subtype_gm_loss[one].mean() - truth.subtype_gm_loss[two].mean()) < 0.01
+
+
+def test_lesion_options_that_cannot_work_together_are_refused_by_name():
+    for options, field in ((dict(lesion_pattern="foci", subtypes=3, lesion_pool=2), "foci"),
+                           (dict(lesion_pattern="foci", subtypes=0), "foci"),
+                           (dict(lesion_course="age", subtypes=3), "lesion_course=age"),
+                           (dict(atrophy="shrink", lesion_space="subject"), "atrophy=shrink"),
+                           (dict(lesion_jitter=50.0), "lesion_jitter=50.0")):
+        with pytest.raises(ConfigError, match=field):
+            SynthConfig.from_options(**options)
+
+
+def test_a_cohort_without_the_lesion_options_keeps_its_ground_truth_columns():
+    truth = draw_latents(SynthConfig(n_subjects=10, seed=0))
+    assert not [column for column in truth.columns if column.startswith("lesion") or "shrinkage" in column]
