@@ -344,7 +344,8 @@ class PipelineConfig(_Section):
     cohort: Path = Field(..., description="Cohort spec YAML ([cohorts.md](cohorts.md)).")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     harmonise: HarmoniseConfig | None = Field(
-        None, description="ComBat on the store, fitted on the training split's background subjects, applied to all."
+        None, description="ComBat or covariate residualisation of the store, fitted on the training split's "
+        "background subjects, applied to all."
     )
     splits: SplitConfig = Field(default_factory=SplitConfig)
     views: ViewConfig = Field(default_factory=ViewConfig)
@@ -523,7 +524,7 @@ def check_attribute_names(config: PipelineConfig, cohort) -> None:
            if entry.name == "yaware"},
         **{"baselines.combat.site/protect": [entry.site, *entry.protect] for entry in config.baselines
            if entry.name == "combat"},
-        "harmonise.site/protect": [config.harmonise.site, *config.harmonise.protect] if config.harmonise else [],
+        "harmonise.site/protect/remove": config.harmonise.attribute_names() if config.harmonise else [],
     }
     for field, names in fields.items():
         unknown = [name for name in names if name not in cohort.attribute_kinds]

@@ -1,4 +1,5 @@
-"""Site harmonisation: ComBat fitted on training background subjects, applied to everyone.
+"""Site and covariate harmonisation: ComBat or covariate residualisation, fitted on training
+background subjects, applied to everyone.
 
 ComBat (Johnson, Li & Rabinovic, 2007, https://doi.org/10.1093/biostatistics/kxj037; for imaging
 Fortin et al., 2018, https://doi.org/10.1016/j.neuroimage.2017.11.024) models each feature v
@@ -25,6 +26,18 @@ replaces every new subject's covariate effects by their training mean) the fitte
 applied to any subject of a seen site with its own covariates, which is what fitting on the
 training background and applying to everyone needs. ``neuroHarmonize`` was not used: installing
 it downgrades numpy and pandas.
+
+Residualisation (``method: residualise``; e.g. Dukart et al., 2011,
+https://doi.org/10.1371/journal.pone.0017904) fits, per feature v, the ordinary least squares
+
+    x_iv = b0_v + r_i . beta_v + p_i . theta_v + e_iv
+
+on the fit subjects, with r_i the covariates to remove (continuous as is, categorical one-hot
+against their first category) and p_i the protected ones, and returns
+x*_iv = x_iv - (r_i - r_bar) . beta_v for everyone, r_bar the fit subjects' mean of r: the
+intercept and the fit subjects' mean stay, the covariates' linear effect goes, and a protected
+covariate's effect is kept even where it correlates with a removed one. ``head_size`` may be
+removed without being an attribute: :func:`head_size_proxy` measures it on each image.
 """
 
 from __future__ import annotations
@@ -35,30 +48,72 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from neurocl.errors import CohortError, ConfigError
 from neurocl.io import atomic_path, write_json, write_tsv
+from neurocl.images import read_grid, read_voxels
 from neurocl.store import VolumeStore
+from neurocl.store.preprocess import otsu_threshold
 
 if TYPE_CHECKING:
     from neurocl.cohort import Cohort
 
 CONVERGENCE = 1e-4
 MAX_ITERATIONS = 1000
+# The covariate residualisation can remove without the cohort having it (head_size_proxy).
+HEAD_SIZE = "head_size"
 
 
 class HarmoniseConfig(BaseModel):
-    """The pipeline's ``harmonise`` section: ComBat on the store's voxels, after the splits."""
+    """The pipeline's ``harmonise`` section: ComBat or covariate residualisation of the store's
+    voxels, after the splits."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["combat"] = Field("combat", description="combat: empirical-Bayes ComBat (neurocl/harmonise.py).")
-    site: str = Field("site", description="Categorical attribute holding the acquisition site.")
+    method: Literal["combat", "residualise"] = Field(
+        "combat", description="`combat`: empirical-Bayes ComBat of `site`; `residualise`: voxel-wise linear "
+        "regression of the `remove` covariates (neurocl/harmonise.py)."
+    )
+    site: str = Field("site", description="`combat`: categorical attribute holding the acquisition site.")
     protect: list[str] = Field(
         default_factory=list, description="Attributes whose effects are kept (e.g. [age, sex]); none may be missing."
     )
-    empirical_bayes: bool = Field(True, description="Shrink the site effects towards their priors (false: plain L/S).")
+    empirical_bayes: bool = Field(
+        True, description="`combat`: shrink the site effects towards their priors (false: plain L/S)."
+    )
+    remove: list[str] = Field(
+        default_factory=list, description="`residualise`: attributes whose linear effect is removed (e.g. [age, sex, "
+        "site, head_size]; categorical one-hot against the first category); `head_size` is measured on each image "
+        "unless the cohort has that attribute ([data.md](data.md)); none may be missing."
+    )
+
+    @model_validator(mode="after")
+    def _fields_of_the_method(self) -> "HarmoniseConfig":
+        if self.method == "residualise":
+            foreign = sorted({"site", "empirical_bayes"} & self.model_fields_set)
+            if foreign:
+                raise ValueError(f"{foreign} belong to method combat; residualise removes the `remove` covariates "
+                                 "(list the site there)")
+            if not self.remove:
+                raise ValueError("method residualise needs `remove`: the covariates to regress out")
+            both = sorted(set(self.remove) & set(self.protect))
+            if both:
+                raise ValueError(f"{both} are both removed and protected")
+        elif self.remove:
+            raise ValueError("`remove` belongs to method residualise (combat removes `site`)")
+        return self
+
+    def attribute_names(self) -> list[str]:
+        """The cohort attributes this section names (``head_size`` may be measured instead)."""
+        if self.method == "combat":
+            return [self.site, *self.protect]
+        return [name for name in [*self.remove, *self.protect] if name != HEAD_SIZE]
+
+    def describe(self) -> str:
+        if self.method == "combat":
+            return f"{self.site} with ComBat (protecting {self.protect})"
+        return f"{self.remove} by residualisation (protecting {self.protect})"
 
 
 class ComBat:
@@ -138,7 +193,7 @@ def _covariate_matrix(covariates, n: int) -> np.ndarray:
         return np.empty((n, 0))
     matrix = np.asarray(covariates, dtype=np.float64).reshape(n, -1)
     if not np.all(np.isfinite(matrix)):
-        raise ConfigError("ComBat: protected covariates must be finite numbers for every subject")
+        raise ConfigError("harmonise: covariates must be finite numbers for every subject")
     return matrix
 
 
@@ -166,6 +221,43 @@ def _shrink(z, site_index, gamma_hat, delta_hat) -> tuple[np.ndarray, np.ndarray
     return gamma_star, delta_star
 
 
+class Residualiser:
+    """Covariate residualisation as an estimator (the module docstring's equations).
+
+    Attributes
+    ----------
+    remove_mean_ : ndarray
+        (P,) mean of the removed covariates over the fit subjects (r_bar).
+    beta_ : ndarray
+        (P, V) fitted effect of each removed covariate column on each feature.
+    """
+
+    def fit(self, X, remove, protect=None) -> "Residualiser":
+        """Fit on X (n, V) with each subject's covariates to remove (n, P) and to protect (n, Q), as numbers."""
+        X = np.asarray(X, dtype=np.float64)
+        remove = _covariate_matrix(remove, len(X))
+        protect = _covariate_matrix(protect, len(X))
+        design = np.column_stack([np.ones(len(X)), remove, protect])
+        if len(X) <= design.shape[1] or np.linalg.matrix_rank(design) < design.shape[1]:
+            raise ConfigError(
+                f"residualise: {design.shape[1]} design columns (intercept and covariates) cannot be fitted on "
+                f"{len(X)} subjects: too few subjects, or the covariates are collinear among them (a constant one, "
+                "or one that another determines)"
+            )
+        coefficients = np.linalg.lstsq(design, X, rcond=None)[0]
+        self.beta_ = coefficients[1: 1 + remove.shape[1]]
+        self.remove_mean_ = remove.mean(axis=0)
+        return self
+
+    def transform(self, X, remove) -> np.ndarray:
+        """X (n, V) with the removed covariates' fitted effect taken out, relative to the fit subjects' mean."""
+        X = np.asarray(X, dtype=np.float64)
+        return X - (_covariate_matrix(remove, len(X)) - self.remove_mean_) @ self.beta_
+
+    def fit_transform(self, X, remove, protect=None) -> np.ndarray:
+        return self.fit(X, remove, protect).transform(X, remove)
+
+
 # ---------------------------------------------------------------- cohorts and stores
 
 
@@ -173,33 +265,101 @@ def cohort_design(cohort: "Cohort", site: str, protect: Sequence[str]) -> tuple[
     """Each row's site (str) and protected covariates (continuous as is, categorical one-hot
     without its first category), with one error naming every subject that lacks a value."""
     kinds = cohort.attribute_kinds
-    for name in [site, *protect]:
-        if name not in kinds:
-            raise ConfigError(f"harmonise: {name!r} is not an attribute of cohort {cohort.name!r} ({sorted(kinds)})")
+    _check_names(cohort, [site, *protect])
     if kinds[site] != "categorical":
         raise ConfigError(f"harmonise: site {site!r} must be a categorical attribute")
+    _check_complete(cohort, [site, *protect])
+    covariates, _ = covariate_columns(cohort, protect)
+    return cohort.table[site].astype(str).to_numpy(), covariates
+
+
+def _check_names(cohort: "Cohort", names: Sequence[str]) -> None:
+    kinds = cohort.attribute_kinds
+    for name in names:
+        if name not in kinds:
+            raise ConfigError(f"harmonise: {name!r} is not an attribute of cohort {cohort.name!r} ({sorted(kinds)})")
+
+
+def _check_complete(cohort: "Cohort", names: Sequence[str]) -> None:
+    """Missing covariates are refused rather than imputed: an imputed value's effect would be
+    removed from a subject as if it were measured."""
     table = cohort.table
-    missing = table[[site, *protect]].isna().any(axis=1)
+    missing = table[list(names)].isna().any(axis=1)
     if missing.any():
         ids = table.loc[missing, "participant_id"].astype(str).tolist()
         raise CohortError(
-            f"{cohort.source}: harmonise needs {[site, *protect]} for every subject; missing for "
+            f"{cohort.source}: harmonise needs {list(names)} for every subject; missing for "
             f"{', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
         )
-    columns = []
-    for name in protect:
-        if kinds[name] == "continuous":
+
+
+def covariate_columns(cohort: "Cohort", names: Sequence[str],
+                      measured: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, list[str]]:
+    """(n, P) numbers of ``names`` for every row and each column's label: continuous as is,
+    categorical one-hot without its first category (``site=site-2``), ``measured`` values as given."""
+    kinds, table = cohort.attribute_kinds, cohort.table
+    columns, labels = [], []
+    for name in names:
+        if measured and name in measured:
+            columns.append(np.asarray(measured[name], dtype=float)[:, None])
+            labels.append(name)
+        elif kinds[name] == "continuous":
             columns.append(table[name].to_numpy(dtype=float)[:, None])
+            labels.append(name)
         else:
             categories = cohort.categories[name]
             columns.append(np.stack([(table[name] == c).to_numpy(dtype=float) for c in categories[1:]], axis=1)
                            if len(categories) > 1 else np.empty((len(table), 0)))
-    covariates = np.concatenate(columns, axis=1) if columns else np.empty((len(table), 0))
-    return table[site].astype(str).to_numpy(), covariates
+            labels.extend(f"{name}={c}" for c in categories[1:])
+    matrix = np.concatenate(columns, axis=1) if columns else np.empty((len(table), 0))
+    return matrix, labels
+
+
+def head_size_proxy(cohort: "Cohort") -> np.ndarray:
+    """Each row's head size in mL, measured on its own image: the volume of the voxels above the
+    image's Otsu threshold (:func:`neurocl.store.preprocess.otsu_threshold`).
+
+    On a T1-weighted image Otsu separates head from background, so this is the head's volume; on
+    a tissue map (grey matter) it is that tissue's volume, which also shrinks with atrophy. A
+    total intracranial volume from a segmentation is better: give it as an attribute and remove
+    that instead.
+    """
+    sizes = []
+    for row, path in zip(cohort.table["participant_id"], cohort.image_paths):
+        grid = read_grid(path, cohort.spec.kind, cohort.spec.grid) if path is not None else "no image"
+        if isinstance(grid, str):
+            raise CohortError(f"{cohort.source}: {row}: head_size needs the image: {grid}")
+        voxels = np.asarray(read_voxels(path, cohort.spec.kind), dtype=np.float64)
+        affine = np.asarray(grid.affine, dtype=float)
+        voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+        sizes.append(float(np.count_nonzero(voxels > otsu_threshold(voxels))) * voxel_ml)
+    return np.asarray(sizes)
+
+
+def residualise_design(cohort: "Cohort", remove: Sequence[str], protect: Sequence[str],
+                       fit_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, P) covariates to remove and (n, Q) to protect for every row, checked against the fit rows."""
+    measured = {HEAD_SIZE: head_size_proxy(cohort)} if HEAD_SIZE in remove and \
+        HEAD_SIZE not in cohort.attribute_kinds else {}
+    attributes = [name for name in [*remove, *protect] if name not in measured]
+    _check_names(cohort, attributes)
+    _check_complete(cohort, attributes)
+    for name in attributes:
+        if cohort.attribute_kinds[name] == "categorical":
+            seen = set(cohort.table[name].astype(str).to_numpy()[fit_rows])
+            unseen = [str(c) for c in cohort.categories[name] if str(c) not in seen]
+            if unseen:
+                raise ConfigError(f"harmonise: {name} {unseen} has no subject among the {int(np.sum(fit_rows))} "
+                                  "the residualisation is fitted on (training background), so its effect is unknown")
+    return covariate_columns(cohort, remove, measured)[0], covariate_columns(cohort, protect)[0]
 
 
 def harmonise_voxels(voxels: np.ndarray, cohort: "Cohort", fit_rows: np.ndarray, config: HarmoniseConfig) -> np.ndarray:
-    """ComBat fitted on ``fit_rows`` of (n, V) voxels (cohort order), applied to every row."""
+    """ComBat or residualisation fitted on ``fit_rows`` of (n, V) voxels (cohort order), applied to every row."""
+    if config.method == "residualise":
+        remove, protect = residualise_design(cohort, config.remove, config.protect, fit_rows)
+        residualiser = Residualiser().fit(voxels[fit_rows], remove[fit_rows], protect[fit_rows])
+        return residualiser.transform(voxels, remove)
     site, covariates = cohort_design(cohort, config.site, config.protect)
     combat = ComBat(config.empirical_bayes).fit(voxels[fit_rows], site[fit_rows], covariates[fit_rows])
     return combat.transform(voxels, site, covariates)
@@ -207,7 +367,7 @@ def harmonise_voxels(voxels: np.ndarray, cohort: "Cohort", fit_rows: np.ndarray,
 
 def harmonise_store(store: "VolumeStore", cohort: "Cohort", fit_rows: np.ndarray, config: HarmoniseConfig,
                     cache_dir: str | os.PathLike) -> "VolumeStore":
-    """A copy of ``store`` (same grid, mask, manifest) with ComBat-harmonised voxels inside the mask.
+    """A copy of ``store`` (same grid, mask, manifest) with harmonised voxels inside the mask.
 
     ``fit_rows`` are cohort rows (the training split's background subjects); every row of the
     store that belongs to ``cohort`` is harmonised. Written like a store build: token-named files
@@ -241,7 +401,7 @@ def harmonise_store(store: "VolumeStore", cohort: "Cohort", fit_rows: np.ndarray
 
 
 def training_background(cohort: "Cohort", splits) -> np.ndarray:
-    """Boolean mask of the cohort rows ComBat is fitted on: background subjects of the training split."""
+    """Boolean mask of the cohort rows harmonisation is fitted on: background subjects of the training split."""
     if splits is None or splits.column != "split":
         raise ConfigError("harmonise needs a holdout split (splits.method: holdout) to know the training subjects")
     train = np.zeros(len(cohort), dtype=bool)
@@ -251,9 +411,9 @@ def training_background(cohort: "Cohort", splits) -> np.ndarray:
 
 def harmonise_run_store(store: "VolumeStore", cohort: "Cohort", splits, config: HarmoniseConfig,
                         cache_dir: str | os.PathLike) -> "VolumeStore":
-    """The pipeline's harmonise step: ComBat fitted on the training background, applied to every subject."""
+    """The pipeline's harmonise step: fitted on the training background, applied to every subject."""
     return harmonise_store(store, cohort, training_background(cohort, splits), config, cache_dir)
 
 
-__all__ = ["ComBat", "HarmoniseConfig", "cohort_design", "harmonise_run_store", "harmonise_store", "harmonise_voxels",
-           "training_background"]
+__all__ = ["ComBat", "HarmoniseConfig", "Residualiser", "cohort_design", "covariate_columns", "harmonise_run_store",
+           "harmonise_store", "harmonise_voxels", "head_size_proxy", "residualise_design", "training_background"]

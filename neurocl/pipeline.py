@@ -153,7 +153,7 @@ def _run_stages(config: PipelineConfig, run: RunDir, cohort: Cohort, resume: boo
 
     store = VolumeStore.build(cohort, run.store_folder(config, harmonised=False), config.preprocess, progress=True)
     if config.harmonise is not None:
-        console.print(f"[bold]harmonising[/] {config.harmonise.site} with ComBat (protecting {config.harmonise.protect})")
+        console.print(f"[bold]harmonising[/] {config.harmonise.describe()}")
         store = harmonise_run_store(store, cohort, splits, config.harmonise, run.store_folder(config))
     if resuming:
         run.check_resume(cohort, store)

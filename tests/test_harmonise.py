@@ -195,3 +195,192 @@ def test_harmonise_needs_every_subjects_site_and_covariates(site_cohort):
         cohort_design(cohort, "site", ["severity"])  # severity is patients-only
     with pytest.raises(ConfigError, match="'scanner' is not an attribute"):
         cohort_design(cohort, "scanner", [])
+
+
+# ---------------------------------------------------------------- covariate residualisation
+
+
+def covariate_data(seed: int = 0, n: int = 90, n_features: int = 40):
+    """Voxels with age, sex and site effects on everyone, and a patients-only loss on features 0-9.
+
+    Patients are older on average, so their raw difference from controls mixes age and disease.
+    """
+    rng = np.random.default_rng(seed)
+    patient = np.arange(n) % 3 == 0
+    age = np.where(patient, rng.uniform(50, 80, n), rng.uniform(20, 80, n))
+    sex = rng.integers(0, 2, n).astype(float)
+    site = rng.integers(0, 3, n)
+    site_onehot = np.stack([site == 1, site == 2], axis=1).astype(float)
+    covariates = np.column_stack([age, sex, site_onehot])
+    effects = rng.normal(0, [[0.05], [1.0], [1.5], [1.5]], (4, n_features))
+    disease = np.zeros(n_features)
+    disease[:10] = -2.0
+    X = 10 + covariates @ effects + patient[:, None] * disease + rng.normal(0, 0.5, (n, n_features))
+    return X, covariates, patient, disease
+
+
+def test_residualised_training_controls_are_uncorrelated_with_every_removed_covariate():
+    from neurocl.harmonise import Residualiser
+
+    X, covariates, patient, _ = covariate_data()
+    fit = ~patient & (np.arange(len(X)) < 60)
+    residualised = Residualiser().fit(X[fit], covariates[fit]).transform(X, covariates)
+    # Independent check: regress the fit subjects' residualised voxels on the covariates again.
+    design = np.column_stack([np.ones(fit.sum()), covariates[fit]])
+    slopes = np.linalg.lstsq(design, residualised[fit], rcond=None)[0][1:]
+    assert np.abs(slopes).max() < 1e-9
+    for column in covariates[fit].T:
+        correlations = [np.corrcoef(column, voxel)[0, 1] for voxel in residualised[fit].T]
+        assert np.abs(correlations).max() < 1e-9
+    # The intercept stays: the fit subjects' mean image is unchanged.
+    np.testing.assert_allclose(residualised[fit].mean(0), X[fit].mean(0), atol=1e-9)
+    raw_correlation = np.corrcoef(covariates[fit, 0], X[fit, 0])[0, 1]
+    assert abs(raw_correlation) > 0.3
+
+
+def test_residualisation_is_not_influenced_by_the_subjects_it_is_not_fitted_on():
+    from neurocl.harmonise import Residualiser
+
+    X, covariates, patient, _ = covariate_data()
+    fit = ~patient & (np.arange(len(X)) < 60)
+    changed = X.copy()
+    changed[~fit] = np.random.default_rng(5).normal(0, 100, changed[~fit].shape)
+    first = Residualiser().fit(X[fit], covariates[fit])
+    second = Residualiser().fit(changed[fit], covariates[fit])
+    np.testing.assert_array_equal(first.beta_, second.beta_)
+    np.testing.assert_array_equal(first.transform(X[fit], covariates[fit]), second.transform(X[fit], covariates[fit]))
+    # The effect removed from a held-out subject is its own covariates' times the training slopes.
+    held_out = np.flatnonzero(~fit)[0]
+    expected = X[held_out] - (covariates[held_out] - covariates[fit].mean(0)) @ first.beta_
+    np.testing.assert_allclose(first.transform(X[held_out:held_out + 1], covariates[held_out:held_out + 1])[0], expected)
+
+
+def test_a_target_only_effect_survives_residualisation_while_the_age_confound_goes():
+    from neurocl.harmonise import Residualiser
+
+    X, covariates, patient, disease = covariate_data(n=300)
+    residualised = Residualiser().fit(X[~patient], covariates[~patient]).transform(X, covariates)
+    difference = residualised[patient].mean(0) - residualised[~patient].mean(0)
+    raw_difference = X[patient].mean(0) - X[~patient].mean(0)
+    # Patients are older: before, every feature differs by the age gap times its age slope.
+    assert np.abs(raw_difference[10:]).mean() > 0.5
+    np.testing.assert_allclose(difference[:10], disease[:10], atol=0.3)
+    assert np.abs(difference[10:]).max() < 0.3
+
+
+def test_residualise_protects_a_covariate_correlated_with_a_removed_one():
+    from neurocl.harmonise import Residualiser
+
+    rng = np.random.default_rng(2)
+    age = rng.uniform(20, 80, 200)
+    site = (age + rng.normal(0, 10, 200) > 50).astype(float)  # older subjects scanned at one site
+    X = (0.1 * age + 3.0 * site)[:, None] + rng.normal(0, 0.2, (200, 1))
+    kept = Residualiser().fit(X, site[:, None], age[:, None]).transform(X, site[:, None])
+    age_slope = np.linalg.lstsq(np.column_stack([np.ones(200), age]), kept, rcond=None)[0][1, 0]
+    assert age_slope == pytest.approx(0.1, abs=0.01)
+
+
+def test_residualise_refuses_collinear_or_too_few_subjects():
+    from neurocl.harmonise import Residualiser
+
+    X, covariates, _, _ = covariate_data()
+    with pytest.raises(ConfigError, match="collinear"):
+        Residualiser().fit(X, np.column_stack([covariates, covariates[:, 0] * 2]))
+    with pytest.raises(ConfigError, match="5 design columns .* on 4 subjects"):
+        Residualiser().fit(X[:4], covariates[:4])
+    with pytest.raises(ConfigError, match="finite"):
+        Residualiser().fit(X, np.where(np.arange(len(X)) == 3, np.nan, covariates[:, 0])[:, None])
+
+
+def test_residualise_config_keeps_each_field_to_its_method():
+    from pydantic import ValidationError
+
+    from neurocl.harmonise import HarmoniseConfig
+
+    config = HarmoniseConfig(method="residualise", remove=["age", "site", "head_size"], protect=["sex"])
+    assert config.attribute_names() == ["age", "site", "sex"]
+    with pytest.raises(ValidationError, match="needs `remove`"):
+        HarmoniseConfig(method="residualise")
+    with pytest.raises(ValidationError, match="belong to method combat"):
+        HarmoniseConfig(method="residualise", remove=["age"], site="scanner")
+    with pytest.raises(ValidationError, match="both removed and protected"):
+        HarmoniseConfig(method="residualise", remove=["age"], protect=["age"])
+    with pytest.raises(ValidationError, match="belongs to method residualise"):
+        HarmoniseConfig(remove=["age"])
+
+
+def test_residualise_names_unknown_missing_and_unfitted_covariates(site_cohort):
+    from neurocl.cohort import Cohort
+    from neurocl.errors import CohortError
+    from neurocl.harmonise import residualise_design
+
+    cohort = Cohort.from_yaml(site_cohort)
+    everyone = np.ones(len(cohort), bool)
+    with pytest.raises(ConfigError, match="'scanner' is not an attribute"):
+        residualise_design(cohort, ["scanner"], [], everyone)
+    with pytest.raises(CohortError, match=r"needs \['severity'\] for every subject; missing for sub-"):
+        residualise_design(cohort, ["severity"], [], everyone)
+    one_site = (cohort.table["site"] != "site-3").to_numpy()
+    with pytest.raises(ConfigError, match=r"site \['site-3'\] has no subject among the"):
+        residualise_design(cohort, ["site"], [], one_site)
+    remove, protect = residualise_design(cohort, ["site", "sex"], ["age"], everyone)
+    sites = cohort.table["site"].to_numpy()
+    expected = np.column_stack([sites == "site-2", sites == "site-3", cohort.table["sex"] == "M"]).astype(float)
+    np.testing.assert_array_equal(remove, expected)
+    np.testing.assert_array_equal(protect[:, 0], cohort.table["age"].to_numpy(float))
+
+
+def brute_force_otsu(values: np.ndarray) -> float:
+    """The cut between sorted unique values that maximises w0 w1 (mu0 - mu1)^2, by trying every one."""
+    values = np.sort(values.ravel())
+    best, best_cut = -1.0, values[0]
+    for cut in np.unique(values)[:-1]:
+        low, high = values[values <= cut], values[values > cut]
+        score = len(low) * len(high) * (low.mean() - high.mean()) ** 2
+        if score > best:
+            best, best_cut = score, cut
+    return float(best_cut)
+
+
+def test_head_size_proxy_is_the_volume_above_otsu_and_larger_in_the_larger_sex(site_cohort):
+    import nibabel as nib
+
+    from neurocl.cohort import Cohort
+    from neurocl.harmonise import head_size_proxy
+
+    cohort = Cohort.from_yaml(site_cohort)
+    sizes = head_size_proxy(cohort)
+    image = nib.load(cohort.image_paths[0])
+    voxels = np.asarray(image.dataobj, dtype=np.float64)
+    expected = np.count_nonzero(voxels > brute_force_otsu(voxels[::2, ::2, ::2])) * abs(np.linalg.det(image.affine[:3, :3])) / 1000
+    assert sizes[0] == pytest.approx(expected, rel=0.05)
+    male = (cohort.table["sex"] == "M").to_numpy()
+    # The synthetic cohort scales male heads by about +5 % and female by -5 % (volume: about 15 % apart).
+    assert sizes[male].mean() > 1.05 * sizes[~male].mean()
+
+
+def test_residualised_store_removes_age_from_the_training_background_voxels(site_cohort, site_store, tmp_path):
+    from neurocl.cohort import Cohort, make_splits
+    from neurocl.harmonise import HarmoniseConfig, harmonise_run_store, training_background
+
+    cohort = Cohort.from_yaml(site_cohort)
+    splits = make_splits(cohort, seed=0)
+    fit = training_background(cohort, splits)
+    config = HarmoniseConfig(method="residualise", remove=["age", "sex", "site", "head_size"])
+    residualised = harmonise_run_store(site_store, cohort, splits, config, tmp_path / "r")
+    assert residualised.volumes.shape == site_store.volumes.shape
+    np.testing.assert_array_equal(residualised.mask, site_store.mask)
+    assert residualised.record["harmonise"]["method"] == "residualise"
+    assert residualised.record["harmonise"]["n_fit"] == int(fit.sum())
+    rows = site_store.rows_for(cohort)
+    mask = site_store.mask
+
+    def age_correlations(volumes) -> np.ndarray:
+        voxels = np.asarray(volumes[rows[fit], 0], dtype=np.float64)[:, mask]
+        age = cohort.table["age"].to_numpy(float)[fit]
+        centred = voxels - voxels.mean(0)
+        return (centred.T @ (age - age.mean())) / (np.linalg.norm(centred, axis=0) * np.linalg.norm(age - age.mean()) + 1e-12)
+
+    before, after = age_correlations(site_store.volumes), age_correlations(residualised.volumes)
+    # float16 storage rounds the residuals (about 1e-3 of a z-score), hence not exactly 0.
+    assert np.abs(before).max() > 0.5 and np.abs(after).max() < 0.05, (np.abs(before).max(), np.abs(after).max())

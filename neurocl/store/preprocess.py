@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
@@ -60,3 +61,21 @@ class PreprocessConfig(BaseModel):
         if isinstance(value, Path) and not value.is_file():
             raise ValueError(f"mask image {value} does not exist")
         return value
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's (1979) threshold of ``values``: the cut that maximises the between-class variance
+    w0 w1 (mu0 - mu1)^2 of a ``bins``-bin histogram (the upper edge of the last background bin)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0 or values.min() == values.max():
+        return float(values.max()) if values.size else 0.0
+    counts, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight0 = np.cumsum(counts)[:-1]
+    weight1 = values.size - weight0
+    sum0 = np.cumsum(counts * centres)[:-1]
+    mean0 = sum0 / np.maximum(weight0, 1)
+    mean1 = (np.sum(counts * centres) - sum0) / np.maximum(weight1, 1)
+    between = weight0 * weight1 * (mean0 - mean1) ** 2
+    return float(edges[1 + int(np.argmax(between))])
