@@ -14,7 +14,8 @@ as a ``splits.tsv`` manifest (:class:`Splits`).
 
 The package, one job a module: :mod:`~neurocl.cohort.spec` (the spec schema and the subject key),
 :mod:`~neurocl.cohort.table` (:class:`Cohort`: the table read and its rows validated),
-:mod:`~neurocl.cohort.problems` (image checks and the problems table) and
+:mod:`~neurocl.cohort.problems` (image checks and the problems table),
+:mod:`~neurocl.cohort.truth` (the spec's ``ground_truth`` table, read and checked) and
 :mod:`~neurocl.cohort.splits` (:class:`Splits` and :func:`make_splits`).
 """
 
