@@ -119,3 +119,27 @@ def test_natural_cohort_is_reproducible_from_its_seed_and_refuses_bad_options(tm
         NaturalConfig(patch=33)
     with pytest.raises(ConfigError, match="not new or empty"):
         make_natural_cohort(first, NaturalConfig(n_subjects=10, patch=32))
+
+
+def test_lesion_deficits_are_the_blob_weighted_mean_below_the_reference():
+    from neurocl.validation.oracles import lesion_deficits
+
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    affine[:3, 3] = -40.0
+    volumes = np.ones((2, 21, 21, 21))
+    volumes[1, 5:16, 5:16, 5:16] = 0.7  # 0.3 below the reference in a 44 mm cube about the origin
+    centres = np.array([[[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]]])
+    # The blob reaches 16 mm (lesion_size 1): inside the cube, so the weighted mean deficit is exactly 0.3.
+    np.testing.assert_allclose(lesion_deficits(volumes, affine, centres, np.ones((21, 21, 21)), 1.0)[:, 0],
+                               [0.0, 0.3], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["focal-jitter", "age-interaction"])
+def test_the_oracle_decodes_the_subtype_that_pca_and_cpca_miss(tmp_path, name):
+    from neurocl.validation.oracles import OracleBenchConfig, run_one
+
+    config = OracleBenchConfig.checked(cohorts=[name], seeds=[0], n_subjects=160, resolution=8.0)
+    run = run_one(panel_cohort(name), 0, config, tmp_path)
+    subtype = next(row for row in run["rows"] if row["attribute"] == "subtype")["values"]
+    assert subtype["oracle"] >= 0.75
+    assert max(subtype["pca"], subtype["cpca"]) <= 0.65
