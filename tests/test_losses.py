@@ -288,6 +288,60 @@ def test_sepclr_terms_and_total_equal_loops(shape, salient_dim, tau):
     assert total.item() == pytest.approx(expected_total, rel=1e-5)
 
 
+def loop_kernel_mi(c, s, is_target, tau):
+    """The kernel MI estimate of the target rows, view by view, with plain Python loops (j != i)."""
+    c_hat = F.normalize(c.double(), dim=-1)
+    rows = [i for i in range(c.shape[1]) if is_target[i]]
+    values = []
+    for v in range(c.shape[0]):
+        per_row = []
+        for i in rows:
+            others = [j for j in rows if j != i]
+            kc = [math.exp(-float((c_hat[v, i] - c_hat[v, j]).square().sum()) / (2 * tau)) for j in others]
+            ks = [math.exp(-float((s[v, i] - s[v, j]).double().square().sum()) / (2 * tau)) for j in others]
+            joint = sum(a * b for a, b in zip(kc, ks)) / len(others)
+            per_row.append(math.log(joint / ((sum(kc) / len(others)) * (sum(ks) / len(others)))))
+        values.append(sum(per_row) / len(per_row))
+    return sum(values) / len(values)
+
+
+def test_kernel_mi_equals_loop_and_other_terms_are_unchanged():
+    c = random_views((3, 9, 4), seed=81)
+    s = random_views((3, 9, 3), seed=82, scale=0.7)
+    is_target = torch.tensor([True, False, True, True, False, True, False, True, False])
+    _, jem_terms = losses.sepclr_loss(c, s, is_target, tau=0.7)
+    total, terms = losses.sepclr_loss(c, s, is_target, tau=0.7, lam_mi=4.0, mi_estimator="kernel_mi")
+    assert terms["mi"].item() == pytest.approx(loop_kernel_mi(c, s, is_target, 0.7), rel=1e-5, abs=1e-7)
+    for name in ("common", "salient", "null"):
+        assert terms[name].item() == pytest.approx(jem_terms[name].item(), rel=1e-6)
+    expected_total = terms["common"] + terms["salient"] + 10.0 * terms["null"] + 4.0 * terms["mi"]
+    assert total.item() == pytest.approx(expected_total.item(), rel=1e-6)
+
+
+def test_kernel_mi_is_near_zero_for_independent_spaces_and_positive_for_dependent_ones():
+    generator = torch.Generator().manual_seed(5)
+    c = torch.randn(2, 256, 8, generator=generator)
+    is_target = torch.arange(256) % 2 == 0
+    independent = torch.randn(2, 256, 4, generator=generator)
+    dependent = F.normalize(c, dim=-1)[..., :4] * 2
+    near_zero = losses.sepclr_loss(c, independent, is_target, mi_estimator="kernel_mi")[1]["mi"].item()
+    positive = losses.sepclr_loss(c, dependent, is_target, mi_estimator="kernel_mi")[1]["mi"].item()
+    assert abs(near_zero) < 0.05 and positive > 0.3, (near_zero, positive)
+
+
+def test_gradient_shares_are_each_terms_gradient_norm_over_their_sum():
+    x = torch.randn(5, 3, requires_grad=True)
+    y = torch.randn(5, 2, requires_grad=True)
+    terms = {"a": 3.0 * x.square().sum(), "b": (x.sum() + 2.0 * y.sum()), "c": y.square().sum() * 0}
+    shares = losses.gradient_shares(terms, [x, y])
+    norms = {"a": float((6.0 * x).norm()), "b": math.sqrt(15 * 1.0 + 10 * 4.0), "c": 0.0}
+    total = sum(norms.values())
+    for name in terms:
+        assert shares[name].item() == pytest.approx(norms[name] / total, rel=1e-5)
+    assert sum(share.item() for share in shares.values()) == pytest.approx(1.0)
+    assert x.grad is None  # the shares leave the training gradient alone
+
+
 COVARIATE_KINDS = ["continuous", "categorical", "continuous"]
 COVARIATE_SIGMAS = [5.0, 1.0, 0.7]
 

@@ -48,6 +48,10 @@ class MethodConfig(BaseModel):
     beta_salient: float = Field(1.0, ge=0, description="SepCLR: weight of the salient term.")
     beta_null: float = Field(10.0, ge=0, description="SepCLR: weight of the null (background salient = 0) term.")
     lam_mi: float = Field(10.0, ge=0, description="SepCLR: weight of the common/salient independence term.")
+    mi_estimator: Literal["jem", "kernel_mi"] = Field(
+        "jem", description="SepCLR: the independence term: the paper's k-JEM (minus the joint entropy, which also "
+        "spreads each space) or kernel_mi (joint minus marginal entropies of the target rows: dependence only).",
+    )
     target_fraction: float = Field(
         0.5, gt=0, lt=1, description="SepCLR: fraction of target subjects in every batch (both groups always present)."
     )

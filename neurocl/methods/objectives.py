@@ -82,7 +82,7 @@ class SepCLR(BaseMethod):
 
     settings = ("common_dim", "salient_dim", "shared_trunk", "embed", "tau", "beta_salient", "beta_null", "lam_mi",
                 "target_fraction", "attributes", "sigma", "kernel_combine", "standardise", "common_objective",
-                "temperature", "lam", "t", "lam_cov", "null_weighting", "view_weighting")
+                "temperature", "lam", "t", "lam_cov", "null_weighting", "view_weighting", "mi_estimator")
 
     @classmethod
     def check_settings(cls, config: "MethodConfig") -> None:
@@ -105,14 +105,23 @@ class SepCLR(BaseMethod):
         is_target = self.data.is_target[rows].to(self.device)
         # Local rows: the loss gathers them over ranks with the embeddings.
         attributes = self.data.attributes[rows].to(self.device) if config.attributes else None
-        return losses.sepclr_loss(
+        total, terms = losses.sepclr_loss(
             outputs["common"], outputs["salient"], is_target, tau=config.tau, beta_salient=config.beta_salient,
             beta_null=config.beta_null, lam_mi=config.lam_mi, attributes=attributes,
             attribute_kinds=self.data.attribute_kinds if config.attributes else None, sigma=config.sigma,
             kernel_combine=config.kernel_combine, common_objective=config.common_objective,
             temperature=config.temperature, lam=config.lam, t=config.t, lam_cov=config.lam_cov,
-            null_weighting=config.null_weighting, view_weighting=config.view_weighting, distributed=_distributed(),
+            null_weighting=config.null_weighting, view_weighting=config.view_weighting,
+            mi_estimator=config.mi_estimator, distributed=_distributed(),
         )
+        if torch.is_grad_enabled():
+            # Which term moves the embeddings (logged as train/share_<term>): a term's value says little.
+            weights = {"common": 1.0, "salient": config.beta_salient, "null": config.beta_null, "mi": config.lam_mi,
+                       "cov": config.lam_cov}
+            shares = losses.gradient_shares({name: weights[name] * value for name, value in terms.items()},
+                                            [outputs["common"], outputs["salient"]])
+            terms.update({f"share_{name}": share for name, share in shares.items()})
+        return total, terms
 
     def embed(self, x: Tensor) -> dict[str, Tensor]:
         outputs = self.net(x)
