@@ -25,7 +25,11 @@ Specific to patients (what a "salient" space should capture)
       ``v ~ U(0, 10)``, a continuum down to control-like patients): the local loss is
       ``l_sub(x) = subtype_effect * 0.4 * v / 10 * w_k(x)`` (8 % to 40 % at the region's core),
       ``w_k`` flat-topped raised-cosine blobs around the regions' centres (radii scaled by
-      ``lesion_size``).
+      ``lesion_size``);
+    * optionally drawn per subject (``lesion_jitter``, ``lesion_pattern="foci"``,
+      ``atrophy="shrink"``, ``lesion_course="age"``; :func:`_lesion_latents`): each lesion's centre,
+      which pool regions a patient's foci hit, a contraction of the anatomy instead of a loss, and a
+      loss that grows with age in one subtype only, built so that the subtypes' mean images are equal.
 
 The image of a subject is, with ``phi`` the composed warp (deformation, head scale,
 ventricles) and ``T`` the template::

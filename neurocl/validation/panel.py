@@ -8,8 +8,10 @@ not give it, as in a real study). ``docs/benchmarks-separation.md`` describes ea
 
 The synthetic cohorts start from the demo cohort's generator settings
 (:data:`neurocl.demo.DEMO_COHORT`: stronger subtype loss, weaker deformation than the
-generator's defaults) and change one thing each; ``natural-digits`` is built from real images
-that scikit-learn ships (:mod:`neurocl.validation.natural`).
+generator's defaults) and change one thing each (``reference-hard``: the effect sizes together);
+``natural-digits`` is built from real images that scikit-learn ships (:mod:`neurocl.validation.natural`).
+``reference-hard``, ``focal-jitter``, ``shrink-foci`` and ``age-interaction`` are built so that a linear
+readout of the voxels misses the subtype; :mod:`neurocl.validation.oracles` checks that it is there.
 """
 
 from __future__ import annotations
