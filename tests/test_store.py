@@ -340,3 +340,80 @@ def test_a_prepared_store_is_opened_without_reading_the_images_again(tiny_cohort
     monkeypatch.setattr(store_cache, "sha256_file", no_hashing)
     again = build(tiny_cohort, tmp_path / "store")
     assert again.rebuilt == [] and again.record == first.record
+
+
+# ---------------------------------------------------------------- the auto mask on noisy images, global normalisation
+
+
+def brute_force_otsu(values: np.ndarray) -> float:
+    """The cut between sorted unique values that maximises w0 w1 (mu0 - mu1)^2, trying every one."""
+    values = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    best, best_cut = -1.0, values[0]
+    for cut in np.unique(values)[:-1]:
+        low, high = values[values <= cut], values[values > cut]
+        score = len(low) * len(high) * (low.mean() - high.mean()) ** 2
+        if score > best:
+            best, best_cut = score, cut
+    return float(best_cut)
+
+
+def test_otsu_threshold_splits_two_populations_where_a_brute_force_search_does():
+    from neurocl.store.preprocess import otsu_threshold
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 1, 600), rng.normal(6, 1.5, 200)])
+    # The 256-bin histogram puts the cut within one bin of the exact one.
+    assert otsu_threshold(values) == pytest.approx(brute_force_otsu(values), abs=np.ptp(values) / 256 * 1.5)
+    assert otsu_threshold(np.full(5, 2.0)) == 2.0
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def add_scanner_noise(cohort_yaml: Path, sigma: float, seed: int = 0) -> None:
+    """Magnitude-image noise over the whole field of view: |v + n1 + i n2|, n1, n2 ~ N(0, sigma^2).
+
+    Its mean outside the head is sigma sqrt(pi / 2), about 1.25 sigma, whatever the number of images.
+    """
+    rng = np.random.default_rng(seed)
+    for path in Cohort.from_yaml(cohort_yaml).image_paths:
+        image = nib.load(path)
+        voxels = np.asarray(image.dataobj, dtype=np.float32)
+        noisy = np.hypot(voxels + rng.normal(0, sigma, voxels.shape), rng.normal(0, sigma, voxels.shape))
+        nib.save(nib.Nifti1Image(noisy.astype(np.float32), image.affine), path)
+
+
+def test_auto_mask_of_a_clean_cohort_is_the_fraction_of_the_mean_images_robust_maximum(tiny_cohort, tmp_path):
+    store = build(tiny_cohort, tmp_path / "clean", PreprocessConfig(crop_to_mask=False))
+    images = [np.asarray(nib.load(path).dataobj, dtype=np.float64) for path in Cohort.from_yaml(tiny_cohort).image_paths]
+    mean = np.mean(images, axis=0)
+    expected = mean > 0.01 * np.percentile(mean[mean > 0], 99)
+    assert dice(store.mask, expected) > 0.995, dice(store.mask, expected)
+
+
+def test_auto_mask_of_a_cohort_with_scanner_noise_is_the_brain_not_the_field_of_view(tiny_cohort, tiny_cohort_copy, tmp_path):
+    clean = build(tiny_cohort, tmp_path / "clean", PreprocessConfig(crop_to_mask=False)).mask
+    add_scanner_noise(tiny_cohort_copy, sigma=0.04)
+    noisy = build(tiny_cohort_copy, tmp_path / "noisy", PreprocessConfig(crop_to_mask=False)).mask
+    brain = nib.load(tiny_cohort.parent / "brain_mask.nii.gz").get_fdata() > 0.5
+    # The old cut (1 % of the robust maximum) is below the noise floor: every voxel passed.
+    images = [np.asarray(nib.load(path).dataobj, dtype=np.float64) for path in Cohort.from_yaml(tiny_cohort_copy).image_paths]
+    mean = np.mean(images, axis=0)
+    assert (mean > 0.01 * np.percentile(mean[mean > 0], 99)).mean() > 0.99
+    assert noisy.mean() < 0.5 and dice(noisy, brain) > 0.8 and dice(noisy, clean) > 0.8, \
+        (noisy.mean(), dice(noisy, brain), dice(noisy, clean))
+
+
+def test_global_normalisation_is_one_affine_map_that_keeps_differences_between_subjects(tiny_cohort, tmp_path, raw_store):
+    store = build(tiny_cohort, tmp_path / "g", PreprocessConfig(normalise="global", dtype="float32"))
+    crop = tuple(slice(start, stop) for start, stop in store.record["crop"])
+    raw = np.stack([np.asarray(raw_store.volumes[index, 0][crop], dtype=np.float64)[store.mask]
+                    for index in range(len(raw_store))])
+    expected = (raw - raw.mean()) / raw.std()
+    stored = np.stack([store.volumes[index, 0][store.mask] for index in range(len(store))])
+    np.testing.assert_allclose(stored, expected, atol=1e-4)
+    assert (store.volumes[:, 0][:, ~store.mask] == 0).all()
+    # Each subject's mean stays apart (per-image z-scores would make every mean 0).
+    assert np.std(stored.mean(axis=1)) > 0.05
+    np.testing.assert_allclose(np.corrcoef(stored.mean(axis=1), raw.mean(axis=1))[0, 1], 1.0, atol=1e-6)

@@ -21,7 +21,7 @@ from neurocl.store.cache import (
     STORE_FORMAT, _entries, _known_hashes, _previous_build, _remove_stale, _reusable, _same_order, _with_index,
 )
 from neurocl.store.grids import _grid_params, ras_grid, resampled_grid
-from neurocl.store.preprocess import PreprocessConfig
+from neurocl.store.preprocess import PreprocessConfig, auto_mask_threshold
 from neurocl.store.resample import Source, _resample_all, _resample_image
 from neurocl.store.rowfile import RowFile, _new_memmap
 
@@ -80,10 +80,12 @@ def build_cohort(cohort: "Cohort", cache_dir: Path, config: PreprocessConfig, wo
                 with atomic_path(cache_dir / names["volumes"]) as tmp_volumes:
                     volumes = RowFile(tmp_volumes, config.dtype, len(entries), (1, *cropped_mask.shape), create=True)
                     try:
+                        cohort_stats = _cohort_statistics(resampled, spatial_crop, cropped_mask) \
+                            if config.normalise == "global" else None
                         task = bar.add_task("normalising", total=len(entries))
                         for index in range(len(entries)):
                             volume = _normalise(resampled.read(index)[spatial_crop], cropped_mask, config,
-                                                entries.iloc[index])
+                                                entries.iloc[index], cohort_stats)
                             volumes.write(index, volume[None])
                             bar.advance(task)
                     finally:
@@ -201,9 +203,7 @@ def _final_mask(
     if config.mask == "none":
         mask = np.ones(shape, dtype=bool)
     elif config.mask == "auto":
-        positive = mean[mean > 0]
-        robust_max = float(np.percentile(positive, 99)) if positive.size else 0.0
-        mask = mean > config.mask_threshold * robust_max
+        mask = mean > auto_mask_threshold(mean, config.mask_threshold)
     else:
         mask = _resample_image(str(config.mask), shape, affine, mode="nearest", source=Source(two_d=two_d)) > 0.5
     if not mask.any():
@@ -218,11 +218,30 @@ def _final_mask(
     return mask, crop
 
 
-def _normalise(volume: np.ndarray, mask: np.ndarray, config: PreprocessConfig, entry: pd.Series) -> np.ndarray:
-    """Intensity normalisation with statistics taken inside ``mask``; 0 outside it."""
+def _cohort_statistics(resampled: RowFile, crop: tuple[slice, ...], mask: np.ndarray) -> tuple[float, float]:
+    """Mean and SD of every image's voxels inside ``mask`` together (``normalise: global``), in float64."""
+    count, total, squares = 0, 0.0, 0.0
+    for index in range(resampled.n_rows):
+        inside = resampled.read(index)[crop][mask].astype(np.float64)
+        count += inside.size
+        total += inside.sum()
+        squares += np.square(inside).sum()
+    mean = total / max(count, 1)
+    return mean, float(np.sqrt(max(squares / max(count, 1) - mean**2, 0.0)))
+
+
+def _normalise(volume: np.ndarray, mask: np.ndarray, config: PreprocessConfig, entry: pd.Series,
+               cohort_stats: tuple[float, float] | None = None) -> np.ndarray:
+    """Intensity normalisation with statistics taken inside ``mask`` (this image's, or the cohort's
+    ``cohort_stats`` for ``global``); 0 outside it."""
     volume = volume.astype(np.float32, copy=True)
     inside = volume[mask].astype(np.float64)
-    if config.normalise == "zscore":
+    if config.normalise == "global":
+        mean, std = cohort_stats
+        if not np.isfinite(std) or std == 0:
+            raise CohortError("every image is the same constant inside the brain mask: nothing to normalise")
+        volume = (volume - mean) / std
+    elif config.normalise == "zscore":
         std = inside.std()
         if not np.isfinite(std) or std == 0:
             raise CohortError(f"{entry['_label']}: image {entry['source']} is constant inside the brain mask")
