@@ -38,15 +38,19 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
 
+from neurocl.baselines import voxel_embeddings
+from neurocl.cohort import Cohort
+from neurocl.cohort.splits import make_splits
 from neurocl.errors import ConfigError
+from neurocl.store import PreprocessConfig, VolumeStore
 from neurocl.synth import SynthConfig, region_weight
 from neurocl.synthdir import SynthDir
 from neurocl.validation.panel import PanelCohort, PanelScale, build_cohort, panel_cohort
+from neurocl.validation.separation import COHORT_SEED_OFFSET, machine_description, score_representations
 
 ORACLE_COHORTS = ("reference", "reference-hard", "focal-jitter", "shrink-foci", "age-interaction")
 REPRESENTATIONS = ("oracle", "pca", "cpca")
 N_COMPONENTS = 16
-COHORT_SEED_OFFSET = 1000  # as neurocl.validation.separation (not imported: it imports the pipeline)
 AGE_CENTRE, AGE_HALF_RANGE = 50.0, 30.0
 
 
@@ -125,12 +129,6 @@ def oracle_features(deficits: np.ndarray, truth: pd.DataFrame, config: SynthConf
 
 def run_one(cohort: PanelCohort, seed: int, config: OracleBenchConfig, workdir: Path) -> dict:
     """Build one cohort, compute the oracle, PCA and cPCA representations, score them held-out."""
-    from neurocl.baselines import voxel_embeddings
-    from neurocl.cohort import Cohort
-    from neurocl.cohort.splits import make_splits
-    from neurocl.store import PreprocessConfig, VolumeStore
-    from neurocl.validation.separation import score_representations
-
     started = time.monotonic()
     folder = workdir / f"{cohort.name}-seed{seed}"
     if folder.exists():
@@ -144,7 +142,7 @@ def run_one(cohort: PanelCohort, seed: int, config: OracleBenchConfig, workdir: 
     representations = {}
     for method in ("pca", "cpca"):
         embedding = voxel_embeddings(store, table, method, N_COMPONENTS, splits, seed=seed)
-        representations[method] = embedding.drop(columns=["group"])
+        representations[method] = embedding[keys + [c for c in embedding.columns if c.startswith("emb_")]]
 
     truth = SynthDir(spec.parent).read_ground_truth().set_index("participant_id")
     generator = cohort_config(spec.parent)
@@ -160,9 +158,7 @@ def run_one(cohort: PanelCohort, seed: int, config: OracleBenchConfig, workdir: 
     oracle = rows[keys].copy()
     for column in range(features.shape[1]):
         oracle[f"oracle_{column}"] = features[:, column]
-    representations = {"oracle": oracle, **{name: table_[keys + [c for c in table_.columns if c.startswith("emb_")]]
-                                             for name, table_ in representations.items()}}
-    scored, _ = score_representations(representations, truth.reset_index(), cohort)
+    scored, _ = score_representations({"oracle": oracle, **representations}, truth.reset_index(), cohort)
     specific = [row for row in scored if row["role"] == "specific"]
     for row in specific:
         if row["attribute"] in oracle_inputs(generator):
@@ -173,8 +169,6 @@ def run_one(cohort: PanelCohort, seed: int, config: OracleBenchConfig, workdir: 
 
 def run_oracle_bench(config: OracleBenchConfig, log=None) -> dict:
     """Every cohort x seed of ``config``: the runs and the mean ± SD table."""
-    from neurocl.validation.separation import machine_description
-
     started = time.monotonic()
     cleanup = config.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="neurocl-bench-oracles-")) if cleanup else config.workdir
