@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -196,9 +197,11 @@ class OutputFolder:
     def hold(self, option: str = "--out") -> Iterator[None]:
         """Hold this folder for the command's life; refuse when another live process holds it.
 
-        The folder (and ``.neurocl/``) is created here. A holder record left behind by a process
-        that is gone is taken over, with a message naming it.
+        The folder (and ``.neurocl/``) is created here, and removed again when the command wrote
+        nothing else (a check that failed under the lock leaves ``--out`` as it was). A holder record
+        left behind by a process that is gone is taken over, with a message naming it.
         """
+        created = [folder for folder in (self.path, self.own) if not folder.exists()]
         try:
             self.own.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666)
@@ -228,6 +231,11 @@ class OutputFolder:
                     self.owner.unlink()
         finally:
             os.close(fd)  # releases the flock
+            if created and not self.contents() and set(os.listdir(self.own)) <= {self.lock_file.name}:
+                shutil.rmtree(self.own, ignore_errors=True)
+                if self.path in created:
+                    with contextlib.suppress(OSError):
+                        self.path.rmdir()
 
     def _holder(self) -> dict | None:
         try:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import neurocl.probe as probe
 from neurocl.probe import solvers
 from neurocl.cohort import Cohort
+from neurocl.embed import write_embeddings
 from neurocl.probe import (
     PROBE_COLUMNS,
     ProbeConfig,
@@ -257,7 +258,7 @@ def test_probe_command_writes_probes_and_separation(tiny_cohort, tmp_path):
     rng = np.random.default_rng(9)
     embeddings = cohort.keys().assign(**{f"emb_{i}": rng.normal(size=len(cohort)) for i in range(3)})
     embeddings["emb_0"] += cohort.table["age"].to_numpy() / 10
-    embeddings.to_csv(tmp_path / "embeddings.tsv", sep="\t", index=False)
+    write_embeddings(tmp_path / "embeddings.tsv", embeddings, cohort)  # with its sidecar, as neurocl writes it
     result = CliRunner().invoke(app, ["probe", str(tmp_path / "embeddings.tsv"), "--cohort", str(tiny_cohort),
                                       "--attributes", "age,group", "--scope", "in_sample_cv", "--n-permutations", "9", "--n-bootstrap", "20", "--jobs", "1",
                                       "--ground-truth", str(tiny_cohort.parent / "ground_truth.tsv"), "--out", str(tmp_path / "out")])

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from neurocl.cohort import Cohort, make_splits
+from neurocl.embed import write_embeddings
 from neurocl.io import read_tsv, write_tsv
 from neurocl.probe import ProbeConfig, probe_command, probe_embeddings, separation
 
@@ -82,7 +83,7 @@ def _study(tmp_path, sessions: bool):
     salient[:, 0] += np.nan_to_num(table["severity"].to_numpy()) * 3
     embeddings = cohort.keys().assign(**{f"common_{i}": common[:, i] for i in range(2)},
                                       **{f"salient_{i}": salient[:, i] for i in range(2)})
-    write_tsv(tmp_path / "embeddings.tsv", embeddings)
+    write_embeddings(tmp_path / "embeddings.tsv", embeddings, cohort)  # with its cohort sidecar, as neurocl writes it
     return cohort, read_tsv(tmp_path / "embeddings.tsv")
 
 
@@ -115,8 +116,9 @@ def test_leave_site_out_probes_test_on_each_site_in_turn(tmp_path):
 def test_probe_command_leaves_sites_out(tmp_path):
     """``neurocl probe --leave-site-out site``: the command a researcher runs on a finished run."""
     _study(tmp_path, sessions=False)
+    out = tmp_path.with_name(f"{tmp_path.name}-probes")  # outside the cohort's folder, where neurocl may write
     probes_path, separation_path = probe_command(
-        tmp_path / "embeddings.tsv", tmp_path / "cohort.yaml", tmp_path / "out", attributes=["age"],
+        tmp_path / "embeddings.tsv", tmp_path / "cohort.yaml", out, attributes=["age"],
         scope="in_sample_cv", leave_site_out="site", n_permutations=9, n_bootstrap=10, n_jobs=1,
     )
     probes = read_tsv(probes_path)
