@@ -13,6 +13,21 @@ Each encoder of the network takes the tensors under the prefix that matches most
 its common encoder). Shapes must agree exactly (any difference is an error naming the key); keys
 the encoder has and the file lacks are an error unless ``weights_strict: false``; keys the file
 has under the chosen prefix and the encoder lacks (a classifier's last layer) are reported.
+
+``neurocl export`` also writes each encoder alone, for use outside neurocl: beside the record
+(``OUT.json``), one plain state dict per encoder (``OUT.common.pt``, ``OUT.salient.pt``, or
+``OUT.encoder.pt`` for single-space methods), and in the record a ``monai`` block saying how to
+build the network that loads it. MONAI-backed encoders with BatchNorm load into the MONAI class
+itself::
+
+    e = record["monai"]["common"]
+    getattr(monai.networks.nets, e["class"])(**e["kwargs"]).load_state_dict(torch.load(e["weights"]))
+
+and give neurocl's pooled features. DenseNet121 and SEResNet50 keep their last linear layer as
+an identity (weight I, bias 0), because MONAI cannot build them without it. Encoders that are
+neurocl's own (``small_cnn``, or a MONAI network whose BatchNorm neurocl replaced by
+``norm: group|instance``) have ``"class": null`` and a ``neurocl`` entry: the network comes from
+``neurocl.nets.make_encoder(e["neurocl"]["config"])[0]``.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ from torch import nn
 from neurocl import __version__
 from neurocl.errors import ConfigError
 from neurocl.io import atomic_path, torch_load_failure, write_json
+from neurocl.nets import EncoderConfig
 from neurocl.outputs import claim_files, record_files
 
 # Prefixes a file may hold each encoder's tensors under, in order of preference.
@@ -40,6 +56,11 @@ _PREFIXES = {
 _HARMLESS_MISSING = ("num_batches_tracked",)
 EXPORT_FORMAT = "neurocl-encoder"
 EXPORT_VERSION = 1
+# The record's name for each encoder of the network, and the file suffix of its plain state dict.
+_SPACES = {"encoder": "encoder", "common_encoder": "common", "salient_encoder": "salient"}
+# MONAI classifiers neurocl cuts before their last linear layer: that layer, and the feature size.
+# A plain MONAI network cannot be built without it, so the export sets it to the identity.
+_IDENTITY_HEADS = {"DenseNet121": ("class_layers.out", 1024), "SEResNet50": ("last_linear", 2048)}
 
 
 class LoadReport(NamedTuple):
@@ -173,11 +194,64 @@ def export_record(module, checkpoint: str | os.PathLike) -> dict:
     }
 
 
+def monai_equivalent(config: EncoderConfig | dict) -> tuple[str, dict] | str:
+    """The ``monai.networks.nets`` name and keyword arguments of the network that loads ``config``'s
+    encoder as a plain state dict, or why there is none (the encoder is neurocl's own)."""
+    config = EncoderConfig.model_validate(config)
+    if config.name == "small_cnn":
+        return "small_cnn is neurocl's own network (neurocl.nets.SmallCNN), not a MONAI one"
+    if config.norm != "batch":
+        return (f"norm '{config.norm}': neurocl replaced the BatchNorm layers of MONAI's {config.name}, "
+                "which MONAI's own class cannot do")
+    dims, channels = config.spatial_dims, config.in_channels
+    if config.name.startswith("resnet"):
+        return config.name, {"spatial_dims": dims, "n_input_channels": channels,
+                             "conv1_t_stride": config.first_conv_stride, "feed_forward": False}
+    if config.name == "densenet121":
+        return "DenseNet121", {"spatial_dims": dims, "in_channels": channels, "out_channels": _IDENTITY_HEADS["DenseNet121"][1]}
+    return "SEResNet50", {"spatial_dims": dims, "in_channels": channels, "num_classes": _IDENTITY_HEADS["SEResNet50"][1]}
+
+
+def standalone_encoders(net: nn.Module, config: EncoderConfig | dict, stem: str) -> dict[str, tuple[dict, dict]]:
+    """Each encoder of ``net`` on its own: ``{space: (record entry, plain state dict)}``.
+
+    ``space`` is ``encoder`` (single-space methods) or ``common``/``salient``; the entry's
+    ``weights`` is the file name ``STEM.SPACE.pt`` the state dict is to be written under.
+    """
+    config = EncoderConfig.model_validate(config)
+    equivalent = monai_equivalent(config)
+    section = config.model_dump(mode="json", exclude={"weights", "weights_strict"})
+    result = {}
+    for name, encoder in encoders_of(net).items():
+        space = _SPACES[name]
+        state = {key: value.detach().cpu().clone() for key, value in encoder.state_dict().items()}
+        entry = {"class": None, "kwargs": None, "weights": f"{stem}.{space}.pt",
+                 "out_features": getattr(encoder, "out_features", None)}
+        if isinstance(equivalent, str):
+            own = "neurocl.nets.SmallCNN" if config.name == "small_cnn" else \
+                f"monai.networks.nets {config.name} with {config.norm} normalisation, built by neurocl.nets.make_encoder"
+            entry["neurocl"] = {"class": own, "config": section,
+                                "load": "neurocl.nets.make_encoder(e['neurocl']['config'])[0]"
+                                        ".load_state_dict(torch.load(e['weights']))"}
+            entry["why"] = equivalent
+        else:
+            entry["class"], entry["kwargs"] = equivalent
+            state = {key.removeprefix("network."): value for key, value in state.items()}
+            if entry["class"] in _IDENTITY_HEADS:
+                layer, features = _IDENTITY_HEADS[entry["class"]]
+                state[f"{layer}.weight"] = torch.eye(features)
+                state[f"{layer}.bias"] = torch.zeros(features)
+                entry["note"] = f"{layer} is the identity (weight I, bias 0): the output is the pooled features"
+        result[space] = (entry, state)
+    return result
+
+
 def write_export(module, checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
                  inputs: dict | None = None) -> tuple[Path, Path]:
-    """Write ``module``'s encoders to ``out`` (a plain state dict) and ``out`` with ``.json`` (its record).
+    """Write ``module``'s encoders to ``out`` (a plain state dict), ``out`` with ``.json`` (its record)
+    and each encoder alone beside them (``OUT.common.pt``...; :func:`standalone_encoders`).
 
-    Both files are written atomically; the state dict loads with ``torch.load(weights_only=True)``.
+    Every file is written atomically; the state dicts load with ``torch.load(weights_only=True)``.
     Existing files are replaced only with ``overwrite``, and only when neurocl wrote them
     (:func:`neurocl.outputs.claim_files`); nothing is written into ``inputs``.
     """
@@ -185,9 +259,14 @@ def write_export(module, checkpoint: str | os.PathLike, out: str | os.PathLike, 
     if out.suffix == ".json":
         raise ConfigError(f"--out {out}: the weights file needs its own name (the record is written beside it as .json)")
     record = out.with_suffix(".json")
-    claim_files([out, record], overwrite, {"checkpoint": checkpoint, **(inputs or {})})
+    standalone = standalone_encoders(module.net, module.encoder_config, out.stem)
+    alone = [out.with_name(entry["weights"]) for entry, _ in standalone.values()]
+    claim_files([out, record, *alone], overwrite, {"checkpoint": checkpoint, **(inputs or {})})
     with atomic_path(out) as tmp:
         torch.save(export_state(module.net), tmp)
-    write_json(record, export_record(module, checkpoint))
-    record_files([out, record])
+    for path, (_, state) in zip(alone, standalone.values()):
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    write_json(record, {**export_record(module, checkpoint), "monai": {space: entry for space, (entry, _) in standalone.items()}})
+    record_files([out, record, *alone])
     return out, record

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from monai.networks import nets as monai_nets
 
-from neurocl.errors import ConfigError
+from neurocl.errors import ConfigError, OutputError
 from neurocl.methods import build_method
-from neurocl.nets import ContrastiveNet, SepCLRNet
-from neurocl.weights import export_state, load_pretrained, read_state_dict
+from neurocl.nets import ContrastiveNet, SepCLRNet, make_encoder
+from neurocl.weights import export_state, load_pretrained, read_state_dict, write_export
 
 SMALL = {"name": "small_cnn", "width": 4, "spatial_dims": 2}
 
@@ -87,3 +89,70 @@ def test_files_that_are_not_state_dicts_are_refused_by_name(tmp_path):
         load_pretrained(ContrastiveNet(SMALL), tmp_path / "other.pt")
     with pytest.raises(ConfigError, match="does not exist"):
         read_state_dict(tmp_path / "absent.pt")
+
+
+def load_as_the_record_says(entry: dict) -> torch.nn.Module:
+    """The documented snippet, run in the export's folder."""
+    network = getattr(monai_nets, entry["class"])(**entry["kwargs"])
+    network.load_state_dict(torch.load(entry["weights"]))
+    return network.eval()
+
+
+MONAI_ENCODERS = [("resnet10", 16), ("resnet18", 16), ("resnet34", 16), ("resnet50", 16), ("seresnet50", 16),
+                  ("densenet121", 32)]  # DenseNet121's three transitions need 32 voxels a side
+
+
+@pytest.mark.parametrize(("name", "size"), MONAI_ENCODERS)
+def test_an_export_loads_into_the_plain_monai_class_and_gives_the_encoders_features(tmp_path, monkeypatch, name, size):
+    torch.manual_seed(0)
+    module = build_method({"name": "simclr"}, {"name": name, "spatial_dims": 3}).eval()
+    _, record_path = write_export(module, tmp_path / "last.ckpt", tmp_path / "encoder.pt")
+    record = json.loads(record_path.read_text())
+    assert list(record["monai"]) == ["encoder"]
+    monkeypatch.chdir(tmp_path)
+    network = load_as_the_record_says(record["monai"]["encoder"])
+    x = torch.randn(2, 1, size, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(network(x), module.net.encoder(x))
+
+
+def test_a_sepclr_export_writes_one_monai_network_per_space_in_2d(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    module = build_method({"name": "sepclr", "common_dim": 4, "salient_dim": 2},
+                          {"name": "resnet10", "spatial_dims": 2, "first_conv_stride": 1}).eval()
+    write_export(module, tmp_path / "last.ckpt", tmp_path / "enc.pt")
+    record = json.loads((tmp_path / "enc.json").read_text())
+    assert {space: entry["weights"] for space, entry in record["monai"].items()} == {
+        "common": "enc.common.pt", "salient": "enc.salient.pt"}
+    assert record["monai"]["common"]["kwargs"] == {"spatial_dims": 2, "n_input_channels": 1, "conv1_t_stride": 1,
+                                                   "feed_forward": False}
+    monkeypatch.chdir(tmp_path)
+    x = torch.randn(3, 1, 24, 24)
+    with torch.no_grad():
+        for space, encoder in (("common", module.net.common_encoder), ("salient", module.net.salient_encoder)):
+            torch.testing.assert_close(load_as_the_record_says(record["monai"][space])(x), encoder(x))
+        assert not torch.allclose(module.net.common_encoder(x), module.net.salient_encoder(x))
+
+
+@pytest.mark.parametrize("encoder", [SMALL, {"name": "resnet10", "spatial_dims": 2, "norm": "group"}])
+def test_encoders_monai_cannot_build_say_so_and_load_through_neurocl(tmp_path, monkeypatch, encoder):
+    torch.manual_seed(0)
+    module = build_method({"name": "simclr"}, encoder).eval()
+    write_export(module, tmp_path / "last.ckpt", tmp_path / "encoder.pt")
+    entry = json.loads((tmp_path / "encoder.json").read_text())["monai"]["encoder"]
+    assert entry["class"] is None and entry["kwargs"] is None
+    assert ("SmallCNN" in entry["neurocl"]["class"]) == (encoder["name"] == "small_cnn")
+    monkeypatch.chdir(tmp_path)
+    network = make_encoder(entry["neurocl"]["config"])[0]
+    network.load_state_dict(torch.load(entry["weights"]))
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(network.eval()(x), module.net.encoder(x))
+
+
+def test_an_export_refuses_to_replace_a_foreign_file_under_an_encoders_name(tmp_path):
+    module = build_method({"name": "simclr"}, SMALL)
+    (tmp_path / "encoder.encoder.pt").write_bytes(b"someone else's")
+    with pytest.raises(OutputError, match="encoder.encoder.pt"):
+        write_export(module, tmp_path / "last.ckpt", tmp_path / "encoder.pt", overwrite=True)
+    assert not (tmp_path / "encoder.pt").exists()
