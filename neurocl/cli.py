@@ -346,13 +346,15 @@ def embed(
 @user_errors
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder (its checkpoints/last.ckpt) or a checkpoint file."),
-    out: Path = typer.Option(..., "--out", help="The encoder state dict to write (e.g. encoder.pt); OUT.json beside it."),
+    out: Path = typer.Option(..., "--out", help="The encoder state dict to write (e.g. encoder.pt); OUT.json and each encoder alone beside it."),
     checkpoint: str = typer.Option("last", help="Which checkpoint of a run folder: last or best."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out (and its .json) if neurocl wrote them."),
 ) -> None:
     """Write a trained run's encoder(s) as a plain state dict, with a JSON of their configuration.
 
-    Others start from it with `encoder: {name: ..., weights: encoder.pt}` in a pipeline.
+    Others start from it with `encoder: {name: ..., weights: encoder.pt}` in a pipeline. Each encoder
+    is also written alone (OUT.common.pt, OUT.salient.pt or OUT.encoder.pt); the JSON's `monai` block
+    names the monai.networks.nets class and kwargs that load it (docs/pipelines.md).
 
     Example: neurocl export runs/demo --out demo_encoder.pt
     """
