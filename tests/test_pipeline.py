@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from neurocl import config, embed, pipeline, train
 from neurocl.cli import app
-from neurocl.errors import ConfigError, TrainingError
+from neurocl.errors import ConfigError, OutputError, TrainingError
 from neurocl.io import read_tsv
 from neurocl.methods import SepCLR
 
@@ -201,12 +201,15 @@ def test_metrics_csv_logs_each_loss_term_and_their_weighted_sum(reference):
     metrics = pd.read_csv(run_dir / "logs" / "metrics.csv")
     train_columns = ["train/loss"] + [f"train/{term}" for term in TERMS]
     val_columns = ["val/loss"] + [f"val/{term}" for term in TERMS]
-    assert list(metrics.columns) == ["step", "epoch", *train_columns, *val_columns]
+    share_columns = [f"train/share_{term}" for term in TERMS]
+    assert sorted(metrics.columns) == sorted(["step", "epoch", *train_columns, *share_columns, *val_columns])
     train = metrics.dropna(subset=["train/loss"])
     assert train["step"].tolist() == list(range(len(train))) and len(train) == _checkpoint(run_dir)["global_step"]
     # SepCLR's total: common + beta_salient * salient + beta_null * null + lam_mi * mi (defaults 1, 10, 10).
     weighted = train["train/common"] + train["train/salient"] + 10 * train["train/null"] + 10 * train["train/mi"]
     np.testing.assert_allclose(train["train/loss"], weighted, rtol=1e-5, atol=1e-5)
+    # Each term's share of the gradient reaching the projections: shares of one step sum to 1.
+    np.testing.assert_allclose(train[share_columns].sum(axis=1), 1.0, rtol=1e-5)
     assert metrics["val/loss"].notna().sum() == 2  # one validation per epoch
 
 
@@ -274,7 +277,7 @@ def test_resume_of_a_finished_run_may_change_evaluation_and_outputs(reference, p
 
 def test_run_refuses_a_non_empty_out_folder(reference, pipeline_yaml):
     run_dir, _ = reference
-    with pytest.raises(ConfigError, match="not empty.*--resume"):
+    with pytest.raises(ConfigError, match="holds a run already.*--resume"):
         pipeline.run_pipeline(pipeline_yaml, run_dir)
 
 
@@ -410,7 +413,7 @@ def test_out_inside_the_cohort_folder_is_refused_before_anything_is_written(tmp_
     path = tmp_path / "pipeline.yaml"
     path.write_text(f"cohort: {tiny_cohort_copy}\n")
     out = tiny_cohort_copy.parent / "runs" / "first"
-    with pytest.raises(ConfigError, match="inside the cohort's input folder"):
+    with pytest.raises(OutputError, match="inside the cohort root"):
         pipeline.run_pipeline(path, out)
     assert not (tiny_cohort_copy.parent / "runs").exists()
 

@@ -70,6 +70,8 @@ class BaseMethod(L.LightningModule):
         self.encoder_config = EncoderConfig.model_validate(encoder)
         self.optim_config = OptimConfig.model_validate(optim or {})
         self.seed = seed
+        # Per-step figures a method reports beside its loss terms (logged, never summed into the loss).
+        self.diagnostics: dict[str, Tensor] = {}
         self.save_hyperparameters(
             {
                 "method": self.method_config.model_dump(mode="json"),
@@ -204,11 +206,13 @@ class BaseMethod(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         if batch["epoch"] != self.current_epoch:
             raise RuntimeError(f"batch of epoch {batch['epoch']} served in epoch {self.current_epoch}")
+        self.diagnostics = {}
         total, terms = self.compute_loss(*self._views(batch, validation=False))
         self._check_finite(total, terms)
-        self._log_terms("train", total, terms, len(batch["indices"]), on_step=True)
+        self._log_terms("train", total, {**terms, **self.diagnostics}, len(batch["indices"]), on_step=True)
         self._train_batches.mark_done(batch["epoch"], batch["position"])
-        return {"loss": total, "terms": {name: value.detach() for name, value in terms.items()}}
+        # The diagnostics (e.g. each term's gradient share) are logged beside the terms, not summed into the loss.
+        return {"loss": total, "terms": {name: value.detach() for name, value in {**terms, **self.diagnostics}.items()}}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         total, terms = self.compute_loss(*self._views(batch, validation=True))

@@ -115,12 +115,12 @@ class SepCLR(BaseMethod):
             mi_estimator=config.mi_estimator, distributed=_distributed(),
         )
         if torch.is_grad_enabled():
-            # Which term moves the embeddings (logged as train/share_<term>): a term's value says little.
+            # Which term moves the embeddings (train/share_<term>): a term's value says little.
             weights = {"common": 1.0, "salient": config.beta_salient, "null": config.beta_null, "mi": config.lam_mi,
                        "cov": config.lam_cov}
             shares = losses.gradient_shares({name: weights[name] * value for name, value in terms.items()},
                                             [outputs["common"], outputs["salient"]])
-            terms.update({f"share_{name}": share for name, share in shares.items()})
+            self.diagnostics.update({f"share_{name}": share for name, share in shares.items()})
         return total, terms
 
     def embed(self, x: Tensor) -> dict[str, Tensor]:
