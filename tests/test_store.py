@@ -20,6 +20,7 @@ import neurocl.store.rowfile as store_rowfile
 from neurocl.cohort import Cohort
 from neurocl.errors import CohortError, ConfigError
 from neurocl.store import PreprocessConfig, VolumeStore, fits_in_budget
+from neurocl.store.preprocess import auto_mask_threshold
 
 RAW = PreprocessConfig(mask="none", normalise="none", crop_to_mask=False, dtype="float32")
 
@@ -417,3 +418,12 @@ def test_global_normalisation_is_one_affine_map_that_keeps_differences_between_s
     # Each subject's mean stays apart (per-image z-scores would make every mean 0).
     assert np.std(stored.mean(axis=1)) > 0.05
     np.testing.assert_allclose(np.corrcoef(stored.mean(axis=1), raw.mean(axis=1))[0, 1], 1.0, atol=1e-6)
+
+
+def test_auto_mask_of_images_without_background_keeps_them_whole():
+    # A frame-filling image (a photograph): its darker half is tissue, not a noise floor to clear.
+    rng = np.random.default_rng(4)
+    mean = 0.45 + 0.05 * rng.standard_normal((12, 12, 4))
+    threshold = auto_mask_threshold(mean, 0.1)
+    assert threshold == pytest.approx(0.1 * np.percentile(mean[mean > 0], 99))
+    assert (mean > threshold).all()

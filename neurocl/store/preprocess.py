@@ -96,11 +96,13 @@ def auto_mask_threshold(mean: np.ndarray, fraction: float) -> float:
     common value below the mean image's Otsu threshold, where the voxels outside the head pile
     up) plus 5 SDs of the values below that peak, a side of the peak no tissue reaches. On a
     noise-free image the background is 0 (or resampling's 1e-13) with nothing below it, so the
-    floor is 0 and the fraction alone decides, as before.
+    floor is 0 and the fraction alone decides, as before; so does an image without background (a
+    floor at or above the Otsu threshold is tissue, not noise).
     """
     positive = mean[mean > 0]
     robust_max = float(np.percentile(positive, 99)) if positive.size else 0.0
-    below = mean[mean <= otsu_threshold(mean)]
+    otsu = otsu_threshold(mean)
+    below = mean[mean <= otsu]
     if below.size == 0:
         return fraction * robust_max
     counts, edges = np.histogram(below, bins=256)
@@ -109,4 +111,8 @@ def auto_mask_threshold(mean: np.ndarray, fraction: float) -> float:
     lower = below[below < edges[peak]]
     spread = float(np.sqrt(np.mean((lower - mode) ** 2))) if lower.size else 0.0
     floor = mode + 5.0 * spread if mode > 0 else 0.0
+    if floor >= otsu:
+        # No background peak below the tissue: an image that fills its frame (a photograph, a
+        # tight crop) has no noise floor to clear, and the "floor" would cut away everything.
+        floor = 0.0
     return max(fraction * robust_max, floor)
