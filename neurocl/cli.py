@@ -201,13 +201,15 @@ def validate(
     """Check a cohort and report every problem at once (row, participant_id, problem).
 
     Given a pipeline YAML, checks it against the schema (with any --set), that the attributes it
-    names exist in its cohort, then the cohort; nothing is built or written.
+    names exist in its cohort, then the cohort; nothing is built or written. Also lists the rows
+    the spec leaves out (include, on_invalid: exclude), or those on_invalid: exclude would.
 
     Example: neurocl validate cohorts/demo.yaml
 
     Example: neurocl validate pipelines/demo.yaml --set training.lr=1e-3
     """
     from neurocl.cohort import Cohort, print_problems
+    from neurocl.cohort.problems import print_excluded
     from neurocl.errors import NeuroclError
     from neurocl.io import load_yaml
 
@@ -230,7 +232,12 @@ def validate(
     else:
         loaded = Cohort.from_yaml(cohort)
     problems = loaded.validate(check_images=images, progress=True)
+    if loaded.excluded is not None:
+        print_excluded(loaded.excluded, loaded.n_read, console=results_console())
     print_problems(problems, console=results_console(), cohort=loaded)
+    preview = loaded.exclusion_preview(problems) if loaded.spec.on_invalid == "error" else None
+    if preview:
+        results_console().print(preview, highlight=False, markup=False)
     if problems:
         raise typer.Exit(1)
 
@@ -629,6 +636,27 @@ def bench_vector(
     result = run_vector(VectorConfig.preset(quick=quick, **_validation_overrides(steps, seed)))
     print_vector(result, results_console())
     _write_validation_json(out, "vector", [result])
+
+
+@bench_app.command("subtypes")
+@user_errors
+def bench_subtypes(
+    n: str = typer.Option("20,40,60", help="Subjects per data set (comma-separated)."),
+    dims: str = typer.Option("8,16,32", help="Embedding dimensions (comma-separated)."),
+    replicates: int = typer.Option(40, min=1, help="Data sets per scenario."),
+    reference: str = typer.Option("gaussian", help="The gap test's reference: gaussian or uniform."),
+    components: int = typer.Option(2, min=1, help="Principal components the gap test looks at."),
+    seed: int = typer.Option(0, help="Random seed of the data sets."),
+) -> None:
+    """False-positive rate and power of the subtypes stage's one-cluster test on Gaussian clusters.
+
+    Example: neurocl bench subtypes --n 20 --dims 16 --replicates 20
+    """
+    from neurocl.validation.subtypes import print_subtype_rates, subtype_test_rates
+
+    rates = subtype_test_rates(_shape("--n", n, " such as 20,40"), _shape("--dims", dims, " such as 8,16"),
+                               replicates=replicates, reference=reference, n_components=components, seed=seed)
+    print_subtype_rates(rates, results_console(), f"one-cluster test ({reference} reference, {components} components)")
 
 
 def _shape(option: str, text: str, example: str, skip_blank: bool = False) -> tuple[int, ...]:

@@ -292,7 +292,8 @@ class MapsConfig(_Section):
     cluster_method: Literal["kmeans", "gmm"] = Field("kmeans", description="`kmeans` or `gmm`.")
     criterion: Literal["silhouette", "bic"] = Field("silhouette", description="How k is chosen over k_min..k_max.")
     n_bootstrap: NonNegativeInt = Field(100, description="Bootstrap resamples for cluster stability (0: skip).")
-    n_reference: PositiveInt = Field(50, description="Uniform reference sets of the one-cluster gap test (k_min = 1).")
+    n_reference: PositiveInt = Field(50, description="Reference sets (Gaussian, the subjects' covariance) of the "
+                                     "one-cluster gap test (k_min = 1).")
     alpha: float = Field(0.05, gt=0, lt=1, description="Level of the one-cluster gap test.")
     continuous_test: Literal["kruskal", "anova"] = Field(
         "kruskal", description="Test of continuous attributes across clusters: `kruskal` or `anova`."

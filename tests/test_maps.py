@@ -831,3 +831,37 @@ def test_region_at_names_the_atlas_label_under_a_point():
     assert region_at(atlas, names, LESION_MM) == "left hippocampus"
     assert region_at(atlas, names, (40.0, 30.0, 20.0)) is None
     assert region_at(atlas, names, (500.0, 0.0, 0.0)) is None
+
+
+def test_one_cluster_test_on_leading_components_finds_two_clusters_at_twenty_subjects_the_full_space_misses():
+    from neurocl.validation.subtypes import draw_scenario
+
+    def rejections(scenario, separation, **options):
+        return sum(one_cluster_test(draw_scenario(scenario, 20, 16, separation, np.random.default_rng(seed)), 3,
+                                    n_reference=19, n_init=2, random_state=seed, **options)["reject"]
+                   for seed in range(10))
+
+    full_space = rejections("2 clusters", 6.0, reference="uniform", n_components=16)
+    leading = rejections("2 clusters", 6.0, reference="gaussian")
+    assert full_space <= 2 and leading >= 7, (full_space, leading)
+    # One Gaussian cluster: rejected at about the test's level (0.05), not more.
+    assert rejections("one Gaussian", 0.0, reference="gaussian") <= 2
+
+
+def test_one_cluster_test_refuses_an_unknown_reference_and_reports_the_one_it_used():
+    X = np.random.default_rng(0).normal(size=(30, 4))
+    with pytest.raises(ConfigError, match="reference = 'poisson'"):
+        one_cluster_test(X, 3, reference="poisson")
+    result = one_cluster_test(X, 3, n_reference=5, n_init=1, reference="gaussian", n_components=9)
+    assert result["reference"].startswith("Gaussian") and result["n_components"] == 4
+
+
+def test_subtype_test_rates_reports_each_scenarios_rejection_and_correct_k_shares():
+    from neurocl.validation.subtypes import subtype_test_rates
+
+    rates = subtype_test_rates(n_values=(20,), dims=(8,), separations=(8.0,), cluster_counts=(2,), replicates=3,
+                               k_max=3, n_reference=19, n_init=1, progress=False)
+    assert rates["scenario"].tolist() == ["one Gaussian", "elongated Gaussian", "flat continuum", "2 clusters"]
+    nulls = rates[rates["true_k"] == 1]
+    np.testing.assert_allclose(nulls["correct"], 1 - nulls["rejected"])
+    assert rates.loc[rates["true_k"] == 2, "correct"].item() == 1.0  # 8 SDs apart: found every time

@@ -29,12 +29,14 @@ class SubtypeClustering:
 
     k = 1 (no subtypes) is in the range when ``k_min`` is 1. The silhouette cannot score one
     cluster, so with that criterion k = 1 is decided first by :func:`one_cluster_test`, a gap
-    test against a unimodal reference (Tibshirani, Walther & Hastie, 2001): k ≥ 2 is
-    considered only when some partition shrinks the within-cluster dispersion more than
-    partitions of uniform data in the same principal-axis box do, at level ``alpha``. The
-    uniform box is the most clusterable unimodal reference, so an elongated Gaussian or a
-    uniform continuum (a severity axis, no clusters) comes out as k = 1. With ``criterion =
-    "bic"`` the BIC ranks k = 1 with the others, and the gap test is reported beside it.
+    test against one cluster (Tibshirani, Walther & Hastie, 2001): k ≥ 2 is considered only
+    when some partition of the leading principal components shrinks the within-cluster
+    dispersion more than partitions of reference data with the same covariance do, at level
+    ``alpha``. The default reference is a Gaussian (one cluster of subjects); ``reference =
+    "uniform"`` is the most clusterable unimodal shape, which keeps a flat continuum (a severity
+    axis) at k = 1 but needs clusters twice as far apart to find them (measured rates in
+    docs/maps.md). With ``criterion = "bic"`` the BIC ranks k = 1 with the others, and the gap
+    test is reported beside it.
 
     Stability (Lange et al., 2004) is the mean adjusted Rand index between the full solution
     and solutions fitted on bootstrap resamples (and applied to all subjects): near 1 means the
@@ -53,9 +55,13 @@ class SubtypeClustering:
     n_bootstrap : int
         Bootstrap resamples for stability (0: skip).
     n_reference : int
-        Uniform reference data sets of the one-cluster gap test (when k_min is 1).
+        Reference data sets of the one-cluster gap test (when k_min is 1).
     alpha : float
         Level of the one-cluster gap test (over all the k ≥ 2 tried at once).
+    reference : {"gaussian", "uniform"}
+        Shape of the gap test's reference data (:func:`one_cluster_test`).
+    n_components : int
+        Principal components the gap test looks at.
     n_init : int
         Restarts of each fit.
     random_state : int
@@ -88,6 +94,8 @@ class SubtypeClustering:
         random_state: int = 0,
         n_reference: int = 50,
         alpha: float = 0.05,
+        reference: str = "gaussian",
+        n_components: int = 2,
     ):
         self.k_range = k_range
         self.method = method
@@ -98,6 +106,8 @@ class SubtypeClustering:
         self.random_state = random_state
         self.n_reference = n_reference
         self.alpha = alpha
+        self.reference = reference
+        self.n_components = n_components
 
     def _check_params(self, n_samples: int) -> tuple[int, int]:
         if self.method not in ("kmeans", "gmm"):
@@ -137,7 +147,8 @@ class SubtypeClustering:
         self.scores_ = pd.DataFrame(rows)
         self.null_test_ = None
         if k_min == 1:
-            self.null_test_ = one_cluster_test(X, k_max, self.n_reference, self.alpha, self.n_init, self.random_state)
+            self.null_test_ = one_cluster_test(X, k_max, self.n_reference, self.alpha, self.n_init, self.random_state,
+                                               self.reference, self.n_components)
             self.scores_["gap"] = self.null_test_["gap"]
             self.scores_["gap_z"] = [np.nan] + self.null_test_["z"]
         if self.criterion == "bic":
@@ -184,17 +195,38 @@ def _log_dispersions(X: np.ndarray, k_max: int, n_init: int, seed: int) -> np.nd
     return np.log(np.maximum(dispersions, np.finfo(float).tiny))
 
 
+def _principal_scores(X: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first ``n_components`` principal-component scores of X, and all its singular values and axes."""
+    centred = X - X.mean(0)
+    _, singular, axes = np.linalg.svd(centred, full_matrices=False)
+    return centred @ axes[:n_components].T, singular, axes
+
+
+REFERENCES = ("gaussian", "uniform")
+
+
 def one_cluster_test(X, k_max: int, n_reference: int = 50, alpha: float = 0.05, n_init: int = 10,
-                     random_state: int = 0) -> dict:
+                     random_state: int = 0, reference: str = "uniform", n_components: int = 2) -> dict:
     """Gap test of "one cluster" against k = 2..k_max (after Tibshirani, Walther & Hastie, 2001).
 
-    With W_k the k-means within-cluster sum of squares, the drop D_k = log W_1 − log W_k says how
-    much k clusters explain. The reference is uniform data in a box along the data's principal
-    axes, each side √12·σ so that the box has the data's variance along every axis: uniform is
-    the unimodal shape that k-means splits most easily (Tibshirani et al. use the axes' ranges
-    instead, which inflates the low-variance axes of a tight continuum and makes it look
-    clustered). The gap is Gap(k) = E_ref[log W_k] − log W_k. To test all k at once, each drop
-    is standardised by the reference's mean and sd of D_k, z_k = (D_k − m_k) / s_k, and the
+    The data are first projected on their first ``n_components`` principal axes (default 2):
+    clusters separate subjects along the directions of largest variance, and the remaining axes
+    only add k-means' noise to both the data and the references (measured in docs/maps.md: at
+    20 subjects in 16 dimensions the full space found no two clusters even 6 SDs apart). With W_k the k-means within-cluster sum of squares of the projected
+    data, the drop D_k = log W_1 − log W_k says how much k clusters explain. The reference data
+    sets have the data's variance along each of its principal axes (all of them, then projected
+    the same way):
+
+    * ``gaussian``: a Gaussian with the data's covariance, the null of SigClust (Liu, Hayes, Nobel
+      & Marron, 2008), the shape of one cluster of subjects;
+    * ``uniform``: uniform in a box of sides √12·σ, the unimodal shape that k-means splits most
+      easily (Tibshirani et al. use the axes' ranges instead, which inflates the low-variance
+      axes of a tight continuum). A flat continuum (a severity axis) stays k = 1, but clusters
+      need about 6 within-cluster SDs between centres to be found at 20 subjects
+      (docs/maps.md).
+
+    The gap is Gap(k) = E_ref[log W_k] − log W_k. To test all k at once, each drop is
+    standardised by the reference's mean and sd of D_k, z_k = (D_k − m_k) / s_k, and the
     statistic is T = max_k z_k; its p-value is the share of reference sets whose own T* is at
     least T, (1 + #{T* ≥ T}) / (1 + B), which corrects for trying several k.
 
@@ -210,41 +242,57 @@ def one_cluster_test(X, k_max: int, n_reference: int = 50, alpha: float = 0.05, 
         Level of the test.
     n_init, random_state : int
         k-means restarts and seed (reference draws included).
+    reference : {"gaussian", "uniform"}
+        Shape of the reference data.
+    n_components : int
+        Principal axes the test looks at (at most the data's rank).
 
     Returns
     -------
     dict
         gap (k = 1..k_max), gap_sd (the reference's sd of log W_k · sqrt(1 + 1/B)), z (k = 2..k_max),
-        p_value, reject (p_value ≤ alpha), alpha, n_reference, reference.
+        p_value, reject (p_value ≤ alpha), alpha, n_reference, reference, n_components.
     """
     X = np.asarray(X, dtype=np.float64)
     if k_max < 2 or k_max >= len(X):
         raise ConfigError(f"one_cluster_test: k_max = {k_max} must be in [2, {len(X) - 1}]")
+    if reference not in REFERENCES:
+        raise ConfigError(f"one_cluster_test: reference = {reference!r} must be one of {list(REFERENCES)}")
+    if n_components < 1:
+        raise ConfigError(f"one_cluster_test: n_components = {n_components} must be >= 1")
     rng = np.random.default_rng(random_state)
-    centre = X.mean(0)
-    _, singular, axes = np.linalg.svd(X - centre, full_matrices=False)
-    sides = np.sqrt(12.0) * singular / np.sqrt(len(X))
-    observed = _log_dispersions(X, k_max, n_init, random_state)
-    reference = np.array([
-        _log_dispersions(rng.uniform(-0.5, 0.5, size=(len(X), len(sides))) * sides @ axes + centre,
-                         k_max, n_init, random_state)
+    components = min(n_components, *X.shape)
+    scores, singular, axes = _principal_scores(X, components)
+    sd = singular / np.sqrt(len(X))
+
+    def draw() -> np.ndarray:
+        if reference == "gaussian":
+            return rng.standard_normal((len(X), len(sd))) * sd @ axes
+        return rng.uniform(-0.5, 0.5, size=(len(X), len(sd))) * np.sqrt(12.0) * sd @ axes
+
+    observed = _log_dispersions(scores, k_max, n_init, random_state)
+    reference_dispersions = np.array([
+        _log_dispersions(_principal_scores(draw(), components)[0], k_max, n_init, random_state)
         for _ in range(n_reference)
     ])
     drops = observed[0] - observed[1:]
-    reference_drops = reference[:, :1] - reference[:, 1:]
-    mean, sd = reference_drops.mean(0), np.maximum(reference_drops.std(0), np.finfo(float).eps)
-    z = (drops - mean) / sd
-    reference_max = ((reference_drops - mean) / sd).max(1)
+    reference_drops = reference_dispersions[:, :1] - reference_dispersions[:, 1:]
+    mean, spread = reference_drops.mean(0), np.maximum(reference_drops.std(0), np.finfo(float).eps)
+    z = (drops - mean) / spread
+    reference_max = ((reference_drops - mean) / spread).max(1)
     p_value = float((1 + (reference_max >= z.max()).sum()) / (1 + n_reference))
+    described = {"gaussian": "Gaussian with the data's covariance",
+                 "uniform": "uniform in a box along the data's principal axes, with the data's variance on each"}
     return {
-        "gap": (reference.mean(0) - observed).tolist(),
-        "gap_sd": (reference.std(0) * np.sqrt(1 + 1 / n_reference)).tolist(),
+        "gap": (reference_dispersions.mean(0) - observed).tolist(),
+        "gap_sd": (reference_dispersions.std(0) * np.sqrt(1 + 1 / n_reference)).tolist(),
         "z": z.tolist(),
         "p_value": p_value,
         "reject": bool(p_value <= alpha),
         "alpha": alpha,
         "n_reference": n_reference,
-        "reference": "uniform in a box along the data's principal axes, with the data's variance on each",
+        "reference": described[reference],
+        "n_components": int(components),
     }
 
 
