@@ -201,13 +201,15 @@ def validate(
     """Check a cohort and report every problem at once (row, participant_id, problem).
 
     Given a pipeline YAML, checks it against the schema (with any --set), that the attributes it
-    names exist in its cohort, then the cohort; nothing is built or written.
+    names exist in its cohort, then the cohort; nothing is built or written. Also lists the rows
+    the spec leaves out (include, on_invalid: exclude), or those on_invalid: exclude would.
 
     Example: neurocl validate cohorts/demo.yaml
 
     Example: neurocl validate pipelines/demo.yaml --set training.lr=1e-3
     """
     from neurocl.cohort import Cohort, print_problems
+    from neurocl.cohort.problems import print_excluded
     from neurocl.errors import NeuroclError
     from neurocl.io import load_yaml
 
@@ -230,7 +232,12 @@ def validate(
     else:
         loaded = Cohort.from_yaml(cohort)
     problems = loaded.validate(check_images=images, progress=True)
+    if loaded.excluded is not None:
+        print_excluded(loaded.excluded, loaded.n_read, console=results_console())
     print_problems(problems, console=results_console(), cohort=loaded)
+    preview = loaded.exclusion_preview(problems) if loaded.spec.on_invalid == "error" else None
+    if preview:
+        results_console().print(preview, highlight=False, markup=False)
     if problems:
         raise typer.Exit(1)
 

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from neurocl import baselines, report
-from neurocl.cohort import Cohort, Splits, make_splits
+from neurocl.cohort import Cohort, Splits, exclusion_summary, make_splits
 from neurocl.cohort.truth import read_ground_truth
 from neurocl.config import PipelineConfig, check_attribute_names, load_pipeline
 from neurocl.logs import progress_console
@@ -138,6 +138,9 @@ def run_pipeline(path: str | os.PathLike, out: str | os.PathLike, resume: bool |
 def _run_stages(config: PipelineConfig, run: RunDir, cohort: Cohort, resume: bool, inputs: dict) -> Path:
     """Every stage after the checks of ``--out``, with the run folder held (:meth:`OutputFolder.hold`)."""
     cohort.check(check_images=True)
+    if cohort.excluded is not None:
+        console.print(f"[bold]cohort[/] {exclusion_summary(cohort.excluded, cohort.n_read, run.excluded)}",
+                      highlight=False)
     check_attribute_names(config, cohort)
     ground_truth = _ground_truth(config, cohort)
     # Read (and refused when malformed) before any training, not after it.
@@ -150,6 +153,8 @@ def _run_stages(config: PipelineConfig, run: RunDir, cohort: Cohort, resume: boo
     run.prepare(config, resume, inputs)
     if not run.splits.is_file():
         splits.save(run.splits)
+    if cohort.excluded is not None:  # written with the split, after every check (a failed one writes nothing)
+        write_tsv(run.excluded, cohort.excluded)
 
     store = VolumeStore.build(cohort, run.store_folder(config, harmonised=False), config.preprocess, progress=True)
     if config.harmonise is not None:

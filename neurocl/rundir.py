@@ -4,6 +4,7 @@
 other module spells them); every stage asks it for its paths. Layout (``docs/pipelines.md``)::
 
     RUN/config.yaml        the resolved pipeline          RUN/splits.tsv       the split manifest
+    RUN/excluded.tsv       rows the cohort spec's include / on_invalid: exclude left out, and why
     RUN/store/             the preprocessed cohort (unless outputs.store points elsewhere)
     RUN/checkpoints/       last.ckpt, best.ckpt           RUN/logs/            metrics.csv, prepared.json
     RUN/embeddings.tsv     + its cohort sidecar           RUN/probes.tsv  RUN/separation.json
@@ -92,6 +93,8 @@ class RunDir:
         self.path = Path(path)
         self.config = self.path / "config.yaml"
         self.splits = self.path / "splits.tsv"
+        # The rows of participants.tsv the cohort left out (include, on_invalid: exclude) and why.
+        self.excluded = self.path / "excluded.tsv"
         self.default_store = self.path / "store"
         self.harmonised_store = self.path / "store-harmonised"
         self.checkpoints = self.path / "checkpoints"
@@ -173,10 +176,11 @@ class RunDir:
         """What a run that failed before training left here (config.yaml, splits.tsv, logs/, the store), or
         None when the folder is not a neurocl run (no marker) or holds anything else (another run's
         results, files of the user)."""
-        own = {self.config, self.splits, self.logs, self.default_store, self.harmonised_store, self.checkpoints}
+        own = {self.config, self.splits, self.excluded, self.logs, self.default_store, self.harmonised_store,
+               self.checkpoints}
         if not self.own.is_run() or self.trained() or any(path not in own for path in self.own.contents()):
             return None
-        return [path for path in (self.config, self.splits, self.prepared) if path.exists()]
+        return [path for path in (self.config, self.splits, self.excluded, self.prepared) if path.exists()]
 
     def check_out(self, config: PipelineConfig, resume: bool, inputs: dict[str, Path | None] | None = None) -> None:
         """Refuse an unusable ``--out`` before anything is written: an input of the run or inside one

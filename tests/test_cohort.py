@@ -12,7 +12,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from neurocl.cli import app
-from neurocl.cohort import Cohort, Problem, Splits, make_splits, print_problems
+from neurocl.cohort import Cohort, CohortSpec, Problem, Splits, make_splits, print_problems
 from neurocl.errors import CohortError, ConfigError
 
 IMAGES = "{participant_id}/anat/{participant_id}_desc-gm.nii.gz"
@@ -509,3 +509,180 @@ def test_a_synthetic_cohort_spec_names_its_ground_truth(tiny_cohort):
     truth = cohort.ground_truth()
     assert cohort.ground_truth_path == tiny_cohort.parent / "ground_truth.tsv"
     assert set(truth["participant_id"]) == set(cohort.table["participant_id"]) and "subtype" in truth
+
+
+# ---------------------------------------------------------------------- include and on_invalid: exclude
+COHORTS = Path(__file__).resolve().parents[1] / "cohorts"
+# A messy BIDS dataset in the CAT12 layout: line -> (participant_id, diagnosis, age, sex, site).
+MESSY = {2: ("sub-01", "control", "30", "F", "A"), 3: ("sub-02", "patient", "41", "M", "A"),
+         4: ("sub-03", "n/a", "52", "F", "B"), 5: ("sub-04", "patient", "n/a", "M", "B"),
+         6: ("sub-05", "control", "25", "M", "B"), 7: ("sub-06", "n/a", "60", "M", "A"),
+         8: ("sub-07", "patient", "38", "F", "pilot"), 9: ("sub-08", "control", "45", "F", "A"),
+         10: ("sub-09", "patient", "33", "F", "B")}
+NO_IMAGE = "sub-05"
+# What the shipped spec (include: site != 'pilot', on_invalid: exclude) must leave out, and why.
+LEFT_OUT = {4: ("sub-03", "diagnosis missing"), 5: ("sub-04", "age missing"), 6: ("sub-05", "image missing"),
+            7: ("sub-06", "diagnosis missing"), 8: ("sub-07", "not selected by include")}
+
+
+def write_cat12_dataset(folder: Path, **changes) -> Path:
+    """The messy dataset on disk (8^3 NIfTIs, plain-text TSV) with cohorts/cat12_derivatives.yaml beside it,
+    its fields changed by ``changes`` (None removes one)."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["participant_id\tdiagnosis\tage\tsex\tsite"] + ["\t".join(MESSY[line]) for line in sorted(MESSY)]
+    (folder / "participants.tsv").write_text("\n".join(lines) + "\n")
+    rng = np.random.default_rng(0)
+    for pid, *_ in MESSY.values():
+        anat = folder / "derivatives" / "cat12" / pid / "anat"
+        anat.mkdir(parents=True, exist_ok=True)
+        if pid != NO_IMAGE:
+            volume = rng.random((8, 8, 8)).astype(np.float32)
+            nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2.0, 2.0, 1.0])), anat / f"mwp1{pid}_T1w.nii.gz")
+    raw = yaml.safe_load((COHORTS / "cat12_derivatives.yaml").read_text())
+    raw.update(changes)
+    (folder / "cohort.yaml").write_text(yaml.safe_dump({key: value for key, value in raw.items() if value is not None}))
+    return folder / "cohort.yaml"
+
+
+def test_a_messy_cat12_dataset_is_refused_by_default_with_every_bad_row_named(tmp_path):
+    spec = write_cat12_dataset(tmp_path / "bids", on_invalid=None)
+    cohort = Cohort.from_yaml(spec)
+    problems = cohort.validate()
+    expected = {4: "diagnosis is missing", 5: "required attribute 'age' is missing", 6: "image not found",
+                7: "diagnosis is missing"}
+    assert {problem.row: problem.problem.split(" (")[0].split(":")[0] for problem in problems} == expected
+    with pytest.raises(CohortError, match=r"4 problem\(s\)"):
+        cohort.check()
+    assert cohort.excluded["row"].tolist() == [8]  # the include filter still applies
+
+
+def test_on_invalid_exclude_leaves_out_the_bad_rows_and_records_why(tmp_path):
+    cohort = Cohort.from_yaml(write_cat12_dataset(tmp_path / "bids"))
+    assert cohort.table["participant_id"].tolist() == ["sub-01", "sub-02", "sub-08", "sub-09"]
+    assert cohort.table["row"].tolist() == [2, 3, 9, 10]
+    cohort.check()
+    excluded = cohort.excluded
+    assert excluded.columns.tolist() == ["participant_id", "row", "reason", "problem"]
+    assert {row: (pid, reason) for row, pid, reason in excluded[["row", "participant_id", "reason"]].values} == LEFT_OUT
+    assert "mwp1sub-05_T1w.nii.gz" in excluded.set_index("row").at[6, "problem"]
+    assert cohort.categories["site"] == ["A", "B"]  # 'pilot' was only on a row left out
+    assert cohort.n_read == len(MESSY)
+
+
+def test_a_row_with_two_problems_is_left_out_once_with_both(tmp_path):
+    spec = write_cat12_dataset(tmp_path / "bids", include=None)
+    (tmp_path / "bids" / "participants.tsv").write_text(
+        (tmp_path / "bids" / "participants.tsv").read_text().replace("sub-03\tn/a\t52", "sub-03\tn/a\tn/a"))
+    row = Cohort.from_yaml(spec).excluded.set_index("row").loc[4]
+    assert row["reason"] == "diagnosis missing; age missing"
+    assert row["problem"].count("; ") == 1
+
+
+def test_exclusion_keeps_the_problems_of_the_whole_cohort_errors(tmp_path):
+    # Every patient row left out: the target group is empty, which no exclusion can fix.
+    spec = write_cat12_dataset(tmp_path / "a", include="diagnosis != 'patient' or participant_id == 'sub-04'")
+    with pytest.raises(CohortError, match=r"target group is empty .*after leaving out 7 of 9 rows: include, on_invalid"):
+        Cohort.from_yaml(spec).check()
+    # A wrong images template: no image reads, so nothing is left out for its image.
+    spec = write_cat12_dataset(tmp_path / "b", images="derivatives/cat12/{participant_id}/anat/mwp2{participant_id}_T1w.nii.gz")
+    cohort = Cohort.from_yaml(spec)
+    assert set(cohort.excluded["reason"]) == {"diagnosis missing", "age missing", "not selected by include"}
+    with pytest.raises(CohortError, match="no image could be read .*check the spec's root and images template"):
+        cohort.check()
+    spec = write_cat12_dataset(tmp_path / "c", group={"column": "dx", "background": ["control"], "target": ["patient"]})
+    with pytest.raises(CohortError, match="group.column: 'dx' is not a column"):
+        Cohort.from_yaml(spec)
+
+
+def test_a_duplicate_row_is_left_out_and_the_first_kept(tmp_path):
+    spec = write_cat12_dataset(tmp_path / "bids", include=None)
+    tsv = tmp_path / "bids" / "participants.tsv"
+    tsv.write_text(tsv.read_text() + "sub-01\tpatient\t31\tF\tA\n")
+    cohort = Cohort.from_yaml(spec)
+    assert cohort.table.loc[cohort.table["participant_id"] == "sub-01", "row"].tolist() == [2]
+    assert cohort.excluded.set_index("row").at[11, "reason"] == "duplicate row"
+
+
+@pytest.mark.parametrize(("include", "selected", "kept"), [
+    ("age >= 40", ["sub-02", "sub-03", "sub-06", "sub-08"], ["sub-02", "sub-08"]),  # continuous: numbers
+    ("site == 'B' and sex == 'F'", ["sub-03", "sub-09"], ["sub-09"]),
+    ("participant_id.str.endswith('1') or `sex` == 'M'", ["sub-01", "sub-02", "sub-04", "sub-05", "sub-06"],
+     ["sub-01", "sub-02"]),
+    (["sub-08", "sub-01"], ["sub-01", "sub-08"], ["sub-01", "sub-08"]),  # table order, not list order
+])
+def test_include_selects_rows_by_query_or_ids_before_any_check(tmp_path, include, selected, kept):
+    cohort = Cohort.from_yaml(write_cat12_dataset(tmp_path / "bids", include=include))
+    assert cohort.table["participant_id"].tolist() == kept
+    reasons = cohort.excluded.set_index("participant_id")["reason"]
+    not_selected = sorted(pid for pid, *_ in MESSY.values() if pid not in selected)
+    # A row not selected is never checked: sub-05's missing image is no reason when include leaves it out.
+    assert sorted(reasons.index[reasons == "not selected by include"]) == not_selected
+    assert len(reasons) == len(MESSY) - len(kept)
+
+
+def test_include_reads_a_categorical_site_as_written_and_other_numeric_columns_as_numbers(tmp_path):
+    frame = pd.DataFrame({"participant_id": ["sub-1", "sub-2", "sub-3"], "diagnosis": ["control", "patient", "patient"],
+                          "site": ["01", "1", "02"], "iq": ["100", "120", "n/a"]})
+    cohort = Cohort(frame, images="{participant_id}.nii.gz", group=GROUP, attributes={"site": "categorical"},
+                    include="site == '01' or iq > 110")
+    assert cohort.table["participant_id"].tolist() == ["sub-1", "sub-2"]
+
+
+@pytest.mark.parametrize(("include", "message"), [
+    ("sitee == 'A'", r"""include: "sitee == 'A'" failed: name 'sitee' is not defined \(columns: participant_id"""),
+    ("sex > 3", r"include: 'sex > 3' failed: '>' not supported"),
+    ("age", r"include: 'age' must give True or False for each row"),
+    (["sub-01", "sub-99"], r"include: sub-99 not in the participants table"),
+    ("age.to_csv('x.tsv')", r"include: .*only these methods may be called"),
+    ("age > @limit", r"include: .*'@' \(a local variable\) is not allowed"),
+    ("age.__class__", r"include: .*'__' are not allowed"),
+    ("age >", r"include: 'age >' is not a valid query"),
+    ([], r"include: an empty list selects no participant"),
+])
+def test_a_bad_include_is_one_error_naming_the_field(tmp_path, include, message):
+    with pytest.raises(CohortError, match=message) as error:
+        Cohort.from_yaml(write_cat12_dataset(tmp_path / "bids", include=include))
+    assert "\n" not in str(error.value) and "cohort.yaml" in str(error.value)
+
+
+def test_the_cohort_fingerprint_follows_the_selection(tmp_path):
+    from neurocl.embed import cohort_fingerprint
+
+    all_rows = Cohort.from_yaml(write_cat12_dataset(tmp_path / "a", include=None))
+    selected = Cohort.from_yaml(write_cat12_dataset(tmp_path / "b"))
+    same_rows = Cohort.from_yaml(write_cat12_dataset(tmp_path / "c", include="site in ['A', 'B']"))
+    assert cohort_fingerprint(all_rows) != cohort_fingerprint(selected) == cohort_fingerprint(same_rows)
+
+
+def test_cli_validate_says_what_exclude_would_leave_out_and_what_it_left_out(tmp_path):
+    runner = CliRunner()
+    refused = runner.invoke(app, ["validate", str(write_cat12_dataset(tmp_path / "a", on_invalid=None))],
+                            terminal_width=200)
+    assert refused.exit_code == 1
+    assert ("with on_invalid: exclude, 4 of 8 rows would be left out (2 diagnosis missing, 1 age missing, "
+            "1 image missing), leaving 2 background and 2 target") in refused.output
+    excluded = runner.invoke(app, ["validate", str(write_cat12_dataset(tmp_path / "b"))], terminal_width=200)
+    assert excluded.exit_code == 0, excluded.output
+    assert "left out of the cohort" in excluded.output and "not selected by include" in excluded.output
+    assert ("left out 5 of 9 rows: 2 diagnosis missing, 1 age missing, 1 image missing, 1 not selected by include"
+            in excluded.output)
+    assert "cohort OK: 4 images, 2 background, 2 target" in excluded.output
+
+
+def test_the_shipped_fmriprep_spec_loads_against_its_layout(tmp_path):
+    import yaml
+
+    raw = yaml.safe_load((COHORTS / "fmriprep_derivatives.yaml").read_text())
+    (tmp_path / "participants.tsv").write_text(
+        "participant_id\tdiagnosis\tage\tsex\tsite\nsub-01\tcontrol\t30\tF\tA\nsub-02\tpatient\t17\tM\tA\n"
+        "sub-03\tpatient\t50\tM\tB\n")
+    for pid in ("sub-01", "sub-02", "sub-03"):
+        anat = tmp_path / "derivatives" / "fmriprep" / pid / "anat"
+        anat.mkdir(parents=True)
+        volume = np.random.default_rng(int(pid[-1])).random((8, 8, 8)).astype(np.float32)
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), anat / f"{pid}_space-MNI152NLin2009cAsym_label-GM_probseg.nii.gz")
+    cohort = Cohort.from_spec(CohortSpec.model_validate(raw), base_dir=tmp_path)
+    assert cohort.table["participant_id"].tolist() == ["sub-01", "sub-03"]  # include: age >= 18
+    cohort.check()

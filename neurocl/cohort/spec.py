@@ -9,6 +9,7 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from neurocl.cohort.query import check_query
 from neurocl.errors import CohortError, validation_message
 from neurocl.images import GridSpec, ImageKind, image_kind
 
@@ -98,6 +99,15 @@ class CohortSpec(BaseModel):
         A TSV of known latent factors (a synthetic cohort's ``ground_truth.tsv``), keyed by
         ``participant_id`` (and ``session_id`` when it has that column); the pipeline probes and
         clusters every factor that is not already an attribute (:mod:`neurocl.cohort.truth`).
+    include : str, list of str or None
+        Which rows of participants.tsv make the cohort, applied before any check: a query over
+        its columns (``"session_id == 'ses-1' and site == 'A'"``, :mod:`neurocl.cohort.selection`)
+        or a list of participant ids. ``None``: every row.
+    on_invalid : "error" or "exclude"
+        What a row with a problem of its own (a missing group or required attribute, a missing
+        or broken image, ...) does: ``error`` (default) stops every pipeline until it is fixed;
+        ``exclude`` leaves the row out and records why (:attr:`Cohort.excluded`). Problems of the
+        cohort as a whole (a missing column, an empty group, no readable image) stay errors.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -111,6 +121,24 @@ class CohortSpec(BaseModel):
     attributes: dict[str, Literal["continuous", "categorical"]] = {}
     required: list[str] | None = None
     ground_truth: Path | None = None
+    include: str | list[str] | None = None
+    on_invalid: Literal["error", "exclude"] = "error"
+
+    @field_validator("include", mode="before")
+    @classmethod
+    def _include_ids_as_text(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [str(item) for item in value]
+        return value
+
+    @field_validator("include")
+    @classmethod
+    def _include_selects_something(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list selects no participant (leave include out to keep every row)")
+        if isinstance(value, str):
+            check_query(value)
+        return value
 
     @field_validator("images")
     @classmethod

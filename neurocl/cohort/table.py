@@ -1,5 +1,12 @@
 """A :class:`Cohort`: the participants table joined to its images, groups and typed attributes,
-loaded leniently and validated on demand."""
+loaded leniently and validated on demand.
+
+Two spec fields make the cohort a subset of participants.tsv, both applied when it is loaded so
+that every command reading the spec (run, embed, probe, a DDP worker) sees the same rows:
+``include`` selects rows before any check (:mod:`neurocl.cohort.query`), and ``on_invalid:
+exclude`` then validates the selected rows (images included) and leaves out each row that has a
+problem of its own. :attr:`Cohort.excluded` records both, one line per row left out.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,10 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import track
 
-from neurocl.cohort.problems import Problem, _grid_differences, _read_grid, _voxel_problems, _where
+from neurocl.cohort.problems import (
+    NOT_SELECTED, Problem, _grid_differences, _read_grid, _voxel_problems, _where, excluded_table, reason_counts,
+)
+from neurocl.cohort.query import included_rows
 from neurocl.cohort.spec import MISSING_VALUES, PLACEHOLDERS, CohortSpec, GroupSpec, _spec_error, key_columns
 from neurocl.cohort.truth import read_ground_truth
 from neurocl.errors import CohortError
@@ -109,6 +119,10 @@ class Cohort:
         Attributes that must be present in every row.
     grid : GridSpec or dict, optional
         Grid of ``.npy`` / picture images (``{"affine": 4x4}`` or ``{"voxel_size": v}``).
+    include : str or list of str, optional
+        A query over the participants columns, or participant ids: the rows that make the cohort.
+    on_invalid : "error" or "exclude"
+        ``exclude``: leave out the rows with a problem of their own (recorded in ``excluded``).
 
     Attributes
     ----------
@@ -121,6 +135,11 @@ class Cohort:
         Where the cohort came from, used in messages: the YAML path, or ``cohort 'NAME'``.
     categories : dict
         Sorted categories of each categorical attribute (kept by :meth:`select`).
+    excluded : DataFrame or None
+        The rows of participants.tsv left out, one per row: ``participant_id``, [``session_id``],
+        ``row``, ``reason`` (kinds, ``; ``-joined; ``not selected by include`` for rows the
+        include filter left out) and ``problem`` (the full texts). None when the spec has neither
+        ``include`` nor ``on_invalid: exclude``.
     """
 
     def __init__(
@@ -133,6 +152,8 @@ class Cohort:
         name: str = "cohort",
         required: Sequence[str] | None = None,
         grid: GridSpec | dict | None = None,
+        include: str | Sequence[str] | None = None,
+        on_invalid: str = "error",
     ) -> None:
         fields = {
             "name": name,
@@ -143,6 +164,8 @@ class Cohort:
             "attributes": attributes or {},
             "required": list(required) if required is not None else None,
             "grid": grid.model_dump() if isinstance(grid, GridSpec) else grid,
+            "include": include if include is None or isinstance(include, str) else list(include),
+            "on_invalid": on_invalid,
         }
         try:
             spec = CohortSpec(**fields)
@@ -188,14 +211,57 @@ class Cohort:
         self._root = (base_dir / spec.root).resolve()
         self.ground_truth_path = (None if spec.ground_truth is None
                                   else _resolved(base_dir / spec.ground_truth, f"{source}: ground_truth"))
+        self.n_read = len(raw)
+        # Rows whose images passed every check when the cohort was loaded, and cohort-level
+        # problems found then: what validate() need not, or cannot, find again on the kept rows.
+        self._images_checked: frozenset[int] = frozenset()
+        self._load_problems: list[Problem] = []
+        selected = included_rows(raw, spec, source)
+        not_selected = raw.loc[~selected]
+        raw = raw.loc[selected].reset_index(drop=True)
         self.table = self._build_table(raw, table_name)
+        # The cells as written, for messages ("age 'abc' is not a number") and required checks.
+        self._written = raw[list(dict.fromkeys([spec.group.column, *spec.attributes]))].reset_index(drop=True)
+        self.excluded: pd.DataFrame | None = None
+        if spec.include is not None or spec.on_invalid == "exclude":
+            key = key_columns(raw)
+            self.excluded = excluded_table(
+                not_selected, [Problem(row, None, NOT_SELECTED, NOT_SELECTED) for row in not_selected["row"]], key)
+            if spec.on_invalid == "exclude":
+                invalid = self._exclude_invalid()
+                self.excluded = (pd.concat([self.excluded, invalid], ignore_index=True) if len(self.excluded)
+                                 else invalid).sort_values("row", kind="stable").reset_index(drop=True)
+        # After the exclusions: a category only a left-out row had is no category of the cohort.
         self.categories = {
             name: sorted(self.table[name].dropna().unique().tolist())
             for name, kind in spec.attributes.items()
             if kind == "categorical"
         }
-        # The cells as written, for messages ("age 'abc' is not a number") and required checks.
-        self._written = raw[list(dict.fromkeys([spec.group.column, *spec.attributes]))].reset_index(drop=True)
+
+    def _exclude_invalid(self) -> pd.DataFrame:
+        """Leave out the rows with a problem of their own (images opened); the table of those left out.
+
+        When no image at all can be read, the template or root is wrong rather than some rows:
+        nothing is left out for its image, and validate() reports it as a cohort-level problem.
+        """
+        problems = [problem for problem in self._table_problems() if problem.row is not None]
+        image_problems = self._image_problems(progress=True)
+        opened = {int(record["row"]) for record in self.table.to_dict("records")
+                  if isinstance(record["image"], str) and not self._path_problems(record)}
+        if opened and opened <= {problem.row for problem in image_problems}:
+            first = image_problems[0]
+            self._load_problems.append(Problem(None, None, (
+                f"on_invalid: exclude: no image could be read (line {first.row}: {first.problem}); check the "
+                "spec's root and images template")))
+        else:
+            problems += image_problems
+        excluded = excluded_table(self.table, problems, self.key_columns)
+        kept = ~self.table["row"].isin(excluded["row"]).to_numpy()
+        self.table = self.table.loc[kept].reset_index(drop=True)
+        self._written = self._written.loc[kept].reset_index(drop=True)
+        if not self._load_problems:
+            self._images_checked = frozenset(int(row) for row in self.table["row"])
+        return excluded
 
     def _build_table(self, raw: pd.DataFrame, table_name: str) -> pd.DataFrame:
         spec = self.spec
@@ -249,6 +315,10 @@ class Cohort:
         cohort._root = parent._root
         cohort.ground_truth_path = parent.ground_truth_path
         cohort.categories = parent.categories
+        cohort.excluded = parent.excluded
+        cohort.n_read = parent.n_read
+        cohort._images_checked = parent._images_checked
+        cohort._load_problems = parent._load_problems
         cohort.table = table.reset_index(drop=True)
         cohort._written = written.reset_index(drop=True)
         return cohort
@@ -355,10 +425,29 @@ class Cohort:
         list of Problem
             Sorted by row; cohort-level problems (row None) last.
         """
-        problems = self._table_problems()
+        problems = self._table_problems() + self._load_problems
         if check_images:
             problems += self._image_problems(progress)
         return sorted(problems, key=lambda p: (p.row is None, p.row or 0))
+
+    def exclusion_preview(self, problems: Sequence[Problem]) -> str | None:
+        """What ``on_invalid: exclude`` would leave out of this cohort, given its ``problems`` (one line).
+
+        None when no row has a problem of its own. Says whether the rest would still be refused
+        (an empty group, a problem of the whole cohort).
+        """
+        excluded = excluded_table(self.table, problems, self.key_columns)
+        if excluded.empty:
+            return None
+        kept = self.table.loc[~self.table["row"].isin(excluded["row"])]
+        counts = kept["group"].value_counts()
+        line = (f"with on_invalid: exclude, {len(excluded)} of {len(self)} rows would be left out "
+                f"({reason_counts(excluded)}), leaving {counts.get('background', 0)} background and "
+                f"{counts.get('target', 0)} target")
+        empty = [group for group in ("background", "target") if counts.get(group, 0) == 0]
+        if empty or any(problem.row is None for problem in problems):
+            line += f" (still refused: {' and '.join(empty) + ' group empty' if empty else 'a problem of the whole cohort'})"
+        return line
 
     def input_folder(self) -> Path | None:
         """The folder holding every image of the cohort (their common parent), which nothing may write into.
@@ -395,44 +484,55 @@ class Cohort:
             pid = None if pd.isna(record["participant_id"]) else record["participant_id"]
             key = tuple("n/a" if pd.isna(record.get(c)) else record.get(c) for c in self.key_columns)
             if pid is not None and key in first_line:
-                problems.append(Problem(record["row"], pid, f"duplicate of line {first_line[key]} ({', '.join(key)})"))
+                problems.append(Problem(record["row"], pid, f"duplicate of line {first_line[key]} ({', '.join(key)})",
+                                        "duplicate row"))
             first_line.setdefault(key, record["row"])
-            problems += [Problem(record["row"], pid, text) for text in self._row_problems(position, record)]
+            problems += [Problem(record["row"], pid, text, reason) for text, reason in self._row_problems(position, record)]
         counts = self.table["group"].value_counts()
+        left_out = "" if self.excluded is None or self.excluded.empty else (
+            f" after leaving out {len(self.excluded)} of {self.n_read} rows: {self._exclusion_fields()}")
         for group, values in (("background", spec.group.background), ("target", spec.group.target)):
             if counts.get(group, 0) == 0:
-                problems.append(Problem(None, None, f"{group} group is empty (no row has {spec.group.column} in {values})"))
+                problems.append(Problem(None, None, f"{group} group is empty (no row has {spec.group.column} in "
+                                                    f"{values}{left_out})"))
         return problems
 
-    def _row_problems(self, position: int, record: dict) -> list[str]:
-        """Problems of one row that need no other row: ids, image path, group, attributes."""
+    def _exclusion_fields(self) -> str:
+        fields = ["include" if self.spec.include is not None else "", "on_invalid: exclude"
+                  if self.spec.on_invalid == "exclude" else ""]
+        return ", ".join(field for field in fields if field)
+
+    def _row_problems(self, position: int, record: dict) -> list[tuple[str, str]]:
+        """Problems of one row that need no other row (ids, image path, group, attributes): (text, reason) pairs."""
         spec = self.spec
         found = []
         if pd.isna(record["participant_id"]):
-            found.append("participant_id is missing")
+            found.append(("participant_id is missing", "participant_id missing"))
         if spec.uses_sessions and pd.isna(record.get("session_id")):
-            found.append("session_id is missing (the images template needs it)")
+            found.append(("session_id is missing (the images template needs it)", "session_id missing"))
         found += self._path_problems(record)
         if pd.isna(record["group"]):
             found.append(self._group_problem(position))
         for attribute in spec.required or []:
             if pd.isna(self._written.at[position, attribute]):
-                found.append(f"required attribute '{attribute}' is missing")
+                found.append((f"required attribute '{attribute}' is missing", f"{attribute} missing"))
         for attribute, kind in spec.attributes.items():
             written = self._written.at[position, attribute]
             if kind == "continuous" and not pd.isna(written) and not np.isfinite(record[attribute]):
-                found.append(f"{attribute} {written!r} is not a finite number (continuous attribute)")
+                found.append((f"{attribute} {written!r} is not a finite number (continuous attribute)",
+                              f"{attribute} not a number"))
         return found
 
-    def _group_problem(self, position: int) -> str:
+    def _group_problem(self, position: int) -> tuple[str, str]:
         group = self.spec.group
         value = self._written.at[position, group.column]
         allowed = f"background {group.background}, target {group.target}"
         if pd.isna(value):
-            return f"{group.column} is missing ({allowed})"
-        return f"{group.column} {value!r} is neither background nor target ({allowed})"
+            return f"{group.column} is missing ({allowed})", f"{group.column} missing"
+        return (f"{group.column} {value!r} is neither background nor target ({allowed})",
+                f"{group.column} neither background nor target")
 
-    def _path_problems(self, record: dict) -> list[str]:
+    def _path_problems(self, record: dict) -> list[tuple[str, str]]:
         """Why this row's image may not be opened: an id that is not a label, or a path outside the root.
 
         The path is compared as written (normalised, symlinks not followed): links that the
@@ -444,15 +544,18 @@ class Cohort:
             value = record.get(column)
             if isinstance(value, str) and not ID_CHARACTERS.fullmatch(value):
                 others = "".join(dict.fromkeys(re.sub(r"[A-Za-z0-9_-]", "", value)))
-                found.append(f"{column} {value!r} has characters a BIDS label cannot hold ({others!r}): ids name "
-                             "image files, so only letters, digits, '-' and '_' are allowed")
+                found.append((f"{column} {value!r} has characters a BIDS label cannot hold ({others!r}): ids name "
+                              "image files, so only letters, digits, '-' and '_' are allowed", f"{column} not a label"))
         image = record.get("image")
         if not found and isinstance(image, str) and not Path(os.path.normpath(image)).is_relative_to(self._root):
-            found.append(f"image path {os.path.normpath(image)} is outside the cohort's root {self._root} "
-                         "(from the images template): set root to a folder that holds every image")
+            found.append((f"image path {os.path.normpath(image)} is outside the cohort's root {self._root} "
+                          "(from the images template): set root to a folder that holds every image",
+                          "image outside the root"))
         return found
 
     def _image_problems(self, progress: bool) -> list[Problem]:
+        if self._images_checked and set(self.table["row"]) <= self._images_checked:
+            return []  # every image passed these checks when on_invalid: exclude loaded the cohort
         records = self.table.to_dict("records")
         reference: tuple[dict, Grid] | None = None
         problems: list[Problem] = []
@@ -468,17 +571,17 @@ class Cohort:
             # before any voxel is read: a forged header cannot make validate allocate gigabytes.
             grid = _read_grid(path, self.spec)
             if isinstance(grid, str):
-                problems.append(Problem(record["row"], pid, grid))
+                problems.append(Problem(record["row"], pid, grid, "image missing" if not path.exists() else "image unreadable"))
                 continue
             if reference is None:
                 reference = (record, grid)
             else:
                 where = f"line {reference[0]['row']}, {reference[0]['participant_id']}"
                 differences = _grid_differences(grid, reference[1], where)
-                problems += [Problem(record["row"], pid, text) for text in differences]
+                problems += [Problem(record["row"], pid, text, "image grid differs") for text in differences]
                 if grid.shape != reference[1].shape:
                     continue
-            problems += [Problem(record["row"], pid, text) for text in _voxel_problems(path, self.spec)]
+            problems += [Problem(record["row"], pid, text, "image voxels unusable") for text in _voxel_problems(path, self.spec)]
         return problems
 
     def reference_grid(self) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:
