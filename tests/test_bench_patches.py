@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ TINY = dict(shapes=((16, 18, 16),), sizes=(8,), per_subject=3, batch_size=2, n_b
 
 
 def test_every_library_serves_the_asked_patches_in_batches_of_b_times_k():
+    pytest.importorskip("torchio", reason="the bench extra (pip install -e \".[bench]\") installs TorchIO")
     result = run_patch_benchmark(PatchBenchConfig(**TINY), progress=False)
     measured = {m.library: m for m in result["measurements"]}
     assert set(measured) == {"neurocl", "torchio", "monai"}
@@ -26,8 +28,19 @@ def test_every_library_serves_the_asked_patches_in_batches_of_b_times_k():
     json.dumps(bench_patches.result_dict(result))  # --out writes plain JSON types
 
 
+def test_a_library_that_is_not_installed_is_reported_missing_and_the_rest_measured(monkeypatch):
+    # None in sys.modules makes `import torchio` raise ImportError, as on a plain `pip install -e .`.
+    monkeypatch.setitem(sys.modules, "torchio", None)
+    result = run_patch_benchmark(PatchBenchConfig(**{**TINY, "n_batches": 1}), progress=False)
+    assert result["missing"] == ["torchio"]
+    assert {m.library for m in result["measurements"]} == {"neurocl", "monai"}
+    assert set(result["ratios"][((16, 18, 16), 8)]) == {"neurocl/monai"}
+
+
 @pytest.mark.parametrize("library", ["torchio", "monai"])
 def test_baselines_cut_patches_of_the_asked_size_from_the_volumes(library):
+    if library == "torchio":
+        pytest.importorskip("torchio", reason="the bench extra (pip install -e \".[bench]\") installs TorchIO")
     config = PatchBenchConfig(**{**TINY, "n_batches": 1})
     volumes = np.arange(2 * 16 * 18 * 16, dtype=np.float32).reshape(2, 1, 16, 18, 16)
     make = bench_patches._torchio_loader if library == "torchio" else bench_patches._monai_loader
