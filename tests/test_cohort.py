@@ -474,6 +474,14 @@ def test_ground_truth_is_read_relative_to_the_spec_and_keyed_by_participant(tmp_
     assert Cohort.from_yaml(write_spec(tmp_path / "none", TSV)).ground_truth() is None
 
 
+def test_the_ground_truth_of_a_row_left_out_is_dropped_not_refused(tmp_path):
+    spec = write_spec(tmp_path / "c", TSV, ground_truth="factors.tsv", include="[sub-01, sub-03]")
+    (tmp_path / "c" / "factors.tsv").write_text(TRUTH_TSV + "sub-03\t1\t2\t3\n")
+    cohort = Cohort.from_yaml(spec)
+    assert cohort.table["participant_id"].tolist() == ["sub-01", "sub-03"]
+    assert cohort.ground_truth()["participant_id"].tolist() == ["sub-01", "sub-03"]  # sub-02: not selected
+
+
 @pytest.mark.parametrize("content, message", [
     (None, r"ground_truth: .*factors\.tsv not found"),
     ("subject\tsubtype\nsub-01\t1\n", "no participant_id column"),

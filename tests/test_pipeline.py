@@ -501,3 +501,38 @@ def test_a_ctrl_c_lost_in_a_finalizer_still_stops_training(workspace, pipeline_y
     metrics = (workspace / "lost-ctrl-c" / "logs" / "metrics.tsv")
     steps = [line for line in metrics.read_text().splitlines()[1:] if line.strip()] if metrics.exists() else []
     assert len(steps) <= 4, f"training went on after the interrupt: {len(steps)} metric rows"
+
+
+# ---------------------------------------------------------------- a messy cohort: include and on_invalid: exclude
+
+
+def test_run_on_a_messy_cohort_leaves_out_its_bad_rows_and_writes_the_excluded_table(tmp_path, tiny_cohort_copy):
+    folder = tiny_cohort_copy.parent
+    tsv = folder / "participants.tsv"
+    lines = tsv.read_text().splitlines()
+    lines[3] = "\t".join([lines[3].split("\t")[0], "n/a", *lines[3].split("\t")[2:]])  # line 4: diagnosis n/a
+    tsv.write_text("\n".join(lines) + "\n")
+    missing = lines[5].split("\t")[0]  # line 6: its image is gone
+    (folder / missing / "anat" / f"{missing}_desc-gm.nii.gz").unlink()
+    tiny_cohort_copy.write_text(tiny_cohort_copy.read_text() + "on_invalid: exclude\ninclude: \"participant_id != 'sub-0032'\"\n")
+    config = yaml.safe_load(PIPELINE.format(cohort=tiny_cohort_copy, store=tmp_path / "store"))
+    config["training"].update(epochs=1)
+    config["baselines"] = []
+    path = tmp_path / "messy.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert (f"left out 3 of 32 rows ({tmp_path / 'run' / 'excluded.tsv'}): 1 diagnosis missing, 1 image missing, "
+            "1 not selected by include") in " ".join(result.output.split())
+    excluded = read_tsv(tmp_path / "run" / "excluded.tsv")
+    assert excluded[["participant_id", "row", "reason"]].values.tolist() == [
+        [lines[3].split("\t")[0], 4, "diagnosis missing"], [missing, 6, "image missing"],
+        ["sub-0032", 33, "not selected by include"]]
+    embedded = set(read_tsv(tmp_path / "run" / "embeddings.tsv")["participant_id"])
+    assert len(embedded) == 29 and not embedded & set(excluded["participant_id"])
+
+    # The image is restored: the cohort has one row more than the run trained on, which resume refuses.
+    shutil.copy(folder / "sub-0001" / "anat" / "sub-0001_desc-gm.nii.gz", folder / missing / "anat" / f"{missing}_desc-gm.nii.gz")
+    with pytest.raises(ConfigError, match=rf"changed since this run started: 1 row was added \({missing}\)"):
+        pipeline.run_pipeline(path, tmp_path / "run", resume=True)

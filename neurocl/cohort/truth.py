@@ -34,7 +34,7 @@ def read_ground_truth(path: str | Path, cohort: "Cohort") -> pd.DataFrame:
     Checks: the file exists and reads as a TSV; it has ``participant_id`` and at least one factor
     column; no row lacks its key; no key is given twice; every key is a row of the cohort
     (``session_id`` only when the cohort has sessions). Cohort rows without a truth row are allowed
-    (their factors are missing).
+    (their factors are missing); the truth of rows the spec left out (:attr:`Cohort.excluded`) is dropped.
 
     Returns
     -------
@@ -68,17 +68,28 @@ def read_ground_truth(path: str | Path, cohort: "Cohort") -> pd.DataFrame:
         first_key = table.loc[duplicated, keys].iloc[0]
         same = (table[keys] == first_key).all(axis=1).to_numpy()
         raise CohortError(f"{where} line {lines[same][1]}: duplicate of line {lines[same][0]} ({'/'.join(first_key)})")
-    known = cohort.table[keys].astype(str).drop_duplicates()
-    unknown = ~table[keys].merge(known, on=keys, how="left", indicator=True)["_merge"].eq("both").to_numpy()
+    kept = _rows_in(table, cohort.table, keys)
+    # A row the spec left out (include, on_invalid: exclude) is still a row of participants.tsv: its
+    # truth is known, not a typo, and is dropped with the row.
+    left_out = (_rows_in(table, cohort.excluded, keys) if cohort.excluded is not None
+                else np.zeros(len(table), dtype=bool))
+    unknown = ~(kept | left_out)
     if unknown.any():
         raise CohortError(f"{where} line {lines[unknown][0]}: {'/'.join(table.loc[unknown, keys].iloc[0])} is not a "
                           f"row of the cohort's participants table")
+    table = table.loc[kept]
     for column in table.columns:
         if column not in keys:
             numbers = pd.to_numeric(table[column], errors="coerce")
             if numbers.notna().sum() == table[column].notna().sum():
                 table[column] = numbers
     return table.reset_index(drop=True)
+
+
+def _rows_in(table: pd.DataFrame, rows: pd.DataFrame, keys: list[str]) -> np.ndarray:
+    """Which rows of ``table`` have their key among ``rows``' (keys compared as text)."""
+    known = rows[keys].astype(str).drop_duplicates()
+    return table[keys].merge(known, on=keys, how="left", indicator=True)["_merge"].eq("both").to_numpy()
 
 
 def factor_kind(values: pd.Series) -> str:
