@@ -35,7 +35,7 @@ from neurocl.harmonise import HarmoniseConfig
 from neurocl.methods import MethodConfig, OptimConfig
 from neurocl.nets import EncoderConfig
 from neurocl.patches import PatchConfig
-from neurocl.settings import merge_settings, parse_settings
+from neurocl.settings import merge_settings, parse_settings, unknown_field_hint
 from neurocl.store import PreprocessConfig
 from neurocl.views import ViewConfig
 
@@ -471,11 +471,23 @@ def _reject_booleans(raw: dict, source: str) -> None:
 
 
 def validated(model: type[BaseModel], raw: Any, source: str) -> BaseModel:
-    """``model.model_validate(raw)``, every problem reported as one :class:`ConfigError` (one line each)."""
+    """``model.model_validate(raw)``, every problem reported as one :class:`ConfigError` (one line each;
+    an unknown field with the nearest known one and its section's fields)."""
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(validation_message(source, error)) from None
+        raise ConfigError(validation_message(source, error, hint=unknown_field_hint(
+            lambda location: _fields_at(model, location)))) from None
+
+
+def _fields_at(model: type[BaseModel], location: tuple) -> list[str] | None:
+    """The fields of the section of ``model`` at ``location`` (list positions skipped), None where there is none."""
+    for part in location:
+        if isinstance(part, str):
+            model = _sections(model).get(part)
+            if model is None:
+                return None
+    return list(model.model_fields)
 
 
 def load_pipeline(path: str | os.PathLike, overrides: dict | None = None, settings: Sequence[str] = ()) -> PipelineConfig:

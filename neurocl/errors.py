@@ -25,19 +25,20 @@ class StoreError(NeuroclError):
     """The preprocessed store cannot be written or read (disk space, a file, a lock); the message names the path."""
 
 
-def validation_message(source: str, error, top: str = "(top level)") -> str:
+def validation_message(source: str, error, top: str = "(top level)", hint=None) -> str:
     """One line per problem of a pydantic ``ValidationError``: ``source: field.path: message (got value)``.
 
     The one formatter of configuration errors (pipelines, cohort specs, command options), so that
     every bad value is reported alike: the file or option group, the dotted field, pydantic's
     message without its ``Value error, `` prefix, and the value given (omitted for a missing field
     and for a validator's own message, which names the value itself). ``top`` names a problem of the
-    whole model (no field).
+    whole model (no field). ``hint(item)``, when given, adds text to the line of each pydantic
+    error item (e.g. the nearest field to an unknown one, :func:`neurocl.settings.unknown_field_hint`).
     """
     lines = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or top
         message = item["msg"].removeprefix("Value error, ")
         given = "" if item["type"] in ("missing", "value_error") else f" (got {item.get('input')!r})"
-        lines.append(f"{source}: {where}: {message}{given}")
+        lines.append(f"{source}: {where}: {message}{given}{hint(item) if hint else ''}")
     return "\n".join(lines)

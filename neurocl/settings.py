@@ -10,7 +10,8 @@ refused), and a field set twice is refused rather than the last setting winning 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import difflib
+from typing import Any, Callable, Sequence
 
 from neurocl.errors import ConfigError
 from neurocl.io import parse_yaml
@@ -62,3 +63,47 @@ def merge_settings(raw: dict[str, Any], settings: dict[str, Any], where: str = "
         else:
             merged[key] = value
     return merged
+
+
+def nearest_field(name: str, fields: Sequence[str]) -> str | None:
+    """The field ``name`` was most likely meant to be, or None when none is close.
+
+    In order: the same name without underscores or in another case (``batchsize`` ->
+    ``batch_size``); difflib's nearest match with a similarity ratio of at least 0.75 (``lam_mmi``
+    -> ``lam_mi``, ``epoch`` -> ``epochs``); a field that the name extends by whole ``_`` words, or
+    that extends the name, the longest first (``lr_rate`` -> ``lr``, ``warmup`` -> ``warmup_steps``);
+    difflib's nearest match above 0.6.
+    """
+    squashed = {field.replace("_", "").lower(): field for field in fields}
+    if name.replace("_", "").lower() in squashed:
+        return squashed[name.replace("_", "").lower()]
+    close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    words = [field for field in fields if name.startswith(f"{field}_") or field.startswith(f"{name}_")]
+    if words:
+        return max(words, key=len)
+    close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def unknown_field_hint(fields_at: Callable[[tuple], Sequence[str] | None]) -> Callable[[dict], str]:
+    """A hint for :func:`neurocl.errors.validation_message`: what an unknown field was probably meant to be.
+
+    ``fields_at(location)`` gives the fields of the section at ``location`` (``("training",)``; ``()``
+    for the top level), or None where there is no section. For a pydantic ``extra_forbidden``
+    error at ``training.lr_rate`` the hint reads ``; did you mean training.lr? (training fields:
+    optimizer, lr, ...)``; for any other error it is empty.
+    """
+
+    def hint(item: dict) -> str:
+        *section, name = item["loc"] or ("",)
+        fields = fields_at(tuple(section)) if item["type"] == "extra_forbidden" and isinstance(name, str) else None
+        if not fields:
+            return ""
+        where = ".".join(str(part) for part in section)
+        near = nearest_field(name, fields)
+        suggestion = f"; did you mean {where + '.' if where else ''}{near}?" if near else ""
+        return f"{suggestion} ({f'{where} fields' if where else 'top-level fields'}: {', '.join(fields)})"
+
+    return hint

@@ -9,7 +9,7 @@ import yaml
 
 from neurocl.errors import ConfigError
 from neurocl.config import load_pipeline
-from neurocl.settings import merge_settings, parse_settings
+from neurocl.settings import merge_settings, nearest_field, parse_settings
 
 DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
 
@@ -49,3 +49,58 @@ def test_setting_paths_are_relative_to_the_current_folder(tmp_path, monkeypatch)
     config = load_pipeline(DEMO, settings=["cohort=cohorts/x.yaml"])
     assert config.cohort == tmp_path / "cohorts" / "x.yaml"
     assert yaml.safe_load(DEMO.read_text())["cohort"] == "../neurocl-demo/cohort/cohort.yaml"
+
+
+def test_a_mistyped_field_names_the_nearest_one_and_lists_its_section(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_pipeline(DEMO, settings=["training.lr_rate=1e-3"])
+    message = str(error.value)
+    assert "training.lr_rate: Extra inputs are not permitted (got 0.001); did you mean training.lr? " in message
+    assert "(training fields: optimizer, lr, weight_decay," in message and "epochs" in message and "\n" not in message
+    with pytest.raises(ConfigError, match=r"method.lam_mmi: .*did you mean method.lam_mi\? \(method fields: name,"):
+        load_pipeline(DEMO, settings=["method.lam_mmi=50"])
+    with pytest.raises(ConfigError, match=r"evaluation.probe.n_split: .*did you mean evaluation.probe.n_splits\?"):
+        load_pipeline(DEMO, settings=["evaluation.probe.n_split=3"])
+
+
+def test_a_mistyped_section_names_the_nearest_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainin: Extra inputs are not permitted .*; did you mean training\? "
+                                          r"\(top-level fields: name, cohort, preprocess, .*training"):
+        load_pipeline(DEMO, settings=["trainin.lr=1e-3"])
+
+
+def test_a_typo_in_the_yaml_gets_the_same_hint(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("cohort: cohort.yaml\nmaps: {enabeld: true}\n")
+    with pytest.raises(ConfigError, match=r"maps.enabeld: .*did you mean maps.enabled\?"):
+        load_pipeline(path)
+
+
+def test_an_unknown_field_far_from_every_other_lists_the_fields_without_a_guess():
+    with pytest.raises(ConfigError) as error:
+        load_pipeline(DEMO, settings=["training.learning_rate=1e-3"])
+    assert "did you mean" not in str(error.value) and "(training fields: optimizer, lr," in str(error.value)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("lr_rate", "lr"),  # the field plus a word
+    ("warmup", "warmup_steps"),  # the field less a word
+    ("batchsize", "batch_size"), ("Seed", "seed"),  # underscores and case
+    ("epoch", "epochs"), ("lam_mmi", "lam_mi"),  # one letter off: difflib, before the word rule (lam_mmi is not lam)
+    ("learning_rate", None), ("xyz", None),
+])
+def test_nearest_field(name, expected):
+    fields = ["lr", "lam", "lam_mi", "warmup_steps", "batch_size", "seed", "seeds", "epochs", "strategy", "accelerator"]
+    assert nearest_field(name, fields) == expected
+
+
+def test_bench_separation_set_gets_the_hint(tmp_path):
+    from typer.testing import CliRunner
+
+    from neurocl.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "separation", "--quick", "--set", "training.lr_rate=1e-3",
+                                      "--workdir", str(tmp_path)], terminal_width=300)
+    assert result.exit_code != 0
+    assert "did you mean training.lr?" in " ".join(result.output.split())
+    assert not any(tmp_path.iterdir())  # refused before any cohort was built
