@@ -99,7 +99,14 @@ def test_invalid_attribute_kind_and_unknown_field_are_both_reported(tmp_path):
     with pytest.raises(CohortError) as error:
         Cohort.from_yaml(spec)
     assert "attributes.age" in str(error.value) and "'numeric'" in str(error.value)
-    assert "atributes" in str(error.value)
+    assert "atributes: Extra inputs are not permitted (got {}); did you mean attributes? (top-level fields: name," in str(error.value)
+
+
+def test_a_mistyped_spec_field_names_the_nearest_one(tmp_path):
+    with pytest.raises(CohortError, match=r"on_invalide: .*did you mean on_invalid\?"):
+        Cohort.from_yaml(write_spec(tmp_path / "a", TSV, on_invalide="exclude"))
+    with pytest.raises(CohortError, match=r"group.backgrund: .*did you mean group.background\? \(group fields: column, "):
+        Cohort.from_yaml(write_spec(tmp_path / "b", TSV, group="{column: diagnosis, backgrund: [control], target: [patient]}"))
 
 
 def test_missing_participants_file_is_named(tmp_path):

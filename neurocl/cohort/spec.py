@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from neurocl.cohort.query import check_query
 from neurocl.errors import CohortError, validation_message
 from neurocl.images import GridSpec, ImageKind, image_kind
+from neurocl.settings import unknown_field_hint
 
 # The subject key: a row of a cohort, a store manifest, an embeddings table or a splits manifest is
 # one image of one participant (and session). Every table is matched on these columns, never on position.
@@ -194,4 +195,10 @@ class CohortSpec(BaseModel):
 
 def _spec_error(source: str, error: ValidationError) -> CohortError:
     # A model-level problem of a cohort spec is named "spec" (the spec as a whole).
-    return CohortError(validation_message(source, error, top="spec"))
+    return CohortError(validation_message(source, error, top="spec", hint=unknown_field_hint(_spec_fields_at)))
+
+
+def _spec_fields_at(location: tuple) -> list[str] | None:
+    """The fields of the cohort spec's section at ``location`` (for the nearest-field hint of a typo)."""
+    section = {(): CohortSpec, ("group",): GroupSpec, ("grid",): GridSpec}.get(location)
+    return None if section is None else list(section.model_fields)
