@@ -28,6 +28,7 @@ from neurocl.io import write_json
 from neurocl.outputs import OutputFolder, record_files
 from neurocl.pipeline import run_pipeline
 from neurocl.probe import PRIMARY_METRIC, embedding_spaces, probe_attribute
+from neurocl.probe.verdicts import adjusted_p, few_targets_warning, multiple_testing_note, verdict
 from neurocl.rundir import RunDir
 from neurocl.synth import SynthConfig, make_synthetic_cohort
 from neurocl.synthdir import SynthDir
@@ -147,7 +148,12 @@ def demo_summary(run_dir: str | os.PathLike, cohort_dir: str | os.PathLike) -> d
     * ``maps``: the mean AUC of the subtype maps against the true masks per attribution method
       and the adjusted Rand index of the clusters over every patient (in-sample), from
       ``maps/evaluation.json``; ``ari_test``: the ARI over the test patients only (held out).
-    * ``targets``: each check and whether it holds (decodable = p < 0.05 and score above chance).
+    * ``targets``: each check, its ``outcome`` (reached, missed or inconclusive) and ``reached``.
+      A probe's verdict (:mod:`neurocl.probe.verdicts`) is "decodable" when its 95% CI lies above
+      chance and its p-value, adjusted across the table's tests (Benjamini-Hochberg), is below 0.05;
+      "not decodable" when its CI lies below chance + 0.1; "inconclusive" otherwise, and so is the
+      check.
+    * ``warnings``: e.g. too few target subjects in the test split for held-out verdicts.
     """
     run, cohort_dir = RunDir(run_dir), SynthDir(cohort_dir)
     config = run.read_config()
@@ -157,6 +163,7 @@ def demo_summary(run_dir: str | os.PathLike, cohort_dir: str | os.PathLike) -> d
     kinds = Cohort.from_yaml(cohort_dir.cohort_yaml).attribute_kinds
     results = {attribute: _attribute_records(attribute, probes, embeddings, truth, kinds, config.evaluation.probe)
                for attribute in DEMO_EXPECTED}
+    n_tests = _judge([record for spaces in results.values() for record in spaces.values()])
     linear = _linear_floor(run, truth, kinds, config.evaluation.probe)
     targets = []
     # The maps are over every subject (maps.split: all): in-sample, and the checks say so.
@@ -164,9 +171,9 @@ def demo_summary(run_dir: str | os.PathLike, cohort_dir: str | os.PathLike) -> d
     for attribute, (wanted, unwanted) in DEMO_EXPECTED.items():
         for space, expected in ((wanted, True), (unwanted, False)):
             record = results[attribute].get(space)
-            reached = record is not None and record["decodable"] == expected
+            outcome = _outcome(record, expected)
             targets.append({"check": f"{attribute} {'decodable' if expected else 'not decodable'} from {space}",
-                            "reached": reached})
+                            "outcome": outcome, "reached": outcome == "reached"})
         # The floor: the space that should hold the attribute scores at least the best linear baseline's figure.
         floor, record = linear.get(attribute), results[attribute].get(wanted)
         if floor is not None:
@@ -188,10 +195,38 @@ def demo_summary(run_dir: str | os.PathLike, cohort_dir: str | os.PathLike) -> d
         ari = maps["ari_test"]
         targets.append({"check": f"cluster ARI >= {DEMO_ARI} on the {maps['n_test_patients']} held-out test patients",
                         "reached": ari is not None and ari >= DEMO_ARI})
+    for target in targets:
+        target.setdefault("outcome", "reached" if target["reached"] else "missed")
     scope = config.evaluation.probe.scope
-    n_test = int(embeddings.loc[embeddings["split"].eq("test"), "participant_id"].nunique()) if "split" in embeddings else None
-    return {"run": str(run.path), "scope": scope, "n_test_subjects": n_test, "probes": results, "linear": linear,
-            "maps": maps, "targets": targets, "all_reached": all(target["reached"] for target in targets)}
+    n_test = n_target = None
+    if "split" in embeddings:
+        tested = embeddings[embeddings["split"].eq("test")]
+        n_test = int(tested["participant_id"].nunique())
+        n_target = int(tested.loc[tested["group"].eq("target"), "participant_id"].nunique())
+    warning = few_targets_warning(n_target) if scope == "held_out" else None
+    return {"run": str(run.path), "scope": scope, "n_test_subjects": n_test, "n_test_targets": n_target,
+            "probes": results, "n_tests": n_tests, "linear": linear, "maps": maps, "targets": targets,
+            "warnings": [warning] if warning else [], "all_reached": all(target["reached"] for target in targets)}
+
+
+def _judge(records: list[dict]) -> int:
+    """Adjust the p-values of ``records`` across them (the printed table's tests) and give each its verdict;
+    the number of tests."""
+    adjusted = adjusted_p([np.nan if r["p_value"] is None else r["p_value"] for r in records])
+    for record, p_adjusted in zip(records, adjusted):
+        record["p_adjusted"] = None if np.isnan(p_adjusted) else float(p_adjusted)
+        low, high = (np.nan if bound is None else bound for bound in record["ci"])
+        record["verdict"] = verdict(np.nan if record["value"] is None else record["value"], low, high, p_adjusted,
+                                    np.nan if record["chance"] is None else record["chance"], record["metric"])
+        record["decodable"] = record["verdict"] == "decodable"
+    return int(np.isfinite(adjusted).sum())
+
+
+def _outcome(record: dict | None, expected: bool) -> str:
+    """A check "decodable" (``expected``) or "not decodable" against the probe's verdict."""
+    if record is None or record["verdict"] == "inconclusive":
+        return "inconclusive" if record is not None else "missed"
+    return "reached" if (record["verdict"] == "decodable") == expected else "missed"
 
 
 def _attribute_records(attribute: str, probes: pd.DataFrame, embeddings: pd.DataFrame, truth: pd.DataFrame,
@@ -238,10 +273,9 @@ def _probe_record(row, subset: str) -> dict:
     def number(value):
         return None if pd.isna(value) else float(value)
 
-    value, p_value, chance = number(row["value"]), number(row["p_value"]), number(row["chance"])
-    decodable = value is not None and p_value is not None and p_value < 0.05 and value > (chance or 0.0)
-    return {"subset": subset, "metric": row["metric"], "value": value, "ci": [number(row["ci_low"]), number(row["ci_high"])],
-            "p_value": p_value, "chance": chance, "n": number(row.get("n")), "decodable": decodable}
+    return {"subset": subset, "metric": row["metric"], "value": number(row["value"]),
+            "ci": [number(row["ci_low"]), number(row["ci_high"])], "p_value": number(row["p_value"]),
+            "chance": number(row["chance"]), "n": number(row.get("n"))}
 
 
 def _probe_subtype(embeddings: pd.DataFrame, truth: pd.DataFrame, probe_config: ProbeConfig) -> dict:
@@ -281,9 +315,15 @@ def _number(value, digits: int) -> str:
 
 
 def _demo_cell(record: dict | None) -> str:
+    """'value [CI] p=... adj. p=...: verdict' (the verdict and adjusted p of the run's own spaces only)."""
     if record is None:
         return "n/a"
-    return f"{_number(record['value'], 2)} (p={_number(record['p_value'], 3)})" + (" *" if record["decodable"] else "")
+    low, high = record["ci"]
+    text = _number(record["value"], 2) + (f" [{_number(low, 2)}, {_number(high, 2)}]" if low is not None else "")
+    text += f" p={_number(record['p_value'], 3)}"
+    if "verdict" in record:
+        text += f" adj. p={_number(record['p_adjusted'], 3)}: {record['verdict']}"
+    return text
 
 
 def _print_demo_summary(summary: dict) -> None:
@@ -312,7 +352,11 @@ def _print_demo_summary(summary: dict) -> None:
         out.print(f"maps (in-sample: every subject): AUC vs true subtype masks: {aucs}; clusters: {maps['n_clusters']}, "
                   f"ARI {_number(maps['ari'], 2)} (every patient), {_number(maps.get('ari_test'), 2)} "
                   f"({maps.get('n_test_patients', 0)} held-out test patients)")
+    out.print(multiple_testing_note(summary.get("n_tests", 0)), highlight=False)
+    colours = {"reached": "green", "missed": "red", "inconclusive": "yellow"}
     for target in summary["targets"]:
-        mark = "[green]reached[/]" if target["reached"] else "[red]missed[/]"
-        out.print(f"  {mark}  {target['check']}")
+        outcome = target.get("outcome", "reached" if target["reached"] else "missed")
+        out.print(f"  [{colours[outcome]}]{outcome:<12}[/]  {target['check']}")
+    for warning in summary.get("warnings", []):
+        out.print(f"[yellow]warning[/]: {warning}", highlight=False)
     out.print(f"demo finished in {summary['wall_time_s'] / 60:.1f} min; summary: demo_summary.json beside the run")

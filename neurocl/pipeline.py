@@ -38,6 +38,7 @@ from neurocl.io import write_json, write_tsv
 from neurocl.maps import run_maps
 from neurocl.probe import probe_embeddings, probe_ground_truth, separation
 from neurocl.probe.heldout import ADVICE, MIN_TEST_PARTICIPANTS
+from neurocl.probe.verdicts import few_targets_warning
 from neurocl.rundir import RunDir
 from neurocl.store import VolumeStore
 from neurocl.synthdir import SynthDir
@@ -237,6 +238,10 @@ def _splits(config: PipelineConfig, cohort: Cohort, run: RunDir) -> Splits:
             source = config.splits.file or f"splits.test_fraction {config.splits.test_fraction}"
             raise ConfigError(f"{source}: {tested} test participant(s) of {cohort.table['participant_id'].nunique()}; "
                               f"held-out probes need at least {MIN_TEST_PARTICIPANTS}: {ADVICE}")
+        targets = set(cohort.table.loc[cohort.is_target, "participant_id"])
+        warning = few_targets_warning(len(targets & set(splits.table.loc[splits.table["split"] == "test", "participant_id"])))
+        if warning and is_primary_process():
+            console.print(f"[yellow]warning[/]: {warning}", highlight=False)
     return splits
 
 

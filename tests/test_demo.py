@@ -154,12 +154,20 @@ def test_demo_summary_checks_the_map_against_the_untrained_network(fake_run):
 
 def test_demo_summary_checks_each_target(fake_run):
     summary = demo_summary(*fake_run)
+    outcome = {target["check"]: target["outcome"] for target in summary["targets"]}
     reached = {target["check"]: target["reached"] for target in summary["targets"]}
-    assert reached["subtype decodable from salient"]
-    assert reached["subtype not decodable from common"]
-    assert reached["severity decodable from salient"] and reached["severity not decodable from common"]
-    assert reached["age decodable from common"] and reached["sex not decodable from salient"]
-    assert not reached["site decodable from common"] and not reached["site not decodable from salient"]
+    # CI [0.30, 0.50] above chance, p 0.01: the 4th smallest of the table's 10 p-values, BH-adjusted 0.01 * 10 / 4.
+    assert outcome["severity decodable from salient"] == "reached" and reached["age decodable from common"]
+    assert summary["probes"]["severity"]["salient"]["p_adjusted"] == pytest.approx(0.025)
+    # The subtype probe is perfect on the 8 test patients, but 8 labels allow p 0.03 at best, 5th of 10:
+    # 0.03 * 10 / 5 = 0.06 adjusted: inconclusive, not reached. Its common space is exactly at chance (CI [0.5, 0.5]): not decodable.
+    assert outcome["subtype decodable from salient"] == "inconclusive" and not reached["subtype decodable from salient"]
+    assert outcome["subtype not decodable from common"] == "reached"
+    # Scores of chance + 0.01 with CI [chance - 0.09, chance + 0.11]: the CI still reaches 0.1 above chance.
+    assert outcome["severity not decodable from common"] == "inconclusive"
+    assert outcome["sex not decodable from salient"] == "inconclusive"
+    # The wrong space holds site: decodable where it should not be.
+    assert outcome["site not decodable from salient"] == "missed" and not reached["site decodable from common"]
     n_test_patients = summary["maps"]["n_test_patients"]
     assert 4 <= n_test_patients < 16 and summary["maps"]["ari_test"] == 1.0
     assert reached["gradient_x_input map AUC >= 0.8 (in-sample, maps.split all)"]
@@ -174,6 +182,27 @@ def test_demo_summary_checks_each_target(fake_run):
     assert summary["scope"] == "held_out" and summary["n_test_subjects"] == 16
     assert summary["probes"]["severity"]["salient"]["subset"] == "target"
     assert summary["maps"]["ari"] == 0.7
+
+
+def test_demo_summary_warns_when_the_test_split_holds_few_target_subjects(fake_run):
+    summary = demo_summary(*fake_run)
+    assert summary["n_test_targets"] == 8
+    (warning,) = summary["warnings"]
+    assert warning.startswith("only 8 target subjects in the test split") and "in_sample_cv" in warning
+    assert "cross-fit" in warning
+
+
+def test_demo_prints_verdicts_with_their_ci_and_adjusted_p_and_the_warning(fake_run, capsys):
+    from neurocl.demo import _print_demo_summary
+
+    summary = demo_summary(*fake_run)
+    _print_demo_summary({**summary, "wall_time_s": 60.0})
+    out = " ".join(capsys.readouterr().out.split())
+    assert "0.40 [0.30, 0.50] p=0.010 adj. p=0.025: decodable" in out
+    assert "*" not in out.replace("**", "")
+    assert "Benjamini-Hochberg adjusted across the table's 10 distinct tests" in out
+    assert "inconclusive subtype decodable from salient" in out
+    assert "warning: only 8 target subjects in the test split" in out
 
 
 # ---------------------------------------------------------------- what the docs say about the demo

@@ -14,9 +14,9 @@ from neurocl.io import read_tsv
 from neurocl.probe.cv import cross_validated_predictions, group_folds, outer_folds
 from neurocl.probe.heldout import TEST_SPLIT, fit_and_test_rows, held_out_folds, test_size_note
 from neurocl.probe.metrics import PRIMARY_METRIC, score
-from neurocl.probe.permutations import ALPHA
 from neurocl.probe.probe import GROUP_ATTRIBUTE, probe_attribute
 from neurocl.probe.truth import cluster_recovery
+from neurocl.probe.verdicts import with_verdicts
 
 
 def separation(embeddings: pd.DataFrame, cohort, probes: pd.DataFrame, ground_truth=None, config: ProbeConfig | None = None) -> dict:
@@ -33,9 +33,11 @@ def separation(embeddings: pd.DataFrame, cohort, probes: pd.DataFrame, ground_tr
     Returns
     -------
     dict (separation.json)
-        ``attributes``: per attribute and subset, per space: the primary score, its CI, p-value and chance,
-        plus ``decodable_from`` (spaces with p < 0.05 and score beyond chance) and
-        ``salient_minus_common``. ``background_collapse`` (two-space embeddings): mean salient norm of
+        ``attributes``: per attribute and subset, per space: the primary score, its CI, p-value, the
+        p-value adjusted across every primary test (Benjamini-Hochberg) and the verdict
+        (:mod:`neurocl.probe.verdicts`), plus the chance score, ``decodable_from`` and
+        ``inconclusive_in`` (the spaces with each verdict), ``same_subjects_as`` (a subset ``all``
+        that scores the target subjects only) and ``salient_minus_common``. ``background_collapse`` (two-space embeddings): mean salient norm of
         background and target rows, their ratio, the AUC of the salient norm for target vs background,
         and the cross-validated target-vs-background AUC of a probe on the salient space.
         ``ground_truth`` (optional): held-out R^2 of each factor from each space, the MCC, and
@@ -64,20 +66,24 @@ def _scored_subjects(embeddings: pd.DataFrame, config: ProbeConfig) -> dict:
 
 def _decodability(probes: pd.DataFrame) -> dict:
     out: dict = {}
-    scored = probes[probes["metric"].isin(PRIMARY_METRIC.values())]
+    judged = with_verdicts(probes)
+    scored = judged[judged["metric"].isin(PRIMARY_METRIC.values())]
     for (attribute, subset), rows in scored.groupby(["attribute", "subset"], sort=False):
         entry = {"metric": rows["metric"].iloc[0], "chance": _finite(rows["chance"].iloc[0]), "spaces": {}}
+        if rows["repeats"].all():
+            entry["same_subjects_as"] = "target" if "target" in set(scored.loc[scored["attribute"] == attribute, "subset"]) \
+                else "background"
         for _, row in rows.iterrows():
             entry["spaces"][row["space"]] = {
                 "value": _finite(row["value"]),
                 "ci": [_finite(row["ci_low"]), _finite(row["ci_high"])],
                 "p_value": _finite(row["p_value"]),
+                "p_adjusted": _finite(row["p_adjusted"]),
+                "verdict": row["verdict"],
             }
-        entry["decodable_from"] = [
-            space
-            for space, values in entry["spaces"].items()
-            if values["p_value"] is not None and values["p_value"] < ALPHA and values["value"] > entry["chance"]
-        ]
+        # neurocl.probe.verdicts: the CI above chance and the BH-adjusted p below ALPHA.
+        entry["decodable_from"] = [space for space, values in entry["spaces"].items() if values["verdict"] == "decodable"]
+        entry["inconclusive_in"] = [space for space, values in entry["spaces"].items() if values["verdict"] == "inconclusive"]
         if {"common", "salient"} <= entry["spaces"].keys():
             common, salient = entry["spaces"]["common"]["value"], entry["spaces"]["salient"]["value"]
             entry["salient_minus_common"] = None if common is None or salient is None else salient - common
