@@ -286,8 +286,82 @@ def test_report_sets_every_headline_figure_beside_the_best_linear_one_with_groun
     floor = text[text.index("## Against the linear floor"):]
     # Ground-truth rows, each figure beside the best linear one (and lin2's two spaces).
     assert "| sex | all | balanced_accuracy | 0.5 | 0.52 | 0.91 | 0.97 (lin2 common) | 0.97 | 0.6 | 12 |" in floor
-    assert "| subtype (truth) | target | balanced_accuracy | 0.5 | 0.55 | 0.875 | 0.8125 (pca) | 0.5 | 0.75 | 12 |" in floor
+    # Figures to 3 decimals, as the probe tables give them (0.8125 -> 0.812).
+    assert "| subtype (truth) | target | balanced_accuracy | 0.5 | 0.55 | 0.875 | 0.812 (pca) | 0.5 | 0.75 | 12 |" in floor
     assert "| subtype | ARI | 2 | 12 | 0.01 | 0.625 | 0.375 (lin2 salient) | 0 | 0.375 |" in floor
     assert "| subtype | NMI | 2 | 12 | 0.02 | 0.5 | 0.25 (lin2 salient) | 0.01 | 0.25 |" in floor
     # The probe and separation sections show the ground truth too.
     assert "ground truth: subtype" in text and "Ground truth by clustering" in text
+
+
+def _small_n_probes() -> pd.DataFrame:
+    """probes.tsv of a run scored on 20 test patients: severity recorded for patients only ('all' = 'target')."""
+    rows = []
+    for subset in ("all", "target"):
+        rows += [{"space": "salient", "attribute": "severity", "subset": subset, "scope": "held_out", "metric": "r2",
+                  "value": 0.08, "ci_low": -0.62, "ci_high": 0.36, "p_value": 0.0495, "n_permutations": 199,
+                  "chance": 0.0, "n": 20, "n_fit": 60, "note": ""},
+                 {"space": "common", "attribute": "severity", "subset": subset, "scope": "held_out", "metric": "r2",
+                  "value": -7.771e-05, "ci_low": -0.05, "ci_high": 0.04, "p_value": 0.6, "n_permutations": 99,
+                  "chance": 0.0, "n": 20, "n_fit": 60, "note": ""}]
+    for space, value, p in (("common", 0.62, 1 / 101), ("salient", 0.03, 0.7)):
+        rows.append({"space": space, "attribute": "age", "subset": "all", "scope": "held_out", "metric": "r2",
+                     "value": value, "ci_low": value - 0.2, "ci_high": value + 0.15, "p_value": p, "n_permutations": 100,
+                     "chance": 0.0, "n": 40, "n_fit": 120, "note": ""})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def small_n_report(tmp_path):
+    from neurocl.probe.separation import _decodability
+
+    probes = _small_n_probes()
+    write_tsv(tmp_path / "probes.tsv", probes)
+    write_json(tmp_path / "separation.json", {
+        "scope": "held_out", "n_test_subjects": 40, "attributes": _decodability(probes),
+        "background_collapse": {"scope": "held_out", "n_background": 20, "n_target": 20, "norm_ratio": 0.3},
+        "ground_truth": {"r2": {"all": {"salient": {"severity": 0.41}}}, "mcc": {}}})
+    return write_report(tmp_path)[1].read_text()
+
+
+def test_a_significant_score_whose_ci_spans_chance_is_reported_inconclusive(small_n_report):
+    # R² 0.08 [-0.62, 0.36], p 0.0495: no longer "decodable"; its adjusted p is shown beside the raw one.
+    # Four distinct tests (severity's 'all' rows repeat its 'target' rows): p 0.0495 is the 2nd smallest,
+    # adjusted 0.0495 * 4 / 2; age's p 1/101 the smallest, 0.0099 * 4 / 1.
+    cell = "0.080 [-0.62, 0.36] p=0.050 adj. p=0.099: inconclusive"
+    assert cell in small_n_report
+    assert "0.620 [0.42, 0.77] p=0.010 adj. p=0.040: decodable" in small_n_report
+    separation = small_n_report[small_n_report.index("## Separation"):]
+    assert f"| severity | target | r2 | 0 | {cell} | 0.000 [-0.05, 0.04] p=0.600 adj. p=0.700: not decodable | none |" \
+        in separation
+    assert "Benjamini-Hochberg adjusted across the table's 4 distinct tests" in small_n_report
+
+
+def test_separation_figures_are_rounded_like_the_probe_tables(small_n_report):
+    separation = small_n_report[small_n_report.index("## Separation"):]
+    for raw in ("0.009901", "7.771e-05", "e-0"):
+        assert raw not in separation
+
+
+def test_an_all_subset_holding_only_the_target_subjects_is_shown_once(small_n_report):
+    probes_part = small_n_report[:small_n_report.index("## Separation")]
+    assert probes_part.count("| all | r2 | 0 | 0.080") == 0 and probes_part.count("| target | r2 | 0 | 0.080") == 1
+    separation = small_n_report[small_n_report.index("## Separation"):]
+    assert "| severity | all |" not in separation and "| severity | target |" in separation
+
+
+def test_the_two_severity_figures_say_which_severity_they_are(small_n_report):
+    assert "severity: probe of the participants table's 'severity' column" in small_n_report
+    assert "R² of a ridge probe of each latent factor of ground_truth.tsv" in small_n_report
+    assert "not the participants table's columns above" in small_n_report
+
+
+def test_the_report_warns_when_the_test_split_holds_fewer_than_20_target_subjects(small_n_report, tmp_path):
+    assert small_n_report.count("Warning: only 20 target") == 0  # 20 is enough
+    probes = _small_n_probes()
+    write_tsv(tmp_path / "few" / "probes.tsv", probes)
+    write_json(tmp_path / "few" / "separation.json", {"scope": "held_out", "n_test_subjects": 30, "attributes": {},
+                                                      "background_collapse": {"scope": "held_out", "n_target": 12}})
+    text = " ".join(write_report(tmp_path / "few")[1].read_text().split())
+    assert "Warning: only 12 target subjects in the test split (fewer than 20)" in text
+    assert "in_sample_cv" in text and "cross-fit" in text

@@ -109,6 +109,11 @@ def with_verdicts(probes: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def n_tests(judged: pd.DataFrame) -> int:
+    """The distinct tests of a :func:`with_verdicts` table (what its p-values were adjusted across)."""
+    return int((judged["p_adjusted"].notna() & ~judged["repeats"]).sum())
+
+
 def few_targets_warning(n_target: int | None) -> str | None:
     """A warning when the test split holds fewer than :data:`FEW_TARGET_TEST` target subjects, else None."""
     if n_target is None or n_target >= FEW_TARGET_TEST:

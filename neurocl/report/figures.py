@@ -54,7 +54,8 @@ class _Figures:
 
 
 def _forest_figure(rows: pd.DataFrame, label_column: str):
-    """Dot-and-whisker plots, one panel per attribute: a row per (label, subset), x = score, dashed = chance."""
+    """Dot-and-whisker plots, one panel per attribute: a row per (label, subset), x = score, dashed = chance;
+    filled dots: verdict "decodable" (``rows`` from :func:`neurocl.probe.verdicts.with_verdicts`)."""
     import matplotlib.pyplot as plt
 
     attributes = list(dict.fromkeys(rows["attribute"]))
@@ -73,8 +74,8 @@ def _forest_figure(rows: pd.DataFrame, label_column: str):
             colour = colours.get(row["subset"], "C9")
             if np.isfinite(row["ci_low"]):
                 axis.plot([row["ci_low"], row["ci_high"]], [yi, yi], color=colour, lw=2)
-            significant = np.isfinite(row["p_value"]) and row["p_value"] < 0.05
-            axis.plot(row["value"], yi, "o", color=colour, mfc=colour if significant else "white", ms=6)
+            decodable = row.get("verdict") == "decodable"
+            axis.plot(row["value"], yi, "o", color=colour, mfc=colour if decodable else "white", ms=6)
         for chance in panel["chance"].dropna().unique():
             axis.axvline(chance, color="grey", ls="--", lw=1)
         axis.set_yticks(y, [f"{label} | {subset}" for label, subset in zip(panel[label_column], panel["subset"])], fontsize=8)

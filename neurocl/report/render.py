@@ -85,12 +85,20 @@ def _fmt(value) -> str:
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
-        return "n/a" if not np.isfinite(value) else f"{value:.4g}"
+        return _decimals(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
     if isinstance(value, dict):
         return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
     return str(value)
+
+
+def _decimals(value: float, digits: int = 3) -> str:
+    """A float to ``digits`` decimals, as the probe tables give scores, without trailing zeros ("0.5", "12", "0")."""
+    if not np.isfinite(value):
+        return "n/a"
+    text = f"{value:.{digits}f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
 
 
 def _rounded(table: pd.DataFrame) -> pd.DataFrame:

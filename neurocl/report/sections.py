@@ -10,8 +10,9 @@ import pandas as pd
 from neurocl.baselines import LINEAR_BASELINES
 from neurocl.embed import embedding_spaces
 from neurocl.maps.subtypes import STABILITY_CAUTION
-from neurocl.probe import PRIMARY_METRIC, separation_table
+from neurocl.probe import PRIMARY_METRIC
 from neurocl.probe.command import probes_title
+from neurocl.probe.verdicts import few_targets_warning, multiple_testing_note, n_tests, with_verdicts
 from neurocl.report.figures import _SUBSET_ORDER, _Figures, _forest_figure, _views_figure
 from neurocl.report.render import _Section, _fmt, _rounded
 from neurocl.report.runfiles import _RunFiles, _maps_file
@@ -70,26 +71,52 @@ def _probe_section(run: _RunFiles, figures: _Figures) -> _Section | None:
             "Value = out-of-fold score, [95% bootstrap CI], p = permutation p-value, chance = score of a probe "
             "that learns nothing. Higher is better except MAE."
         )
-    probes = run.probes[run.probes["metric"] != "none"]
-    primary = probes[probes["metric"].isin(_PRIMARY)]
+    warning = _few_targets(run)
+    if warning:
+        section.text(f"Warning: {warning}.")
+    probes = with_verdicts(run.probes[run.probes["metric"] != "none"])
+    section.text(multiple_testing_note(n_tests(probes)) + ". " + _REPEATS_NOTE)
+    shown = probes[~probes["repeats"]]
+    primary = shown[shown["metric"].isin(_PRIMARY)]
     if not primary.empty:
         figures.add(section, _forest_figure(primary, label_column="space"), "probes",
-                    "Primary score of each attribute by space and subset (bars: 95% CI; dashed: chance; filled: p < 0.05)")
-    for attribute, rows in probes.groupby("attribute", sort=False):
-        section.table(_probe_table(rows), caption=f"{attribute}: {scope}")
+                    "Primary score of each attribute by space and subset (bars: 95% CI; dashed: chance; "
+                    "filled: decodable, i.e. CI above chance and adjusted p < 0.05)")
+    for attribute, rows in shown.groupby("attribute", sort=False):
+        section.table(_probe_table(rows), caption=f"{attribute}: probe of the participants table's '{attribute}' "
+                                                  f"column, {scope}")
     if run.truth_probes is not None:
-        truth = run.truth_probes[run.truth_probes["metric"] != "none"]
-        for factor, rows in truth.groupby("attribute", sort=False):
-            section.table(_probe_table(rows), caption=f"ground truth: {factor} (a factor of the cohort's ground truth, "
-                                                      f"not in its participants table): {scope}")
+        truth = with_verdicts(run.truth_probes[run.truth_probes["metric"] != "none"])
+        section.text("Ground-truth factors (their own table of tests: " +
+                     multiple_testing_note(n_tests(truth)) + ").")
+        for factor, rows in truth[~truth["repeats"]].groupby("attribute", sort=False):
+            section.table(_probe_table(rows), caption=f"ground truth: {factor}, the latent factor of the cohort's "
+                                                      "ground_truth.tsv (the generator's value, 0 for every background "
+                                                      f"subject), not the participants table's column of that name: {scope}")
     skipped = run.probes[run.probes["metric"] == "none"]
     if not skipped.empty:
         section.table(skipped[["space", "attribute", "subset", "note"]], caption="Skipped combinations")
     return section
 
 
+_REPEATS_NOTE = ("Subset 'all' is shown only where it differs from 'target': for an attribute recorded for "
+                 "target subjects only (n/a for the others) it scores the same subjects")
+
+
+def _few_targets(run: _RunFiles) -> str | None:
+    """The warning for held-out figures over fewer than 20 target test subjects (None otherwise or in-sample)."""
+    if not _held_out(run.probes) and (run.separation or {}).get("scope") != "held_out":
+        return None
+    table = run.embeddings
+    if table is not None and {"split", "group", "participant_id"} <= set(table.columns):
+        tested = table[table["split"].eq("test") & table["group"].eq("target")]
+        return few_targets_warning(int(tested["participant_id"].nunique()))
+    collapse = (run.separation or {}).get("background_collapse") or {}
+    return few_targets_warning(collapse.get("n_target")) if collapse.get("scope") == "held_out" else None
+
+
 def _probe_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per subset x metric, one column per space: 'value [low, high] p=...'."""
+    """One row per subset x metric, one column per space: 'value [low, high] p=... adj. p=...: verdict'."""
     rows = rows.assign(order=rows["subset"].map(_SUBSET_ORDER).fillna(9))
     cells = rows.assign(cell=[_cell(r) for _, r in rows.iterrows()])
     table = cells.pivot_table(index=["order", "subset", "metric", "chance"], columns="space", values="cell", aggfunc="first", sort=False)
@@ -102,11 +129,15 @@ def _probe_table(rows: pd.DataFrame) -> pd.DataFrame:
 def _cell(row) -> str:
     if not np.isfinite(row["value"]):
         return "n/a"
-    text = f"{row['value']:.3f}"
+    text = f"{row['value']:.3f}".replace("-0.000", "0.000")
     if np.isfinite(row.get("ci_low", np.nan)):
         text += f" [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
     if np.isfinite(row.get("p_value", np.nan)):
         text += f" p={row['p_value']:.3f}"
+    if np.isfinite(row.get("p_adjusted", np.nan)):
+        text += f" adj. p={row['p_adjusted']:.3f}"
+    if row.get("verdict"):
+        text += f": {row['verdict']}"
     return text
 
 
@@ -115,12 +146,17 @@ def _separation_section(run: _RunFiles) -> _Section | None:
         return None
     scope = _separation_scope(run.separation)
     section = _Section(f"Separation ({scope})")
-    table = separation_table(run.separation)
+    warning = _few_targets(run)
+    if warning:
+        section.text(f"Warning: {warning}.")
+    table = _decodability_table(run.separation)
     if not table.empty:
-        section.table(_rounded(table), caption=(
-            f"{scope}: primary probe score per attribute and subset in each space, and the spaces it is decodable from "
-            "(p < 0.05 and above chance). A clean separation: common attributes (age, sex, site) decodable from "
-            "common only; target-only attributes (subtype, severity) and group from salient."
+        section.table(table, caption=(
+            f"Attributes of the participants table, {scope}: primary probe score per attribute and subset in each "
+            "space ([95% CI], adj. p: Benjamini-Hochberg across every primary test of probes.tsv) and its verdict: "
+            "decodable (CI above chance and adj. p < 0.05), not decodable (CI below chance + 0.1) or inconclusive. "
+            "A clean separation: common attributes (age, sex, site) decodable from common only; target-only "
+            "attributes (subtype, severity) and group from salient. " + _REPEATS_NOTE + "."
         ))
     collapse = run.separation.get("background_collapse")
     if collapse:
@@ -131,7 +167,12 @@ def _separation_section(run: _RunFiles) -> _Section | None:
     if truth:
         for subset, spaces in truth.get("r2", {}).items():
             frame = pd.DataFrame(spaces).rename_axis("factor").reset_index()
-            section.table(_rounded(frame), caption=f"Ground truth ({scope}): R² of each latent factor from each space ({subset} subjects)")
+            section.table(_rounded(frame), caption=(
+                f"Ground truth ({scope}): R² of a ridge probe of each latent factor of ground_truth.tsv from each space "
+                f"({subset} subjects; no CI or permutation test). These are the generator's factors, not the "
+                "participants table's columns above" + (
+                    ": a target-only factor such as severity is 0 for every background subject, so over all "
+                    "subjects its R² also counts telling the groups apart" if subset == "all" else "")))
         clustering = _clustering_table(truth.get("clustering") or {})
         if not clustering.empty:
             section.table(clustering, caption=f"Ground truth by clustering: k-means with k = the true number of "
@@ -144,6 +185,26 @@ def _separation_section(run: _RunFiles) -> _Section | None:
             section.table(frame, caption=f"Mean correlation coefficient ({scope}; Hungarian matching of dimensions to "
                                          "continuous factors on the fitting subjects)")
     return section
+
+
+def _decodability_table(result: dict) -> pd.DataFrame:
+    """separation.json's attributes: one row per attribute x subset (repeated subsets left out), one cell per space."""
+    rows = []
+    for attribute, subsets in (result.get("attributes") or {}).items():
+        for subset, entry in subsets.items():
+            if entry.get("same_subjects_as"):
+                continue
+            row = {"attribute": attribute, "subset": subset, "metric": entry["metric"], "chance": _fmt(entry["chance"])}
+            for space, values in entry["spaces"].items():
+                low, high = (np.nan if bound is None else bound for bound in values.get("ci") or (None, None))
+                row[space] = _cell({"value": np.nan if values["value"] is None else values["value"],
+                                    "ci_low": low, "ci_high": high,
+                                    "p_value": np.nan if values["p_value"] is None else values["p_value"],
+                                    "p_adjusted": np.nan if values.get("p_adjusted") is None else values["p_adjusted"],
+                                    "verdict": values.get("verdict", "")})
+            row["decodable from"] = ", ".join(entry["decodable_from"]) or "none"
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _clustering_table(clustering: dict) -> pd.DataFrame:
@@ -181,7 +242,8 @@ def _floor_section(run: _RunFiles) -> _Section | None:
                   for name, probes in baselines.items() if name in linear and probes is not None]
         floor = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["attribute"])
         floor = floor[floor["metric"].isin(_PRIMARY)] if frames else floor
-        primary = own[own["metric"].isin(_PRIMARY)]
+        own = with_verdicts(own)
+        primary = own[own["metric"].isin(_PRIMARY) & ~own["repeats"]]
         for (attribute, subset), scored in primary.groupby(["attribute", "subset"], sort=False):
             rows.append(_floor_row(f"{attribute}{suffix}", subset, scored, floor[(floor["attribute"] == attribute)
                                                                                 & (floor["subset"] == subset)]))
@@ -277,7 +339,7 @@ def _seeds_section(run: _RunFiles) -> _Section | None:
         counts = decodable_counts(run.seed_separations)
         if not counts.empty:
             section.table(counts, caption="Separation: in how many seeds each attribute is decodable from each space "
-                                          "(p < 0.05 and above chance)")
+                                          "(95% CI above chance and adjusted p < 0.05 in that seed's probes)")
         collapse = collapse_spread(run.seed_separations)
         if not collapse.empty:
             collapse = collapse.assign(value=[_spread_cell(r) for _, r in collapse.iterrows()])
@@ -370,15 +432,18 @@ def _baseline_section(run: _RunFiles, figures: _Figures) -> _Section | None:
     section.text("The same probes (same settings, folds and seeds) on each baseline's embeddings, next to the "
                  f"run's own spaces (labelled '{run.method}: <space>'); figures on the {scope}.")
     frames = []
+    # Each model's verdicts come from its own table of tests (its probes.tsv), as in its own report.
     if run.probes is not None:
-        frames.append(run.probes.assign(model=run.probes["space"].map(lambda s: f"{run.method}: {s}")))
+        frames.append(with_verdicts(run.probes).assign(model=run.probes["space"].map(lambda s: f"{run.method}: {s}")))
     for name, probes in run.baselines.items():
-        frames.append(probes.assign(model=probes["space"].map(lambda s, name=name: name if s == "emb" else f"{name}: {s}")))
+        frames.append(with_verdicts(probes).assign(
+            model=probes["space"].map(lambda s, name=name: name if s == "emb" else f"{name}: {s}")))
     combined = pd.concat(frames, ignore_index=True)
-    primary = combined[combined["metric"].isin(_PRIMARY)]
+    primary = combined[combined["metric"].isin(_PRIMARY) & ~combined["repeats"].astype(bool)]
     if not primary.empty:
         figures.add(section, _forest_figure(primary, label_column="model"), "baselines",
-                    "Primary score of each attribute for every model (bars: 95% CI; dashed: chance; filled: p < 0.05)")
+                    "Primary score of each attribute for every model (bars: 95% CI; dashed: chance; filled: decodable, "
+                    "i.e. CI above chance and p adjusted across that model's tests < 0.05)")
     for attribute, rows in primary.groupby("attribute", sort=False):
         table = rows.assign(order=rows["subset"].map(_SUBSET_ORDER).fillna(9), cell=[_cell(r) for _, r in rows.iterrows()])
         table = table.pivot_table(index=["order", "subset"], columns="model", values="cell", aggfunc="first", sort=False)
