@@ -771,7 +771,7 @@ def bench_separation_compare(
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds: compare only their runs (default: all)."),
     markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown (for docs)."),
 ) -> None:
-    """Settings of a search side by side: separation paired with the first setting on (cohort, seed), issue 13's checks.
+    """Settings of a search side by side: separation paired with the first setting on (cohort, seed), and the target checks.
 
     Example: neurocl bench separation-compare shipped=old-10.json,old-11.json lam30=cov30-10.json,cov30-11.json
     """

@@ -115,7 +115,7 @@ class _ConvWithFastBackward(torch.autograd.Function):
 
     On CPU, PyTorch's native 3D convolution backward (``aten::convolution_backward``) is the
     slowest part of a step for the few-channel layers of brain encoders, and degrades badly when
-    other processes compete for the cores. Measured on a 2-core EPYC VM, one SepCLR step of the
+    other processes compete for the cores. Measured on a 2-core AMD EPYC machine, one SepCLR step of the
     demo's small CNN (width 8, 64 volumes of 37x45x38): 1.9 s native vs 1.55 s here on 1 thread,
     1.1 s vs 1.0 s on 2 idle threads; at 41x50x43 under load average 8-12, 23-41 s vs 12.6 s.
     Both gradients are convolutions themselves,

@@ -415,7 +415,7 @@ class PatchSampler:
         device = generator.device if generator is not None else self.store.device
         if self.config.placement == "grid":
             grid = self.grid.to(device)
-            # With replacement: K distinct places per subject (commit cb2fd75) separated no better on the
+            # With replacement: drawing K distinct places per subject separated no better on the
             # choosing seeds and worse at 2 mm (docs/benchmarks.md, "Grid placement").
             corners = grid[torch.randint(len(grid), (len(rows),), generator=generator, device=device)]
         else:

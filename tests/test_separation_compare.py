@@ -1,5 +1,5 @@
 """Tests of ``neurocl bench separation-compare``: the paired difference and its standard error, pairing on
-the (cohort, seed) both settings have, issue 13's checks counted as ``target_checks`` counts them, errors
+the (cohort, seed) both settings have, the separation targets' checks counted as ``target_checks`` counts them, errors
 naming the file, and the command's output."""
 
 from __future__ import annotations

@@ -340,7 +340,7 @@ def print_separation(results: dict, console) -> None:
                       f"{len(entry['seeds'])} seeds")
         checks = target_checks(entry)
         missed = [c for c in checks if not c["met"]]
-        console.print(f"  targets (issue 13): {len(checks) - len(missed)} of {len(checks)} met"
+        console.print(f"  separation targets: {len(checks) - len(missed)} of {len(checks)} met"
                       + ("" if not missed else "; missed: " + "; ".join(
                           f"{c['attribute']} ({c['subset']}) {c['check']} by {c['gap']:.2f}" for c in missed)))
     console.print(f"bench separation: {len(results['runs'])} runs in {results['wall_s'] / 60:.1f} min")
@@ -370,7 +370,7 @@ def separation_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- the method's targets (issue 13)
+# ----------------------------------------------------------------------------- the method's separation targets
 
 SPECIFIC_MARGIN, LEAK_MARGIN, SHARED_SLACK, MAX_SD = 0.10, 0.10, 0.05, 0.05
 # The names of the kinds of check (in the order the comparison table gives them), and the prefix

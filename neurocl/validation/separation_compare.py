@@ -9,7 +9,7 @@ same cohorts. Two settings' runs on the same cohort and seed share the cohort (c
     paired = mean(d) ± SE,   SE = SD(d, ddof=1) / sqrt(n),   better in #{d_i > 0} of n
 
 Pairing removes the cohort-to-cohort spread of the index, far larger than a setting's effect. Beside
-it, issue 13's target checks (:func:`~neurocl.validation.separation.target_checks`) on the setting's
+it, the method's separation targets (:func:`~neurocl.validation.separation.target_checks`) on the setting's
 runs aggregated per cohort (:func:`~neurocl.validation.separation.aggregate`), counted without the
 "SD over seeds" checks (what a setting moves) and with them, and the mean gap (how far on the wrong
 side of its bound, 0 when met) per kind of check.
@@ -159,7 +159,7 @@ def paired_difference(runs: list[dict], reference: list[dict]) -> dict:
 
 
 def check_counts(runs: list[dict]) -> dict:
-    """Issue 13's checks on ``aggregate(runs)``: met/total without and with the SD checks, mean gap per kind."""
+    """The separation targets' checks on ``aggregate(runs)``: met/total without and with the SD checks, mean gap per kind."""
     checks = [check for entry in aggregate(runs) for check in target_checks(entry)]
     means = [check for check in checks if not check["check"].startswith(SD_CHECK_PREFIX)]
     gaps = {kind: [check["gap"] for check in means if check["check"] == kind] for kind in CHECK_KINDS}
@@ -230,7 +230,7 @@ def print_comparison(rows: list[dict], console) -> None:
     table = Table(title="separation bench: settings compared, paired on (cohort, seed) with the reference",
                   title_justify="left",
                   caption="separation: mean over the setting's runs. Δ: mean ± SE (SD/√n) over the (cohort, seed) "
-                          "pairs it shares with the reference; better in: pairs with Δ > 0. Checks: issue 13's targets "
+                          "pairs it shares with the reference; better in: pairs with Δ > 0. Checks: the separation targets "
                           "on each cohort's mean over seeds, without and with the seed-to-seed SD checks. Gap: mean "
                           "distance to the bound (0 when met) of: specific salient ≥ best(PCA, cPCA) + 0.10, specific "
                           "common ≤ chance + 0.10, shared salient ≤ chance + 0.10, shared common ≥ PCA − 0.05.",
