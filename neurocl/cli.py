@@ -317,7 +317,9 @@ def demo(
         "report.md gives each figure's mean ± sd over seeds, the printed checks are the first seed's."
     ),
 ) -> None:
-    """Synthetic cohort at 4 mm + small CNN + SepCLR, end to end (2.0 min on 2 idle CPU cores, up to 11 min shared).
+    """Synthetic cohort at 4 mm + small CNN + SepCLR, end to end: about 2 min on 2 free CPU cores.
+
+    Measured 0.8–17.7 min on 2-core machines, the upper end with the cores shared with other jobs.
 
     Example: neurocl demo --out neurocl-demo
 

@@ -207,13 +207,13 @@ def test_demo_prints_verdicts_with_their_ci_and_adjusted_p_and_the_warning(fake_
 
 # ---------------------------------------------------------------- what the docs say about the demo
 
-_MINUTES = r"(\d+(?:\.\d+)?) min"
+_MINUTES = r"(\d+(?:\.\d+)?(?:–\d+(?:\.\d+)?)?) min"  # "2 min" or a range, "0.8–17.7 min"
 
 
-def _demo_minutes(text: str) -> list[float]:
+def _demo_minutes(text: str) -> list[str]:
     import re
 
-    return [float(value) for value in re.findall(_MINUTES, text)]
+    return re.findall(_MINUTES, text)
 
 
 def _time_paragraph() -> str:
@@ -221,19 +221,21 @@ def _time_paragraph() -> str:
     return text[text.index("**Time**"):].split("\n\n")[0]
 
 
-def test_readme_and_demo_help_quote_the_measured_demo_time_first():
-    """The set-up line, the results section and ``neurocl demo --help`` lead with the same time:
-    the one getting-started measured on idle cores (a shared VM's time may follow, as such)."""
+def test_readme_and_demo_help_quote_the_typical_demo_time_first_then_the_measured_range():
+    """The set-up line and ``neurocl demo --help`` lead with the typical time getting-started gives
+    (2 free cores, not the fastest machine), then the range over every 2-core machine measured."""
     from neurocl.cli import demo
 
-    measured = _demo_minutes(_time_paragraph())[0]
+    measured = _demo_minutes(" ".join(_time_paragraph().split()))
+    typical, ranges = measured[0], [m for m in measured if "–" in m]
+    assert ranges and float(typical) > float(ranges[0].split("–")[0])  # the first figure is not the best
     readme = (REPO / "README.md").read_text()
     set_up = readme[readme.index("## Set-up"):readme.index("## What you get")]
-    results = readme[readme.index("## Demo results"):readme.index("## Citing")]
-    for where, text in (("README set-up", set_up), ("README results", results), ("demo --help", demo.__doc__)):
-        quoted = _demo_minutes(text)
-        assert quoted and quoted[0] == measured, f"{where} quotes {quoted}, getting-started measured {measured} min"
-        assert set(quoted) <= set(_demo_minutes(_time_paragraph())), where
+    for where, text in (("README set-up", set_up), ("demo --help", demo.__doc__)):
+        quoted = _demo_minutes(" ".join(text.split()))
+        assert quoted and quoted[0] == typical, f"{where} quotes {quoted}, getting-started leads with {typical} min"
+        assert ranges[0] in quoted, f"{where} lacks the measured range {ranges[0]} min"
+        assert set(quoted) <= set(measured), where
 
 
 def test_getting_started_lists_the_demo_embedding_columns():
