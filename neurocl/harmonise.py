@@ -91,7 +91,10 @@ class HarmoniseConfig(BaseModel):
     @model_validator(mode="after")
     def _fields_of_the_method(self) -> "HarmoniseConfig":
         if self.method == "residualise":
-            foreign = sorted({"site", "empirical_bayes"} & self.model_fields_set)
+            # Set to something other than their defaults: a resolved config.yaml (or a --set merged
+            # into one) spells every field, and those must read back.
+            foreign = sorted(name for name in {"site", "empirical_bayes"} & self.model_fields_set
+                             if getattr(self, name) != type(self).model_fields[name].default)
             if foreign:
                 raise ValueError(f"{foreign} belong to method combat; residualise removes the `remove` covariates "
                                  "(list the site there)")

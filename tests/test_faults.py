@@ -668,6 +668,11 @@ def test_a_single_target_subject_is_warned_and_the_embeddings_checkpoint_named(t
     targets = [i for i, line in enumerate(table[1:], start=1) if line.split("\t")[dx] not in ("control", "HC", "CN")]
     kept = [table[0]] + [line for i, line in enumerate(table[1:], start=1) if i not in targets[1:]]
     (cohort_dir / "participants.tsv").write_text("\n".join(kept) + "\n")
+    # The ground truth keeps the subjects the cohort keeps (a truth row of no subject is refused).
+    ids = {line.split("\t")[0] for line in kept[1:]}
+    truth = (cohort_dir / "ground_truth.tsv").read_text().splitlines()
+    (cohort_dir / "ground_truth.tsv").write_text("\n".join([truth[0]] + [line for line in truth[1:]
+                                                                          if line.split("\t")[0] in ids]) + "\n")
     # Batches of 2 take one target subject per step (target_fraction 0.5): training can run.
     pipeline = _pipeline(tmp_path, cohort_dir / tiny_cohort.name, store=tmp_path / "store", batch_size=2)
     result = neurocl_cli("run", pipeline, "--out", tmp_path / "run",

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from neurocl.errors import ConfigError
-from neurocl.harmonise import ComBat
+from neurocl.harmonise import ComBat, HarmoniseConfig
 
 
 def site_data(seed: int = 0, n_per_site=(30, 40, 25), n_features: int = 50):
@@ -384,3 +384,11 @@ def test_residualised_store_removes_age_from_the_training_background_voxels(site
     before, after = age_correlations(site_store.volumes), age_correlations(residualised.volumes)
     # float16 storage rounds the residuals (about 1e-3 of a z-score), hence not exactly 0.
     assert np.abs(before).max() > 0.5 and np.abs(after).max() < 0.05, (np.abs(before).max(), np.abs(after).max())
+
+
+def test_a_residualise_section_reads_back_from_its_resolved_dump():
+    # config.yaml spells every field (site, empirical_bayes at their defaults): resume and maps read it back.
+    section = HarmoniseConfig(method="residualise", remove=["sex", "site"])
+    assert HarmoniseConfig.model_validate(section.model_dump(mode="json")) == section
+    with pytest.raises(ValueError, match="belong to method combat"):
+        HarmoniseConfig(method="residualise", remove=["sex"], site="scanner")
