@@ -10,6 +10,8 @@ import yaml
 from neurocl.config import _DOC_SECTIONS, PipelineConfig, docstring_entries, field_tables, load_pipeline, render_docs
 from neurocl.demo import DEMO_PIPELINE
 from neurocl.errors import ConfigError
+from neurocl.pipeline import run_pipeline
+from neurocl.rundir import RunDir
 
 
 def test_pipeline_errors_name_the_file_and_every_bad_field(tmp_path, tiny_cohort):
@@ -46,6 +48,28 @@ def test_study_template_trains_densenet_on_several_gpus_in_bf16():
     assert config.encoder.name == "densenet121"
     assert config.training.devices >= 2 and config.training.strategy == "ddp"
     assert config.training.precision == "bf16-mixed"
+
+
+CPU_TEMPLATE = Path(__file__).parents[1] / "pipelines" / "study_template_cpu.yaml"
+
+
+def test_cpu_study_template_trains_a_small_cnn_in_fp32_on_one_cpu_process_with_cheap_maps():
+    config = load_pipeline(CPU_TEMPLATE)
+    assert config.encoder.name == "small_cnn" and config.training.precision == "32-true"
+    assert config.training.accelerator == "cpu" and config.training.devices == 1
+    assert config.maps.methods == ["gradient_x_input"] and config.preprocess.voxel_size == 4.0
+
+
+def test_cpu_study_template_runs_end_to_end_on_a_tiny_cohort(tiny_cohort, tmp_path, one_thread):
+    """Every stage of the template as shipped, made tiny: the tiny cohort's own grid, one epoch, few permutations."""
+    settings = ["preprocess.voxel_size=null", "training.epochs=1", "training.batch_size=8", "training.warmup_steps=1",
+                "evaluation.attributes=[group,age,sex]", "evaluation.probe.n_permutations=19",
+                "evaluation.probe.n_bootstrap=20", "maps.n_bootstrap=5", "splits.test_fraction=0.25",
+                f"outputs.store={tmp_path / 'store'}"]
+    run = RunDir(run_pipeline(CPU_TEMPLATE, tmp_path / "run", overrides={"cohort": str(tiny_cohort)}, settings=settings))
+    for path in (run.embeddings, run.probes, run.separation, run.maps.evaluation, run.report_md):
+        assert path.is_file(), path
+    assert {"pca", "cpca", "lin2"} <= set(run.baseline_names())
 
 
 @pytest.mark.parametrize("field", ["training: {epochs: true}", "training: {lr: false}", "maps: {k_max: true}",
