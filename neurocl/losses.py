@@ -476,7 +476,6 @@ COMMON_OBJECTIVES = ("sepclr", "yaware", "decoupled_uniformity")
 MI_ESTIMATORS = ("jem", "kernel_mi")
 
 
-@_float32
 def gradient_shares(weighted_terms: dict[str, Tensor], inputs: Sequence[Tensor]) -> dict[str, Tensor]:
     r"""Each weighted loss term's share of the gradient that reaches ``inputs`` (the projections).
 
@@ -506,6 +505,7 @@ def gradient_shares(weighted_terms: dict[str, Tensor], inputs: Sequence[Tensor])
     return {name: (norm / total if total > 0 else torch.zeros_like(norm)) for name, norm in norms.items()}
 
 
+@_float32
 def sepclr_loss(
     c: Tensor,
     s: Tensor,
