@@ -188,7 +188,7 @@ def _separation_section(run: _RunFiles) -> _Section | None:
 
 
 def _decodability_table(result: dict) -> pd.DataFrame:
-    """separation.json's attributes: one row per attribute x subset (repeated subsets left out), one cell per space."""
+    """The separation result's attributes: one row per attribute x subset (repeated subsets left out), one cell per space."""
     rows = []
     for attribute, subsets in (result.get("attributes") or {}).items():
         for subset, entry in subsets.items():
