@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from neurocl.errors import ConfigError
 from neurocl.store import PreprocessConfig, VolumeStore
 from neurocl.synth import SynthConfig, region_weight
 from neurocl.synthdir import SynthDir
-from neurocl.validation.panel import PanelCohort, PanelScale, build_cohort, panel_cohort
+from neurocl.validation.panel import PanelCohort, PanelScale, build_cohort, panel_cohort, run_panel
 from neurocl.validation.separation import COHORT_SEED_OFFSET, machine_description, score_representations
 
 ORACLE_COHORTS = ("reference", "reference-hard", "focal-jitter", "shrink-foci", "age-interaction")
@@ -170,19 +169,8 @@ def run_one(cohort: PanelCohort, seed: int, config: OracleBenchConfig, workdir: 
 def run_oracle_bench(config: OracleBenchConfig, log=None) -> dict:
     """Every cohort x seed of ``config``: the runs and the mean ± SD table."""
     started = time.monotonic()
-    cleanup = config.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="neurocl-bench-oracles-")) if cleanup else config.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    runs = []
-    try:
-        for name in config.cohorts:
-            for seed in config.seeds:
-                if log:
-                    log(f"bench oracles: {name}, seed {seed}")
-                runs.append(run_one(panel_cohort(name), seed, config, workdir))
-    finally:
-        if cleanup:
-            shutil.rmtree(workdir, ignore_errors=True)
+    runs = run_panel(config.cohorts, config.seeds, config.workdir, "oracles",
+                     lambda cohort, seed, workdir: run_one(cohort, seed, config, workdir), log)
     return {"config": config.model_dump(mode="json"), "machine": machine_description(),
             "wall_s": round(time.monotonic() - started, 1), "runs": runs, "table": aggregate(runs)}
 

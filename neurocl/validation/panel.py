@@ -16,8 +16,11 @@ readout of the voxels misses the subtype; :mod:`neurocl.validation.oracles` chec
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -152,3 +155,26 @@ def _rename(folder: Path) -> None:
                      "target": [RENAMED_GROUPS["patient"]]}
     spec["attributes"] = {RENAMED_COLUMNS.get(name, name): kind for name, kind in spec["attributes"].items()}
     io.write_text(files.cohort_yaml, yaml.safe_dump(spec, sort_keys=False))
+
+
+def run_panel(cohorts: list[str], seeds: list[int], workdir: Path | None, bench: str,
+              run_one: Callable[["PanelCohort", int, Path], dict], log=None) -> list[dict]:
+    """``run_one(cohort, seed, workdir)`` for every cohort x seed, in a temporary folder unless ``workdir``.
+
+    The one walk over the panel of the benches (``neurocl bench separation``, ``bench oracles``);
+    ``bench`` names them in progress lines and in the temporary folder's name.
+    """
+    cleanup = workdir is None
+    folder = Path(tempfile.mkdtemp(prefix=f"neurocl-bench-{bench}-")) if cleanup else workdir
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = []
+    try:
+        for name in cohorts:
+            for seed in seeds:
+                if log:
+                    log(f"bench {bench}: {name}, seed {seed}")
+                runs.append(run_one(panel_cohort(name), seed, folder))
+    finally:
+        if cleanup:
+            shutil.rmtree(folder, ignore_errors=True)
+    return runs

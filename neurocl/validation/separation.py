@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
@@ -50,7 +49,8 @@ from neurocl.probe import embedding_spaces
 from neurocl.probe.heldout import held_out_score
 from neurocl.rundir import RunDir
 from neurocl.synthdir import SynthDir
-from neurocl.validation.panel import PANEL, RENAMED_COLUMNS, PanelCohort, PanelScale, build_cohort, panel_cohort
+from neurocl.validation.panel import (PANEL, RENAMED_COLUMNS, PanelCohort, PanelScale, build_cohort, panel_cohort,
+                                      run_panel)
 
 DEMO_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yaml"
 COHORT_SEED_OFFSET = 1000
@@ -261,19 +261,8 @@ def run_separation_bench(config: SeparationBenchConfig, log=None) -> dict:
     """Every cohort x seed of ``config``; results.json's content (runs, aggregated table, machine)."""
     raw = bench_settings(config)
     started = time.monotonic()
-    cleanup = config.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="neurocl-bench-separation-")) if cleanup else config.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    runs = []
-    try:
-        for name in config.cohorts:
-            for seed in config.seeds:
-                if log:
-                    log(f"bench separation: {name}, seed {seed}")
-                runs.append(run_one(panel_cohort(name), seed, config, workdir, raw))
-    finally:
-        if cleanup:
-            shutil.rmtree(workdir, ignore_errors=True)
+    runs = run_panel(config.cohorts, config.seeds, config.workdir, "separation",
+                     lambda cohort, seed, workdir: run_one(cohort, seed, config, workdir, raw), log)
     return {
         "config": config.model_dump(mode="json"),
         "machine": machine_description(),
