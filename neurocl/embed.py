@@ -27,7 +27,7 @@ import torch
 
 from neurocl.cohort import Cohort, key_columns
 from neurocl.logs import progress_console
-from neurocl.errors import CohortError, ConfigError, NeuroclError, OutputError
+from neurocl.errors import CohortError, ConfigError, NeuroclError
 from neurocl.images import Grid, read_grid
 from neurocl.io import read_tsv, torch_load_failure, write_json, write_tsv
 from neurocl.methods import BaseMethod, method_from_checkpoint
