@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,3 +46,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def brute_force_otsu(values: np.ndarray) -> float:
+    """Otsu's threshold the plain way (an independent reference for the store's and harmonise's tests):
+    the cut between sorted unique values that maximises w0 w1 (mu0 - mu1)^2, trying every one."""
+    values = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    best, best_cut = -1.0, values[0]
+    for cut in np.unique(values)[:-1]:
+        low, high = values[values <= cut], values[values > cut]
+        score = len(low) * len(high) * (low.mean() - high.mean()) ** 2
+        if score > best:
+            best, best_cut = score, cut
+    return float(best_cut)

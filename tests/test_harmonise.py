@@ -8,6 +8,7 @@ import pytest
 
 from neurocl.errors import ConfigError
 from neurocl.harmonise import ComBat, HarmoniseConfig
+from conftest import brute_force_otsu
 
 
 def site_data(seed: int = 0, n_per_site=(30, 40, 25), n_features: int = 50):
@@ -328,18 +329,6 @@ def test_residualise_names_unknown_missing_and_unfitted_covariates(site_cohort):
     expected = np.column_stack([sites == "site-2", sites == "site-3", cohort.table["sex"] == "M"]).astype(float)
     np.testing.assert_array_equal(remove, expected)
     np.testing.assert_array_equal(protect[:, 0], cohort.table["age"].to_numpy(float))
-
-
-def brute_force_otsu(values: np.ndarray) -> float:
-    """The cut between sorted unique values that maximises w0 w1 (mu0 - mu1)^2, by trying every one."""
-    values = np.sort(values.ravel())
-    best, best_cut = -1.0, values[0]
-    for cut in np.unique(values)[:-1]:
-        low, high = values[values <= cut], values[values > cut]
-        score = len(low) * len(high) * (low.mean() - high.mean()) ** 2
-        if score > best:
-            best, best_cut = score, cut
-    return float(best_cut)
 
 
 def test_head_size_proxy_is_the_volume_above_otsu_and_larger_in_the_larger_sex(site_cohort):

@@ -21,6 +21,7 @@ from neurocl.cohort import Cohort
 from neurocl.errors import CohortError, ConfigError
 from neurocl.store import PreprocessConfig, VolumeStore, fits_in_budget
 from neurocl.store.preprocess import auto_mask_threshold
+from conftest import brute_force_otsu
 
 RAW = PreprocessConfig(mask="none", normalise="none", crop_to_mask=False, dtype="float32")
 
@@ -344,18 +345,6 @@ def test_a_prepared_store_is_opened_without_reading_the_images_again(tiny_cohort
 
 
 # ---------------------------------------------------------------- the auto mask on noisy images, global normalisation
-
-
-def brute_force_otsu(values: np.ndarray) -> float:
-    """The cut between sorted unique values that maximises w0 w1 (mu0 - mu1)^2, trying every one."""
-    values = np.sort(np.asarray(values, dtype=np.float64).ravel())
-    best, best_cut = -1.0, values[0]
-    for cut in np.unique(values)[:-1]:
-        low, high = values[values <= cut], values[values > cut]
-        score = len(low) * len(high) * (low.mean() - high.mean()) ** 2
-        if score > best:
-            best, best_cut = score, cut
-    return float(best_cut)
 
 
 def test_otsu_threshold_splits_two_populations_where_a_brute_force_search_does():
